@@ -200,6 +200,7 @@ class TranscriptionJobSpec(_Model):
 
 
 class Condition(_Model):
+    """One observation about the job, in the Kubernetes condition convention."""
     type: str = Field(description="Condition type: Queued, Running, Succeeded or Failed.", max_length=316)
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str | None = Field(None, description="CamelCase cause, e.g. InvalidAudio.", max_length=1024)
@@ -209,6 +210,7 @@ class Condition(_Model):
 
 
 class Progress(_Model):
+    """How far the runner has got."""
     percent: float | None = Field(None, ge=0, le=100, description="Share of the audio transcribed, 0–100.")
     processed_seconds: float | None = Field(None, ge=0, description="Seconds of audio transcribed so far.")
     total_seconds: float | None = Field(None, ge=0, description="Seconds of audio in total.")
@@ -216,12 +218,14 @@ class Progress(_Model):
 
 
 class AudioInfo(_Model):
+    """Facts about the audio."""
     duration_seconds: float | None = Field(None, ge=0, description="Length of the decoded audio.")
     language: str | None = Field(None, max_length=16, description="Spoken language, given or detected.")
     language_probability: float | None = Field(None, ge=0, le=1, description="Confidence of the detection.")
 
 
 class ResultRef(_Model):
+    """A pointer to the stored transcript."""
     store: ResultStoreKind = Field(description="secret: a Secret owned by the job; s3: S3-compatible storage.")
     ref: str = Field(description="Secret name, or s3://bucket/key.", max_length=2048)
     size_bytes: int | None = Field(None, ge=0, description="Size of the stored (compressed) result.")
@@ -232,6 +236,7 @@ class ResultRef(_Model):
 
 
 class WebhookDelivery(_Model):
+    """What happened when the webhook was sent."""
     attempts: int = Field(0, ge=0, description="Delivery attempts so far.")
     delivered: bool = Field(False, description="The receiver answered 2xx.")
     last_attempt_time: datetime | None = Field(None, description="When the last attempt was made.")
