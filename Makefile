@@ -1,0 +1,23 @@
+# The two commands README.md promises. Both run the idempotent set-up first.
+.PHONY: setup demo test bench
+
+PY := .venv/bin/python
+export OMP_NUM_THREADS ?= 2
+export PYANNOTE_METRICS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+
+setup:
+	bash .ci/setup
+
+# The main job: transcribe a spoken sample on CPU with the packaged weights.
+demo: setup
+	bash .ci/demo
+
+# Every test: unit, contract and operator tests against a real kube-apiserver,
+# model tests on real weights and real speech, gateway tests over HTTP.
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/runner_cpu.py
+	$(PY) bench/control_plane.py
