@@ -8,11 +8,13 @@ The operator reads the termination message (one JSON line) and the exit code:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 EXIT_TRANSIENT = 1
 EXIT_BAD_INPUT = 2
-TERMINATION_LOG = Path("/dev/termination-log")
+# The pod's terminationMessagePath; overridable where the runner is not in a pod (the local stack).
+TERMINATION_LOG = Path(os.environ.get("IFW_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
 
 
 class RunnerError(Exception):
