@@ -1,0 +1,106 @@
+"""The gateway's FastAPI application: `create_app()`, and `python -m ifw.gateway` to serve it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from ifw.gateway import errors, routes_api, routes_openai, routes_ops
+from ifw.gateway.config import GatewaySettings, get_settings
+from ifw.gateway.kube import Kube, make_api_client
+from ifw.gateway.middleware import GatewayMiddleware
+from ifw.gateway.models import OpenAIText, TranscribeFields, TranscribeRequest
+from ifw.gateway.service import Service
+from ifw.gateway.uploads import Uploads
+from ifw.gateway.watch import JobWatch
+from ifw.runner.netguard import Allowlist
+
+log = logging.getLogger("ifw.gateway")
+
+DESCRIPTION = """\
+The Insanely Fast Whisper API, backed by Kubernetes `TranscriptionJob`s.
+
+`POST /` keeps the original API's fields, defaults and response shapes and
+checks every field; `GET /status/{task_id}` keeps the output until the job's
+TTL. Send `x-admin-api-key` when the server has a key. OpenAI-compatible
+routes live under `/v1/audio`.
+"""
+
+
+def _upload_schema() -> dict[str, Any]:
+    """POST / as multipart: the JSON fields as form fields, a file instead of the url."""
+    schema = TranscribeFields.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    props = schema["properties"]
+    props["webhook"] = {
+        "type": "string",
+        "description": 'JSON text: {"url": "https://...", "header": {"Name": "value"}}',
+    }
+    props["file"] = {"type": "string", "format": "binary", "description": "The audio file (or send url)."}
+    props["url"] = {"type": "string", "maxLength": 2048, "description": "http(s) URL of the audio (or send file)."}
+    schema["title"] = "TranscribeUpload"
+    schema.pop("additionalProperties", None)
+    return schema
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    full = TranscribeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(full.pop("$defs", {}))
+    components["TranscribeRequest"] = full
+    components["TranscribeUpload"] = _upload_schema()
+    components["OpenAIText"] = OpenAIText.model_json_schema()
+    app.openapi_schema = spec
+    return spec
+
+
+def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = kube or Kube(make_api_client(settings.kube_threads), settings.kube_threads)
+        watch = JobWatch(client, settings.namespaces(), settings.watch_server_timeout)
+        uploads = Uploads(settings.upload_dir, settings.internal_url)
+        watch.listeners.append(uploads.on_event)
+        app.state.service = Service(settings, client, watch, uploads)
+        watch.start()
+        if await watch.wait_synced(10):
+            uploads.sweep(watch.objects)
+        else:
+            log.warning("the TranscriptionJob watch has not synced yet; /readyz says so until it does")
+        try:
+            yield
+        finally:
+            watch.stop()
+            if kube is None:
+                client.api_client.close()
+
+    app = FastAPI(title="ifw gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.url_allowlist = Allowlist(settings.url_allowlist)
+    app.include_router(routes_api.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_ops.router)
+    errors.install(app)
+    app.add_middleware(GatewayMiddleware, settings=settings)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The client logs whole request and response bodies at debug level: Secrets included.
+    logging.getLogger("kubernetes").setLevel(max(logging.INFO, logging.getLogger().level))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

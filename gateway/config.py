@@ -1,0 +1,103 @@
+"""Gateway configuration, from the environment (env prefix IFW_GATEWAY_).
+
+`ADMIN_KEY` (the original API's variable) is accepted as well as
+IFW_GATEWAY_ADMIN_KEY so existing deployments keep working.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IFW_GATEWAY_", extra="ignore")
+
+    # --- HTTP server ---
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    # --- Kubernetes ---
+    namespace: str = Field("default", description="Where TranscriptionJobs are created and watched.")
+    kube_threads: int = Field(
+        32, ge=1, le=512, description="Threads (and pooled connections) used for calls to the kube-apiserver."
+    )
+    watch_server_timeout: int = Field(
+        240, ge=10, description="Seconds the apiserver keeps one watch open before we resume it (stale watches)."
+    )
+    delete_propagation: Literal["Background", "Foreground"] = Field(
+        "Background", description="How DELETE /cancel removes the job's children."
+    )
+
+    # --- auth ---
+    admin_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("IFW_GATEWAY_ADMIN_KEY", "ADMIN_KEY"),
+        description="When set, every API route requires the header x-admin-api-key with this value.",
+    )
+    tenant_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Optional multi-tenancy: JSON {"<namespace>": "<key>"}; a request carrying that key '
+        "works in that namespace only. The admin key keeps the default namespace.",
+    )
+
+    # --- job defaults ---
+    diarization_available: bool = Field(
+        False, description="The runners have diarization configured (HF_TOKEN or packaged weights)."
+    )
+    default_model: str | None = Field(None, description="spec.model when the request names none.")
+    model_aliases: dict[str, str | None] = Field(
+        default_factory=lambda: {"whisper-1": None},
+        description="OpenAI model names mapped to a spec.model (null: the operator's default).",
+    )
+    queue_name: str | None = Field(None, description="Kueue LocalQueue put on every job.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="spec.activeDeadlineSeconds of every job.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="spec.ttlSecondsAfterFinished; also how long /status keeps returning the output."
+    )
+    url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs allowed in url/webhook.url although private or loopback (mirror the "
+        "runner's IFW_FETCH_ALLOWLIST).",
+    )
+
+    # --- sync requests ---
+    sync_timeout_seconds: float = Field(
+        3600.0, gt=0, description="A sync request waits this long, then answers 504 with the task_id to poll."
+    )
+    cancel_on_disconnect: bool = Field(
+        False, description="Delete the job when a sync client disconnects before the result is ready."
+    )
+
+    # --- request size ---
+    max_json_bytes: int = Field(64 * 1024, ge=1024, description="Largest JSON body accepted.")
+    max_upload_bytes: int = Field(
+        512 * 1024**2, ge=1024, description="Largest multipart upload accepted (the OpenAI API allows 25 MB)."
+    )
+
+    # --- uploads: stored by the gateway and served to the runner with a per-job token ---
+    internal_url: str | None = Field(
+        None,
+        description="Base URL under which runner pods reach this gateway (e.g. http://ifw-gateway.ifw.svc:8000). "
+        "Unset: uploads are refused with 503.",
+    )
+    upload_dir: Path = Field(Path("/tmp/ifw-uploads"), description="Volume where uploads wait for their runner.")
+
+    @field_validator("internal_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    def namespaces(self) -> list[str]:
+        """Every namespace the gateway serves (one watch each)."""
+        return sorted({self.namespace, *self.tenant_keys})
+
+
+@lru_cache
+def get_settings() -> GatewaySettings:
+    return GatewaySettings()

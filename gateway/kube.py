@@ -1,0 +1,147 @@
+"""Async access to the kube-apiserver through the official `kubernetes` client.
+
+The client is synchronous; every call runs in a bounded thread pool whose size
+matches the HTTP connection pool, so a burst of requests queues here instead
+of opening unbounded connections to the apiserver.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+from typing import Any
+
+import anyio
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+CREATED_BY_LABEL = "app.kubernetes.io/created-by"
+CREATED_BY = "ifw-gateway"
+
+
+class KubeError(Exception):
+    """An apiserver answer other than success, with its HTTP status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    @classmethod
+    def from_api(cls, exc: ApiException) -> KubeError:
+        message = exc.reason or "apiserver error"
+        body = getattr(exc, "body", None)
+        if body:
+            try:
+                import json
+
+                message = json.loads(body).get("message") or message
+            except (ValueError, AttributeError):
+                pass
+        return cls(exc.status or 503, message)
+
+
+def make_api_client(pool_size: int) -> client.ApiClient:
+    """KUBECONFIG when set (tests, laptops), else the pod's service account."""
+    cfg = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg, persist_config=False
+        )
+    cfg.connection_pool_maxsize = pool_size
+    return client.ApiClient(cfg)
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient, threads: int):
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self._limiter = anyio.CapacityLimiter(threads)
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+        except ApiException as exc:
+            raise KubeError.from_api(exc) from exc
+        except OSError as exc:  # urllib3 connection errors derive from it
+            raise KubeError(503, f"kube-apiserver unreachable: {exc}") from exc
+        except Exception as exc:  # urllib3.exceptions.HTTPError and friends
+            if type(exc).__module__.startswith("urllib3"):
+                raise KubeError(503, f"kube-apiserver unreachable: {exc}") from exc
+            raise
+
+    # ------------------------------------------------------ TranscriptionJobs
+
+    async def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.call(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list_jobs(self, namespace: str, **kwargs: Any) -> dict[str, Any]:
+        return await self.call(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
+        )
+
+    async def delete_job(self, namespace: str, name: str, propagation: str) -> bool:
+        """False when there was no such job."""
+        try:
+            await self.call(
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                propagation_policy=propagation,
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # ---------------------------------------------------------------- Secrets
+
+    async def create_secret(
+        self, namespace: str, name: str, string_data: dict[str, str], labels: dict[str, str]
+    ) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "labels": labels},
+            "type": "Opaque",
+            # data, not stringData: the same bytes on every apiserver (test servers do not convert).
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()},
+        }
+        await self.call(self.core.create_namespaced_secret, namespace, body)
+
+    async def own_secret(self, namespace: str, name: str, job: dict[str, Any]) -> None:
+        """Make the job the Secret's owner so Kubernetes deletes it with the job."""
+        owner = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": job["metadata"]["name"],
+            "uid": job["metadata"]["uid"],
+            "blockOwnerDeletion": False,
+        }
+        patch = {"metadata": {"ownerReferences": [owner]}}
+        await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await self.call(self.core.delete_namespaced_secret, name, namespace)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise

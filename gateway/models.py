@@ -1,0 +1,217 @@
+"""Request and response bodies of the REST API.
+
+Field names and defaults are the original Insanely Fast Whisper API's
+(url, task, language="None", batch_size=64, timestamp, diarise_audio,
+webhook{url, header}, is_async, managed_task_id); what it accepted but never
+checked (enums, ranges, URL form, language) is enforced here, and each error
+names its field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ifw.crds.languages import normalize_language
+from ifw.crds.transcriptionjob import MAX_URL_LENGTH, URL_PATTERN, Task, Timestamp, _check_url
+
+# A TranscriptionJob name doubles as the batch/v1 Job name and pod label
+# value, so it must be a DNS-1123 label (63 characters at most).
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Webhook header names become Secret keys: both rules must hold.
+HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_URL_RE = re.compile(URL_PATTERN)
+
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+
+
+def check_url(value: str, field: str) -> str:
+    value = value.strip()
+    if not _URL_RE.match(value):
+        raise ValueError(f"{field} must be an http or https URL such as https://example.com/audio.mp3")
+    return _check_url(value, field)
+
+
+def check_task_id(value: str) -> str:
+    if len(value) > 63 or not DNS1123_LABEL.match(value):
+        raise ValueError(
+            "managed_task_id must be a Kubernetes name: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_language(value: str | None) -> str | None:
+    """The original's "None" (or empty) means detect; names like "English" map to codes."""
+    return normalize_language(value)
+
+
+class WebhookBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=MAX_URL_LENGTH, description="Receives a POST when the task completes or fails.")
+    header: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Extra HTTP headers sent with the webhook (kept in a Secret, never in the job spec).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value, "webhook.url")
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, content in value.items():
+            if len(name) > 253 or not HEADER_NAME.match(name):
+                raise ValueError(f"webhook.header name {name!r} must be letters, digits, '-', '_' or '.'")
+            if len(content) > 8192 or any(c in content for c in "\r\n\0"):
+                raise ValueError(f"webhook.header {name!r} value must be one line of at most 8192 characters")
+        return value
+
+
+class TranscribeFields(BaseModel):
+    """Everything of POST / but the audio (a URL in JSON, a file in multipart)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = Field("transcribe", description="transcribe keeps the spoken language; translate outputs English.")
+    language: str | None = Field(
+        "None",
+        max_length=32,
+        validate_default=True,
+        description='Spoken language: an ISO code ("en") or name ("english"); "None" or empty detects it.',
+    )
+    batch_size: int = Field(64, ge=1, le=256, description="How many 30 s windows Whisper decodes at once.")
+    timestamp: Timestamp = Field("chunk", description="chunk: a timestamp per segment; word: one per word.")
+    diarise_audio: bool = Field(False, description="Split the transcript by speaker (output.speakers).")
+    webhook: WebhookBody | None = Field(None, description="Required when is_async is true.")
+    is_async: bool = Field(False, description="Answer at once and deliver the result to the webhook.")
+    managed_task_id: str | None = Field(
+        None, max_length=63, description="Your id for the task (a Kubernetes name); default: a new uuid4."
+    )
+    # Beyond the original API.
+    model: str | None = Field(
+        None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", description="Whisper checkpoint to use."
+    )
+    num_speakers: int | None = Field(None, ge=1, le=64, description="Exact number of speakers, when known.")
+    min_speakers: int | None = Field(None, ge=1, le=64, description="Lower bound on the number of speakers.")
+    max_speakers: int | None = Field(None, ge=1, le=64, description="Upper bound on the number of speakers.")
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str | None) -> str | None:
+        return check_language(value)
+
+    @field_validator("managed_task_id")
+    @classmethod
+    def _task_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_task_id(value)
+
+    @model_validator(mode="after")
+    def _speakers(self) -> TranscribeFields:
+        hints = (self.num_speakers, self.min_speakers, self.max_speakers)
+        if any(h is not None for h in hints) and not self.diarise_audio:
+            raise ValueError("num_speakers, min_speakers and max_speakers need diarise_audio: true")
+        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
+            raise ValueError("num_speakers cannot be combined with min_speakers or max_speakers")
+        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise ValueError("min_speakers must be less than or equal to max_speakers")
+        return self
+
+
+class TranscribeRequest(TranscribeFields):
+    """POST / as JSON — the original API's body, checked."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"url": "https://example.com/a.mp3"}})
+
+    url: str = Field(max_length=MAX_URL_LENGTH, description="http(s) URL of the audio file.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value, "url")
+
+
+# ----------------------------------------------------------------- responses
+
+
+class Chunk(BaseModel):
+    timestamp: tuple[float, float | None]
+    text: str
+
+
+class SpeakerChunk(BaseModel):
+    speaker: str
+    timestamp: tuple[float, float | None]
+    text: str
+
+
+class Output(BaseModel):
+    """The original API's output: text, chunks and (when diarized) speakers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+    chunks: list[Chunk]
+    speakers: list[SpeakerChunk] | None = None
+
+
+class CompletedResponse(BaseModel):
+    output: Output
+    status: Literal["completed"] = "completed"
+    task_id: str
+
+
+class ProcessingResponse(BaseModel):
+    detail: str = "Task is being processed in the background"
+    status: Literal["processing"] = "processing"
+    task_id: str
+
+
+class TaskError(BaseModel):
+    """A job that failed, or a sync wait that ended without a result."""
+
+    detail: str
+    status: Literal["error", "processing", "cancelled"]
+    task_id: str
+    reason: str | None = Field(None, description="CamelCase cause, e.g. InvalidAudio.")
+    message: str | None = None
+
+
+class TasksResponse(BaseModel):
+    tasks: list[str]
+
+
+class ProgressOut(BaseModel):
+    percent: float | None = None
+    processed_seconds: float | None = None
+    total_seconds: float | None = None
+
+
+class StatusResponse(BaseModel):
+    status: Literal["processing", "completed", "error"]
+    task_id: str
+    phase: str | None = Field(None, description="Pending, Queued, Running, Succeeded or Failed.")
+    progress: ProgressOut | None = None
+    language: str | None = Field(None, description="Spoken language, given or detected.")
+    duration: float | None = Field(None, description="Seconds of audio.")
+    reason: str | None = None
+    message: str | None = None
+    output: Output | None = Field(None, description="Present once completed, until the job's TTL removes it.")
+
+
+class CancelResponse(BaseModel):
+    status: Literal["cancelled"] = "cancelled"
+
+
+class Detail(BaseModel):
+    detail: Any
+
+
+class OpenAIText(BaseModel):
+    text: str

@@ -1,0 +1,144 @@
+"""Uploaded audio, kept on the gateway's volume and served to the job's runner.
+
+An upload is first staged under a random name; once its TranscriptionJob
+exists it moves to <upload_dir>/<namespace>/<job>/ beside a per-job random
+token and the job's uid. The runner fetches it from
+<internal_url>/internal/uploads/<namespace>/<job>/<token> (token compared in
+constant time). The files go when the watch sees the job finish or vanish,
+and a sweep after start-up removes what a previous process left behind.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+
+from ifw.gateway import metrics
+from ifw.gateway.models import DNS1123_LABEL
+from ifw.gateway.watch import is_terminal
+
+log = logging.getLogger("ifw.gateway.uploads")
+
+AUDIO = "audio"
+TOKEN = "token"
+UID = "uid"
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Staged:
+    dir: Path
+    token: str
+    size: int
+    filename: str
+
+
+class Uploads:
+    def __init__(self, root: Path, internal_url: str | None):
+        self.root = root
+        self.internal_url = internal_url
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.internal_url)
+
+    # ------------------------------------------------------------ staging
+
+    async def stage(self, source: BinaryIO, filename: str, limit: int) -> Staged:
+        return await anyio.to_thread.run_sync(self._stage, source, filename, limit)
+
+    def _stage(self, source: BinaryIO, filename: str, limit: int) -> Staged:
+        staging = self.root / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        folder = staging / secrets.token_hex(16)
+        folder.mkdir(mode=0o700)
+        size = 0
+        try:
+            with open(folder / AUDIO, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise UploadTooLarge(f"file is larger than {limit} bytes")
+                    out.write(chunk)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        metrics.UPLOAD_BYTES.inc(size)
+        return Staged(folder, secrets.token_urlsafe(32), size, filename)
+
+    def url_for(self, namespace: str, name: str, staged: Staged) -> str:
+        assert self.internal_url
+        return f"{self.internal_url}/internal/uploads/{namespace}/{name}/{staged.token}"
+
+    def commit(self, staged: Staged, namespace: str, name: str, uid: str) -> None:
+        """The job exists: move the upload where the serving route finds it."""
+        (staged.dir / TOKEN).write_text(staged.token)
+        (staged.dir / UID).write_text(uid)
+        target = self.root / namespace / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # left by an earlier job of the same name, which is gone now
+            shutil.rmtree(target, ignore_errors=True)
+        staged.dir.rename(target)
+
+    def discard(self, staged: Staged) -> None:
+        shutil.rmtree(staged.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ serving
+
+    def find(self, namespace: str, name: str, token: str) -> Path | None:
+        if not (DNS1123_LABEL.match(namespace) and DNS1123_LABEL.match(name)):
+            return None
+        folder = self.root / namespace / name
+        try:
+            expected = (folder / TOKEN).read_text()
+        except OSError:
+            return None
+        if not hmac.compare_digest(expected.encode(), token.encode()):
+            return None
+        return folder / AUDIO
+
+    # ------------------------------------------------------------ cleanup
+
+    def on_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """Watch listener: drop the upload once its job finished or was deleted."""
+        if kind != "DELETED" and not is_terminal(obj):
+            return
+        meta = obj["metadata"]
+        self._remove(meta["namespace"], meta["name"], meta.get("uid"))
+
+    def _remove(self, namespace: str, name: str, uid: str | None) -> None:
+        folder = self.root / namespace / name
+        try:
+            owner = (folder / UID).read_text()
+        except OSError:
+            return
+        if uid is None or owner == uid:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed upload of %s/%s", namespace, name)
+
+    def sweep(self, live: dict[tuple[str, str], dict[str, Any]], stale_after: float = 3600) -> None:
+        """After the first list: remove uploads whose job is gone or finished, and old staging."""
+        if not self.root.exists():
+            return
+        for ns_dir in self.root.iterdir():
+            if ns_dir.name == ".staging":
+                for folder in ns_dir.iterdir():
+                    if time.time() - folder.stat().st_mtime > stale_after:
+                        shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for folder in ns_dir.iterdir():
+                job = live.get((ns_dir.name, folder.name))
+                if job is None or is_terminal(job):
+                    shutil.rmtree(folder, ignore_errors=True)

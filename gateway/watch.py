@@ -1,0 +1,232 @@
+"""One shared watch on TranscriptionJobs: an informer-style cache plus waiters.
+
+A thread per served namespace lists the jobs, then watches from the list's
+resourceVersion, resuming from the last seen version (bookmarks included)
+whenever the apiserver ends the watch, and relisting on 410 Gone. Every event
+is handed to the event loop, which updates the cache and wakes the requests
+waiting on that job. A thousand sync requests therefore cost a thousand
+futures, not a thousand watches or polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from ifw.gateway import metrics
+from ifw.gateway.kube import Kube
+
+log = logging.getLogger("ifw.gateway.watch")
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+Key = tuple[str, str]  # (namespace, name)
+# Called on the event loop with ("ADDED"|"MODIFIED"|"DELETED", object).
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+def phase_of(obj: dict[str, Any]) -> str | None:
+    return (obj.get("status") or {}).get("phase")
+
+
+def is_terminal(obj: dict[str, Any]) -> bool:
+    return phase_of(obj) in TERMINAL_PHASES
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    meta = obj["metadata"]
+    return meta["namespace"], meta["name"]
+
+
+class JobGone(Exception):
+    """The job was deleted (cancelled) while a request waited for it."""
+
+
+class JobWatch:
+    def __init__(self, kube: Kube, namespaces: list[str], server_timeout: int = 240):
+        self.kube = kube
+        self.namespaces = namespaces
+        self.server_timeout = server_timeout
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.listeners: list[Listener] = []
+        self._waiters: dict[Key, list[tuple[str, asyncio.Future[dict[str, Any]]]]] = {}
+        self._synced: set[str] = set()
+        self._synced_event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._responses: list[Any] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for namespace in self.namespaces:
+            thread = threading.Thread(target=self._run, args=(namespace,), name=f"tj-watch-{namespace}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for resp in list(self._responses):  # unblock the threads' socket reads
+            try:
+                resp.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        for fut in (f for waiters in self._waiters.values() for _, f in waiters):
+            if not fut.done():
+                fut.cancel()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced_event.is_set()
+
+    async def wait_synced(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._synced_event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- reads
+
+    def active(self, namespace: str) -> list[str]:
+        """Names of the namespace's jobs that have not finished, oldest first."""
+        jobs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
+        jobs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
+        return [o["metadata"]["name"] for o in jobs]
+
+    async def wait_terminal(self, namespace: str, name: str, uid: str, timeout: float) -> dict[str, Any]:
+        """The job once Succeeded or Failed. Raises TimeoutError, or JobGone if it was deleted."""
+        key = (namespace, name)
+        current = self.objects.get(key)
+        if current is not None and current["metadata"].get("uid") == uid and is_terminal(current):
+            return current
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        entry = (uid, fut)
+        self._waiters.setdefault(key, []).append(entry)
+        metrics.WAITERS.inc()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            metrics.WAITERS.dec()
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.remove(entry)
+                if not waiters:
+                    del self._waiters[key]
+
+    # --------------------------------------------------- event loop side
+
+    def _apply(self, kind: str, obj: dict[str, Any]) -> None:
+        key = _key(obj)
+        if kind == "DELETED":
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = obj
+        self._notify(key, kind, obj)
+
+    def _replace(self, namespace: str, items: list[dict[str, Any]]) -> None:
+        """A fresh list: jobs missing from it were deleted while we were not watching."""
+        fresh = {_key(o): o for o in items}
+        for key in [k for k in self.objects if k[0] == namespace and k not in fresh]:
+            self._apply("DELETED", self.objects[key])
+        for obj in items:
+            self._apply("MODIFIED", obj)
+        self._synced.add(namespace)
+        if self._synced.issuperset(self.namespaces):
+            self._synced_event.set()
+
+    def _notify(self, key: Key, kind: str, obj: dict[str, Any]) -> None:
+        uid = obj["metadata"].get("uid")
+        deleted = kind == "DELETED"
+        for waiter_uid, fut in self._waiters.get(key, ()):
+            if fut.done() or waiter_uid != uid:
+                continue
+            if deleted:
+                fut.set_exception(JobGone(key[1]))
+            elif is_terminal(obj):
+                fut.set_result(obj)
+        for listener in self.listeners:
+            try:
+                listener(kind, obj)
+            except Exception:  # a broken listener must not stop the watch
+                log.exception("watch listener failed")
+
+    # ------------------------------------------------------- watch thread
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self, namespace: str) -> None:
+        api = self.kube.custom
+        version: str | None = None
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    listed = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                    version = listed["metadata"]["resourceVersion"]
+                    self._post(self._replace, namespace, listed["items"])
+                    metrics.WATCH_LISTS.inc()
+                resp = api.list_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    watch=True,
+                    resource_version=version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=self.server_timeout,
+                    _preload_content=False,
+                    _request_timeout=(10, self.server_timeout + 30),
+                )
+                self._responses.append(resp)
+                try:
+                    version = self._consume(resp, version)
+                finally:
+                    self._responses.remove(resp)
+                    resp.close()  # never hand a half-read connection back to the pool
+                    resp.release_conn()
+                backoff = 0.5
+            except ApiException as exc:
+                if exc.status == 410:  # our resourceVersion is too old: start over from a list
+                    log.info("watch on %s expired (410), relisting", namespace)
+                    version = None
+                    continue
+                log.warning("watch on %s failed: %s %s", namespace, exc.status, exc.reason)
+                backoff = self._pause(backoff)
+            except Exception as exc:  # noqa: BLE001 - network errors: retry with backoff
+                if self._stop.is_set():
+                    break
+                log.warning("watch on %s interrupted: %s", namespace, exc)
+                backoff = self._pause(backoff)
+
+    def _consume(self, resp: Any, version: str) -> str:
+        """Hand each event of one watch response to the loop; return the last resourceVersion."""
+        for line in iter_resp_lines(resp):
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            obj = event["object"]
+            if event["type"] == "ERROR":  # a metav1.Status; 410 means relist
+                raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+            version = obj["metadata"].get("resourceVersion") or version
+            if event["type"] != "BOOKMARK":
+                self._post(self._apply, event["type"], obj)
+                metrics.WATCH_EVENTS.labels(event["type"]).inc()
+        return version
+
+    def _pause(self, backoff: float) -> float:
+        metrics.WATCH_ERRORS.inc()
+        self._stop.wait(backoff)
+        return min(backoff * 2, 30.0)
