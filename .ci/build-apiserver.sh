@@ -32,7 +32,7 @@ set -euo pipefail
 
 die() { echo "build-apiserver: ERROR: $*" >&2; exit 1; }
 log() { echo "build-apiserver: $*" >&2; }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "build-apiserver: FAILED (exit $rc) at line $LINENO" >&2' EXIT
+trap 'rc=$?; [ $rc -eq 0 ] || echo "build-apiserver: FAILED (exit $rc)" >&2' EXIT
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC_DIR="$REPO/tests/cluster/apiserver"
@@ -146,7 +146,8 @@ log "closure: ${#GOPKGS[@]} Go source packages; apiextensions-apiserver $(ver_of
 
 # --- cache key & binary cache ------------------------------------------
 src_hash="$(cd "$SRC_DIR" && find . -type f \( -name '*.go' -o -name '*.txt' \) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64)"
-key="$( { echo "src=$src_hash"; echo "go=$GO_VERSION"; echo "$key_versions"; } | sha256sum | cut -c1-16)"
+script_hash="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-64)"
+key="$( { echo "src=$src_hash"; echo "script=$script_hash"; echo "go=$GO_VERSION"; echo "$key_versions"; } | sha256sum | cut -c1-16)"
 BIN_DIR="$CACHE/bin"
 BIN="$BIN_DIR/ifw-test-apiserver-$key"
 mkdir -p "$BIN_DIR"
@@ -194,22 +195,30 @@ GOPATH_DIR="$GOROOT_SRC/usr/share/gocode"
 [ -d "$GOPATH_DIR/src/k8s.io/apiextensions-apiserver" ] || die "unpacked root lacks k8s.io/apiextensions-apiserver"
 
 # --- build --------------------------------------------------------------
+# /version reports the Kubernetes release of the libraries: Debian's 0.x.y of
+# the k8s.io/* Go modules is Kubernetes 1.x.y.
+api_ver="$(ver_of golang-k8s-apiserver-dev)"; api_ver="${api_ver#*:}"; api_ver="${api_ver%%-*}"; api_ver="${api_ver%%+*}"
+case "$api_ver" in 0.*.*) K8S_VERSION="v1.${api_ver#0.}";; *) die "unexpected golang-k8s-apiserver-dev version $api_ver";; esac
+K8S_MINOR="$(echo "$K8S_VERSION" | cut -d. -f2)"
+VPKG=k8s.io/component-base/version
+LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1 -X $VPKG.gitMinor=$K8S_MINOR"
+LDFLAGS="$LDFLAGS -X $VPKG.gitCommit=debian-sid-$root_key -X $VPKG.gitTreeState=clean"
 # GOPATH mode: the program is linked into the private GOPATH as a package.
 PROG_IMPORT="ifw.dev/test-apiserver"
 prog_dir="$GOPATH_DIR/src/$PROG_IMPORT"
 rm -rf "$prog_dir"; mkdir -p "$prog_dir"
 cp "$SRC_DIR"/*.go "$prog_dir/"
 mkdir -p "$CACHE/go-build" "$CACHE/gotmp"
-log "go build (GOPATH mode; cold ~5 min on 2 cores, warm seconds)"
+log "go build $K8S_VERSION (GOPATH mode; cold ~3-5 min on 2 cores, warm seconds)"
 t0=$(date +%s)
 (
   cd "$prog_dir"
   env GOPATH="$GOPATH_DIR" GO111MODULE=off GOPROXY=off GOFLAGS= GOTOOLCHAIN=local \
       CGO_ENABLED=0 GOCACHE="$CACHE/go-build" GOTMPDIR="$CACHE/gotmp" GOWORK=off \
-      "$GO" build -trimpath -ldflags='-s -w' -o "$BIN.tmp" . >&2
+      "$GO" build -trimpath -ldflags="$LDFLAGS" -o "$BIN.tmp" . >&2
 ) || { rm -f "$BIN.tmp"; die "go build failed (sid may have changed the k8s Go APIs: see tests/cluster/apiserver/main.go)"; }
 mv "$BIN.tmp" "$BIN"
-{ echo "src=$src_hash"; echo "go=$GO_VERSION"; echo "$key_versions"; } > "$BIN.versions"
+{ echo "kubernetes=$K8S_VERSION"; echo "src=$src_hash"; echo "script=$script_hash"; echo "go=$GO_VERSION"; echo "$key_versions"; } > "$BIN.versions"
 ln -sfn "$(basename "$BIN")" "$BIN_DIR/ifw-test-apiserver"
 # keep the three newest binaries
 ls -1t "$BIN_DIR"/ifw-test-apiserver-* 2>/dev/null | grep -v '\.versions$' | tail -n +4 | while read -r old; do rm -f "$old" "$old.versions"; done

@@ -9,6 +9,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"strings"
 	"os"
 	"reflect"
 	"sort"
@@ -213,6 +215,20 @@ func (s strategy) PrepareForCreate(ctx context.Context, obj runtime.Object) {
 			o.Type = corev1.SecretTypeOpaque
 		}
 	}
+	normalize(obj)
+}
+
+// normalize does what kube-apiserver's v1 -> internal conversion does.
+func normalize(obj runtime.Object) {
+	if sec, ok := obj.(*corev1.Secret); ok && len(sec.StringData) > 0 {
+		if sec.Data == nil {
+			sec.Data = map[string][]byte{}
+		}
+		for k, v := range sec.StringData {
+			sec.Data[k] = []byte(v)
+		}
+		sec.StringData = nil
+	}
 }
 
 func (s strategy) PrepareForUpdate(ctx context.Context, obj, old runtime.Object) {
@@ -234,6 +250,7 @@ func (s strategy) PrepareForUpdate(ctx context.Context, obj, old runtime.Object)
 	if st := structField(obj, "Status"); s.b.status && st.IsValid() {
 		st.Set(structField(old, "Status"))
 	}
+	normalize(obj)
 	m.SetGeneration(om.GetGeneration())
 	if spec := structField(obj, "Spec"); spec.IsValid() &&
 		!equality.Semantic.DeepEqual(spec.Interface(), structField(old, "Spec").Interface()) {
@@ -474,6 +491,14 @@ func run(ctx context.Context, o *options.CustomResourceDefinitionsServerOptions)
 	config.GenericConfig.OpenAPIV3Config = genericapiserver.DefaultOpenAPIV3Config(defs, namer)
 	config.GenericConfig.OpenAPIV3Config.Info.Title = "ifw-test-apiserver"
 
+	// Debian ships go-restful 3.10, whose routes do not match a trailing
+	// slash ("/version/", which the Python client asks for, would 404);
+	// Kubernetes builds with a go-restful that accepts both.
+	chain := config.GenericConfig.BuildHandlerChainFunc
+	config.GenericConfig.BuildHandlerChainFunc = func(h http.Handler, c *genericapiserver.Config) http.Handler {
+		return trimTrailingSlash(chain(h, c))
+	}
+
 	completed := config.Complete()
 	completed.GenericConfig.EnableDiscovery = true
 	server, err := completed.New(genericapiserver.NewEmptyDelegate())
@@ -505,6 +530,24 @@ func run(ctx context.Context, o *options.CustomResourceDefinitionsServerOptions)
 		return nil
 	})
 	return server.GenericAPIServer.PrepareRun().RunWithContext(ctx)
+}
+
+func trimTrailingSlash(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.Path; len(p) > 1 && strings.HasSuffix(p, "/") {
+			u := *r.URL
+			u.Path = strings.TrimRight(p, "/")
+			u.RawPath = strings.TrimRight(u.RawPath, "/")
+			if u.Path == "" {
+				u.Path = "/"
+			}
+			r2 := r.Clone(r.Context())
+			r2.URL = &u
+			r2.RequestURI = u.RequestURI()
+			r = r2
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 func main() {

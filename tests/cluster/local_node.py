@@ -1,0 +1,306 @@
+"""A local stand-in for the kubelet and the Job controller.
+
+The test control plane has neither, so nothing would ever run a batch/v1 Job.
+This module plays both, for the local stack and the end-to-end tests: for each
+Job it creates a Pod, runs the Pod's container command as a process on this
+machine (with the container's env, `python` meaning this interpreter), and
+writes Pod and Job status the way the kubelet and the Job controller would
+(exit codes, termination messages, podFailurePolicy, backoffLimit,
+activeDeadlineSeconds, suspend, deletion).
+
+It is a development tool, not part of the product: no images, no isolation.
+
+    python -m tests.cluster.local_node --kubeconfig KUBECONFIG
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("ifw.local-node")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Run:
+    """One Job as the local node tracks it."""
+
+    namespace: str
+    name: str
+    uid: str
+    process: subprocess.Popen | None = None
+    pod_name: str | None = None
+    message_path: Path | None = None
+    started: float = 0.0
+    failed: int = 0
+    done: bool = False
+    log_file: object | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LocalNode:
+    def __init__(self, kubeconfig: str | None = None, interval: float = 0.3, log_dir: Path | None = None):
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig)
+            self.kubeconfig = kubeconfig
+        else:
+            config.load_kube_config()
+            self.kubeconfig = os.environ.get("KUBECONFIG", str(Path.home() / ".kube/config"))
+        self.batch = client.BatchV1Api()
+        self.core = client.CoreV1Api()
+        self.interval = interval
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="ifw-local-node-"))
+        self.runs: dict[str, _Run] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "LocalNode":
+        self._thread = threading.Thread(target=self.run_forever, name="local-node", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        for run in self.runs.values():
+            self._kill(run)
+
+    def __enter__(self) -> "LocalNode":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync_once()
+            except Exception:  # a dev tool keeps going; the log says what broke
+                log.exception("local node sync failed")
+            self._stop.wait(self.interval)
+
+    # ------------------------------------------------------------ the loop
+
+    def sync_once(self) -> None:
+        jobs = self.batch.list_job_for_all_namespaces().items
+        seen = set()
+        for job in jobs:
+            uid = job.metadata.uid
+            seen.add(uid)
+            run = self.runs.setdefault(uid, _Run(job.metadata.namespace, job.metadata.name, uid))
+            if run.done or job.metadata.deletion_timestamp:
+                continue
+            self._sync_job(job, run)
+        for uid in list(self.runs):
+            if uid not in seen:  # the Job was deleted: stop its process like the kubelet would
+                self._kill(self.runs.pop(uid))
+
+    def _sync_job(self, job: client.V1Job, run: _Run) -> None:
+        spec = job.spec
+        if spec.suspend:
+            if run.process:
+                self._kill(run)
+                self._set_pod_phase(run, "Failed", exit_code=143, reason="Error", message="job suspended")
+                run.process = None
+            self._patch_job_status(job, {"active": 0, "conditions": [self._condition("Suspended", "JobSuspended")]})
+            return
+        if run.process is None:
+            self._start_pod(job, run)
+            return
+        deadline = spec.active_deadline_seconds
+        if deadline and time.monotonic() - run.started > deadline:
+            self._kill(run)
+            self._set_pod_phase(run, "Failed", exit_code=137, reason="DeadlineExceeded", message="")
+            self._finish(job, run, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+            return
+        code = run.process.poll()
+        if code is None:
+            return
+        message = run.message_path.read_text().strip() if run.message_path and run.message_path.exists() else ""
+        if run.log_file:
+            run.log_file.close()
+        run.process = None
+        if code == 0:
+            self._set_pod_phase(run, "Succeeded", exit_code=0, reason="Completed", message=message)
+            self._finish(job, run, "Complete", None, None)
+            return
+        self._set_pod_phase(run, "Failed", exit_code=code, reason="Error", message=message)
+        run.failed += 1
+        if self._fails_job_at_once(spec, code):
+            self._finish(job, run, "Failed", "PodFailurePolicy",
+                         f"Container runner for pod {run.pod_name} failed with exit code {code} matching FailJob rule")
+        elif run.failed > (spec.backoff_limit if spec.backoff_limit is not None else 6):
+            self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        else:
+            self._patch_job_status(job, {"failed": run.failed, "active": 0})
+
+    @staticmethod
+    def _fails_job_at_once(spec: client.V1JobSpec, code: int) -> bool:
+        policy = spec.pod_failure_policy
+        for rule in (policy.rules if policy else None) or []:
+            exit_codes = rule.on_exit_codes
+            if rule.action == "FailJob" and exit_codes and exit_codes.operator == "In" and code in exit_codes.values:
+                return True
+        return False
+
+    # ------------------------------------------------------------ pods
+
+    def _start_pod(self, job: client.V1Job, run: _Run) -> None:
+        template = job.spec.template
+        container = template.spec.containers[0]
+        pod_name = f"{job.metadata.name[:52]}-{uuid.uuid4().hex[:5]}"
+        labels = dict(template.metadata.labels or {}) if template.metadata else {}
+        labels.update({"batch.kubernetes.io/job-name": job.metadata.name, "job-name": job.metadata.name})
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": run.namespace,
+                "labels": labels,
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name,
+                                     "uid": job.metadata.uid, "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": client.ApiClient().sanitize_for_serialization(template.spec),
+        }
+        self.core.create_namespaced_pod(run.namespace, pod)
+        run.pod_name = pod_name
+        run.message_path = self.log_dir / f"{pod_name}.termination"
+        env = self._container_env(run.namespace, pod_name, container)
+        env.update(KUBECONFIG=self.kubeconfig, IFW_TERMINATION_MESSAGE_PATH=str(run.message_path))
+        command = [sys.executable if part in ("python", "python3") else part
+                   for part in [*(container.command or []), *(container.args or [])]]
+        run.log_file = open(self.log_dir / f"{pod_name}.log", "wb")
+        log.info("starting %s/%s: %s", run.namespace, pod_name, " ".join(command))
+        run.process = subprocess.Popen(command, env=env, stdout=run.log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        run.started = time.monotonic()
+        self._set_pod_phase(run, "Running")
+        self._patch_job_status(job, {"active": 1, "startTime": job.status.start_time and
+                                     job.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") or _now()})
+
+    def _container_env(self, namespace: str, pod_name: str, container: client.V1Container) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("IFW_")}
+        for source in container.env_from or []:
+            if source.config_map_ref:
+                data = self.core.read_namespaced_config_map(source.config_map_ref.name, namespace).data or {}
+                env.update({(source.prefix or "") + k: v for k, v in data.items()})
+            if source.secret_ref:
+                data = self.core.read_namespaced_secret(source.secret_ref.name, namespace).data or {}
+                env.update({(source.prefix or "") + k: base64.b64decode(v).decode() for k, v in data.items()})
+        for var in container.env or []:
+            if var.value is not None:
+                env[var.name] = var.value
+            elif var.value_from and var.value_from.field_ref:
+                path = var.value_from.field_ref.field_path
+                env[var.name] = {"metadata.namespace": namespace, "metadata.name": pod_name}.get(path, "")
+            elif var.value_from and var.value_from.secret_key_ref:
+                ref = var.value_from.secret_key_ref
+                try:
+                    data = self.core.read_namespaced_secret(ref.name, namespace).data or {}
+                except ApiException:
+                    if ref.optional:
+                        continue
+                    raise
+                if ref.key in data:
+                    env[var.name] = base64.b64decode(data[ref.key]).decode()
+            elif var.value_from and var.value_from.config_map_key_ref:
+                ref = var.value_from.config_map_key_ref
+                data = self.core.read_namespaced_config_map(ref.name, namespace).data or {}
+                if ref.key in data:
+                    env[var.name] = data[ref.key]
+        return env
+
+    def _set_pod_phase(self, run: _Run, phase: str, exit_code: int | None = None, reason: str = "",
+                       message: str = "") -> None:
+        if not run.pod_name:
+            return
+        if phase == "Running":
+            state = {"running": {"startedAt": _now()}}
+        else:
+            state = {"terminated": {"exitCode": exit_code, "reason": reason, "message": message or None,
+                                    "finishedAt": _now()}}
+        status = {"phase": phase, "startTime": _now(),
+                  "containerStatuses": [{"name": "runner", "ready": phase == "Running", "restartCount": 0,
+                                         "image": "local", "imageID": "", "state": state}]}
+        try:
+            self.core.patch_namespaced_pod_status(run.pod_name, run.namespace, {"status": status})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    # ------------------------------------------------------------ jobs
+
+    @staticmethod
+    def _condition(kind: str, reason: str | None, message: str | None = None) -> dict:
+        return {"type": kind, "status": "True", "reason": reason, "message": message,
+                "lastProbeTime": _now(), "lastTransitionTime": _now()}
+
+    def _finish(self, job: client.V1Job, run: _Run, kind: str, reason: str | None, message: str | None) -> None:
+        run.done = True
+        if kind == "Complete":
+            conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached"),
+                          self._condition("Complete", "CompletionsReached")]
+            patch = {"succeeded": 1, "active": 0, "completionTime": _now(), "conditions": conditions}
+        else:
+            conditions = [self._condition("FailureTarget", reason, message), self._condition("Failed", reason, message)]
+            patch = {"failed": max(run.failed, 1), "active": 0, "conditions": conditions}
+        self._patch_job_status(job, patch)
+
+    def _patch_job_status(self, job: client.V1Job, status: dict) -> None:
+        try:
+            self.batch.patch_namespaced_job_status(job.metadata.name, job.metadata.namespace, {"status": status})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    @staticmethod
+    def _kill(run: _Run) -> None:
+        if run.process and run.process.poll() is None:
+            os.killpg(run.process.pid, signal.SIGTERM)
+            try:
+                run.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.process.pid, signal.SIGKILL)
+                run.process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    node = LocalNode(args.kubeconfig)
+    signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
+    try:
+        node.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+if __name__ == "__main__":
+    main()
