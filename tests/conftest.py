@@ -87,3 +87,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kube" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def tj_crd(kube):
+    """The TranscriptionJob CRD from crds/transcriptionjob.yaml, installed and Established."""
+    from tests.cluster.crd import install_crd
+
+    return install_crd(kube.api_client())
