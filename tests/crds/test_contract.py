@@ -8,6 +8,7 @@ what `kubectl apply` gets from the server cannot disagree.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
