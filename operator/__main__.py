@@ -1,0 +1,3 @@
+from ifw.operator.main import main
+
+main()

@@ -1,0 +1,211 @@
+"""Operator configuration: a YAML file (the ConfigMap the Helm chart renders) plus env overrides.
+
+Sources, highest priority first:
+
+1. environment variables with the prefix ``IFW_OPERATOR_`` (nested fields with ``__``:
+   ``IFW_OPERATOR_RUNNER__IMAGE=...``, ``IFW_OPERATOR_MAX_ACTIVE_JOBS=4``);
+   secrets such as the webhook signing key come this way, from a Secret;
+2. the YAML file named by ``IFW_OPERATOR_CONFIG_FILE`` (default ``/etc/ifw/operator.yaml``,
+   ignored when absent);
+3. the defaults below.
+
+File format: the keys are the field names below in snake_case; values that are Kubernetes
+objects (``resources``, ``tolerations``, ``affinity``, ``security_context``, ``volume``, ...)
+are written verbatim in Kubernetes' own camelCase. Example::
+
+    max_active_jobs: 8
+    max_active_jobs_per_namespace: 4
+    default_ttl_seconds_after_finished: 86400
+    startup_deadline_seconds: 900
+    runner:
+      image: ghcr.io/example/ifw-runner:0.1.0
+      resources:
+        requests: {cpu: "4", memory: 16Gi}
+        limits: {nvidia.com/gpu: "1", memory: 32Gi}
+      node_selector: {nvidia.com/gpu.present: "true"}
+      tolerations:
+        - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+      runtime_class_name: nvidia
+      model_cache:
+        volume: {persistentVolumeClaim: {claimName: whisper-models, readOnly: true}}
+      hf_token_secret: {name: hf-token, key: token}
+      env:
+        IFW_DEFAULT_MODEL: openai/whisper-large-v3
+    webhook:
+      timeout_seconds: 10
+      max_attempts: 5
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "IFW_OPERATOR_CONFIG_FILE"
+DEFAULT_CONFIG_FILE = Path("/etc/ifw/operator.yaml")
+
+# Pod and container security defaults: the "restricted" Pod Security Standard.
+DEFAULT_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecretKey(_Section):
+    """One key of a Secret in the TranscriptionJob's namespace (pods can only read their own namespace)."""
+
+    name: str
+    key: str
+    optional: bool = Field(True, description="Start the pod even when the Secret is missing.")
+
+
+class ModelCache(_Section):
+    """Where the runner finds Whisper / pyannote weights (mounted at HF_HOME)."""
+
+    mount_path: str = "/models"
+    volume: dict[str, Any] | None = Field(
+        None,
+        description="A Kubernetes volume source without its name, e.g. {persistentVolumeClaim: {claimName: x}} "
+        "or {hostPath: {path: /var/cache/hf}}. None: an emptyDir (weights downloaded per pod).",
+    )
+    read_only: bool = True
+    hub_offline: bool = Field(True, description="HF_HUB_OFFLINE=1: a warm cache makes no network calls.")
+
+
+class RunnerPod(_Section):
+    """The pod template of every runner Job."""
+
+    image: str = "ghcr.io/ifw/ifw-runner:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    command: list[str] = Field(default_factory=lambda: ["python", "-m", "ifw.runner", "job"])
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "4", "memory": "16Gi"},
+            "limits": {"nvidia.com/gpu": "1", "memory": "32Gi"},
+        },
+        description="Container resources, Kubernetes shape. GPUs are limits (nvidia.com/gpu).",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    affinity: dict[str, Any] | None = None
+    runtime_class_name: str | None = None
+    priority_class_name: str | None = None
+    pod_security_context: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT))
+    security_context: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_CONTAINER_SECURITY_CONTEXT))
+    termination_grace_period_seconds: int = Field(30, ge=0)
+    work_dir: str = Field("/tmp/ifw", description="Scratch emptyDir for downloads (IFW_WORK_DIR).")
+    work_dir_size_limit: str | None = Field("20Gi", description="emptyDir sizeLimit of the scratch space.")
+    model_cache: ModelCache = Field(default_factory=ModelCache)
+    hf_token_secret: SecretKey | None = Field(None, description="HF_TOKEN for gated pyannote weights.")
+    s3_credentials_secret: str | None = Field(
+        None, description="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become env (envFrom)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for the runner (its IFW_* settings: IFW_DEFAULT_MODEL, IFW_RESULT_STORE, ...).",
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    bad_input_exit_code: int = Field(2, description="Runner exit code for bad input: fails the Job without retry.")
+
+
+class WebhookSettings(_Section):
+    signing_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing key ('whsec_' + base64). Give it through the environment "
+        "(IFW_OPERATOR_WEBHOOK__SIGNING_SECRET from a Secret), never the ConfigMap.",
+    )
+    timeout_seconds: float = Field(10.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+    backoff_initial_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(30.0, ge=0)
+    allowlist: list[str] = Field(
+        default_factory=list, description="Hosts or CIDRs allowed although private (the SSRF guard refuses them)."
+    )
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IFW_OPERATOR_", env_nested_delimiter="__", extra="forbid")
+
+    # --- scope ---
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty: all.")
+
+    # --- admission ---
+    max_active_jobs: int | None = Field(8, ge=1, description="Runner Jobs running at once, cluster-wide. None: no cap.")
+    max_active_jobs_per_namespace: int | None = Field(None, ge=1, description="Same, per namespace. None: no cap.")
+
+    # --- lifecycle ---
+    default_ttl_seconds_after_finished: int | None = Field(
+        86400, ge=0, description="TTL when spec.ttlSecondsAfterFinished is absent. None: keep forever."
+    )
+    startup_deadline_seconds: float = Field(
+        900, gt=0, description="Fail with StartupDeadlineExceeded when the pod is not running this long after the Job."
+    )
+    image_pull_grace_seconds: float = Field(
+        120, ge=0, description="Fail with ImagePullFailed when the image cannot be pulled for this long."
+    )
+    default_model: str = Field("openai/whisper-large-v3", description="Reported in status.model when spec.model is absent.")
+
+    # --- timing ---
+    resync_interval_seconds: float = Field(10, gt=0, description="Periodic level-based pass over all jobs.")
+    watch_server_timeout_seconds: int = Field(300, gt=0, description="Server-side watch timeout (stale watches).")
+    watch_client_timeout_seconds: float = Field(330, gt=0, description="Client-side watch timeout, > server's.")
+    api_threads: int = Field(16, ge=1, description="Threads for blocking Kubernetes API calls.")
+
+    # --- operations ---
+    liveness_port: int = Field(8080, ge=1, le=65535, description="kopf liveness probe at /healthz.")
+    metrics_port: int | None = Field(9090, ge=1, le=65535, description="Prometheus /metrics. None: off.")
+    log_format: Literal["plain", "full", "json"] = "json"
+    event_component: str = "ifw-operator"
+
+    runner: RunnerPod = Field(default_factory=RunnerPod)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path.is_file():
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        elif os.environ.get(CONFIG_FILE_ENV):
+            raise FileNotFoundError(f"{CONFIG_FILE_ENV}={path} does not exist")
+        return tuple(sources)
+
+
+@lru_cache
+def get_settings() -> OperatorSettings:
+    return OperatorSettings()

@@ -1,0 +1,135 @@
+"""kopf registrations: thin, they only feed the Controller (ifw.operator.controller).
+
+- indexes of the runner Jobs and their Pods, keyed by the TranscriptionJob uid label: kopf
+  lists both before calling any handler, so after a restart the operator knows every Job that
+  already exists before it decides anything (no second Job, no over-admission);
+- event handlers on TranscriptionJobs, Jobs and Pods that poke the job's reconcile;
+- startup/cleanup: settings, the API client, the resync loop, the metrics server;
+- a liveness probe.
+
+No on.create/on.update handlers on purpose: those make kopf write its progress and last-handled
+spec into annotations on every object; these handlers need nothing stored on the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from ifw.operator.config import OperatorSettings, get_settings
+from ifw.operator.controller import Controller
+from ifw.operator.jobs import LABEL_UID
+from ifw.operator.kube import Kube, load_api_client
+
+log = logging.getLogger("ifw.operator")
+
+
+def configure_kopf(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
+    # Stale watches are kopf's most reported failure: bound them on both sides.
+    # An int: kopf passes it verbatim as timeoutSeconds, which the apiserver parses as an integer.
+    settings.watching.server_timeout = int(config.watch_server_timeout_seconds)
+    settings.watching.client_timeout = config.watch_client_timeout_seconds
+    settings.watching.connect_timeout = 30
+    # Watches are label-filtered client-side by default; filter Jobs and Pods on the server.
+    settings.watching.label_selectors["batch", "jobs"] = LABEL_UID
+    settings.watching.label_selectors["v1", "pods"] = LABEL_UID
+    settings.posting.reporting_component = config.event_component
+    # One replica (Deployment strategy Recreate): no peering objects needed.
+    settings.peering.standalone = True
+
+
+def make_controller(config: OperatorSettings) -> Controller:
+    from ifw.operator.webhooks import WebhookController
+
+    return WebhookController(config, Kube(load_api_client(config.api_threads), config.api_threads))
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Tests and embedders hand a config in through the memo; a deployment reads file + env.
+    config: OperatorSettings = getattr(memo, "config", None) or get_settings()
+    configure_kopf(settings, config)
+    controller = make_controller(config)
+    memo.controller = controller
+    memo.resync = asyncio.get_running_loop().create_task(controller.resync_forever())
+    memo.metrics_server = None
+    if config.metrics_port:
+        from prometheus_client import REGISTRY
+
+        from ifw.operator import metrics
+
+        memo.collector = metrics.StateCollector(
+            controller.phases, lambda: len(controller.queue), lambda: len(controller.active())
+        )
+        REGISTRY.register(memo.collector)
+        memo.metrics_server = metrics.serve(config.metrics_port)
+    log.info(
+        "ifw operator starting: maxActiveJobs=%s perNamespace=%s image=%s",
+        config.max_active_jobs, config.max_active_jobs_per_namespace, config.runner.image,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller | None = getattr(memo, "controller", None)
+    resync = getattr(memo, "resync", None)
+    if resync:
+        resync.cancel()
+    if controller:
+        await controller.stop()
+        controller.kube.close()
+    if getattr(memo, "metrics_server", None):
+        from prometheus_client import REGISTRY
+
+        memo.metrics_server.shutdown()
+        REGISTRY.unregister(memo.collector)
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_UID: kopf.PRESENT})
+def runner_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
+    return {labels[LABEL_UID]: dict(body)}
+
+
+@kopf.index("v1", "pods", labels={LABEL_UID: kopf.PRESENT})
+def runner_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
+    return {labels[LABEL_UID]: dict(body)}
+
+
+def _controller(memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index) -> Controller:
+    controller: Controller = memo.controller
+    if not controller.ready.is_set():
+        controller.bind_indexes(runner_jobs, runner_pods)
+    return controller
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def transcriptionjob_event(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+) -> None:
+    _controller(memo, runner_jobs, runner_pods).observe(type, dict(body))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_UID: kopf.PRESENT})
+async def job_event(
+    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+) -> None:
+    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_UID])
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_UID: kopf.PRESENT})
+async def pod_event(
+    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+) -> None:
+    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_UID])
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    controller: Controller | None = getattr(memo, "controller", None)
+    if controller is None:
+        return {}
+    return {"known": len(controller.tjs), "waiting": len(controller.queue), "active": len(controller.active())}

@@ -1,0 +1,208 @@
+"""The operator's Kubernetes writes, as coroutines.
+
+kopf watches; this module writes. It uses the official ``kubernetes`` client (already a
+dependency) in a bounded thread pool, with plain dict bodies and raw JSON responses
+(``_preload_content=False``): deserialising into the client's model classes costs more CPU
+than the request itself, and the operator has to keep up with hundreds of jobs on two cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+from uuid import uuid4
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+
+USER_AGENT = "ifw-operator/0.1.0"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def load_api_client(pool_size: int) -> client.ApiClient:
+    """In a pod: its service account; elsewhere: $KUBECONFIG (read now, not at import time)."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    api = client.ApiClient(configuration)
+    api.user_agent = USER_AGENT
+    return api
+
+
+def status_code(error: BaseException) -> int | None:
+    return error.status if isinstance(error, ApiException) else None
+
+
+def api_message(error: BaseException) -> str:
+    """The apiserver's own explanation (its Status.message), else the exception text."""
+    if isinstance(error, ApiException) and error.body:
+        try:
+            return json.loads(error.body).get("message") or str(error)
+        except (ValueError, AttributeError):
+            pass
+    return str(error)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, threads: int):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
+
+    async def _call(self, fn, *args, **kwargs) -> Any:
+        kwargs.setdefault("_preload_content", False)
+        loop = asyncio.get_running_loop()
+        response = await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        data = response.data
+        return json.loads(data) if data else None
+
+    # ------------------------------------------------------------------ create
+
+    _CREATE = {
+        "Secret": lambda self: self.core.create_namespaced_secret,
+        "ServiceAccount": lambda self: self.core.create_namespaced_service_account,
+        "Role": lambda self: self.rbac.create_namespaced_role,
+        "RoleBinding": lambda self: self.rbac.create_namespaced_role_binding,
+        "Job": lambda self: self.batch.create_namespaced_job,
+    }
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create ``obj``; None when it already exists (the operator's names are deterministic)."""
+        fn = self._CREATE[obj["kind"]](self)
+        try:
+            return await self._call(fn, obj["metadata"]["namespace"], obj)
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+
+    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self.batch.read_namespaced_job, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    # ------------------------------------------------------------------ patch
+
+    async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.batch.patch_namespaced_job, name, namespace, patch, _content_type=MERGE_PATCH)
+
+    async def patch_tj_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch of /status with only the operator's fields (the runner owns the others)."""
+        return await self._call(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
+            _content_type=MERGE_PATCH,
+        )
+
+    # ------------------------------------------------------------------ delete
+
+    _DELETE = {
+        "Secret": lambda self: self.core.delete_namespaced_secret,
+        "ServiceAccount": lambda self: self.core.delete_namespaced_service_account,
+        "Role": lambda self: self.rbac.delete_namespaced_role,
+        "RoleBinding": lambda self: self.rbac.delete_namespaced_role_binding,
+        "Job": lambda self: self.batch.delete_namespaced_job,
+        "Pod": lambda self: self.core.delete_namespaced_pod,
+    }
+
+    async def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete now, background propagation (never wait on a garbage collector). False if absent.
+
+        ``uid`` makes it a precondition: never delete a newer object that reuses the name.
+        """
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await self._call(self._DELETE[kind](self), name, namespace, body=body)
+            return True
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+
+    _DELETE_COLLECTION = {
+        "Secret": lambda self: self.core.delete_collection_namespaced_secret,
+        "ServiceAccount": lambda self: self.core.delete_collection_namespaced_service_account,
+        "Role": lambda self: self.rbac.delete_collection_namespaced_role,
+        "RoleBinding": lambda self: self.rbac.delete_collection_namespaced_role_binding,
+        "Job": lambda self: self.batch.delete_collection_namespaced_job,
+        "Pod": lambda self: self.core.delete_collection_namespaced_pod,
+    }
+
+    async def delete_labelled(self, kind: str, namespace: str, selector: str) -> None:
+        """Delete every ``kind`` matching ``selector`` (by uid label: never a namesake's objects)."""
+        await self._call(
+            self._DELETE_COLLECTION[kind](self), namespace, label_selector=selector, propagation_policy="Background"
+        )
+
+    async def delete_tj(self, namespace: str, name: str, uid: str) -> bool:
+        try:
+            await self._call(
+                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                body={"propagationPolicy": "Background", "preconditions": {"uid": uid}},
+            )
+            return True
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+
+    # ------------------------------------------------------------------ events
+
+    async def event(
+        self, tj: dict[str, Any], *, type_: str, reason: str, message: str, component: str
+    ) -> None:
+        """A core/v1 Event on the TranscriptionJob (``kubectl describe tj`` shows them)."""
+        meta = tj["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name'][:200]}.{uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "TranscriptionJob",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", component),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(self.core.create_namespaced_event, meta["namespace"], event)

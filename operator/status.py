@@ -1,0 +1,377 @@
+"""What a TranscriptionJob's status should say, from its Job and Pods (pure functions).
+
+``derive`` turns the observed world (the TranscriptionJob, its batch/v1 Job, the Job's Pods,
+the time) into an ``Outcome``: the phase, a CamelCase reason and a message. ``status_patch``
+turns an Outcome into a merge patch of only the fields the operator owns (conditions, phase,
+reason, message, startTime, completionTime, jobName, model, observedGeneration), or None when
+the status already says it. The runner's fields (progress, audio, speakers, result) are never
+in it, so the two writers never touch the same field.
+
+No API calls and no clock reads here: everything is an argument, so every case is a unit test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
+TERMINAL = frozenset({"Succeeded", "Failed"})
+CONDITION_TYPES = ("Queued", "Running", "Succeeded", "Failed")
+OWNED_FIELDS = (
+    "phase", "reason", "message", "conditions", "observedGeneration", "startTime", "completionTime", "jobName", "model",
+)
+
+# Waiting reasons of a container that mean its image cannot be pulled; the first two are
+# never fixed by retrying, the others may be a registry hiccup (grace period).
+IMAGE_PULL_FATAL = frozenset({"InvalidImageName", "ErrImageNeverPull"})
+IMAGE_PULL_RETRYABLE = frozenset({"ErrImagePull", "ImagePullBackOff", "RegistryUnavailable", "SignatureValidationFailed"})
+REASON_PATTERN = re.compile(r"^[A-Z][A-Za-z0-9]{0,63}$")
+MAX_MESSAGE = 4096
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str
+    reason: str
+    message: str
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    # The operator decided the failure itself (startup deadline, image pull): it must stop the Job.
+    stop_job: bool = False
+    # When the answer may change without any event (a deadline): reconcile again then.
+    recheck_at: datetime | None = None
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
+def job_suspended(job: dict[str, Any]) -> bool:
+    return bool((job.get("spec") or {}).get("suspend"))
+
+
+def _runner_state(pod: dict[str, Any], container: str = "runner") -> dict[str, Any]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == container:
+            return cs
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    cs = _runner_state(pod)
+    return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+
+
+def _created(obj: dict[str, Any]) -> datetime | None:
+    return parse_time((obj.get("metadata") or {}).get("creationTimestamp"))
+
+
+def _pod_sort_key(pod: dict[str, Any]) -> tuple[datetime, str]:
+    return (_created(pod) or datetime.min.replace(tzinfo=timezone.utc), pod["metadata"].get("name", ""))
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_termination_message(text: str | None) -> tuple[str | None, str | None]:
+    """The runner's one-line JSON {"reason", "message"}; anything else is kept as a message."""
+    if not text or not text.strip():
+        return None, None
+    try:
+        data = json.loads(text.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        return None, _clip(text)
+    if not isinstance(data, dict):
+        return None, _clip(text)
+    reason = data.get("reason")
+    # The pod's output lands in our status: accept only a well-formed CamelCase reason.
+    if not isinstance(reason, str) or not REASON_PATTERN.match(reason):
+        reason = None
+    message = data.get("message")
+    return reason, _clip(str(message)) if message else None
+
+
+def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """The real reason a failed Job failed, most specific first."""
+    cond = _condition(job, "Failed") or {}
+    job_reason = cond.get("reason") or ""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    last = max(failed, key=_pod_sort_key) if failed else None
+    term = _terminated(last) if last else {}
+    runner_reason, runner_message = parse_termination_message(term.get("message"))
+    attempts = ((job.get("status") or {}).get("failed")) or len(failed)
+
+    if job_reason == "DeadlineExceeded":
+        limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={limit} and was stopped"
+    if term.get("reason") == "OOMKilled":
+        return "OutOfMemory", (
+            "the runner was killed for using more memory than its limit (OOMKilled); "
+            "lower batchSize or give the runner more memory"
+        )
+    if runner_reason:
+        message = runner_message or runner_reason
+        if job_reason == "BackoffLimitExceeded":
+            message = f"{message} (gave up after {attempts} attempts)"
+        return runner_reason, message
+    exit_code = term.get("exitCode")
+    detail = f"; last exit code {exit_code}" if exit_code is not None else ""
+    if runner_message:
+        detail += f": {runner_message}"
+    if job_reason == "BackoffLimitExceeded":
+        return "BackoffLimitExceeded", f"the runner failed {attempts} times, more than backoffLimit allows{detail}"
+    if job_reason == "PodFailurePolicy":
+        return "RunnerFailed", f"the runner reported bad input{detail}"
+    return job_reason or "JobFailed", _clip(cond.get("message") or f"the runner Job failed{detail}")
+
+
+def _started_at(pod: dict[str, Any]) -> datetime | None:
+    running = (_runner_state(pod).get("state") or {}).get("running") or {}
+    return parse_time(running.get("startedAt")) or parse_time((pod.get("status") or {}).get("startTime"))
+
+
+def _unschedulable(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond
+    return None
+
+
+def _waiting(pod: dict[str, Any]) -> dict[str, Any]:
+    return (_runner_state(pod).get("state") or {}).get("waiting") or {}
+
+
+def startup_reference(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None:
+    """When the current attempt to start began: the Job's creation or resumption, or the last failure."""
+    times = [
+        _created(job),
+        parse_time(((job.get("metadata") or {}).get("annotations") or {}).get("ifw.dev/resumed-at")),
+        parse_time((job.get("status") or {}).get("startTime")),
+    ]
+    times += [parse_time(_terminated(p).get("finishedAt")) for p in pods]
+    return max((t for t in times if t), default=None)
+
+
+# ------------------------------------------------------------------- derive
+
+
+def derive(
+    tj: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    *,
+    now: datetime,
+    startup_deadline_seconds: float,
+    image_pull_grace_seconds: float,
+    waiting: tuple[str, str] | None = None,
+) -> Outcome:
+    """The state of a non-terminal TranscriptionJob.
+
+    ``waiting`` is (reason, message) when the operator holds the job back itself (suspended, or
+    over the concurrency cap); then ``job`` is None or a suspended Job.
+    """
+    status = tj.get("status") or {}
+    start = parse_time(status.get("startTime"))
+
+    if job is None:
+        if waiting:
+            return Outcome("Queued", *waiting)
+        if status.get("jobName"):
+            return Outcome(
+                "Failed", "JobDeleted", f"the runner Job {status['jobName']} was deleted before it finished",
+                start_time=start, completion_time=now,
+            )
+        return Outcome("Pending", "Admitted", "creating the runner Job")
+
+    job_status = job.get("status") or {}
+    complete = _condition(job, "Complete")
+    if complete:
+        done = parse_time(job_status.get("completionTime")) or parse_time(complete.get("lastTransitionTime")) or now
+        start = start or parse_time(job_status.get("startTime")) or done
+        return Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start, completion_time=done)
+    failed = _condition(job, "Failed")
+    if failed:
+        reason, message = failure_cause(job, pods)
+        done = parse_time(failed.get("lastTransitionTime")) or now
+        return Outcome("Failed", reason, message, start_time=start, completion_time=done)
+
+    if job_suspended(job):
+        if waiting:
+            return Outcome("Queued", *waiting)
+        queue = (job["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        if queue:
+            return Outcome("Queued", "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
+        return Outcome("Queued", "Suspended", "the runner Job is suspended")
+
+    live = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and not p["metadata"].get("deletionTimestamp")]
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        pod = max(running, key=_pod_sort_key)
+        return Outcome(
+            "Running", "Running", f"the runner is working in pod {pod['metadata']['name']}",
+            start_time=start or _started_at(pod) or now,
+        )
+
+    ref = startup_reference(job, pods) or now
+    deadline = ref + timedelta(seconds=startup_deadline_seconds)
+    if now >= deadline:
+        detail = ""
+        if live:
+            pod = max(live, key=_pod_sort_key)
+            unsched = _unschedulable(pod)
+            wait = _waiting(pod)
+            if unsched:
+                detail = f": {unsched.get('message') or 'unschedulable'}"
+            elif wait.get("reason"):
+                detail = f": {wait['reason']}: {wait.get('message', '')}".rstrip(": ")
+        return Outcome(
+            "Failed", "StartupDeadlineExceeded",
+            _clip(f"the runner did not start within {startup_deadline_seconds:g}s{detail}"),
+            start_time=start, completion_time=now, stop_job=True,
+        )
+
+    if live:
+        pod = max(live, key=_pod_sort_key)
+        name = pod["metadata"]["name"]
+        wait = _waiting(pod)
+        wait_reason = wait.get("reason") or ""
+        if wait_reason in IMAGE_PULL_FATAL or wait_reason in IMAGE_PULL_RETRYABLE:
+            since = max(ref, _created(pod) or ref)
+            give_up = since + timedelta(seconds=image_pull_grace_seconds)
+            image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers", [])), None)
+            message = _clip(f"cannot pull image {image}: {wait_reason}: {wait.get('message', '')}".rstrip(": "))
+            if wait_reason in IMAGE_PULL_FATAL or now >= give_up:
+                return Outcome("Failed", "ImagePullFailed", message, start_time=start, completion_time=now,
+                               stop_job=True)
+            return Outcome("Pending", "ImagePullBackOff", message, recheck_at=min(give_up, deadline))
+        unsched = _unschedulable(pod)
+        if unsched:
+            return Outcome(
+                "Queued", "Unschedulable",
+                _clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
+                recheck_at=deadline,
+            )
+        if wait_reason:
+            return Outcome("Pending", wait_reason, _clip(f"pod {name}: {wait.get('message') or wait_reason}"),
+                           recheck_at=deadline)
+        return Outcome("Pending", "PodStarting", f"pod {name} is starting", recheck_at=deadline)
+
+    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if failed_pods:
+        last = max(failed_pods, key=_pod_sort_key)
+        reason, message = parse_termination_message(_terminated(last).get("message"))
+        cause = f"{reason}: {message}" if reason and message else (message or reason or "the runner failed")
+        return Outcome("Pending", "Retrying", _clip(f"attempt {len(failed_pods)} failed ({cause}); retrying"),
+                       start_time=start, recheck_at=deadline)
+    return Outcome("Pending", "JobCreated", f"waiting for the runner pod of Job {job['metadata']['name']}",
+                   recheck_at=deadline)
+
+
+# ------------------------------------------------------------------- status
+
+
+_FALSE_REASONS = {
+    "Queued": "Admitted",
+    "Running": "NotRunning",
+    "Succeeded": "NotSucceeded",
+    "Failed": "NotFailed",
+}
+
+
+def conditions(
+    outcome: Outcome, current: list[dict[str, Any]], generation: int | None, now: datetime
+) -> list[dict[str, Any]]:
+    """The four conditions; lastTransitionTime moves only when a condition's status flips."""
+    previous = {c.get("type"): c for c in current or []}
+    out = []
+    for ctype in CONDITION_TYPES:
+        is_true = outcome.phase == ctype
+        status = "True" if is_true else "False"
+        if is_true:
+            reason, message = outcome.reason, outcome.message
+        elif outcome.terminal and ctype in ("Running", "Succeeded", "Failed"):
+            reason, message = outcome.reason, f"the job {outcome.phase.lower()}"
+        else:
+            reason, message = _FALSE_REASONS[ctype], ""
+        old = previous.get(ctype) or {}
+        changed = old.get("status") != status
+        cond = {
+            "type": ctype,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": format_time(now) if changed or not old.get("lastTransitionTime")
+            else old["lastTransitionTime"],
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        out.append(cond)
+    return out
+
+
+def desired_status(
+    tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, model: str, now: datetime
+) -> dict[str, Any]:
+    status = tj.get("status") or {}
+    generation = (tj.get("metadata") or {}).get("generation")
+    desired: dict[str, Any] = {
+        "phase": outcome.phase,
+        "reason": outcome.reason,
+        "message": _clip(outcome.message),
+        "conditions": conditions(outcome, status.get("conditions") or [], generation, now),
+        "model": model,
+    }
+    if generation is not None:
+        desired["observedGeneration"] = generation
+    if job_name:
+        desired["jobName"] = job_name
+    if outcome.start_time:
+        desired["startTime"] = status.get("startTime") or format_time(outcome.start_time)
+    if outcome.completion_time:
+        desired["completionTime"] = status.get("completionTime") or format_time(outcome.completion_time)
+    return desired
+
+
+def status_patch(
+    tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, model: str, now: datetime
+) -> dict[str, Any] | None:
+    """A merge patch of the operator's own status fields that differ, or None."""
+    status = tj.get("status") or {}
+    desired = desired_status(tj, outcome, job_name=job_name, model=model, now=now)
+    patch = {key: value for key, value in desired.items() if status.get(key) != value}
+    return patch or None
