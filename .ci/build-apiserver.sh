@@ -47,12 +47,19 @@ ROOT_PKGS=(golang-k8s-apiextensions-apiserver-dev golang-k8s-apiserver-dev
 [ -f "$SRC_DIR/main.go" ] || die "missing $SRC_DIR/main.go"
 mkdir -p "$CACHE"
 CACHE="$(cd "$CACHE" && pwd)"
+# One build at a time per cache dir (parallel test sessions share it).
+exec 9>"$CACHE/build.lock"
+if ! flock -n 9; then
+  log "waiting for another build-apiserver.sh using $CACHE"
+  flock 9
+fi
 
 # --- host tools ---------------------------------------------------------
 need_apt=()
 command -v apt-get >/dev/null || die "apt-get not found: a Debian/Ubuntu host is required"
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
 [ -f "$KEYRING" ] || need_apt+=(debian-archive-keyring)
+command -v openssl >/dev/null || need_apt+=(openssl)   # the test harness makes its certificates with it
 if [ ${#need_apt[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || die "need ${need_apt[*]} (run as root or install them)"
   log "installing ${need_apt[*]} from the system's apt sources"
@@ -119,30 +126,37 @@ else
 fi
 
 # --- dependency closure -------------------------------------------------
-# apt-cache depends --recurse prints the closure: real names at column 0,
-# dependency lines indented; virtual packages are shown in <angle brackets>.
-mapfile -t PKGS < <(apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends \
-    --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
-    "${ROOT_PKGS[@]}" | grep -v '^[[:space:]]' | grep -v '^<' | sort -u)
-[ ${#PKGS[@]} -gt 50 ] || die "dependency closure of ${ROOT_PKGS[*]} looks wrong (${#PKGS[@]} packages)"
-for p in "${ROOT_PKGS[@]}"; do
-  printf '%s\n' "${PKGS[@]}" | grep -qx "$p" || die "sid has no package $p"
-done
-# Only architecture-independent Go source packages belong in the GOPATH root;
-# anything else pulled in (should be none) is reported and left out.
-GOPKGS=(); OTHER=()
-for p in "${PKGS[@]}"; do
-  case "$p" in golang-*-dev|golang-*-go-dev|*-golang-dev) GOPKGS+=("$p");; *) OTHER+=("$p");; esac
-done
-[ ${#OTHER[@]} -eq 0 ] || log "not unpacking non-Go packages: ${OTHER[*]}"
-
-# pkg=version for each, as apt would pick it from sid
-mapfile -t VERSIONS < <(apt-cache "${APT_OPTS[@]}" show --no-all-versions "${GOPKGS[@]}" 2>/dev/null \
-    | awk '/^Package:/{p=$2} /^Version:/{print p"="$2}' | sort -u)
-[ ${#VERSIONS[@]} -eq ${#GOPKGS[@]} ] || die "could not get versions for all ${#GOPKGS[@]} packages (got ${#VERSIONS[@]})"
+# Computed once per refresh of the sid lists (apt-cache takes a few seconds).
+closure_file="$APT_DIR/closure-$( { echo "${ROOT_PKGS[*]}"; stat -c %Y "$stamp"; } | sha256sum | cut -c1-16).txt"
+if [ -s "$closure_file" ]; then
+  mapfile -t VERSIONS < "$closure_file"
+else
+  # apt-cache depends --recurse prints the closure: real names at column 0,
+  # dependency lines indented; virtual packages are shown in <angle brackets>.
+  mapfile -t PKGS < <(apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends \
+      --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
+      "${ROOT_PKGS[@]}" | grep -v '^[[:space:]]' | grep -v '^<' | sort -u)
+  [ ${#PKGS[@]} -gt 50 ] || die "dependency closure of ${ROOT_PKGS[*]} looks wrong (${#PKGS[@]} packages)"
+  for p in "${ROOT_PKGS[@]}"; do
+    printf '%s\n' "${PKGS[@]}" | grep -qx "$p" || die "sid has no package $p"
+  done
+  # Only architecture-independent Go source packages belong in the GOPATH
+  # root; the toolchain and C libraries some of them pull in are left out.
+  GOPKGS=(); OTHER=()
+  for p in "${PKGS[@]}"; do
+    case "$p" in golang-*-dev) GOPKGS+=("$p");; *) OTHER+=("$p");; esac
+  done
+  [ ${#OTHER[@]} -eq 0 ] || log "leaving out ${#OTHER[@]} non-Go-source packages of the closure (toolchain, C libraries)"
+  # pkg=version for each, as apt would pick it from sid
+  mapfile -t VERSIONS < <(apt-cache "${APT_OPTS[@]}" show --no-all-versions "${GOPKGS[@]}" 2>/dev/null \
+      | awk '/^Package:/{p=$2} /^Version:/{print p"="$2}' | sort -u)
+  [ ${#VERSIONS[@]} -eq ${#GOPKGS[@]} ] || die "could not get versions for all ${#GOPKGS[@]} packages (got ${#VERSIONS[@]})"
+  printf '%s\n' "${VERSIONS[@]}" > "$closure_file.tmp" && mv "$closure_file.tmp" "$closure_file"
+  find "$APT_DIR" -maxdepth 1 -name 'closure-*.txt' ! -path "$closure_file" -delete
+fi
 key_versions="$(printf '%s\n' "${VERSIONS[@]}")"
 ver_of() { printf '%s\n' "${VERSIONS[@]}" | awk -F= -v p="$1" '$1==p{print $2}'; }
-log "closure: ${#GOPKGS[@]} Go source packages; apiextensions-apiserver $(ver_of golang-k8s-apiextensions-apiserver-dev), apiserver $(ver_of golang-k8s-apiserver-dev), client-go $(ver_of golang-k8s-client-go-dev)"
+log "closure: ${#VERSIONS[@]} Go source packages; apiextensions-apiserver $(ver_of golang-k8s-apiextensions-apiserver-dev), apiserver $(ver_of golang-k8s-apiserver-dev), client-go $(ver_of golang-k8s-client-go-dev)"
 
 # --- cache key & binary cache ------------------------------------------
 src_hash="$(cd "$SRC_DIR" && find . -type f \( -name '*.go' -o -name '*.txt' \) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64)"

@@ -220,9 +220,14 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
+        t0 = time.monotonic()
+        started = [(n, p.pid) for n, p, _ in self._procs]
         for name, proc, _ in reversed(self._procs):
             self._terminate(name, proc)
         self._procs.clear()
+        if started:
+            self.timings["stop"] = time.monotonic() - t0
+            self._log(f"stopped {dict(started)} in {self.timings['stop']:.2f}s")
         if self._tmp and not self.keep_dir:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

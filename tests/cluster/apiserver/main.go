@@ -14,6 +14,7 @@ import (
 	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -100,7 +101,9 @@ var (
 		{coreGV, "services", "service", "Service", true, true, []string{"svc"}, nil},
 		{coreGV, "serviceaccounts", "serviceaccount", "ServiceAccount", true, false, []string{"sa"}, nil},
 		{coreGV, "persistentvolumeclaims", "persistentvolumeclaim", "PersistentVolumeClaim", true, true, []string{"pvc"}, nil},
-		{batchv1.SchemeGroupVersion, "jobs", "job", "Job", true, true, nil, nil},
+		{batchv1.SchemeGroupVersion, "jobs", "job", "Job", true, true, nil, func(o runtime.Object, s fields.Set) {
+			s["status.successful"] = strconv.Itoa(int(o.(*batchv1.Job).Status.Succeeded))
+		}},
 		{appsv1.SchemeGroupVersion, "deployments", "deployment", "Deployment", true, true, []string{"deploy"}, nil},
 		{coordinationv1.SchemeGroupVersion, "leases", "lease", "Lease", true, false, nil, nil},
 		{rbacv1.SchemeGroupVersion, "roles", "role", "Role", true, false, nil, nil},
