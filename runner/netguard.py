@@ -298,16 +298,19 @@ def guarded_client(allowlist: Iterable[str] | Allowlist = (), **kwargs: typing.A
 
     Environment proxies are ignored (a proxy would resolve and connect on our
     behalf, out of the guard's sight). Redirects are not followed unless the
-    caller asks; when followed, each hop is checked at connect time.
+    caller asks; when followed, each hop is checked at connect time. `verify`
+    (True, a CA bundle path or an SSLContext) goes to the transport.
     """
     kwargs.setdefault("follow_redirects", False)
-    return httpx.Client(transport=GuardedTransport(allowlist), trust_env=False, **kwargs)
+    transport = GuardedTransport(allowlist, verify=kwargs.pop("verify", True))
+    return httpx.Client(transport=transport, trust_env=False, **kwargs)
 
 
 def guarded_async_client(allowlist: Iterable[str] | Allowlist = (), **kwargs: typing.Any) -> httpx.AsyncClient:
     """The async twin of guarded_client (the operator's webhook sender uses it)."""
     kwargs.setdefault("follow_redirects", False)
-    return httpx.AsyncClient(transport=AsyncGuardedTransport(allowlist), trust_env=False, **kwargs)
+    transport = AsyncGuardedTransport(allowlist, verify=kwargs.pop("verify", True))
+    return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
 
 
 def check_url(url: str, allowlist: Iterable[str] | Allowlist = ()) -> list[IPAddress]:

@@ -223,3 +223,48 @@ def test_check_url_rejects_other_schemes():
     for url in ("file:///etc/passwd", "gopher://127.0.0.1/", "ftp://example.com/a.mp3"):
         with pytest.raises(DestinationNotAllowed, match="scheme"):
             check_url(url)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> Iterator[tuple[int, str, list[str | None]]]:
+    """HTTPS on 127.0.0.1 with a certificate for the name `localhost` only (from a throwaway CA)."""
+    import ssl
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=ifw-test-ca")
+    run("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
+    (d / "ext").write_text("subjectAltName=DNS:localhost\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "srv.crt", "-days", "1", "-extfile", "ext")  # fmt: skip
+
+    sni_seen: list[str | None] = []
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(d / "srv.crt", d / "srv.key")
+    ctx.sni_callback = lambda sock, name, _ctx: sni_seen.append(name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1], str(d / "ca.crt"), sni_seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_tls_keeps_sni_and_certificate_check_on_the_name(tls_server):
+    import ssl
+
+    port, ca, sni_seen = tls_server
+    trust = ssl.create_default_context(cafile=ca)
+    with netguard.guarded_client(["localhost"], verify=trust, timeout=5) as client:
+        response = client.get(f"https://localhost:{port}/tls")
+    assert response.status_code == 200 and response.text == "hello"
+    # Connected to the vetted IP, yet the server was asked for `localhost` and its certificate checked for it.
+    assert sni_seen[-1] == "localhost"
+    assert _Handler.hits[-1] == {"path": "/tls", "host": f"localhost:{port}"}
+
+    # The same server by IP: the certificate does not name 127.0.0.1, so verification must fail.
+    with netguard.guarded_client(["127.0.0.1"], verify=trust, timeout=5) as client:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED|IP address mismatch"):
+            client.get(f"https://127.0.0.1:{port}/tls")
