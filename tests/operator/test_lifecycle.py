@@ -38,3 +38,129 @@ def test_success_path(run_operator, sim):
     assert conds["Succeeded"]["status"] == "True" and conds["Running"]["status"] == "False"
     assert all(c["observedGeneration"] == tj["metadata"]["generation"] for c in conds.values())
     assert len(sim.jobs(tj["metadata"]["uid"])) == 1
+
+
+FAILURES = [
+    # (case, pod exit code, terminated reason, termination message, Job condition reason, expected reason)
+    ("runner termination message", 2, "Error", '{"reason": "InvalidAudio", "message": "not an audio file"}',
+     "PodFailurePolicy", "InvalidAudio"),
+    ("OOMKilled", 137, "OOMKilled", None, "BackoffLimitExceeded", "OutOfMemory"),
+    ("deadline", None, None, None, "DeadlineExceeded", "DeadlineExceeded"),
+    ("retries exhausted", 1, "Error", None, "BackoffLimitExceeded", "BackoffLimitExceeded"),
+]
+
+
+@pytest.mark.parametrize("case,exit_code,term_reason,term_message,job_reason,expected", FAILURES,
+                         ids=[f[0] for f in FAILURES])
+def test_job_failure_surfaces_its_cause(run_operator, sim, case, exit_code, term_reason, term_message, job_reason,
+                                        expected):
+    run_operator()
+    tj = sim.create_tj("fails", activeDeadlineSeconds=30)
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("fails", "Running")
+    if exit_code is not None:
+        sim.pod_terminated(pod, exit_code, reason=term_reason, message=term_message)
+    sim.set_job_condition(job, "Failed", job_reason, "from the Job controller", failed=1)
+    status = sim.wait_phase("fails", "Failed", expected)
+    assert status["completionTime"]
+    conds = sim.conditions("fails")
+    assert conds["Failed"]["status"] == "True" and conds["Failed"]["reason"] == expected
+    assert conds["Running"]["status"] == "False" and conds["Succeeded"]["status"] == "False"
+    if expected == "InvalidAudio":
+        assert status["message"] == "not an audio file"
+    if expected == "DeadlineExceeded":
+        assert "activeDeadlineSeconds=30" in status["message"]
+    if expected == "BackoffLimitExceeded":
+        assert "last exit code 1" in status["message"]
+
+
+def test_failed_attempt_with_retries_left_is_pending_retrying(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("retry", backoffLimit=2)
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_terminated(pod, 1, message='{"reason": "AudioFetchFailed", "message": "server said 503"}')
+    status = sim.wait_phase("retry", "Pending", "Retrying")
+    assert "AudioFetchFailed: server said 503" in status["message"]
+    second = sim.create_pod(job)
+    sim.pod_running(second)
+    sim.wait_phase("retry", "Running")
+
+
+def test_image_pull_failure_fails_the_job_and_stops_it(run_operator, sim):
+    run_operator(image_pull_grace_seconds=1)
+    tj = sim.create_tj("pull")
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_status(pod, {"phase": "Pending", "containerStatuses": [{
+        "name": "runner", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}}]})
+    sim.wait_phase("pull", "Pending", "ImagePullBackOff", timeout=5)
+    status = sim.wait_phase("pull", "Failed", "ImagePullFailed", timeout=10)
+    assert "ImagePullBackOff" in status["message"]
+    # The operator decided the failure itself, so it stops the Job (no GC needed).
+    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 5, what="the Job deleted")
+    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 5, what="the pod deleted")
+
+
+def test_unschedulable_is_queued_then_startup_deadline_fails_it(run_operator, sim):
+    run_operator(startup_deadline_seconds=2.5)
+    tj = sim.create_tj("nogpu")
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_status(pod, {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+    status = sim.wait_phase("nogpu", "Queued", "Unschedulable", timeout=5)
+    assert "Insufficient nvidia.com/gpu" in status["message"]
+    status = sim.wait_phase("nogpu", "Failed", "StartupDeadlineExceeded", timeout=10)
+    assert "did not start within 2.5s" in status["message"] and "Insufficient nvidia.com/gpu" in status["message"]
+    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 5, what="the Job deleted")
+    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 5, what="the pod deleted")
+
+
+def test_runner_written_status_survives_operator_reconciles(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("fields")
+    job = sim.job_of(tj)
+    sim.wait_phase("fields", "Pending")
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("fields", "Running")
+    # What the runner writes on /status while it works, then at the end.
+    sim.patch_tj_status("fields", {"progress": {"percent": 42.0, "processedSeconds": 21.0, "totalSeconds": 50.0},
+                                   "audio": {"durationSeconds": 50.0, "language": "en"}})
+    sim.patch_tj_status("fields", {"speakers": 2, "result": {"store": "secret", "ref": "fields-result",
+                                                             "sizeBytes": 1234, "formats": ["json"]}})
+    sim.pod_terminated(pod, 0, reason="Completed")
+    sim.set_job_condition(job, "Complete", "CompletionsReached")
+    sim.wait_phase("fields", "Succeeded")
+    import time
+
+    time.sleep(1.2)  # two resync intervals: the operator reconciles the job again
+    status = sim.status("fields")
+    assert status["progress"]["percent"] == 42.0 and status["audio"]["language"] == "en"
+    assert status["speakers"] == 2 and status["result"]["ref"] == "fields-result"
+    assert status["phase"] == "Succeeded"
+
+
+def test_events_record_each_transition(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("evented")
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("evented", "Running")
+    sim.pod_terminated(pod, 2, message='{"reason": "InvalidAudio", "message": "no audio stream"}')
+    sim.set_job_condition(job, "Failed", "PodFailurePolicy", failed=1)
+    sim.wait_phase("evented", "Failed", "InvalidAudio")
+
+    def events():
+        items = sim.core.list_namespaced_event(sim.ns).items
+        return [(e.type, e.reason) for e in items if e.involved_object.uid == tj["metadata"]["uid"]]
+
+    got = wait_for(lambda: (lambda e: e if ("Warning", "InvalidAudio") in e else None)(events()), 5,
+                   what="the failure event")
+    assert ("Normal", "Running") in got

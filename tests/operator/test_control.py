@@ -1,0 +1,225 @@
+"""Suspend/resume, TTL, cancel, the concurrency cap, and a restart of the operator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.operator.conftest import wait_for
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _children(sim, uid: str) -> dict[str, list[str]]:
+    sel = f"ifw.dev/job-uid={uid}"
+    return {
+        "jobs": [j.metadata.name for j in sim.batch.list_namespaced_job(sim.ns, label_selector=sel).items],
+        "pods": [p.metadata.name for p in sim.core.list_namespaced_pod(sim.ns, label_selector=sel).items],
+        "secrets": [s.metadata.name for s in sim.core.list_namespaced_secret(sim.ns, label_selector=sel).items],
+        "serviceaccounts": [s.metadata.name for s in
+                            sim.core.list_namespaced_service_account(sim.ns, label_selector=sel).items],
+        "roles": [r.metadata.name for r in sim.rbac.list_namespaced_role(sim.ns, label_selector=sel).items],
+        "rolebindings": [r.metadata.name for r in
+                         sim.rbac.list_namespaced_role_binding(sim.ns, label_selector=sel).items],
+    }
+
+
+def _none_left(sim, uid):
+    left = _children(sim, uid)
+    return not any(left.values()) or None
+
+
+def test_suspend_and_resume(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("later", suspend=True)
+    status = sim.wait_phase("later", "Queued", "Suspended")
+    assert "suspend" in status["message"]
+    time.sleep(0.6)
+    assert sim.jobs(tj["metadata"]["uid"]) == []  # suspended before it started: no Job at all
+
+    sim.patch_tj("later", {"spec": {"suspend": False}})
+    job = sim.job_of(tj)
+    assert job["spec"]["suspend"] is False
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("later", "Running")
+
+    # Suspending a running job suspends its Job (the Job controller then removes the pod).
+    sim.patch_tj("later", {"spec": {"suspend": True}})
+    sim.wait_phase("later", "Queued", "Suspended")
+    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is True, 5, what="Job suspended")
+    sim.core.delete_namespaced_pod(pod["metadata"]["name"], sim.ns)  # the Job controller's part
+
+    sim.patch_tj("later", {"spec": {"suspend": False}})
+    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False, 5, what="Job resumed")
+    status = sim.wait_phase("later", "Pending")
+    assert status["jobName"] == job["metadata"]["name"]
+    assert len(sim.jobs(tj["metadata"]["uid"])) == 1
+    sim.pod_running(sim.create_pod(job))
+    sim.wait_phase("later", "Running")
+
+
+def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("short-lived", ttlSecondsAfterFinished=1)
+    uid = tj["metadata"]["uid"]
+    job = sim.job_of(tj)
+    children = wait_for(lambda: (lambda c: c if all(c[k] for k in c if k != "pods") else None)(_children(sim, uid)),
+                        5, what="all children")
+    assert children["secrets"] == ["short-lived-result"]
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.pod_terminated(pod, 0, reason="Completed")
+    sim.set_job_condition(job, "Complete", "CompletionsReached")
+    sim.wait_phase("short-lived", "Succeeded")
+    assert sim.tj("short-lived") is not None
+    wait_for(lambda: sim.tj("short-lived") is None, 5, what="the TranscriptionJob deleted by its TTL")
+    wait_for(lambda: _none_left(sim, uid), 5, what=f"children deleted (left: {_children(sim, uid)})")
+
+
+def test_default_ttl_comes_from_config(run_operator, sim):
+    run_operator(default_ttl_seconds_after_finished=0)
+    tj = sim.create_tj("default-ttl")
+    job = sim.job_of(tj)
+    sim.set_job_condition(job, "Failed", "BackoffLimitExceeded", failed=3)
+    wait_for(lambda: sim.tj("default-ttl") is None, 5, what="deleted with the default TTL of 0")
+
+
+def test_cancel_deletes_the_job_and_stops_the_pod(run_operator, sim):
+    run_operator()
+    tj = sim.create_tj("cancel-me")
+    uid = tj["metadata"]["uid"]
+    job = sim.job_of(tj)
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("cancel-me", "Running")
+    sim.delete_tj("cancel-me")
+    # No garbage collector on the test server: only the operator can have removed these.
+    wait_for(lambda: _none_left(sim, uid), 5, what=f"Job, pod and children deleted (left: {_children(sim, uid)})")
+
+
+def test_a_new_job_with_a_reused_name_keeps_its_children(run_operator, sim):
+    run_operator()
+    first = sim.create_tj("again")
+    sim.job_of(first)
+    sim.delete_tj("again")
+    second = sim.create_tj("again")
+    job = sim.job_of(second)
+    wait_for(lambda: _none_left(sim, first["metadata"]["uid"]), 5, what="the first one's children deleted")
+    time.sleep(0.5)
+    assert _children(sim, second["metadata"]["uid"])["secrets"] == ["again-result"]
+    assert sim.read_job(job["metadata"]["name"])["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+
+
+def test_concurrency_cap_holds_and_drains_in_creation_order(run_operator, sim):
+    cap = 3
+    run_operator(max_active_jobs=cap)
+    names = [f"q{i:02d}" for i in range(20)]
+    uids = {}
+    for name in names:
+        uids[name] = sim.create_tj(name)["metadata"]["uid"]
+    by_uid = {uid: name for name, uid in uids.items()}
+
+    def started() -> list[str]:
+        jobs = sim.batch.list_namespaced_job(sim.ns, label_selector="ifw.dev/job-uid").items
+        return sorted((j.metadata.creation_timestamp, by_uid[j.metadata.labels["ifw.dev/job-uid"]]) for j in jobs)
+
+    wait_for(lambda: len(started()) >= cap, 10, what="the first jobs")
+    time.sleep(1.0)
+    assert [n for _, n in started()] == names[:cap]
+    status = sim.wait_phase(names[cap], "Queued", "ConcurrencyLimit")
+    assert f"{cap}/{cap} runner jobs active" in status["message"]
+
+    # Finish the oldest running job; exactly one waiting job must take its place, the oldest.
+    order = [n for _, n in started()]
+    done: set[str] = set()
+    while len(done) < len(names):
+        running = [n for n in order if n not in done]
+        assert len(running) <= cap
+        sim.set_job_condition(sim.jobs(uids[running[0]])[0], "Complete", "CompletionsReached")
+        done.add(running[0])
+        expected = min(cap, len(names) - len(done))
+        seen = wait_for(lambda: (lambda s: s if len(s - done) >= expected else None)({n for _, n in started()}),
+                        10, what=f"capacity refilled after {running[0]}")
+        assert len(seen - done) == expected, f"cap exceeded: {sorted(seen - done)}"
+        order += [n for n in names if n in seen and n not in order]
+    assert order == names, f"drained out of creation order: {order}"
+    for name in names:
+        sim.wait_phase(name, "Succeeded")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_operator(kube, namespace: str, metrics_port: int, liveness_port: int, log_path: Path):
+    env = {
+        **os.environ,
+        "KUBECONFIG": kube.kubeconfig,
+        "IFW_OPERATOR_NAMESPACES": json.dumps([namespace]),
+        "IFW_OPERATOR_METRICS_PORT": str(metrics_port),
+        "IFW_OPERATOR_LIVENESS_PORT": str(liveness_port),
+        "IFW_OPERATOR_RESYNC_INTERVAL_SECONDS": "0.5",
+        "IFW_OPERATOR_LOG_FORMAT": "json",
+    }
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "ifw.operator"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO, start_new_session=True)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.read().decode()
+
+
+def test_operator_killed_mid_job_restarts_without_a_second_job(kube, tj_crd, namespace, sim, tmp_path):
+    log = tmp_path / "operator.log"
+    metrics_port, liveness_port = _free_port(), _free_port()
+    proc = _spawn_operator(kube, namespace, metrics_port, liveness_port, log)
+    try:
+        wait_for(lambda: _try(lambda: _get(f"http://127.0.0.1:{liveness_port}/healthz")), 30,
+                 what=f"liveness probe (log: {log.read_text()[-2000:] if log.exists() else ''})")
+        tj = sim.create_tj("survivor")
+        job = sim.job_of(tj)
+        pod = sim.create_pod(job)
+        sim.pod_running(pod)
+        sim.wait_phase("survivor", "Running")
+        metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert 'ifw_operator_jobs{phase="Running"} 1.0' in metrics
+        assert "ifw_operator_job_create_seconds_count 1.0" in metrics
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+        # While it is down, the runner finishes.
+        sim.pod_terminated(pod, 0, reason="Completed")
+        sim.set_job_condition(job, "Complete", "CompletionsReached")
+        proc = _spawn_operator(kube, namespace, metrics_port, liveness_port, log)
+        status = sim.wait_phase("survivor", "Succeeded", timeout=30)
+        assert status["jobName"] == job["metadata"]["name"]
+        assert [j["metadata"]["uid"] for j in sim.jobs(tj["metadata"]["uid"])] == [job["metadata"]["uid"]]
+        # Structured logs: one JSON object per line.
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+        assert any(json.loads(ln).get("message", "").startswith(f"{namespace}/survivor: Succeeded") for ln in lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError:
+        return None
