@@ -226,7 +226,16 @@ def test_other_schemes_refused(server, settings, tmp_path):
 # ---------------------------------------------------------------- decode
 
 
-@pytest.mark.parametrize("fmt, args", [("wav", ()), ("mp3", ("-b:a", "64k")), ("ogg", ("-c:a", "libvorbis"))])
+@pytest.mark.parametrize(
+    "fmt, args",
+    [
+        ("wav", ()),
+        ("mp3", ("-b:a", "64k")),
+        ("ogg", ("-c:a", "libvorbis")),
+        ("m4a", ("-c:a", "aac")),
+        ("webm", ("-c:a", "libopus")),
+    ],
+)
 def test_speech_decodes_to_the_right_duration(clip, settings, tmp_path, fmt, args):
     src = clip.path if fmt == "wav" else _encode(clip.path, tmp_path / f"speech.{fmt}", *args)
     audio = decode_audio(src, settings)
@@ -237,6 +246,18 @@ def test_speech_decodes_to_the_right_duration(clip, settings, tmp_path, fmt, arg
     loud = np.flatnonzero(np.abs(audio) > 0.02) / SAMPLE_RATE
     assert abs(loud[0] - utt.start) < 0.08 and abs(loud[-1] - utt.end) < 0.08
     assert audio.flags.writeable
+
+
+def test_mp3_with_cover_art_decodes(clip, settings, tmp_path):
+    # Music files often carry a picture as a video stream; only the audio is decoded.
+    cover = tmp_path / "cover.png"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=64x64:d=1",
+                    "-frames:v", "1", str(cover)], check=True)  # fmt: skip
+    tagged = tmp_path / "tagged.mp3"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(clip.path), "-i", str(cover), "-map", "0",
+                    "-map", "1", "-c:v", "mjpeg", "-disposition:v", "attached_pic", "-id3v2_version", "3",
+                    "-metadata", "title=Fox", str(tagged)], check=True)  # fmt: skip
+    assert abs(len(decode_audio(tagged, settings)) / SAMPLE_RATE - clip.duration) < 0.08
 
 
 def test_stereo_44k_is_downmixed_and_resampled(clip, settings, tmp_path):
