@@ -219,8 +219,7 @@ class GuardedBackend(httpcore.NetworkBackend):
                 return self.inner.connect_tcp(str(address), port, timeout, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
                 last = error  # try the next vetted address, like create_connection does
-        assert last is not None
-        raise last
+        raise last or httpcore.ConnectError(f"{host!r} resolved to no address")
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise DestinationNotAllowed(path, "unix sockets are not allowed")
@@ -251,8 +250,7 @@ class AsyncGuardedBackend(httpcore.AsyncNetworkBackend):
                 return await self.inner.connect_tcp(str(address), port, timeout, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
                 last = error
-        assert last is not None
-        raise last
+        raise last or httpcore.ConnectError(f"{host!r} resolved to no address")
 
     async def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise DestinationNotAllowed(path, "unix sockets are not allowed")
