@@ -15,6 +15,7 @@ import (
 	"reflect"
 	"sort"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -422,7 +423,7 @@ func mirrorCRDGroups(s *extapiserver.CustomResourceDefinitions) {
 	for _, b := range builtins {
 		builtinGroup[b.gv.Group] = true
 	}
-	sync := func() {
+	recompute := func() {
 		crds, err := inf.Lister().List(labels.Everything())
 		if err != nil {
 			return
@@ -462,8 +463,8 @@ func mirrorCRDGroups(s *extapiserver.CustomResourceDefinitions) {
 			}
 		}
 	}
-	var mu = make(chan struct{}, 1)
-	resync := func(interface{}) { mu <- struct{}{}; sync(); <-mu }
+	var mu sync.Mutex
+	resync := func(interface{}) { mu.Lock(); defer mu.Unlock(); recompute() }
 	inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    resync,
 		UpdateFunc: func(_, n interface{}) { resync(n) },

@@ -12,6 +12,7 @@ package main
 import (
 	"reflect"
 	"strings"
+	"sync"
 
 	extapiserver "k8s.io/apiextensions-apiserver/pkg/apiserver"
 	generatedopenapi "k8s.io/apiextensions-apiserver/pkg/generated/openapi"
@@ -30,7 +31,22 @@ func openAPINamer() *openapinamer.DefinitionNamer {
 
 func openAPIDefinitions() common.GetOpenAPIDefinitions {
 	generated := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(generatedopenapi.GetOpenAPIDefinitions)
+	// The server asks several times (per API group install, for v2 and v3);
+	// reflection is not free, so remember the result per reference style.
+	var mu sync.Mutex
+	memo := map[string]map[string]common.OpenAPIDefinition{}
 	return func(ref common.ReferenceCallback) map[string]common.OpenAPIDefinition {
+		probe := ref("x")
+		style := probe.String()
+		mu.Lock()
+		defer mu.Unlock()
+		if defs, ok := memo[style]; ok {
+			out := make(map[string]common.OpenAPIDefinition, len(defs))
+			for k, v := range defs {
+				out[k] = v
+			}
+			return out
+		}
 		defs := generated(ref)
 		g := &defGen{ref: ref, defs: defs}
 		for _, b := range builtins {
@@ -40,7 +56,12 @@ func openAPIDefinitions() common.GetOpenAPIDefinitions {
 				g.named(reflect.TypeOf(obj).Elem())
 			}
 		}
-		return defs
+		memo[style] = defs
+		out := make(map[string]common.OpenAPIDefinition, len(defs))
+		for k, v := range defs {
+			out[k] = v
+		}
+		return out
 	}
 }
 
