@@ -1,0 +1,198 @@
+{{/* Names: <release>-ifw unless the release name already contains the chart name. */}}
+{{- define "ifw.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ifw.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ifw.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: include "ifw.selectorLabels" (list . "operator") */}}
+{{- define "ifw.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "ifw.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "ifw.labels" -}}
+{{- $root := index . 0 -}}
+{{ include "ifw.selectorLabels" . }}
+helm.sh/chart: {{ include "ifw.chart" $root }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: ifw
+{{- with $root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag or repository@digest; the tag defaults to the chart's appVersion. */}}
+{{- define "ifw.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "ifw.image" -}}
+{{ include "ifw.imageRef" (list .Values.image .) }}
+{{- end }}
+
+{{- define "ifw.operator.fullname" -}}
+{{ include "ifw.fullname" . }}-operator
+{{- end }}
+
+{{- define "ifw.gateway.fullname" -}}
+{{ include "ifw.fullname" . }}-gateway
+{{- end }}
+
+{{- define "ifw.cleanup.fullname" -}}
+{{ include "ifw.fullname" . }}-cleanup
+{{- end }}
+
+{{- define "ifw.operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- include "ifw.operator.fullname" . }}
+{{- else }}
+{{- default (include "ifw.operator.fullname" .) .Values.serviceAccount.operatorName }}
+{{- end }}
+{{- end }}
+
+{{- define "ifw.gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- include "ifw.gateway.fullname" . }}
+{{- else }}
+{{- default (include "ifw.gateway.fullname" .) .Values.serviceAccount.gatewayName }}
+{{- end }}
+{{- end }}
+
+{{/* Where the gateway creates jobs. */}}
+{{- define "ifw.gateway.namespace" -}}
+{{- default .Release.Namespace .Values.gateway.namespace }}
+{{- end }}
+
+{{/* Every namespace the gateway works in: its own plus one per tenant key (sorted, unique). */}}
+{{- define "ifw.gateway.namespaces" -}}
+{{- $namespaces := list (include "ifw.gateway.namespace" .) }}
+{{- range $ns, $_ := .Values.gateway.auth.tenantKeys }}
+{{- $namespaces = append $namespaces $ns }}
+{{- end }}
+{{- toJson ($namespaces | uniq | sortAlpha) }}
+{{- end }}
+
+{{- define "ifw.gateway.internalUrl" -}}
+http://{{ include "ifw.gateway.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Values.gateway.service.port }}
+{{- end }}
+
+{{- define "ifw.webhookSecretName" -}}
+{{- default (printf "%s-webhook" (include "ifw.fullname" .)) .Values.operator.webhook.existingSecret }}
+{{- end }}
+
+{{- define "ifw.gatewaySecretName" -}}
+{{- default (include "ifw.gateway.fullname" .) .Values.gateway.auth.existingSecret }}
+{{- end }}
+
+{{- define "ifw.gateway.hasAdminKey" -}}
+{{- if or .Values.gateway.auth.existingSecret .Values.gateway.auth.adminKey }}true{{ end }}
+{{- end }}
+
+{{/* Pod-level scheduling and security shared by the chart's own pods: (list . .Values.operator) */}}
+{{- define "ifw.podScheduling" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $component.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $component.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $component.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $component.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+RBAC for a set of namespaced rules: one ClusterRole + ClusterRoleBinding when $namespaces is
+empty (every namespace), else a Role + RoleBinding in each namespace.
+include "ifw.rbac" (dict "root" . "name" "x" "component" "operator" "account" "sa" "rules" $rules "namespaces" (list) "hook" "")
+*/}}
+{{- define "ifw.rbac" -}}
+{{- $root := .root }}
+{{- $annotations := dict }}
+{{- if .hook }}
+{{- $annotations = dict "helm.sh/hook" .hook "helm.sh/hook-weight" "-10" "helm.sh/hook-delete-policy" "before-hook-creation,hook-succeeded" }}
+{{- end }}
+{{- $scopes := .namespaces }}
+{{- if not $scopes }}{{ $scopes = list "" }}{{ end }}
+{{- range $ns := $scopes }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ if $ns }}Role{{ else }}ClusterRole{{ end }}
+metadata:
+  name: {{ $.name }}
+  {{- with $ns }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- include "ifw.labels" (list $root $.component) | nindent 4 }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+rules:
+  {{- toYaml $.rules | nindent 2 }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ if $ns }}RoleBinding{{ else }}ClusterRoleBinding{{ end }}
+metadata:
+  name: {{ $.name }}
+  {{- with $ns }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- include "ifw.labels" (list $root $.component) | nindent 4 }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: {{ if $ns }}Role{{ else }}ClusterRole{{ end }}
+  name: {{ $.name }}
+subjects:
+  - kind: ServiceAccount
+    name: {{ $.account }}
+    namespace: {{ $root.Release.Namespace }}
+{{- end }}
+{{- end }}
