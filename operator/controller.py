@@ -78,6 +78,7 @@ class Controller:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures: dict[str, int] = {}
         self._webhooks: dict[str, asyncio.Task] = {}
+        self._expired: set[str] = set()  # TTL passed, delete requested
 
     # ------------------------------------------------------------- observation
 
@@ -374,6 +375,9 @@ class Controller:
             return
         expiry = done + timedelta(seconds=ttl)
         if _now() >= expiry:
+            if uid in self._expired:
+                return  # already deleted; waiting for the DELETED event
+            self._expired.add(uid)
             meta = tj["metadata"]
             log.info("%s/%s: TTL of %ss after finishing expired; deleting", meta["namespace"], meta["name"], ttl)
             # The DELETED event then removes the children (cleanup).
@@ -405,4 +409,5 @@ class Controller:
         self.created_jobs.pop(uid, None)
         self.first_seen.pop(uid, None)
         self._failures.pop(uid, None)
+        self._expired.discard(uid)
         log.info("%s/%s deleted: removed its Job, pods, result Secret and runner RBAC", namespace, name)

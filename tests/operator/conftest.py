@@ -40,7 +40,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
 
 
-def test_settings(**overrides: Any) -> OperatorSettings:
+def operator_settings(**overrides: Any) -> OperatorSettings:
     base: dict[str, Any] = {
         "max_active_jobs": None,
         "resync_interval_seconds": 0.5,
@@ -110,7 +110,7 @@ def run_operator(namespace: str, tj_crd) -> Iterator[Callable[..., OperatorThrea
     started: list[OperatorThread] = []
 
     def start(**overrides: Any) -> OperatorThread:
-        op = OperatorThread(namespace, test_settings(**overrides)).start()
+        op = OperatorThread(namespace, operator_settings(**overrides)).start()
         started.append(op)
         return op
 

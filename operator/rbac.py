@@ -1,0 +1,81 @@
+"""The operator's own permissions, as data: the Helm chart renders ``cluster_role()``.
+
+Every rule is here because the operator makes that call (a test runs the whole lifecycle with
+the apiserver's audit log on and checks each request the operator made against these rules).
+Two entries need a word:
+
+- ``secrets: update, patch``: the operator never updates Secrets, but Kubernetes refuses to let
+  anyone create a Role granting what they do not hold themselves (RBAC escalation check), and
+  the per-job Role grants the runner update/patch on its own result Secret. The alternative
+  (the ``escalate`` verb on roles) would allow granting anything at all.
+- ``transcriptionjobs/status: get, patch, update``: same reason, plus the operator's own writes.
+
+``allows()`` evaluates rules the way the RBAC authorizer does (verb, API group, resource with
+subresource, resourceNames), for tests of both this role and the runner's per-job Role.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL
+
+CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
+    # The API it serves: watch them, write their status, delete them when their TTL expires.
+    # (get: granted to the runner, so the operator must hold it; list/watch: kopf; delete: TTL.)
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "delete"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    # The runner Jobs and their Pods.
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete", "deletecollection"]},
+    # Per job: the result Secret, and the runner's ServiceAccount, Role and RoleBinding.
+    {"apiGroups": [""], "resources": ["secrets"],
+     "verbs": ["get", "create", "update", "patch", "deletecollection"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "deletecollection"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+     "verbs": ["create", "deletecollection"]},
+    # Events on TranscriptionJobs (kubectl describe).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # kopf: discovery of the CRD, and namespaces when the configured namespaces are patterns.
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+]
+
+
+def cluster_role(name: str = "ifw-operator") -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "ifw", "app.kubernetes.io/component": "operator"}},
+        "rules": CLUSTER_ROLE_RULES,
+    }
+
+
+def _matches(values: list[str], value: str) -> bool:
+    return "*" in values or value in values
+
+
+def allows(
+    rules: list[dict[str, Any]], verb: str, group: str, resource: str, name: str | None = None
+) -> bool:
+    """Whether ``rules`` grant ``verb`` on ``resource`` (``plural`` or ``plural/subresource``) of ``group``.
+
+    As in Kubernetes: a rule with resourceNames never matches a request without a name
+    (list, watch, create, deletecollection).
+    """
+    for rule in rules:
+        if not (_matches(rule.get("verbs", []), verb) and _matches(rule.get("apiGroups", []), group)
+                and _matches(rule.get("resources", []), resource)):
+            continue
+        names = rule.get("resourceNames") or []
+        if names and (name is None or name not in names):
+            continue
+        return True
+    return False
+
+
+if __name__ == "__main__":  # python -m ifw.operator.rbac > clusterrole.yaml
+    import yaml
+
+    print(yaml.safe_dump(cluster_role(), sort_keys=False), end="")
