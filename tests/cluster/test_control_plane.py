@@ -240,6 +240,13 @@ def test_builtin_kinds_and_defaults(kube, namespace):
         client.PolicyV1Api(api).create_namespaced_pod_disruption_budget(namespace, client.V1PodDisruptionBudget(
             metadata=client.V1ObjectMeta(name="pdb"), spec=client.V1PodDisruptionBudgetSpec(min_available=1)))
 
+        client.NetworkingV1Api(api).create_namespaced_ingress(namespace, client.V1Ingress(
+            metadata=client.V1ObjectMeta(name="ing"), spec=client.V1IngressSpec(default_backend=client.V1IngressBackend(
+                service=client.V1IngressServiceBackend(name="svc", port=client.V1ServiceBackendPort(number=80))))))
+        client.AutoscalingV2Api(api).create_namespaced_horizontal_pod_autoscaler(namespace, client.V2HorizontalPodAutoscaler(
+            metadata=client.V1ObjectMeta(name="hpa"), spec=client.V2HorizontalPodAutoscalerSpec(
+                max_replicas=3, scale_target_ref=client.V2CrossVersionObjectReference(kind="Deployment", name="d"))))
+
         # namespaced objects need an existing namespace (NamespaceLifecycle admission)
         with pytest.raises(ApiException) as e:
             core.create_namespaced_config_map(f"missing-{uuid.uuid4().hex[:6]}", client.V1ConfigMap(

@@ -46,6 +46,7 @@ import (
 	"sigs.k8s.io/structured-merge-diff/v6/fieldpath"
 
 	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	batchv1 "k8s.io/api/batch/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -53,6 +54,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	schedulingv1 "k8s.io/api/scheduling/v1"
 )
 
 // builtin describes one built-in resource served from etcd.
@@ -112,6 +114,9 @@ var (
 		{rbacv1.SchemeGroupVersion, "clusterroles", "clusterrole", "ClusterRole", false, false, nil, nil},
 		{rbacv1.SchemeGroupVersion, "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, false, nil, nil},
 		{networkingv1.SchemeGroupVersion, "networkpolicies", "networkpolicy", "NetworkPolicy", true, false, []string{"netpol"}, nil},
+		{networkingv1.SchemeGroupVersion, "ingresses", "ingress", "Ingress", true, true, []string{"ing"}, nil},
+		{autoscalingv2.SchemeGroupVersion, "horizontalpodautoscalers", "horizontalpodautoscaler", "HorizontalPodAutoscaler", true, true, []string{"hpa"}, nil},
+		{schedulingv1.SchemeGroupVersion, "priorityclasses", "priorityclass", "PriorityClass", false, false, []string{"pc"}, nil},
 		{policyv1.SchemeGroupVersion, "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true, true, []string{"pdb"}, nil},
 		{eventsv1.SchemeGroupVersion, "events", "event", "Event", true, false, []string{"ev"}, nil},
 	}
@@ -127,7 +132,7 @@ var (
 func init() {
 	for _, add := range []func(*runtime.Scheme) error{corev1.AddToScheme, batchv1.AddToScheme,
 		appsv1.AddToScheme, coordinationv1.AddToScheme, rbacv1.AddToScheme, networkingv1.AddToScheme,
-		policyv1.AddToScheme, eventsv1.AddToScheme} {
+		policyv1.AddToScheme, eventsv1.AddToScheme, autoscalingv2.AddToScheme, schedulingv1.AddToScheme} {
 		utilMust(add(Scheme))
 		utilMust(add(namerScheme))
 	}
