@@ -182,9 +182,8 @@ class Sim:
     # --- Jobs (the Job controller's part)
     def jobs(self, uid: str | None = None) -> list[dict]:
         selector = f"{LABEL_UID}={uid}" if uid else LABEL_UID
-        items = self.batch.list_namespaced_job(self.ns, label_selector=selector).to_dict()["items"]
-        return [self.api_client.sanitize_for_serialization(self.batch.read_namespaced_job(i["metadata"]["name"], self.ns))
-                for i in items]
+        items = self.batch.list_namespaced_job(self.ns, label_selector=selector).items
+        return [self.api_client.sanitize_for_serialization(item) for item in items]
 
     def job_of(self, tj: dict, timeout: float = 10.0) -> dict:
         uid = tj["metadata"]["uid"]
