@@ -119,8 +119,13 @@ if [ "${IFW_OFFLINE:-0}" = 1 ]; then
   log "offline: using sid lists from $(date -d @"$(stat -c %Y "$stamp")" -u +%FT%TZ)"
 elif [ "$age" -ge "$REFRESH" ]; then
   log "apt-get update (sid, private lists in $APT_DIR)"
-  apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update for sid failed (mirror $MIRROR)"
-  touch "$stamp"
+  if apt-get "${APT_OPTS[@]}" --error-on=any update >&2; then
+    touch "$stamp"
+  elif [ -f "$stamp" ]; then
+    log "WARNING: apt-get update for sid failed (mirror $MIRROR); using the cached lists from $(date -d @"$(stat -c %Y "$stamp")" -u +%FT%TZ)"
+  else
+    die "apt-get update for sid failed (mirror $MIRROR) and there are no cached lists"
+  fi
 else
   log "sid lists are ${age}s old (< ${REFRESH}s): not refreshing"
 fi
