@@ -65,6 +65,16 @@ class Keys:
         return found
 
 
+def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """x-admin-api-key (the original API), else a bearer token (what OpenAI SDKs send)."""
+    key = headers.get(API_KEY_HEADER)
+    if key is None:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and token:
+            key = token.strip()
+    return key
+
+
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, settings: GatewaySettings):
         self.app = app
@@ -99,7 +109,7 @@ class GatewayMiddleware:
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             state["namespace"] = self.keys.default_namespace
         else:
-            namespace = self.keys.namespace_for(headers.get(API_KEY_HEADER))
+            namespace = self.keys.namespace_for(_presented_key(headers))
             if namespace is None:
                 await _send_json(send, 401, {"detail": "Unauthorized"})
                 return

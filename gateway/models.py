@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ifw.crds.languages import normalize_language
 from ifw.crds.transcriptionjob import MAX_URL_LENGTH, URL_PATTERN, Task, Timestamp, _check_url
@@ -112,16 +112,20 @@ class TranscribeFields(BaseModel):
     def _task_id(cls, value: str | None) -> str | None:
         return None if value is None else check_task_id(value)
 
-    @model_validator(mode="after")
-    def _speakers(self) -> TranscribeFields:
-        hints = (self.num_speakers, self.min_speakers, self.max_speakers)
-        if any(h is not None for h in hints) and not self.diarise_audio:
-            raise ValueError("num_speakers, min_speakers and max_speakers need diarise_audio: true")
-        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
-            raise ValueError("num_speakers cannot be combined with min_speakers or max_speakers")
-        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
-            raise ValueError("min_speakers must be less than or equal to max_speakers")
-        return self
+    @field_validator("num_speakers", "min_speakers", "max_speakers")
+    @classmethod
+    def _speakers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Fields validate in order, so the ones named here are already in info.data.
+        if value is None:
+            return value
+        if not info.data.get("diarise_audio"):
+            raise ValueError(f"{info.field_name} needs diarise_audio: true")
+        if info.field_name != "num_speakers" and info.data.get("num_speakers") is not None:
+            raise ValueError(f"num_speakers cannot be combined with {info.field_name}")
+        low = info.data.get("min_speakers")
+        if info.field_name == "max_speakers" and low is not None and low > value:
+            raise ValueError("max_speakers must be greater than or equal to min_speakers")
+        return value
 
 
 class TranscribeRequest(TranscribeFields):

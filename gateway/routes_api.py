@@ -19,6 +19,7 @@ from ifw.gateway.models import (
     CancelResponse,
     CompletedResponse,
     Detail,
+    Output,
     ProcessingResponse,
     ProgressOut,
     StatusResponse,
@@ -251,7 +252,7 @@ async def task_status(task_id: str, request: Request) -> Any:
         output = await results.render_job(svc.kube, namespace(request), job, "json")
         if isinstance(output, JSONResponse):
             return output
-        answer.output = output
+        answer.output = Output.model_validate(output)
     return answer
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -75,11 +76,15 @@ class JobWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        for resp in list(self._responses):  # unblock the threads' socket reads
-            try:
-                resp.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
+        for resp in list(self._responses):
+            # Shut the raw socket down: that unblocks the thread's read at once, whereas
+            # close() would wait for the SSL lock the blocked read holds.
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for fut in (f for waiters in self._waiters.values() for _, f in waiters):
             if not fut.done():
                 fut.cancel()

@@ -1,0 +1,253 @@
+"""Gateway test fixtures: the CRD on the real test apiserver, a real uvicorn
+server on loopback, and a `Driver` that plays the operator and the runner
+(there is no controller on the test apiserver): it finds the jobs the gateway
+created, patches their /status and stores results with ifw.runner.stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "transcriptionjob.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd(kube):
+    """Install the TranscriptionJob CRD (from the generated YAML) and wait until it is served."""
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        ext = client.ApiextensionsV1Api(api)
+        body = yaml.safe_load(CRD.read_text())
+        try:
+            ext.create_custom_resource_definition(body)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            crd = ext.read_custom_resource_definition(body["metadata"]["name"])
+            if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+                break
+            time.sleep(0.1)
+        custom = client.CustomObjectsApi(api)
+        while time.monotonic() < deadline:  # the discovery of the new group lags a little
+            try:
+                custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, limit=1)
+                return body
+            except client.ApiException:
+                time.sleep(0.1)
+        raise RuntimeError("the TranscriptionJob CRD did not become available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server running create_app(settings) in a thread."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from ifw.gateway.app import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+@pytest.fixture
+def gateway_factory(kube, crd, namespace, tmp_path) -> Iterator[Callable[..., Server]]:
+    """gateway_factory(**settings) -> a started Server serving `namespace`."""
+    from ifw.gateway.config import GatewaySettings
+
+    with contextlib.ExitStack() as stack:
+
+        def start(**overrides: Any) -> Server:
+            values: dict[str, Any] = {
+                "namespace": namespace,
+                "sync_timeout_seconds": 30,
+                "upload_dir": tmp_path / "uploads",
+                "url_allowlist": [],
+            }
+            values.update(overrides)
+            return stack.enter_context(Server(GatewaySettings(**values)))
+
+        yield start
+
+
+@pytest.fixture
+def gateway(gateway_factory) -> Server:
+    return gateway_factory()
+
+
+@pytest.fixture
+def http(gateway) -> Iterator[httpx.Client]:
+    with gateway.client() as c:
+        yield c
+
+
+# ------------------------------------------------------------------ driver
+
+
+def transcript(timestamp: str = "chunk", speakers: bool = False) -> Transcript:
+    """What a runner would store for "Hello world. How are you?" spoken over 3 s."""
+    words1 = [Word(start=0.2, end=0.6, text=" Hello"), Word(start=0.6, end=1.1, text=" world.")]
+    words2 = [
+        Word(start=1.6, end=1.9, text=" How"),
+        Word(start=1.9, end=2.1, text=" are"),
+        Word(start=2.1, end=2.6, text=" you?"),
+    ]
+    word = timestamp == "word"
+    segs = [
+        Segment(start=0.2, end=1.1, text=" Hello world.", words=words1 if word else None),
+        Segment(start=1.6, end=2.6, text=" How are you?", words=words2 if word else None),
+    ]
+    turns = None
+    if speakers:
+        segs[0].speaker, segs[1].speaker = "SPEAKER_00", "SPEAKER_01"
+        turns = [
+            SpeakerTurn(speaker="SPEAKER_00", start=0.2, end=1.1, text=" Hello world."),
+            SpeakerTurn(speaker="SPEAKER_01", start=1.6, end=2.6, text=" How are you?"),
+        ]
+    return Transcript(
+        text=" Hello world. How are you?",
+        segments=segs,
+        timestamp=timestamp,
+        language="en",
+        language_probability=0.98,
+        duration=3.0,
+        model="openai/whisper-tiny",
+        speakers=turns,
+    )
+
+
+class Driver:
+    """Plays the operator (phase, reason, conditions) and the runner (progress, result)."""
+
+    def __init__(self, api, namespace: str):
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        from kubernetes import client
+
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
+
+    def wait_job(self, name: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        """The named job (or the only one) once it exists."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if name:
+                job = self.get(name)
+                if job:
+                    return job
+            else:
+                jobs = self.jobs()
+                if jobs:
+                    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+                    return jobs[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no TranscriptionJob {name or ''} appeared in {self.namespace}")
+
+    def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"status": status}
+        )
+
+    def running(self, name: str, percent: float = 40.0) -> None:
+        self.patch_status(
+            name,
+            {
+                "phase": "Running",
+                "progress": {"percent": percent, "processedSeconds": 1.2, "totalSeconds": 3.0},
+                "audio": {"durationSeconds": 3.0, "language": "en"},
+            },
+        )
+
+    def succeed(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
+        from ifw.runner import stores
+        from ifw.runner.config import RunnerSettings
+
+        job = self.get(name)
+        assert job is not None
+        ref = stores.store_result(result or transcript(), job, RunnerSettings(result_store="secret"), core_v1=self.core)
+        return self.patch_status(
+            name,
+            {
+                "phase": "Succeeded",
+                "result": ref,
+                "progress": {"percent": 100.0},
+                "conditions": [_condition("Succeeded", "True", "Completed", "transcribed")],
+            },
+        )
+
+    def fail(self, name: str, reason: str, message: str) -> dict[str, Any]:
+        return self.patch_status(
+            name,
+            {"phase": "Failed", "reason": reason, "message": message, "conditions": [_condition("Failed", "True", reason, message)]},
+        )
+
+
+def _condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+@pytest.fixture
+def driver(kube, crd, namespace) -> Iterator[Driver]:
+    with kube.api_client() as api:
+        yield Driver(api, namespace)
