@@ -1,0 +1,168 @@
+"""helm install / upgrade / uninstall against the real test kube-apiserver, and the pre-delete
+hook's script against real TranscriptionJobs.
+
+The test server has no controllers: nothing runs the pods, so no --wait, and uninstall runs
+with --no-hooks (the hook Job would never complete); the hook's manifest is checked by
+rendering (test_chart.py) and its script is run here directly, as the hook's pod would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from tests.helm.conftest import CHART, GPU_VALUES
+
+
+def _release() -> str:
+    # Cluster-scoped objects (ClusterRoles) carry the release name: unique per test run.
+    return f"rel-{uuid.uuid4().hex[:6]}"  # without "ifw": objects are <release>-ifw-<component>
+
+
+def _read(fn, *args):
+    try:
+        return fn(*args)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def test_install_upgrade_uninstall(helm, kube, namespace, tmp_path):
+    release = _release()
+    api = kube.api_client()
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    rbac_api, ext = client.RbacAuthorizationV1Api(api), client.ApiextensionsV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    operator = f"{release}-ifw-operator"
+
+    # ---- install (default values)
+    out = helm.run("install", release, str(CHART), "-n", namespace, kubeconfig=kube.kubeconfig).stdout
+    assert "STATUS: deployed" in out and "REVISION: 1" in out
+    deployment = apps.read_namespaced_deployment(operator, namespace)
+    assert deployment.spec.strategy.type == "Recreate" and deployment.spec.replicas == 1
+    config = yaml.safe_load(core.read_namespaced_config_map(operator, namespace).data["operator.yaml"])
+    assert config["max_active_jobs"] == 8
+    role = rbac_api.read_cluster_role(operator)
+    assert {r.resources[0] for r in role.rules} >= {"transcriptionjobs", "jobs", "secrets"}
+    assert apps.read_namespaced_deployment(f"{release}-ifw-gateway", namespace).spec.template.spec.containers[0].command \
+        == ["python", "-m", "ifw.gateway"]
+    assert core.read_namespaced_service(f"{release}-ifw-gateway", namespace).spec.ports[0].port == 8000
+    assert ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")  # from the chart's crds/ (or already there)
+    # Hooks are not installed with the release.
+    assert _read(client.BatchV1Api(api).read_namespaced_job, f"{release}-ifw-cleanup", namespace) is None
+
+    # NOTES.txt: its TranscriptionJob example is accepted by the real CRD (server-side dry run).
+    assert f"svc/{release}-ifw-gateway" in out and "WARNING: no admin key is set" in out
+    example = re.search(r"<<'YAML' \| kubectl apply -n (\S+) -f -\n(.*?)\n\s*YAML\n", out, re.S)
+    assert example and example.group(1) == namespace
+    manifest = yaml.safe_load(textwrap.dedent(example.group(2)))
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest, dry_run="All")
+    assert created["spec"]["audio"]["url"] == "https://example.com/speech.mp3"
+
+    # ---- upgrade: to the GPU production values (minus the ServiceMonitor: no Prometheus CRDs here)
+    before = deployment.spec.template.metadata.annotations["checksum/config"]
+    helm.run("upgrade", release, str(CHART), "-n", namespace, "-f", str(GPU_VALUES),
+             "--set", "metrics.serviceMonitor.enabled=false", kubeconfig=kube.kubeconfig)
+    status = json.loads(helm.run("status", release, "-n", namespace, "-o", "json",
+                                 kubeconfig=kube.kubeconfig).stdout)
+    assert status["version"] == 2 and status["info"]["status"] == "deployed"
+    config = yaml.safe_load(core.read_namespaced_config_map(operator, namespace).data["operator.yaml"])
+    assert config["max_active_jobs"] == 32 and config["runner"]["runtime_class_name"] == "nvidia"
+    assert config["runner"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    deployment = apps.read_namespaced_deployment(operator, namespace)
+    assert deployment.spec.template.metadata.annotations["checksum/config"] != before  # the pod rolls
+    assert deployment.spec.template.spec.containers[0].image == "registry.example.com/ifw/ifw-operator:0.1.0"
+    policies = client.NetworkingV1Api(api).list_namespaced_network_policy(namespace).items
+    assert {p.metadata.name for p in policies} == {f"{release}-ifw-{c}" for c in ("operator", "gateway", "runner")}
+    assert client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(f"{release}-ifw-gateway", namespace)
+    gateway = apps.read_namespaced_deployment(f"{release}-ifw-gateway", namespace)
+    assert gateway.spec.replicas == 3
+    admin_key = next(e for e in gateway.spec.template.spec.containers[0].env if e.name == "ADMIN_KEY")
+    assert admin_key.value_from.secret_key_ref.name == "ifw-gateway-auth"  # the GPU values' existing Secret
+
+    # ---- uninstall: every release object goes, the CRD stays (Helm never deletes crds/)
+    helm.run("uninstall", release, "-n", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)
+    assert _read(apps.read_namespaced_deployment, operator, namespace) is None
+    assert _read(core.read_namespaced_config_map, operator, namespace) is None
+    assert _read(rbac_api.read_cluster_role, operator) is None
+    assert _read(rbac_api.read_cluster_role_binding, operator) is None
+    assert not client.NetworkingV1Api(api).list_namespaced_network_policy(namespace).items
+    assert ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+    listed = helm.run("list", "-n", namespace, "-q", kubeconfig=kube.kubeconfig).stdout
+    assert release not in listed
+
+
+def test_two_releases_do_not_collide(helm, kube, namespace):
+    """Cluster-scoped names carry the release: a second install (e.g. a staging copy) works."""
+    first, second = _release(), _release()
+    for release in (first, second):
+        helm.run("install", release, str(CHART), "-n", namespace, "--set", "gateway.enabled=false",
+                 kubeconfig=kube.kubeconfig)
+    names = {r.metadata.name for r in client.RbacAuthorizationV1Api(kube.api_client()).list_cluster_role().items}
+    assert {f"{first}-ifw-operator", f"{second}-ifw-operator"} <= names
+    for release in (first, second):
+        helm.run("uninstall", release, "-n", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)
+
+
+def _cleanup(kube, namespaces: list[str], delete: bool) -> subprocess.CompletedProcess:
+    """The hook's script, as the hook pod runs it (python -c <files/cleanup.py>), with $KUBECONFIG."""
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig,
+           "IFW_CLEANUP_NAMESPACES": json.dumps(namespaces), "IFW_CLEANUP_DELETE": str(delete).lower()}
+    script = (CHART / "files" / "cleanup.py").read_text()
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_pre_delete_hook_script_unblocks_transcriptionjobs(kube, namespace, tj_crd):
+    api = kube.api_client()
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    other = f"{namespace[:50]}-other"
+    core.create_namespace({"metadata": {"name": other}})
+
+    def create(ns: str, name: str, finalizers: list[str]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob",
+                "metadata": {"name": name, "finalizers": finalizers},
+                "spec": {"audio": {"url": "https://media.example.com/a.mp3"}}}
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+    def get(ns: str, name: str):
+        return _read(custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name)
+
+    try:
+        create(namespace, "stuck", ["kopf.zalando.org/KopfFinalizerMarker"])
+        create(namespace, "kept", ["example.com/keep"])
+        create(namespace, "plain", [])
+        create(other, "elsewhere", ["example.com/keep"])
+        # A deletion that hangs on its finalizer, as after the operator is gone.
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "stuck")
+        assert get(namespace, "stuck")["metadata"]["deletionTimestamp"]
+
+        out = _cleanup(kube, [namespace], delete=False).stdout
+        assert "3 TranscriptionJob(s) seen, 0 failure(s)" in out
+        assert get(namespace, "stuck") is None  # its deletion completed
+        assert get(namespace, "kept")["metadata"].get("finalizers") is None
+        assert get(namespace, "plain") is not None  # not deleted without IFW_CLEANUP_DELETE
+        assert get(other, "elsewhere")["metadata"]["finalizers"] == ["example.com/keep"]  # out of scope
+
+        out = _cleanup(kube, [namespace], delete=True).stdout
+        assert f"deleted {namespace}/plain" in out and f"deleted {namespace}/kept" in out
+        assert not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        assert get(other, "elsewhere") is not None
+    finally:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "elsewhere",
+                                              {"metadata": {"finalizers": None}})
+        custom.delete_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "elsewhere")
+        core.delete_namespace(other)
