@@ -101,6 +101,37 @@ def test_every_rendered_object_validates(request, values, version):
         kubernetes_validate.validate(obj, version, strict=True)  # raises on any error
 
 
+VARIANTS = {
+    "gateway-off": ["--set", "gateway.enabled=false"],
+    "namespaced": ["--set-json", 'operator.watchNamespaces=["team-a"]', "--set", "gateway.namespace=team-a"],
+    "no-metrics": ["--set", "operator.metricsPort=null", "--set", "metrics.podAnnotations=false"],
+    "no-rbac": ["--set", "rbac.create=false", "--set", "serviceAccount.create=false"],
+    "cpu-pvc-cache": ["--set", "runner.gpu.count=0", "--set", "runner.modelCache.type=persistentVolumeClaim",
+                      "--set", "runner.modelCache.claimName=models", "--set", "runner.tolerations=null"],
+    "secrets": ["--set", "gateway.auth.adminKey=k", "--set", "operator.webhook.signingSecret=whsec_a2V5",
+                "--set-json", 'gateway.auth.tenantKeys={"team-b":"k2"}'],
+    "hardened": ["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.runnerEgress.enabled=true",
+                 "--set-json", 'networkPolicy.runnerEgress.apiServerCIDRs=["192.0.2.10/32"]',
+                 "--set", "gateway.replicaCount=2", "--set", "gateway.uploads.claimName=uploads",
+                 "--set", "gateway.podDisruptionBudget.enabled=true", "--set", "cleanup.enabled=false"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_value_variants_render_valid_objects(helm, variant):
+    objects = helm.template(*VARIANTS[variant])
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    for name, spec in pod_specs(objects):
+        assert spec["securityContext"]["runAsNonRoot"] is True, (variant, name)
+
+
+def test_several_gateway_replicas_need_a_shared_upload_volume(helm):
+    proc = helm.run("template", "x", str(CHART), "--set", "gateway.replicaCount=2", check=False)
+    assert proc.returncode != 0 and "needs gateway.uploads.claimName" in proc.stderr
+    helm.template("--set", "gateway.replicaCount=2", "--set", "gateway.uploads.enabled=false")
+
+
 def test_validator_is_strict(default_objects):
     """The validation above can fail: a misspelt field in a Deployment is refused."""
     deployment = copy.deepcopy(one(default_objects, "Deployment", f"{RELEASE}-operator"))

@@ -108,8 +108,9 @@ def test_two_releases_do_not_collide(helm, kube, namespace):
     """Cluster-scoped names carry the release: a second install (e.g. a staging copy) works."""
     first, second = _release(), _release()
     for release in (first, second):
-        helm.run("install", release, str(CHART), "-n", namespace, "--set", "gateway.enabled=false",
-                 kubeconfig=kube.kubeconfig)
+        out = helm.run("install", release, str(CHART), "-n", namespace, "--set", "gateway.enabled=false",
+                       kubeconfig=kube.kubeconfig).stdout
+        assert "kind: TranscriptionJob" in out and "port-forward" not in out  # NOTES without the gateway
     names = {r.metadata.name for r in client.RbacAuthorizationV1Api(kube.api_client()).list_cluster_role().items}
     assert {f"{first}-ifw-operator", f"{second}-ifw-operator"} <= names
     for release in (first, second):
