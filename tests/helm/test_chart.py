@@ -73,6 +73,16 @@ def load_operator_settings(tmp_path: Path, monkeypatch, objects) -> OperatorSett
 # ---------------------------------------------------------------------------------- static
 
 
+def test_missing_helm_fails_instead_of_skipping(monkeypatch, tmp_path):
+    from tests.helm import conftest
+
+    monkeypatch.setattr(conftest, "ROOT", tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="install-helm.sh"):
+        conftest.find_helm()
+
+
 def test_chart_crd_is_the_generated_crd_byte_for_byte():
     chart_crd = CHART / "crds" / "transcriptionjob.yaml"
     assert chart_crd.read_bytes() == CRD_PATH.read_bytes(), (
