@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
-from ifw.gateway.errors import field_error, invalid
+from ifw.gateway.errors import field_error, invalid, openai_style
 from ifw.gateway.models import OpenAIText, ResponseFormat, TranscribeFields, check_language
 from ifw.gateway.routes_api import ERRORS, check_request, create_job, service, wait_for_result
 from ifw.runner.formats import MEDIA_TYPES
@@ -67,14 +67,14 @@ async def _run(
     except ValidationError as exc:
         raise invalid(exc) from None
     if (refused := check_request(request, req, None, file)) is not None:
-        return refused
+        return openai_style(refused)
     created = await create_job(request, req, None, file, "openai")
     if isinstance(created, JSONResponse):
-        return created
+        return openai_style(created)
     fmt = "openai_json" if response_format == "json" else response_format
     output = await wait_for_result(request, created, fmt)
     if isinstance(output, JSONResponse):
-        return output
+        return openai_style(output)
     if isinstance(output, str):
         return PlainTextResponse(output, media_type=MEDIA_TYPES[response_format])
     return JSONResponse(output)

@@ -64,6 +64,8 @@ class JobWatch:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._responses: list[Any] = []
+        # Where each namespace's watch resumes; None (absent) means list first.
+        self.versions: dict[str, str] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -174,13 +176,13 @@ class JobWatch:
 
     def _run(self, namespace: str) -> None:
         api = self.kube.custom
-        version: str | None = None
         backoff = 0.5
         while not self._stop.is_set():
             try:
+                version = self.versions.get(namespace)
                 if version is None:
                     listed = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-                    version = listed["metadata"]["resourceVersion"]
+                    version = self.versions[namespace] = listed["metadata"]["resourceVersion"]
                     self._post(self._replace, namespace, listed["items"])
                     metrics.WATCH_LISTS.inc()
                 resp = api.list_namespaced_custom_object(
@@ -197,7 +199,7 @@ class JobWatch:
                 )
                 self._responses.append(resp)
                 try:
-                    version = self._consume(resp, version)
+                    self._consume(resp, namespace)
                 finally:
                     self._responses.remove(resp)
                     resp.close()  # never hand a half-read connection back to the pool
@@ -206,7 +208,7 @@ class JobWatch:
             except ApiException as exc:
                 if exc.status == 410:  # our resourceVersion is too old: start over from a list
                     log.info("watch on %s expired (410), relisting", namespace)
-                    version = None
+                    self.versions.pop(namespace, None)
                     continue
                 log.warning("watch on %s failed: %s %s", namespace, exc.status, exc.reason)
                 backoff = self._pause(backoff)
@@ -216,8 +218,8 @@ class JobWatch:
                 log.warning("watch on %s interrupted: %s", namespace, exc)
                 backoff = self._pause(backoff)
 
-    def _consume(self, resp: Any, version: str) -> str:
-        """Hand each event of one watch response to the loop; return the last resourceVersion."""
+    def _consume(self, resp: Any, namespace: str) -> None:
+        """Hand each event of one watch response to the loop; remember the last resourceVersion."""
         for line in iter_resp_lines(resp):
             if not line.strip():
                 continue
@@ -225,11 +227,10 @@ class JobWatch:
             obj = event["object"]
             if event["type"] == "ERROR":  # a metav1.Status; 410 means relist
                 raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
-            version = obj["metadata"].get("resourceVersion") or version
             if event["type"] != "BOOKMARK":
                 self._post(self._apply, event["type"], obj)
                 metrics.WATCH_EVENTS.labels(event["type"]).inc()
-        return version
+            self.versions[namespace] = obj["metadata"].get("resourceVersion") or self.versions[namespace]
 
     def _pause(self, backoff: float) -> float:
         metrics.WATCH_ERRORS.inc()

@@ -63,13 +63,13 @@ def free_port() -> int:
 class Server:
     """A real uvicorn server running create_app(settings) in a thread."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, port: int | None = None):
         import uvicorn
 
         from ifw.gateway.app import create_app
 
         self.settings = settings
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
@@ -100,15 +100,19 @@ def gateway_factory(kube, crd, namespace, tmp_path) -> Iterator[Callable[..., Se
 
     with contextlib.ExitStack() as stack:
 
-        def start(**overrides: Any) -> Server:
+        def start(uploads: bool = False, **overrides: Any) -> Server:
+            """uploads=True: the gateway serves uploads to runners at its own loopback address."""
+            port = free_port()
             values: dict[str, Any] = {
                 "namespace": namespace,
                 "sync_timeout_seconds": 30,
                 "upload_dir": tmp_path / "uploads",
                 "url_allowlist": [],
             }
+            if uploads:
+                values["internal_url"] = f"http://127.0.0.1:{port}"
             values.update(overrides)
-            return stack.enter_context(Server(GatewaySettings(**values)))
+            return stack.enter_context(Server(GatewaySettings(**values), port))
 
         yield start
 
