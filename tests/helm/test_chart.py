@@ -6,6 +6,7 @@ settings, the runner Job the operator builds from the chart's values).
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def load_operator_settings(tmp_path: Path, monkeypatch, objects) -> OperatorSett
     assert path.name in data
     local = tmp_path / path.name
     local.write_text(data[path.name])
-    for key in list(__import__("os").environ):
+    for key in list(os.environ):
         if key.startswith("IFW_OPERATOR_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("IFW_OPERATOR_CONFIG_FILE", str(local))
@@ -372,7 +373,7 @@ def test_gateway_env_is_gateway_settings(helm, monkeypatch):
     secret = one(objects, "Secret", f"{RELEASE}-gateway")
     ref = env["ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
-    for key in list(__import__("os").environ):
+    for key in list(os.environ):
         if key.startswith("IFW_GATEWAY_") or key == "ADMIN_KEY":
             monkeypatch.delenv(key)
     for name, e in env.items():

@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
-import pytest
+import httpx
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-from tests.helm.conftest import CHART, GPU_VALUES
+from tests.helm.conftest import CHART, GPU_VALUES, one
 
 
 def _release() -> str:
@@ -167,3 +170,87 @@ def test_pre_delete_hook_script_unblocks_transcriptionjobs(kube, namespace, tj_c
                                               {"metadata": {"finalizers": None}})
         custom.delete_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "elsewhere")
         core.delete_namespace(other)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tmp_path):
+    """The operator process, started the way the chart's Deployment starts it (its command, env
+    and ConfigMap), answers the chart's probe and metrics ports and builds the GPU runner Job
+    the GPU values describe."""
+    liveness, metrics = _free_port(), _free_port()
+    objects = helm.template("-f", str(GPU_VALUES), "--set-json", f'operator.watchNamespaces=["{namespace}"]',
+                            "--set", f"operator.livenessPort={liveness}", "--set", f"operator.metricsPort={metrics}",
+                            "--set", "operator.logFormat=plain")
+    deployment = one(objects, "Deployment", "ifw-operator")
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    config_map = one(objects, "ConfigMap", "ifw-operator")
+    config_file = tmp_path / "operator.yaml"
+    config_file.write_text(config_map["data"]["operator.yaml"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IFW_OPERATOR_")}
+    env["KUBECONFIG"] = kube.kubeconfig
+    for e in c["env"]:
+        env[e["name"]] = e.get("value") or "whsec_dGVzdA=="  # valueFrom: the Secret's value
+    env["IFW_OPERATOR_CONFIG_FILE"] = str(config_file)  # where the ConfigMap is mounted in the pod
+    assert c["command"] == ["python", "-m", "ifw.operator"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probe = c["livenessProbe"]["httpGet"]
+
+    log = (tmp_path / "operator.log").open("w")
+    proc = subprocess.Popen([sys.executable, *c["command"][1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        with httpx.Client(timeout=2) as http:
+            def healthy():
+                if proc.poll() is not None:
+                    raise AssertionError(f"operator exited {proc.returncode}: {(tmp_path / 'operator.log').read_text()}")
+                try:
+                    return http.get(f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            _wait(healthy, 60, "the operator's liveness endpoint")
+            scrape = http.get(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            assert scrape.status_code == 200 and "ifw_operator_" in scrape.text
+
+        custom, batch = client.CustomObjectsApi(kube.api_client()), client.BatchV1Api(kube.api_client())
+        tj = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob", "metadata": {"name": "meeting"},
+            "spec": {"audio": {"url": "https://media.example.com/meeting.mp3"}}})
+        selector = f"{GROUP}/job-uid={tj['metadata']['uid']}"
+        jobs = _wait(lambda: batch.list_namespaced_job(namespace, label_selector=selector).items, 30,
+                     "the runner Job")
+        pod = jobs[0].spec.template.spec
+        runner = pod.containers[0]
+        assert runner.image == "registry.example.com/ifw/ifw-runner@sha256:" + "0123456789abcdef" * 4
+        assert runner.resources.limits["nvidia.com/gpu"] == "1"
+        assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.tolerations)
+        assert pod.runtime_class_name == "nvidia" and pod.priority_class_name == "ifw-batch"
+        assert pod.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        cache = next(v for v in pod.volumes if v.name == "model-cache")
+        assert cache.host_path.path == "/var/cache/huggingface"
+        runner_env = {e.name: e for e in runner.env}
+        assert runner_env["HF_TOKEN"].value_from.secret_key_ref.name == "hf-token"
+        assert runner_env["IFW_RESULT_STORE"].value == "s3"
+        assert pod.security_context.run_as_user == 10001 and runner.security_context.read_only_root_filesystem
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
