@@ -8,6 +8,7 @@ rendering (test_chart.py) and its script is run here directly, as the hook's pod
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -236,6 +237,57 @@ def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tm
         assert runner_env["HF_TOKEN"].value_from.secret_key_ref.name == "hf-token"
         assert runner_env["IFW_RESULT_STORE"].value == "s3"
         assert pod.security_context.run_as_user == 10001 and runner.security_context.read_only_root_filesystem
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_gateway_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tmp_path):
+    """The gateway started with the chart's command and env serves its probes where the chart
+    points them, and enforces the admin key it gets from the chart's Secret."""
+    port = _free_port()
+    objects = helm.template("--set", f"gateway.port={port}", "--set", f"gateway.namespace={namespace}",
+                            "--set", "gateway.auth.adminKey=chart-admin-key")
+    c = one(objects, "Deployment", "ifw-gateway")["spec"]["template"]["spec"]["containers"][0]
+    secret = one(objects, "Secret", "ifw-gateway")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IFW_GATEWAY_") and k != "ADMIN_KEY"}
+    env["KUBECONFIG"] = kube.kubeconfig
+    for e in c["env"]:
+        if "valueFrom" in e:  # what the kubelet would read from the chart's Secret
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"]
+            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        else:
+            env[e["name"]] = e["value"]
+    env["IFW_GATEWAY_UPLOAD_DIR"] = str(tmp_path / "uploads")  # the pod's /uploads volume
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+
+    log = (tmp_path / "gateway.log").open("w")
+    proc = subprocess.Popen([sys.executable, *c["command"][1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        with httpx.Client(timeout=2) as http:
+            def get(probe: str):
+                if proc.poll() is not None:
+                    raise AssertionError(f"gateway exited {proc.returncode}: {(tmp_path / 'gateway.log').read_text()}")
+                httpget = c[probe]["httpGet"]
+                try:
+                    return http.get(f"http://127.0.0.1:{ports[httpget['port']]}{httpget['path']}")
+                except httpx.HTTPError:
+                    return None
+
+            _wait(lambda: (r := get("livenessProbe")) is not None and r.status_code == 200, 60, "gateway liveness")
+            ready = _wait(lambda: (r := get("readinessProbe")) is not None and r.status_code == 200 and r, 30,
+                          "gateway readiness")
+            assert ready.json()["checks"] == {"apiserver": "ok", "watch": "ok"}
+            base = f"http://127.0.0.1:{port}"
+            assert http.get(f"{base}/tasks").status_code == 401
+            tasks = http.get(f"{base}/tasks", headers={"x-admin-api-key": "chart-admin-key"})
+            assert tasks.status_code == 200, tasks.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
