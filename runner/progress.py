@@ -1,0 +1,68 @@
+"""Progress reports, throttled: at most one status write per interval.
+
+Every watcher of TranscriptionJobs (the operator, the gateway's shared watch,
+kubectl -w) receives every status write, so the runner reports often enough
+for a progress bar and no more often than `settings.progress_interval_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+def progress_body(processed: float, total: float) -> dict[str, Any]:
+    """status.progress as the CRD spells it."""
+    processed = min(max(processed, 0.0), total) if total > 0 else 0.0
+    return {
+        "percent": round(100.0 * processed / total, 1) if total > 0 else 0.0,
+        "processedSeconds": round(processed, 2),
+        "totalSeconds": round(total, 2),
+        "lastUpdateTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+class ProgressReporter:
+    """Callable as an asr.ProgressCallback; sends at most one report per `interval` seconds.
+
+    The first report and the final one (processed == total) always go out. A
+    failing sink is logged, never raised: progress is not worth failing a job.
+    """
+
+    def __init__(self, sink: Sink, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.sink = sink
+        self.interval = interval
+        self.clock = clock
+        self._last_sent: float | None = None
+        self._pending: tuple[float, float] | None = None
+        self.sent: list[dict[str, Any]] = []  # what went out, for logs and tests
+
+    def __call__(self, processed: float, total: float) -> None:
+        now = self.clock()
+        final = total > 0 and processed >= total
+        if self._last_sent is None or final or now - self._last_sent >= self.interval:
+            self._send(processed, total, now)
+        else:
+            self._pending = (processed, total)
+
+    def flush(self) -> None:
+        """Send the latest report held back by the throttle, if any."""
+        if self._pending is not None:
+            self._send(*self._pending, self.clock())
+
+    def _send(self, processed: float, total: float, now: float) -> None:
+        self._pending = None
+        self._last_sent = now
+        body = progress_body(processed, total)
+        try:
+            self.sink(body)
+            self.sent.append(body)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            log.warning("progress report failed: %s", e)

@@ -1,0 +1,93 @@
+"""Voice activity detection: cut the audio into ≤30 s pieces at silences.
+
+Whisper sees 30 s windows. Cutting the audio at pauses (instead of fixed,
+overlapping 30 s strides) skips silence, gives every piece whole sentences so
+its timestamps are right, and lets all pieces be decoded as one batch — how
+the fastest batched Whisper systems work. The VAD is Silero (its weights ship
+inside the `silero-vad` wheel); the ONNX build runs ~2x faster on CPU than the
+TorchScript one, so it is used when onnxruntime is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+MAX_PIECE_SECONDS = 30.0  # Whisper's window
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of the audio [start, end) in seconds that Whisper decodes as one window."""
+
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@lru_cache(maxsize=1)
+def _silero():
+    from silero_vad import load_silero_vad
+
+    return load_silero_vad(onnx=importlib.util.find_spec("onnxruntime") is not None)
+
+
+def speech_regions(
+    audio: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_silence_s: float = 0.1,
+    pad_s: float = 0.2,
+    max_region_s: float = MAX_PIECE_SECONDS,
+) -> list[tuple[float, float]]:
+    """Where someone speaks, in seconds. Regions longer than max_region_s are split at their longest pause."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    if audio.size == 0:
+        return []
+    stamps = get_speech_timestamps(
+        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+        _silero(),
+        threshold=threshold,
+        sampling_rate=SAMPLE_RATE,
+        min_silence_duration_ms=int(min_silence_s * 1000),
+        speech_pad_ms=int(pad_s * 1000),
+        # leave room for the padding on both sides
+        max_speech_duration_s=max_region_s - 2 * pad_s,
+    )
+    return [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
+
+
+def plan_pieces(regions: list[tuple[float, float]], max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
+    """Pack consecutive speech regions greedily into pieces of at most max_piece_s.
+
+    A piece spans from its first region's start to its last region's end (the
+    short pauses inside stay, so timestamps map linearly), and is cut only at a
+    pause between regions. Fuller pieces mean fewer windows to decode.
+    """
+    pieces: list[Piece] = []
+    start = end = None
+    for r_start, r_end in regions:
+        r_end = min(r_end, r_start + max_piece_s)  # a region never exceeds a window
+        if start is not None and r_end - start <= max_piece_s:
+            end = r_end
+            continue
+        if start is not None:
+            pieces.append(Piece(start, end))
+        start, end = r_start, r_end
+    if start is not None:
+        pieces.append(Piece(start, end))
+    return pieces
+
+
+def split_audio(audio: np.ndarray, max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
+    """The ≤max_piece_s pieces of the audio that hold speech, in time order (none for silence)."""
+    return plan_pieces(speech_regions(audio, max_region_s=max_piece_s), max_piece_s)
