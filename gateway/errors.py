@@ -24,7 +24,8 @@ def _clean(errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()) -> list[d
     out = []
     for e in errors:
         loc = list(prefix) + [p for p in e.get("loc", ()) if p != "__root__"]
-        out.append({"loc": loc, "msg": str(e.get("msg", "")), "type": e.get("type", "value_error")})
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        out.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
     return out
 
 
@@ -52,6 +53,8 @@ def openai_style(response: JSONResponse) -> JSONResponse:
         message = str(detail)
     kind = "invalid_request_error" if response.status_code < 500 else "server_error"
     error = {"message": message, "type": kind, "param": param, "code": body.get("reason")}
+    if body.get("task_id"):
+        error["task_id"] = body["task_id"]
     headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
     return JSONResponse({"error": error}, status_code=response.status_code, headers=headers)
 

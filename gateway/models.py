@@ -213,8 +213,35 @@ class CancelResponse(BaseModel):
     status: Literal["cancelled"] = "cancelled"
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='Where the bad value is, e.g. ["body", "batch_size"].')
+    msg: str
+    type: str
+
+
 class Detail(BaseModel):
-    detail: Any
+    """Every error answer: `detail` says what is wrong (a list naming each bad field for 422s);
+    answers about a task add its status, task_id and the job's reason and message."""
+
+    detail: str | list[FieldError]
+    status: Literal["error", "processing", "cancelled"] | None = None
+    task_id: str | None = None
+    reason: str | None = Field(None, description="CamelCase cause of a failed job, e.g. InvalidAudio.")
+    message: str | None = None
+
+
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error or server_error.")
+    param: str | None = Field(None, description="The bad field, when one is to blame.")
+    code: str | None = Field(None, description="The failed job's reason, e.g. InvalidAudio.")
+    task_id: str | None = Field(None, description="The job, when one was created (poll /status/{task_id}).")
+
+
+class OpenAIError(BaseModel):
+    """Errors on /v1 routes, in OpenAI's shape (its SDKs show error.message)."""
+
+    error: OpenAIErrorInfo
 
 
 class OpenAIText(BaseModel):

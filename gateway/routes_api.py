@@ -53,10 +53,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Detail, "description": "Missing or wrong x-admin-api-key"},
     409: {"model": Detail, "description": "A task with this managed_task_id exists"},
     413: {"model": Detail, "description": "Body or file too large"},
-    422: {"model": TaskError, "description": "Invalid field, or the job failed on bad input"},
-    500: {"model": TaskError, "description": "The job failed on a server fault"},
+    422: {"model": Detail, "description": "Invalid field, or the job failed on bad input"},
+    500: {"model": Detail, "description": "The job failed on a server fault"},
+    502: {"model": Detail, "description": "The Kubernetes API or the result store failed"},
     503: {"model": Detail, "description": "Uploads or the Kubernetes API unavailable"},
-    504: {"model": TaskError, "description": "Sync wait timed out; poll /status/{task_id}"},
+    504: {"model": Detail, "description": "Sync wait timed out; poll /status/{task_id}"},
 }
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
 from ifw.gateway.errors import field_error, invalid, openai_style
-from ifw.gateway.models import OpenAIText, ResponseFormat, TranscribeFields, check_language
+from ifw.gateway.models import OpenAIError, OpenAIText, ResponseFormat, TranscribeFields, check_language
 from ifw.gateway.routes_api import ERRORS, check_request, create_job, service, wait_for_result
 from ifw.runner.formats import MEDIA_TYPES
 
@@ -30,7 +30,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "json: {text}; verbose_json: task, language, duration, text, segments (words); "
         "text, srt, vtt: plain text",
     },
-    **ERRORS,
+    **{code: {**spec, "model": OpenAIError} for code, spec in ERRORS.items()},
 }
 
 
