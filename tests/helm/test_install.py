@@ -173,6 +173,59 @@ def test_pre_delete_hook_script_unblocks_transcriptionjobs(kube, namespace, tj_c
         core.delete_namespace(other)
 
 
+def test_uninstall_runs_the_pre_delete_hook(helm, kube, namespace, tj_crd):
+    """helm uninstall with its hook: Helm creates the hook's account, Role and Job (in weight
+    order) and waits for the Job; the test plays the Job controller and kubelet (runs the Job's
+    own command and env, then marks it Complete), and the uninstall finishes, the stuck
+    TranscriptionJob is gone and Helm has deleted the hook's objects."""
+    release = _release()
+    name = f"{release}-ifw-cleanup"
+    api = kube.api_client()
+    custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
+    core, rbac_api = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    helm.run("install", release, str(CHART), "-n", namespace, "--set", "cleanup.deleteJobs=true",
+             "--set-json", f'operator.watchNamespaces=["{namespace}"]', kubeconfig=kube.kubeconfig)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob",
+        "metadata": {"name": "stuck", "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+        "spec": {"audio": {"url": "https://media.example.com/a.mp3"}}})
+
+    uninstall = subprocess.Popen([helm.binary, "uninstall", release, "-n", namespace, "--timeout", "60s"],
+                                 env={**helm.env, "KUBECONFIG": kube.kubeconfig},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = _wait(lambda: _read(batch.read_namespaced_job, name, namespace), 30, "the hook Job")
+        # Its account and RBAC came first (lower weight), limited to the watched namespace.
+        assert core.read_namespaced_service_account(name, namespace)
+        role = rbac_api.read_namespaced_role(name, namespace)
+        assert role.rules[0].verbs == ["list", "patch", "delete"]
+        assert rbac_api.read_namespaced_role_binding(name, namespace).subjects[0].name == name
+        # The kubelet's part: run the Job's container as specified.
+        c = job.spec.template.spec.containers[0]
+        env = {**os.environ, "KUBECONFIG": kube.kubeconfig, **{e.name: e.value for e in c.env}}
+        run = subprocess.run([sys.executable, *c.command[1:]], env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert f"deleted {namespace}/stuck" in run.stdout
+        # The Job controller's part.
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        batch.patch_namespaced_job_status(name, namespace, {"status": {
+            "startTime": now, "completionTime": now, "succeeded": 1,
+            "conditions": [{"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": now},
+                           {"type": "Complete", "status": "True", "lastTransitionTime": now}]}})
+        out, err = uninstall.communicate(timeout=60)
+    finally:
+        if uninstall.poll() is None:
+            uninstall.kill()
+            uninstall.communicate()
+    assert uninstall.returncode == 0, err
+    assert f'release "{release}" uninstalled' in out
+    assert _read(custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, "stuck") is None
+    # hook-delete-policy hook-succeeded: nothing of the hook is left behind.
+    assert _read(batch.read_namespaced_job, name, namespace) is None
+    assert _read(core.read_namespaced_service_account, name, namespace) is None
+    assert _read(rbac_api.read_namespaced_role, name, namespace) is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
