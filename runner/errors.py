@@ -63,6 +63,12 @@ class ModelLoadFailed(BadInput):
     reason = "ModelLoadFailed"
 
 
+class ModelHubUnavailable(RunnerError):
+    """The model hub could not be reached and the weights are not cached: worth a retry."""
+
+    reason = "ModelLoadFailed"
+
+
 class ResultTooLarge(BadInput):
     reason = "ResultTooLarge"
 

