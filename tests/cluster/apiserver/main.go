@@ -308,6 +308,15 @@ type mainREST struct {
 
 func (r *mainREST) ShortNames() []string { return r.short }
 
+// Categories puts the workload kinds in "all" (kubectl get all), as upstream.
+func (r *mainREST) Categories() []string {
+	switch r.DefaultQualifiedResource.Resource {
+	case "pods", "services", "deployments", "jobs", "horizontalpodautoscalers":
+		return []string{"all"}
+	}
+	return nil
+}
+
 type statusREST struct{ store *genericregistry.Store }
 
 func (r *statusREST) New() runtime.Object { return r.store.New() }
