@@ -88,7 +88,7 @@ def test_chart_crd_is_the_generated_crd_byte_for_byte():
     chart_crd = CHART / "crds" / "transcriptionjob.yaml"
     assert chart_crd.read_bytes() == CRD_PATH.read_bytes(), (
         "helm/ifw/crds/transcriptionjob.yaml differs from crds/transcriptionjob.yaml: "
-        "cp crds/transcriptionjob.yaml helm/ifw/crds/transcriptionjob.yaml"
+        "run `python -m ifw.crds` (it writes both copies)"
     )
     assert [p.name for p in (CHART / "crds").iterdir()] == ["transcriptionjob.yaml"]
 
