@@ -79,6 +79,9 @@ class Controller:
         self._failures: dict[str, int] = {}
         self._webhooks: dict[str, asyncio.Task] = {}
         self._expired: set[str] = set()  # TTL passed, delete requested
+        # Starts in flight at once. Without a bound, a burst of N jobs queues all N*4 child
+        # creations ahead of the first Job (FIFO thread pool) and every job waits for the last.
+        self._starting = asyncio.Semaphore(settings.concurrent_starts)
 
     # ------------------------------------------------------------- observation
 
@@ -281,9 +284,14 @@ class Controller:
         kueue = bool((tj.get("spec") or {}).get("queueName"))
         manifest = manifests.runner_job(tj, self.settings, suspend=kueue)
         try:
-            # The pod needs its ServiceAccount and the runner needs its Secret: all before the Job.
-            await asyncio.gather(*(self.kube.create(obj) for obj in manifests.children(tj)))
-            job = await self.kube.create(manifest)
+            async with self._starting:
+                # The pod needs its ServiceAccount and the runner its Secret: all before the Job.
+                children = manifests.children(tj)
+                created = await asyncio.gather(*(self.kube.create(obj) for obj in children))
+                for obj, result in zip(children, created):
+                    if result is None:  # it existed: ours from before a restart, or a namesake's
+                        await self._check_ours(obj, uid)
+                job = await self.kube.create(manifest)
         except Exception as error:
             if status_code(error) in (400, 422):
                 # The operator's pod template is invalid: retrying cannot help; say so on the job.
@@ -305,6 +313,15 @@ class Controller:
         self.created_jobs[uid] = job
         self.queue.settle(uid)
         return job
+
+    async def _check_ours(self, obj: dict[str, Any], uid: str) -> None:
+        meta = obj["metadata"]
+        existing = await self.kube.read(obj["kind"], meta["namespace"], meta["name"])
+        owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(manifests.LABEL_UID)
+        if existing is None or owner != uid:
+            # A deleted TranscriptionJob of the same name is still being cleaned up: try again soon.
+            raise RuntimeError(f"{obj['kind']} {meta['name']} still belongs to a previous TranscriptionJob "
+                               f"({owner or 'gone'}); retrying")
 
     async def stop_job(self, uid: str, job: dict[str, Any]) -> None:
         """The operator failed the job itself: remove its Job and Pods so nothing keeps running."""

@@ -60,15 +60,20 @@ class Kube:
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        # Events are for people: two threads of their own, so a burst of them never queues
+        # ahead of the Job creations and status writes on the main pool.
+        self._events = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kube-events")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._events.shutdown(wait=False, cancel_futures=True)
         self.api.close()
 
-    async def _call(self, fn, *args, **kwargs) -> Any:
+    async def _call(self, fn, *args, _pool: ThreadPoolExecutor | None = None, **kwargs) -> Any:
         kwargs.setdefault("_preload_content", False)
+        kwargs.setdefault("_request_timeout", (10, 60))  # (connect, read): a dead connection never hangs a job
         loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        response = await loop.run_in_executor(_pool or self._pool, lambda: fn(*args, **kwargs))
         data = response.data
         return json.loads(data) if data else None
 
@@ -89,6 +94,22 @@ class Kube:
             return await self._call(fn, obj["metadata"]["namespace"], obj)
         except ApiException as error:
             if error.status == 409:
+                return None
+            raise
+
+    _READ = {
+        "Secret": lambda self: self.core.read_namespaced_secret,
+        "ServiceAccount": lambda self: self.core.read_namespaced_service_account,
+        "Role": lambda self: self.rbac.read_namespaced_role,
+        "RoleBinding": lambda self: self.rbac.read_namespaced_role_binding,
+        "Job": lambda self: self.batch.read_namespaced_job,
+    }
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self._READ[kind](self), name, namespace)
+        except ApiException as error:
+            if error.status == 404:
                 return None
             raise
 
@@ -205,4 +226,4 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._call(self.core.create_namespaced_event, meta["namespace"], event)
+        await self._call(self.core.create_namespaced_event, meta["namespace"], event, _pool=self._events)

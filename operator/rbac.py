@@ -32,9 +32,10 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
     # Per job: the result Secret, and the runner's ServiceAccount, Role and RoleBinding.
     {"apiGroups": [""], "resources": ["secrets"],
      "verbs": ["get", "create", "update", "patch", "deletecollection"]},
-    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "deletecollection"]},
+    # (get: when a create answers 409, whether the object is this job's or a deleted namesake's.)
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "deletecollection"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
-     "verbs": ["create", "deletecollection"]},
+     "verbs": ["get", "create", "deletecollection"]},
     # Events on TranscriptionJobs (kubectl describe).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf: discovery of the CRD, and namespaces when the configured namespaces are patterns.

@@ -192,10 +192,10 @@ def test_operator_killed_mid_job_restarts_without_a_second_job(kube, tj_crd, nam
         wait_for(lambda: _try(lambda: _get(f"http://127.0.0.1:{liveness_port}/healthz")), 30,
                  what=f"liveness probe (log: {log.read_text()[-2000:] if log.exists() else ''})")
         tj = sim.create_tj("survivor")
-        job = sim.job_of(tj)
+        job = sim.job_of(tj, timeout=30)
         pod = sim.create_pod(job)
         sim.pod_running(pod)
-        sim.wait_phase("survivor", "Running")
+        sim.wait_phase("survivor", "Running", timeout=30)
         metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert 'ifw_operator_jobs{phase="Running"} 1.0' in metrics
         assert "ifw_operator_job_create_seconds_count 1.0" in metrics

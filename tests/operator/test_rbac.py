@@ -142,6 +142,7 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
         ("update", "secrets"), ("patch", "secrets"),  # granted on to the runner (escalation check)
         ("get", "secrets"),  # webhook header Secrets and result Secrets
         ("get", "jobs"),  # reading back an existing Job after a restart (409 on create)
+        ("get", "serviceaccounts"), ("get", "roles"), ("get", "rolebindings"),  # 409: ours or a namesake's?
         ("list", "namespaces"), ("watch", "namespaces"),  # kopf, for namespace patterns
     }
     granted = {(verb, resource) for rule in rbac.CLUSTER_ROLE_RULES
