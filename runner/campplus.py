@@ -12,6 +12,9 @@ Shape of the network, for 80 mel bins:
   -> 3 densely connected blocks of CAM layers (12/24/16 layers, growth 32), each
      followed by a transition halving the channels
   -> mean + standard deviation over time (1024) -> 192-d embedding.
+
+The embedding ends with a BatchNorm without affine parameters and no ReLU, as the
+model was trained (a ReLU there would zero about half of the dimensions).
 """
 
 from __future__ import annotations
