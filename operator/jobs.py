@@ -22,6 +22,7 @@ from typing import Any
 
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL
 from ifw.operator.config import OperatorSettings
+from ifw.runner import stores  # light: no torch; shares the result Secret's name and type
 
 # Labels: the uid label is the operator's key for Jobs and Pods (names can exceed the 63-char
 # limit of label values, uids never do); the name label is for people and selectors.
@@ -32,6 +33,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RESUMED_AT = f"{GROUP}/resumed-at"
 MANAGED_BY = "ifw-operator"
+# The runner's Secret store writes this type (ifw.runner.stores.SECRET_TYPE); a Secret's type is
+# immutable, so the empty Secret the operator pre-creates must already have it.
+RESULT_SECRET_TYPE = stores.SECRET_TYPE
 RUNNER_CONTAINER = "runner"
 
 # Env the operator always sets; runner.env from config cannot override these.
@@ -63,8 +67,8 @@ def job_name(name: str, uid: str) -> str:
 
 
 def result_secret_name(name: str) -> str:
-    # The runner's Secret store writes to exactly this name (the Role allows only it).
-    return f"{name}-result"
+    # The runner's Secret store writes to exactly this name (the Role allows only it): one function.
+    return stores.secret_name(name)
 
 
 def runner_account_name(name: str) -> str:
@@ -113,7 +117,7 @@ def result_secret(tj: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "type": "Opaque",
+        "type": RESULT_SECRET_TYPE,
         "metadata": _object_meta(tj, result_secret_name(tj["metadata"]["name"]), "result"),
     }
 

@@ -101,6 +101,15 @@ def test_names_are_deterministic_and_valid():
     assert jobs.result_secret_name("meeting") == "meeting-result"
 
 
+def test_result_secret_matches_the_runner_store():
+    from ifw.runner import stores
+
+    # Type is immutable and the runner may only update: both sides must agree on type and name.
+    assert jobs.RESULT_SECRET_TYPE == stores.SECRET_TYPE
+    for name in ["meeting", "m" * 250]:
+        assert jobs.result_secret_name(name) == stores.secret_name(name)
+
+
 def test_children_are_owned_and_labelled():
     for obj in [*jobs.children(TJ), jobs.runner_job(TJ, OperatorSettings())]:
         (owner,) = obj["metadata"]["ownerReferences"]
@@ -109,7 +118,7 @@ def test_children_are_owned_and_labelled():
         assert obj["metadata"]["labels"][jobs.LABEL_UID] == TJ["metadata"]["uid"]
         assert obj["metadata"]["namespace"] == "team-a"
     secret = jobs.result_secret(TJ)
-    assert secret["type"] == "Opaque" and "data" not in secret
+    assert secret["type"] == "ifw.dev/result" and "data" not in secret
     assert secret["metadata"]["labels"][jobs.LABEL_NAME] == "meeting"
     binding = jobs.runner_role_binding(TJ)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meeting-runner", "namespace": "team-a"}]
@@ -133,6 +142,6 @@ def test_created_job_carries_the_configured_template(run_operator, sim):
     role = wait_for(lambda: sim.rbac.list_namespaced_role(ns, label_selector=f"{jobs.LABEL_UID}={tj['metadata']['uid']}").items, 5)
     assert role[0].rules[1].resource_names == ["gpu"] and role[0].rules[2].resource_names == ["gpu-result"]
     secret = sim.core.read_namespaced_secret("gpu-result", ns)
-    assert secret.type == "Opaque" and not secret.data
+    assert secret.type == "ifw.dev/result" and not secret.data
     assert sim.core.read_namespaced_service_account("gpu-runner", ns).metadata.owner_references[0].uid == tj["metadata"]["uid"]
     assert sim.status("gpu")["model"] == "openai/whisper-large-v3-turbo"
