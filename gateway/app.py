@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -67,7 +68,9 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = kube or Kube(make_api_client(settings.kube_threads), settings.kube_threads)
+        # One pooled connection per worker thread, plus one per namespace watch.
+        pool = settings.kube_threads + len(settings.namespaces())
+        client = kube or Kube(make_api_client(pool), settings.kube_threads)
         watch = JobWatch(client, settings.namespaces(), settings.watch_server_timeout)
         uploads = Uploads(settings.upload_dir, settings.internal_url)
         watch.listeners.append(uploads.on_event)
@@ -103,4 +106,6 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # The client logs whole request and response bodies at debug level: Secrets included.
     logging.getLogger("kubernetes").setLevel(max(logging.INFO, logging.getLogger().level))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    gc.freeze()  # start-up objects (imports, schemas) leave the GC's scans: shorter pauses under load
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -40,3 +40,9 @@ WATCH_ERRORS = Counter(
     "ifw_gateway_watch_errors_total", "Watch interruptions retried with backoff.", registry=REGISTRY
 )
 UPLOAD_BYTES = Counter("ifw_gateway_upload_bytes_total", "Bytes of audio uploaded.", registry=REGISTRY)
+COMPLETION_TO_RESPONSE = Histogram(
+    "ifw_gateway_completion_to_response_seconds",
+    "From the watch reading a waited-on job's completion to its rendered result (read from the store).",
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
+)

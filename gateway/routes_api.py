@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ifw.gateway import results
+from ifw.gateway import metrics, results
 from ifw.gateway.errors import field_error, invalid
 from ifw.gateway.kube import KubeError
 from ifw.gateway.models import (
@@ -176,7 +177,12 @@ async def wait_for_result(request: Request, created: Created, fmt: str) -> Any |
         reason, message = status.get("reason"), status.get("message")
         detail = f"{reason or 'Failed'}: {message or 'the job failed'}"
         return task_error(failure_status(reason), task_id, detail, "error", reason, message)
-    return await results.render_job(svc.kube, created.namespace, job, fmt)
+    prefetched = svc.prefetcher.take((created.namespace, created.name, created.uid), job)
+    output = await results.render_job(svc.kube, created.namespace, job, fmt, prefetched)
+    seen = svc.watch.finished_at.pop((created.namespace, created.name, created.uid), None)
+    if seen is not None:
+        metrics.COMPLETION_TO_RESPONSE.observe(time.monotonic() - seen)
+    return output
 
 
 # ------------------------------------------------------------------ routes

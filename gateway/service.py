@@ -27,6 +27,7 @@ from ifw.crds.transcriptionjob import (
 )
 from ifw.gateway import metrics
 from ifw.gateway.config import GatewaySettings
+from ifw.gateway.results import Prefetcher
 from ifw.gateway.kube import CREATED_BY, CREATED_BY_LABEL, Kube, KubeError
 from ifw.gateway.models import TranscribeFields
 from ifw.gateway.uploads import Staged, Uploads
@@ -72,6 +73,8 @@ class Service:
         self.kube = kube
         self.watch = watch
         self.uploads = uploads
+        self.prefetcher = Prefetcher(kube, watch.has_waiters)
+        watch.listeners.append(self.prefetcher.on_event)
 
     # -------------------------------------------------------------- create
 
@@ -185,6 +188,8 @@ class Service:
             outcome = "cancelled"
             raise
         finally:
+            if outcome != "succeeded":  # only a succeeded job's waiter takes the read
+                self.prefetcher.drop((created.namespace, created.name, created.uid))
             for fut in (waiter, disconnect):
                 if fut is not None and not fut.done():
                     fut.cancel()

@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,8 @@ class JobWatch:
         self._responses: list[Any] = []
         # Where each namespace's watch resumes; None (absent) means list first.
         self.versions: dict[str, str] = {}
+        # (namespace, name, uid) -> monotonic time the terminal event was read; popped by the waiter.
+        self.finished_at: dict[tuple[str, str, str | None], float] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -104,6 +107,9 @@ class JobWatch:
 
     # ---------------------------------------------------------------- reads
 
+    def has_waiters(self, namespace: str, name: str) -> bool:
+        return (namespace, name) in self._waiters
+
     def active(self, namespace: str) -> list[str]:
         """Names of the namespace's jobs that have not finished, oldest first."""
         jobs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
@@ -132,10 +138,14 @@ class JobWatch:
 
     # --------------------------------------------------- event loop side
 
-    def _apply(self, kind: str, obj: dict[str, Any]) -> None:
+    def _apply(self, kind: str, obj: dict[str, Any], received: float | None = None) -> None:
         key = _key(obj)
+        if received is not None and key in self._waiters and kind != "DELETED" and is_terminal(obj):
+            # When the watch read the job's last change: the start of completion -> response.
+            self.finished_at[(key[0], key[1], obj["metadata"].get("uid"))] = received
         if kind == "DELETED":
             self.objects.pop(key, None)
+            self.finished_at.pop((key[0], key[1], obj["metadata"].get("uid")), None)
         else:
             self.objects[key] = obj
         self._notify(key, kind, obj)
@@ -228,7 +238,7 @@ class JobWatch:
             if event["type"] == "ERROR":  # a metav1.Status; 410 means relist
                 raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
             if event["type"] != "BOOKMARK":
-                self._post(self._apply, event["type"], obj)
+                self._post(self._apply, event["type"], obj, time.monotonic())
                 metrics.WATCH_EVENTS.labels(event["type"]).inc()
             self.versions[namespace] = obj["metadata"].get("resourceVersion") or self.versions[namespace]
 

@@ -217,22 +217,30 @@ class Driver:
             },
         )
 
-    def succeed(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
+    def report_result(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
+        """The runner's part: store the result and point status.result at it."""
         from ifw.runner import stores
         from ifw.runner.config import RunnerSettings
 
         job = self.get(name)
         assert job is not None
         ref = stores.store_result(result or transcript(), job, RunnerSettings(result_store="secret"), core_v1=self.core)
-        return self.patch_status(
-            name,
-            {
-                "phase": "Succeeded",
-                "result": ref,
-                "progress": {"percent": 100.0},
-                "conditions": [_condition("Succeeded", "True", "Completed", "transcribed")],
-            },
-        )
+        self.patch_status(name, {"result": ref, "progress": {"percent": 100.0}})
+        return ref
+
+    def succeed(self, name: str, result: Transcript | None = None, one_patch: bool = False) -> dict[str, Any]:
+        """Runner then operator (two status writes, as in the real flow), or both in one patch."""
+        done = {"phase": "Succeeded", "conditions": [_condition("Succeeded", "True", "Completed", "transcribed")]}
+        if one_patch:
+            from ifw.runner import stores
+            from ifw.runner.config import RunnerSettings
+
+            job = self.get(name)
+            settings = RunnerSettings(result_store="secret")
+            done["result"] = stores.store_result(result or transcript(), job, settings, core_v1=self.core)
+        else:
+            self.report_result(name, result)
+        return self.patch_status(name, done)
 
     def fail(self, name: str, reason: str, message: str) -> dict[str, Any]:
         return self.patch_status(

@@ -77,6 +77,24 @@ def test_sync_request_waits_for_the_job_and_returns_the_original_shape(gateway, 
     assert http.get("/tasks").json() == {"tasks": []}
 
 
+def test_completion_in_one_status_write_and_a_rewritten_result(http, driver, pool):
+    """The operator may set Succeeded together with the result; a runner retry may rewrite the
+    result after the gateway read it early: the answer is always the job's final result."""
+    pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "one-patch"})
+    driver.wait_job("one-patch")
+    driver.succeed("one-patch", one_patch=True)
+    assert pending.result(timeout=10).json()["output"] == EXPECTED_OUTPUT
+
+    pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "retried"})
+    driver.wait_job("retried")
+    first = transcript()
+    first.text = " An earlier attempt."
+    driver.report_result("retried", first)  # read early by the gateway...
+    time.sleep(0.3)
+    driver.succeed("retried")  # ...then rewritten (new sha256) before the job succeeded
+    assert pending.result(timeout=10).json()["output"] == EXPECTED_OUTPUT
+
+
 def test_sync_word_timestamps_and_speakers(gateway_factory, driver, pool):
     gw = gateway_factory(diarization_available=True)
     with gw.client() as http:

@@ -1,0 +1,340 @@
+"""Gateway benchmark: many sync requests held on one shared watch, and async submissions.
+
+Against the real test kube-apiserver (tests.cluster.control_plane.ControlPlane), with the
+gateway as its own process (``python -m ifw.gateway``, as deployed). The benchmark plays
+the operator and runner: it stores each job's result Secret (ifw.runner.stores) and then
+patches the job's status to Succeeded.
+
+1. N concurrent sync ``POST /`` requests (default 1,000); wait until the gateway reports N
+   waiters (its ``ifw_gateway_sync_waiters`` gauge) and read its RSS;
+2. complete the jobs at ``--rate`` per second (0 = as fast as the driver can);
+   latency = the client received its response - the apiserver acknowledged the
+   Succeeded status patch (p50/p99; also from before the patch was sent, an upper bound);
+3. ``--async-jobs`` async submissions (with a webhook) at ``--concurrency``: requests/s.
+
+    .venv/bin/python -m bench.gateway [--waiters 1000] [--rate 200] [--async-jobs 500]
+
+Targets: 1,000 waiters in <= 300 MB RSS, completion -> response p99 <= 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) of a process, KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def install_crd(api) -> None:
+    import yaml
+    from kubernetes import client
+
+    from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+
+    ext = client.ApiextensionsV1Api(api)
+    body = yaml.safe_load((REPO / "crds" / "transcriptionjob.yaml").read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    custom = client.CustomObjectsApi(api)
+    for _ in range(300):
+        try:
+            custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, limit=1)
+            return
+        except client.ApiException:
+            time.sleep(0.1)
+    raise RuntimeError("CRD not served")
+
+
+class GatewayProcess:
+    def __init__(self, kubeconfig: str, namespace: str, timeout: float):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "KUBECONFIG": kubeconfig,
+            "IFW_GATEWAY_NAMESPACE": namespace,
+            "IFW_GATEWAY_PORT": str(self.port),
+            "IFW_GATEWAY_HOST": "127.0.0.1",
+            "IFW_GATEWAY_LOG_LEVEL": "warning",
+            "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": str(timeout),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ifw.gateway"], env=env, cwd=REPO, start_new_session=True
+        )
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("gateway not ready")
+
+    def waiters(self) -> float:
+        import httpx
+
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("ifw_gateway_sync_waiters "):
+                return float(line.split()[1])
+        return 0.0
+
+    def histogram(self, name: str) -> dict[str, float]:
+        """A histogram's cumulative buckets (le -> count) from /metrics."""
+        import httpx
+
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"{name}_bucket{{"):
+                le = line.split('le="')[1].split('"')[0]
+                out[le] = float(line.split()[-1])
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def post_raw(host: str, port: int, body: bytes) -> tuple[int, bytes]:
+    """One POST / on its own connection, in plain asyncio: with a thousand connections open,
+    a pooling client's bookkeeping would dominate the latency being measured."""
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"POST / HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    payload = await reader.readexactly(length)
+    writer.close()
+    return int(status_line.split()[1]), payload
+
+
+async def sync_clients(url: str, names: list[str], received: dict[str, float], statuses: dict[str, int]) -> None:
+    host, port = url.removeprefix("http://").split(":")
+
+    async def one(name: str) -> None:
+        body = json.dumps({"url": "https://audio.example.com/bench.mp3", "managed_task_id": name}).encode()
+        status, payload = await post_raw(host, int(port), body)
+        received[name] = time.monotonic()
+        statuses[name] = status
+        if status == 200:
+            assert json.loads(payload)["output"]["text"] == " Hello world. How are you?"
+
+    await asyncio.gather(*(one(n) for n in names))
+
+
+async def async_submissions(url: str, count: int, concurrency: int, headers: bool) -> tuple[float, dict[int, int]]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    codes: dict[int, int] = {}
+    webhook: dict = {"url": "https://hooks.example.com/bench"}
+    if headers:
+        webhook["header"] = {"Authorization": "Bearer bench"}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(count):
+        queue.put_nowait(i)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                body = {"url": "https://audio.example.com/bench.mp3", "is_async": True, "webhook": webhook}
+                response = await client.post("/", json=body)
+                codes[response.status_code] = codes.get(response.status_code, 0) + 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count / (time.monotonic() - started), codes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gateway")
+    ap.add_argument("--waiters", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=200.0, help="completions per second (0: as fast as possible)")
+    ap.add_argument("--driver-threads", type=int, default=8)
+    ap.add_argument("--async-jobs", type=int, default=500)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from kubernetes import client, config
+
+    from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+    from ifw.runner import stores
+    from ifw.runner.config import RunnerSettings
+    from tests.cluster.control_plane import ControlPlane
+    from tests.gateway.conftest import transcript
+
+    figures: dict = {"waiters": args.waiters, "rate": args.rate}
+    with ControlPlane() as cp:
+        api = config.new_client_from_config(config_file=cp.kubeconfig)
+        api.configuration.connection_pool_maxsize = args.driver_threads * 2
+        install_crd(api)
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        namespace = f"bench-{uuid.uuid4().hex[:6]}"
+        core.create_namespace({"metadata": {"name": namespace}})
+        gateway = GatewayProcess(cp.kubeconfig, namespace, timeout=600)
+        try:
+            gateway.wait_ready()
+            figures["rss_idle_mib"] = rss_kib(gateway.proc.pid)[0] / 1024
+
+            # 1. N sync requests, held by the gateway.
+            names = [f"w-{i:05d}" for i in range(args.waiters)]
+            received: dict[str, float] = {}
+            statuses: dict[str, int] = {}
+            loop_thread = threading.Thread(
+                target=lambda: asyncio.run(sync_clients(gateway.url, names, received, statuses)), daemon=True
+            )
+            t0 = time.monotonic()
+            loop_thread.start()
+            while gateway.waiters() < args.waiters:
+                if time.monotonic() - t0 > 300:
+                    raise RuntimeError(f"only {gateway.waiters()} waiters after 300 s")
+                time.sleep(0.25)
+            figures["all_waiting_after_s"] = round(time.monotonic() - t0, 2)
+            time.sleep(1)
+            rss, peak = rss_kib(gateway.proc.pid)
+            figures["rss_with_waiters_mib"] = round(rss / 1024, 1)
+            print(f"{args.waiters} waiters after {figures['all_waiting_after_s']} s; gateway RSS {rss / 1024:.1f} MiB")
+
+            # Results first, as in the real flow: the runner stores the result and reports it in
+            # status.result, then the operator marks the job Succeeded once the runner's Job completed.
+            jobs = {j["metadata"]["name"]: j for j in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]}
+            settings = RunnerSettings(result_store="secret")
+            refs: dict[str, dict] = {}
+
+            def store(name: str) -> None:
+                # The runner's part: store the result, report it on /status; the job still runs.
+                refs[name] = stores.store_result(transcript(), jobs[name], settings, core_v1=core)
+                runner = {"result": refs[name], "progress": {"percent": 100.0}}
+                custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": runner})
+
+            with ThreadPoolExecutor(args.driver_threads) as pool:
+                list(pool.map(store, names))
+
+            # 2. Complete them, paced; record when the apiserver acknowledged each.
+            sent: dict[str, float] = {}
+            acked: dict[str, float] = {}
+
+            def complete(i_name: tuple[int, str]) -> None:
+                i, name = i_name
+                if args.rate > 0:
+                    delay = start + i / args.rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                sent[name] = time.monotonic()
+                status = {"phase": "Succeeded"}  # the operator's part, once the runner's Job completed
+                custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+                acked[name] = time.monotonic()
+
+            cpu_before = cpu_seconds(gateway.proc.pid)
+            start = time.monotonic()
+            with ThreadPoolExecutor(args.driver_threads) as pool:
+                list(pool.map(complete, enumerate(names)))
+            loop_thread.join(120)
+            figures["completion_phase_s"] = round(time.monotonic() - start, 2)
+            figures["gateway_cpu_ms_per_completion"] = round(
+                (cpu_seconds(gateway.proc.pid) - cpu_before) * 1000 / args.waiters, 2
+            )
+            ok = sum(1 for s in statuses.values() if s == 200)
+            lat = [(received[n] - acked[n]) * 1000 for n in names if n in received]
+            lat_sent = [(received[n] - sent[n]) * 1000 for n in names if n in received]
+            buckets = gateway.histogram("ifw_gateway_completion_to_response_seconds")
+            total = buckets.get("+Inf", 0) or 1
+            figures["in_gateway_share_le_10ms"] = round(buckets.get("0.01", 0) / total, 3)
+            figures["in_gateway_share_le_50ms"] = round(buckets.get("0.05", 0) / total, 3)
+            figures["in_gateway_share_le_200ms"] = round(buckets.get("0.2", 0) / total, 3)
+            figures.update(
+                responses_200=ok,
+                latency_ms_p50=round(statistics.median(lat), 1),
+                latency_ms_p99=round(percentile(lat, 99), 1),
+                latency_ms_max=round(max(lat), 1),
+                latency_from_send_ms_p50=round(statistics.median(lat_sent), 1),
+                latency_from_send_ms_p99=round(percentile(lat_sent, 99), 1),
+                rss_peak_mib=round(rss_kib(gateway.proc.pid)[1] / 1024, 1),
+            )
+            print(
+                f"completion -> response: p50 {figures['latency_ms_p50']} ms, p99 {figures['latency_ms_p99']} ms, "
+                f"max {figures['latency_ms_max']} ms (from patch sent: p50 {figures['latency_from_send_ms_p50']}, "
+                f"p99 {figures['latency_from_send_ms_p99']}); {ok}/{args.waiters} answered 200; "
+                f"gateway CPU {figures['gateway_cpu_ms_per_completion']} ms per completion; inside the gateway "
+                f"(watch event -> result rendered): {figures['in_gateway_share_le_10ms']:.1%} <= 10 ms, "
+                f"{figures['in_gateway_share_le_50ms']:.1%} <= 50 ms, {figures['in_gateway_share_le_200ms']:.1%} <= 200 ms"
+            )
+
+            # 3. Async submissions.
+            if args.async_jobs:
+                for headers in (False, True):
+                    rps, codes = asyncio.run(async_submissions(gateway.url, args.async_jobs, args.concurrency, headers))
+                    key = "async_with_header_secret_rps" if headers else "async_rps"
+                    figures[key] = round(rps, 1)
+                    figures[key + "_codes"] = codes
+                    print(f"async submissions{' (+ headers Secret)' if headers else ''}: {rps:.1f}/s {codes}")
+            figures["rss_end_mib"] = round(rss_kib(gateway.proc.pid)[0] / 1024, 1)
+        finally:
+            gateway.stop()
+    print(json.dumps(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
