@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -99,13 +100,39 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
     return app
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the task_id when the record names one (extra={"task_id": ...})."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if task_id := getattr(record, "task_id", None):
+            entry["task_id"] = task_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(settings: GatewaySettings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
 def main() -> None:
     import uvicorn
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings)
     # The client logs whole request and response bodies at debug level: Secrets included.
     logging.getLogger("kubernetes").setLevel(max(logging.INFO, logging.getLogger().level))
     app = create_app(settings)
     gc.freeze()  # start-up objects (imports, schemas) leave the GC's scans: shorter pauses under load
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)

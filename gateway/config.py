@@ -20,7 +20,8 @@ class GatewaySettings(BaseSettings):
     # --- HTTP server ---
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with task_id.")
 
     # --- Kubernetes ---
     namespace: str = Field("default", description="Where TranscriptionJobs are created and watched.")

@@ -64,7 +64,7 @@ async def render_job(
         if transcript is None:
             transcript = await load(kube, namespace, job)
     except ResultUnavailable as exc:
-        log.warning("result of %s/%s unavailable: %s", namespace, name, exc)
+        log.warning("result of %s/%s unavailable: %s", namespace, name, exc, extra={"task_id": name})
         body = {"detail": f"the result of task {name} is unavailable: {exc}", "status": "error", "task_id": name}
         return JSONResponse(body, status_code=exc.status)
     if fmt == "openai_json":

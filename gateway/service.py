@@ -154,7 +154,7 @@ class Service:
                 if secret:
                     await self.kube.delete_secret(namespace, secret)
             except KubeError as exc:
-                log.warning("cleanup after failed create of %s/%s: %s", namespace, name, exc)
+                log.warning("cleanup after failed create of %s/%s: %s", namespace, name, exc, extra={"task_id": name})
             if staged is not None:
                 self.uploads.discard(staged)
 
@@ -176,7 +176,7 @@ class Service:
                 waiter.cancel()
                 if self.settings.cancel_on_disconnect:
                     await self.kube.delete_job(created.namespace, created.name, self.settings.delete_propagation)
-                    log.info("client left: cancelled %s/%s", created.namespace, created.name)
+                    log.info("client left: cancelled %s/%s", created.namespace, created.name, extra={"task_id": created.name})
                 raise ClientGone(created.name)
             job = waiter.result()
             outcome = (job.get("status") or {}).get("phase", "unknown").lower()

@@ -126,7 +126,7 @@ class Uploads:
             return
         if uid is None or owner == uid:
             shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed upload of %s/%s", namespace, name)
+            log.info("removed upload of %s/%s", namespace, name, extra={"task_id": name})
 
     def sweep(self, live: dict[tuple[str, str], dict[str, Any]], stale_after: float = 3600) -> None:
         """After the first list: remove uploads whose job is gone or finished, and old staging."""
