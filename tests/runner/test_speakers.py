@@ -142,7 +142,10 @@ def test_stripped_and_unspaced_texts_join_properly():
 def test_fast_on_an_hour_of_words():
     # ~10 words per 3 s for an hour, ~1,200 turns: must stay well under a second.
     words = [Word(start=i * 0.3, end=i * 0.3 + 0.25, text=" w") for i in range(12_000)]
-    segs = [Segment(start=words[i].start, end=words[i + 9].end, text="", words=words[i : i + 10]) for i in range(0, 12_000, 10)]
+    segs = [
+        Segment(start=words[i].start, end=words[i + 9].end, text="", words=words[i : i + 10])
+        for i in range(0, 12_000, 10)
+    ]
     turns = [(i * 3.0, i * 3.0 + 2.9, f"SPEAKER_{i % 3:02d}") for i in range(1_200)]
     began = time.perf_counter()
     out = assign_speakers(_transcript(*segs), turns)
