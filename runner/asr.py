@@ -323,6 +323,9 @@ def _segments(
             continue
         start = max(start, floor)
         end = max(end if end is not None else dur, start)
+        # boundaries predicted in a pause move onto the speech (piece-relative times)
+        a, b = piece.snap(piece.start + start, piece.start + end)
+        start, end = a - piece.start, b - piece.start
         words = None
         if decoded.token_times is not None:
             ends = [min(max(decoded.token_times[p], start), end) for p in positions]

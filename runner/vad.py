@@ -26,10 +26,28 @@ class Piece:
 
     start: float
     end: float
+    # The speech regions inside the piece (absolute seconds); empty when unknown.
+    regions: tuple[tuple[float, float], ...] = ()
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    def snap(self, start: float, end: float, max_shift: float = 1.5) -> tuple[float, float]:
+        """Move a segment's predicted start/end onto the nearest edge of speech.
+
+        Whisper's timestamp tokens are coarse (tiny models often step in whole
+        seconds, and a boundary may land in the pause or in the next sentence);
+        the VAD knows where speech starts and stops. Each boundary moves to the
+        nearest region edge of its kind, at most `max_shift` seconds away.
+        """
+        starts = [s for s, _ in self.regions if s < end and abs(s - start) <= max_shift]
+        if starts:
+            start = min(starts, key=lambda s: abs(s - start))
+        ends = [e for _, e in self.regions if e > start and abs(e - end) <= max_shift]
+        if ends:
+            end = min(ends, key=lambda e: abs(e - end))
+        return start, max(start, end)
 
 
 @lru_cache(maxsize=1)
@@ -74,18 +92,24 @@ def plan_pieces(regions: list[tuple[float, float]], max_piece_s: float = MAX_PIE
     pause between regions. Fuller pieces mean fewer windows to decode.
     """
     pieces: list[Piece] = []
-    start = end = None
-    for r_start, r_end in regions:
-        r_end = min(r_end, r_start + max_piece_s)  # a region never exceeds a window
-        if start is not None and r_end - start <= max_piece_s:
-            end = r_end
-            continue
-        if start is not None:
-            pieces.append(Piece(start, end))
-        start, end = r_start, r_end
-    if start is not None:
-        pieces.append(Piece(start, end))
+    current: list[tuple[float, float]] = []
+    for region in _at_most(regions, max_piece_s):
+        if current and region[1] - current[0][0] > max_piece_s:
+            pieces.append(Piece(current[0][0], current[-1][1], tuple(current)))
+            current = []
+        current.append(region)
+    if current:
+        pieces.append(Piece(current[0][0], current[-1][1], tuple(current)))
     return pieces
+
+
+def _at_most(regions: list[tuple[float, float]], limit: float):
+    """Regions, with any longer than `limit` cut into consecutive parts (the VAD rarely leaves one)."""
+    for start, end in regions:
+        while end - start > limit:
+            yield start, start + limit
+            start += limit
+        yield start, end
 
 
 def split_audio(audio: np.ndarray, max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
