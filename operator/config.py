@@ -177,8 +177,8 @@ class OperatorSettings(BaseSettings):
     resync_interval_seconds: float = Field(10, gt=0, description="Periodic level-based pass over all jobs.")
     watch_server_timeout_seconds: int = Field(300, gt=0, description="Server-side watch timeout (stale watches).")
     watch_client_timeout_seconds: float = Field(330, gt=0, description="Client-side watch timeout, > server's.")
-    api_threads: int = Field(32, ge=1, description="Threads for blocking Kubernetes API calls.")
-    concurrent_starts: int = Field(8, ge=1, description="Jobs being created at once (each makes 5 objects).")
+    api_threads: int = Field(64, ge=1, description="Threads for blocking Kubernetes API calls.")
+    concurrent_starts: int = Field(16, ge=1, description="Jobs being created at once (each makes 5 objects).")
 
     # --- operations ---
     liveness_port: int = Field(8080, ge=1, le=65535, description="kopf liveness probe at /healthz.")

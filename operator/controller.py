@@ -77,7 +77,8 @@ class Controller:
         self._dirty: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures: dict[str, int] = {}
-        self._webhooks: dict[str, asyncio.Task] = {}
+        self._webhooks: dict[str, asyncio.Task] = {}  # uid -> webhook delivery in flight
+        self._background: set[asyncio.Task] = set()  # Event posts
         self._expired: set[str] = set()  # TTL passed, delete requested
         # Starts in flight at once. Without a bound, a burst of N jobs queues all N*4 child
         # creations ahead of the first Job (FIFO thread pool) and every job waits for the last.
@@ -184,7 +185,7 @@ class Controller:
     async def stop(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
-        tasks = [*self._tasks.values(), *self._webhooks.values()]
+        tasks = [*self._tasks.values(), *self._webhooks.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -355,8 +356,8 @@ class Controller:
         type_ = "Warning" if outcome.phase == "Failed" else "Normal"
         # Events are for people: posting one must never hold up or break a reconcile.
         task = asyncio.get_running_loop().create_task(self._post_event(tj, type_, outcome))
-        self._webhooks.setdefault(f"event-{id(task)}", task).add_done_callback(
-            lambda _t, key=f"event-{id(task)}": self._webhooks.pop(key, None))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         status = updated.get("status") or {}
         if outcome.phase == "Running" and before.get("phase") != "Running" and not before.get("startTime"):
             created = parse_time(meta.get("creationTimestamp"))
@@ -423,8 +424,23 @@ class Controller:
             *(self.kube.delete_labelled(kind, namespace, selector)
               for kind in ("Pod", "Secret", "RoleBinding", "Role", "ServiceAccount"))
         )
+        ref = (tj.get("status") or {}).get("result") or {}
+        if ref.get("store") == "s3":  # a Secret result went with the Secrets above
+            await self._delete_s3_result(ref, namespace, name)
         self.created_jobs.pop(uid, None)
         self.first_seen.pop(uid, None)
         self._failures.pop(uid, None)
         self._expired.discard(uid)
-        log.info("%s/%s deleted: removed its Job, pods, result Secret and runner RBAC", namespace, name)
+        log.info("%s/%s deleted: removed its Job, pods, result and runner RBAC", namespace, name)
+
+    async def _delete_s3_result(self, ref: dict[str, Any], namespace: str, name: str) -> None:
+        """S3 objects have no owner references: the operator deletes them (same IFW_S3_* env as the runner)."""
+        from ifw.runner import stores
+        from ifw.runner.config import RunnerSettings
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: stores.delete_result(ref, namespace, settings=RunnerSettings())
+            )
+        except Exception as error:  # never block the cleanup of the Kubernetes objects on it
+            log.warning("%s/%s: could not delete result %s: %s", namespace, name, ref.get("ref"), error)

@@ -1,9 +1,234 @@
-"""Webhook delivery (placeholder until implemented)."""
+"""Webhook delivery when a TranscriptionJob succeeds or fails.
+
+Payloads are the original API's, so existing receivers keep working:
+
+- success: ``{"output": <the original API's json>, "status": "completed", "task_id": <name>}``
+- failure: ``{"error": <message>, "status": "error", "task_id": <name>}``
+
+Beyond the original: signed per the Standard Webhooks spec (``webhook-id`` stable across
+retries so receivers can drop duplicates, ``webhook-timestamp``, ``webhook-signature`` =
+HMAC-SHA256 with the operator's signing key), the user's extra headers come from a Secret
+(``spec.webhook.headersSecretRef``), a timeout per attempt, bounded retries with exponential
+backoff (tenacity) on network errors, 408, 429 and 5xx, and every attempt recorded in
+``status.webhook``. The destination goes through the SSRF guard (ifw.runner.netguard): only
+public addresses unless the operator's allowlist says otherwise, checked at connect time.
+
+Delivery runs beside the reconcile (a slow receiver never holds a job up) and survives a
+restart: the attempt count lives in the status, ``delivered`` stops any resend, and the TTL
+deletion waits until delivery has succeeded or given up.
+"""
 
 from __future__ import annotations
 
-from ifw.operator.controller import Controller
+import asyncio
+import base64
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from standardwebhooks import Webhook
+from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from ifw.operator import metrics
+from ifw.operator.controller import Controller, _newer
+from ifw.operator.kube import api_message
+from ifw.operator.status import format_time
+from ifw.runner import netguard
+
+log = logging.getLogger("ifw.operator.webhooks")
+
+# Headers the operator sets; a user's header Secret cannot replace them.
+RESERVED_HEADERS = frozenset({"content-type", "webhook-id", "webhook-timestamp", "webhook-signature", "host",
+                              "content-length"})
+USER_AGENT = "ifw-operator-webhooks/0.1.0"
+
+
+class DeliveryFailed(Exception):
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def success_payload(name: str, output: Any) -> dict[str, Any]:
+    return {"output": output, "status": "completed", "task_id": name}
+
+
+def error_payload(name: str, message: str) -> dict[str, Any]:
+    return {"error": message, "status": "error", "task_id": name}
+
+
+def sign(secret: str | None, msg_id: str, body: str, when: datetime) -> dict[str, str]:
+    """Standard Webhooks headers; without a signing key only id and timestamp are sent."""
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp()))}
+    if secret:
+        headers["webhook-signature"] = Webhook(secret).sign(msg_id, when, body)
+    return headers
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, DeliveryFailed) and error.retryable
 
 
 class WebhookController(Controller):
-    pass
+    """The Controller plus webhook delivery after a job finishes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._webhook_done: set[str] = set()  # settled in this process (status may lag behind)
+
+    def webhook_pending(self, tj: dict[str, Any]) -> bool:
+        """Whether a webhook is still owed: the TTL waits for it."""
+        hook = (tj.get("spec") or {}).get("webhook")
+        if not hook or tj["metadata"]["uid"] in self._webhook_done:
+            return False
+        state = (tj.get("status") or {}).get("webhook") or {}
+        return not state.get("delivered") and state.get("attempts", 0) < self.settings.webhook.max_attempts
+
+    async def deliver_webhook(self, tj: dict[str, Any]) -> None:
+        uid = tj["metadata"]["uid"]
+        if not self.webhook_pending(tj) or uid in self._webhooks:
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(tj), name=f"webhook-{uid}")
+        self._webhooks[uid] = task
+
+        def done(_task: asyncio.Task) -> None:
+            self._webhooks.pop(uid, None)
+            if not _task.cancelled():
+                self._webhook_done.add(uid)
+                self.poke(uid)  # the TTL may proceed now
+
+        task.add_done_callback(done)
+
+    async def after_finish(self, tj: dict[str, Any]) -> None:
+        await self.deliver_webhook(tj)
+        if tj["metadata"]["uid"] in self._webhooks:
+            return  # TTL after delivery: the task pokes the job when it ends
+        await super().after_finish(tj)
+
+    async def cleanup(self, tj: dict[str, Any]) -> None:
+        self._webhook_done.discard(tj["metadata"]["uid"])
+        await super().cleanup(tj)
+
+    # ---------------------------------------------------------------- delivery
+
+    async def _deliver(self, tj: dict[str, Any]) -> None:
+        meta, spec, status = tj["metadata"], tj.get("spec") or {}, tj.get("status") or {}
+        hook = spec["webhook"]
+        config = self.settings.webhook
+        state = dict(status.get("webhook") or {})
+        attempts_left = config.max_attempts - state.get("attempts", 0)
+        try:
+            body = json.dumps(await self._payload(tj), ensure_ascii=False, separators=(",", ":"))
+            extra = await self._user_headers(meta["namespace"], hook.get("headersSecretRef"))
+        except DeliveryFailed as error:
+            await self._record(tj, state, delivered=False, error=str(error), final=True)
+            return
+        # One id per job and outcome: the same across retries and operator restarts.
+        msg_id = f"{meta['uid']}-{status.get('phase', '').lower()}"
+        secret = config.signing_secret.get_secret_value() if config.signing_secret else None
+
+        async with netguard.guarded_async_client(
+            config.allowlist, timeout=httpx.Timeout(config.timeout_seconds), headers={"user-agent": USER_AGENT}
+        ) as client:
+
+            async def attempt() -> None:
+                now = datetime.now(timezone.utc)
+                headers = {**extra, "content-type": "application/json", **sign(secret, msg_id, body, now)}
+                try:
+                    response = await client.post(hook["url"], content=body.encode(), headers=headers)
+                except netguard.DestinationNotAllowed as error:
+                    raise DeliveryFailed(f"refused by the SSRF guard: {error}", retryable=False) from error
+                except httpx.HTTPError as error:
+                    raise DeliveryFailed(f"{type(error).__name__}: {error}", retryable=True) from error
+                if response.is_success:
+                    return
+                retryable = response.status_code in (408, 429) or response.status_code >= 500
+                raise DeliveryFailed(f"the receiver answered HTTP {response.status_code}", retryable=retryable)
+
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(max(1, attempts_left)),
+                wait=wait_exponential_jitter(multiplier=config.backoff_initial_seconds, max=config.backoff_max_seconds),
+                retry=retry_if_exception(_retryable),
+                reraise=True,
+            )
+            try:
+                async for try_ in retrying:
+                    with try_:
+                        try:
+                            await attempt()
+                        except DeliveryFailed as error:
+                            final = not error.retryable or try_.retry_state.attempt_number >= attempts_left
+                            state = await self._record(tj, state, delivered=False, error=str(error), final=final)
+                            raise
+                state = await self._record(tj, state, delivered=True, error=None, final=True)
+            except (DeliveryFailed, RetryError):
+                pass
+
+    async def _payload(self, tj: dict[str, Any]) -> dict[str, Any]:
+        meta, status = tj["metadata"], tj.get("status") or {}
+        if status.get("phase") != "Succeeded":
+            return error_payload(meta["name"], status.get("message") or status.get("reason") or "failed")
+        ref = status.get("result")
+        if not ref:
+            raise DeliveryFailed("the job succeeded but status.result is missing", retryable=False)
+        from ifw.runner import formats, stores
+
+        try:
+            transcript = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: stores.load_result(ref, meta["namespace"], job_uid=meta["uid"], core_v1=self.kube.core)
+            )
+        except Exception as error:  # the result is gone or unreadable: say so instead of sending nothing
+            raise DeliveryFailed(f"cannot read the result: {error}", retryable=False) from error
+        return success_payload(meta["name"], formats.render_object(transcript, "json"))
+
+    async def _user_headers(self, namespace: str, ref: dict[str, Any] | None) -> dict[str, str]:
+        if not ref:
+            return {}
+        try:
+            secret = await self.kube.read_secret(namespace, ref["name"])
+        except Exception as error:
+            raise DeliveryFailed(f"cannot read headers Secret {ref['name']}: {api_message(error)}",
+                                 retryable=False) from error
+        if secret is None:
+            raise DeliveryFailed(f"headers Secret {ref['name']} not found", retryable=False)
+        headers = {}
+        for key, value in (secret.get("data") or {}).items():
+            if key.lower() not in RESERVED_HEADERS:
+                headers[key] = base64.b64decode(value).decode()
+        return headers
+
+    async def _record(
+        self, tj: dict[str, Any], state: dict[str, Any], *, delivered: bool, error: str | None, final: bool
+    ) -> dict[str, Any]:
+        """One attempt into status.webhook (and metrics, logs, an Event when it is over)."""
+        meta = tj["metadata"]
+        state = {
+            "attempts": state.get("attempts", 0) + 1,
+            "delivered": delivered,
+            "lastAttemptTime": format_time(datetime.now(timezone.utc)),
+            "lastError": error[:4000] if error else None,
+        }
+        metrics.WEBHOOK_DELIVERIES_TOTAL.labels("delivered" if delivered else "failed").inc()
+        try:
+            updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], {"webhook": state})
+            if meta["uid"] in self.tjs and _newer(updated, self.tjs[meta["uid"]]):
+                self.tjs[meta["uid"]] = updated
+        except Exception as patch_error:  # the job may be gone (cancelled): nothing left to record on
+            log.warning("cannot record webhook state on %s: %s", meta["name"], api_message(patch_error))
+        if delivered:
+            log.info("%s/%s: webhook delivered to %s", meta["namespace"], meta["name"], _host(tj))
+        elif final:
+            log.warning("%s/%s: webhook to %s failed for good after %s attempts: %s", meta["namespace"],
+                        meta["name"], _host(tj), state["attempts"], error)
+            try:
+                await self.kube.event(tj, type_="Warning", reason="WebhookFailed", message=error or "",
+                                      component=self.settings.event_component)
+            except Exception as event_error:
+                log.warning("could not post an Event on %s: %s", meta["name"], api_message(event_error))
+        return state
+
+
+def _host(tj: dict[str, Any]) -> str:
+    return httpx.URL(tj["spec"]["webhook"]["url"]).host
