@@ -254,3 +254,22 @@ def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):
             return not listing.get("Contents")
 
         wait_for(gone, 10, what="the S3 object deleted")
+
+
+def test_kueue_queue_name_hands_admission_to_kueue(run_operator, sim):
+    run_operator(max_active_jobs=1)
+    busy = sim.create_tj("busy")
+    sim.job_of(busy)  # takes the operator's only slot
+    tj = sim.create_tj("kq", queueName="gpu-queue")
+    job = sim.job_of(tj)  # created anyway: Kueue, not the operator's cap, admits it
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+    status = sim.wait_phase("kq", "Queued", "QueuedInKueue")
+    assert "gpu-queue" in status["message"]
+    # Kueue admits the Workload: it unsuspends the Job; the operator leaves suspend to Kueue.
+    sim.batch.patch_namespaced_job(job["metadata"]["name"], sim.ns, {"spec": {"suspend": False}})
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("kq", "Running")
+    time.sleep(0.6)
+    assert sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False
