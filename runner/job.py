@@ -58,6 +58,8 @@ class JobStatus:
                 # Deleted (cancelled) before we started: nothing to do, and a retry cannot help.
                 raise errors.InvalidSpec(f"TranscriptionJob {self.namespace}/{self.name} does not exist") from e
             raise errors.RunnerError(f"could not read TranscriptionJob {self.namespace}/{self.name}: {e.reason}") from e
+        except Exception as e:  # connection refused, TLS, timeouts: the apiserver may come back
+            raise errors.RunnerError(f"could not reach the Kubernetes API: {e}") from e
 
     def patch(self, status: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -74,6 +76,8 @@ class JobStatus:
             )
         except ApiException as e:
             raise errors.RunnerError(f"could not update the status of {self.namespace}/{self.name}: {e.reason}") from e
+        except Exception as e:
+            raise errors.RunnerError(f"could not reach the Kubernetes API: {e}") from e
 
 
 def run_job(settings: RunnerSettings, api: Any) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def _espeak(voice: str, text: str, speed: int, workdir: Path) -> np.ndarray:
     raw = workdir / "utt.wav"
     res = workdir / "utt16k.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
-    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(res)], check=True)
+    subprocess.run(["sox", "-V1", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(res)], check=True)
     samples = read_wav(res)
     loud = np.flatnonzero(np.abs(samples) > _SILENCE_LEVEL)
     assert loud.size, f"espeak-ng produced no audible speech for {text!r}"
