@@ -193,7 +193,11 @@ class Controller:
     # -------------------------------------------------------------- admission
 
     def _admit_waiting(self, current: str | None = None) -> None:
-        for uid in self.queue.admit(self.active()):
+        if not len(self.queue):
+            return
+        # Counting the active Jobs walks them all: skip it when nothing is capped.
+        uncapped = self.queue.max_total is None and self.queue.max_per_namespace is None
+        for uid in self.queue.admit({} if uncapped else self.active()):
             if uid != current:
                 self.poke(uid)
 
