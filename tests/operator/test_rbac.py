@@ -87,8 +87,6 @@ def audited_cluster(tmp_path):
 
 
 def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited_cluster, monkeypatch):
-    import kopf
-
     import ifw.operator.handlers  # noqa: F401
     from kubernetes import client
 
