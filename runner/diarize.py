@@ -29,8 +29,10 @@ from ifw.runner import errors
 if TYPE_CHECKING:
     from ifw.runner.config import RunnerSettings
 
-# pyannote.audio 4 sends usage telemetry unless told not to (opt-in stays possible).
-os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")
+# pyannote.audio 4 sends usage telemetry by default; the runner never does. Set, not defaulted:
+# pyannote writes its own default into the environment when it is imported first, and reads the
+# variable at each call.
+os.environ["PYANNOTE_METRICS_ENABLED"] = "0"
 
 log = logging.getLogger(__name__)
 

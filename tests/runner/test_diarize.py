@@ -251,3 +251,18 @@ def test_warm_hub_cache_loads_without_network(monkeypatch, tmp_path):
     assert type(pipeline).__name__ == "VoiceActivityDetection"
     assert seen_offline == [True]  # the config came from the cache, in offline mode
     assert constants.HF_HUB_OFFLINE is False  # and offline mode was switched back off
+
+
+def test_pyannote_telemetry_is_off():
+    """Even when pyannote was imported first and the environment asked for telemetry."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import pyannote.audio, ifw.runner.diarize\n"
+        "from pyannote.audio.telemetry.metrics import is_metrics_enabled\n"
+        "assert is_metrics_enabled() is False\n"
+    )
+    env = {**os.environ, "PYANNOTE_METRICS_ENABLED": "true"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
