@@ -322,11 +322,17 @@ def main() -> int:
             # 3. Async submissions.
             if args.async_jobs:
                 for headers in (False, True):
+                    cpu_before = cpu_seconds(gateway.proc.pid)
                     rps, codes = asyncio.run(async_submissions(gateway.url, args.async_jobs, args.concurrency, headers))
+                    cpu_ms = (cpu_seconds(gateway.proc.pid) - cpu_before) * 1000 / args.async_jobs
                     key = "async_with_header_secret_rps" if headers else "async_rps"
                     figures[key] = round(rps, 1)
                     figures[key + "_codes"] = codes
-                    print(f"async submissions{' (+ headers Secret)' if headers else ''}: {rps:.1f}/s {codes}")
+                    figures[key.replace("_rps", "_gateway_cpu_ms")] = round(cpu_ms, 2)
+                    print(
+                        f"async submissions{' (+ headers Secret)' if headers else ''}: {rps:.1f}/s {codes}; "
+                        f"gateway CPU {cpu_ms:.2f} ms each"
+                    )
             figures["rss_end_mib"] = round(rss_kib(gateway.proc.pid)[0] / 1024, 1)
         finally:
             gateway.stop()
