@@ -80,6 +80,7 @@ class Controller:
         self._webhooks: dict[str, asyncio.Task] = {}  # uid -> webhook delivery in flight
         self._background: set[asyncio.Task] = set()  # Event posts
         self._expired: set[str] = set()  # TTL passed, delete requested
+        self._active: dict[str, str] = {}  # tj uid -> namespace of each Job holding capacity
         # Starts in flight at once. Without a bound, a burst of N jobs queues all N*4 child
         # creations ahead of the first Job (FIFO thread pool) and every job waits for the last.
         self._starting = asyncio.Semaphore(settings.concurrent_starts)
@@ -87,7 +88,11 @@ class Controller:
     # ------------------------------------------------------------- observation
 
     def bind_indexes(self, jobs_index: Any, pods_index: Any) -> None:
+        """Called from the first handler: kopf has listed every runner Job by then."""
         self.jobs_index, self.pods_index = jobs_index, pods_index
+        for uid in list(jobs_index):
+            for job in jobs_index.get(uid) or []:
+                self.note_job(None, job)
         self.ready.set()
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -101,30 +106,44 @@ class Controller:
         self.poke(uid)
 
     def job_for(self, uid: str) -> dict[str, Any] | None:
+        """The newest known version of the job's Job: the index's, or the one we just wrote."""
         store = self.jobs_index.get(uid) if self.jobs_index else None
-        if store:
-            self.created_jobs.pop(uid, None)
-            return max(store, key=lambda job: _rv(job) or 0)
-        return self.created_jobs.get(uid)
+        indexed = max(store, key=lambda job: _rv(job) or 0) if store else None
+        mine = self.created_jobs.get(uid)
+        if mine is not None and (indexed is None or (_rv(indexed) or 0) < (_rv(mine) or 0)):
+            return mine
+        self.created_jobs.pop(uid, None)  # the index has caught up
+        return indexed
 
     def pods_for(self, uid: str) -> list[dict[str, Any]]:
         store = self.pods_index.get(uid) if self.pods_index else None
         return list(store or [])
 
+    @staticmethod
+    def _counted(job: dict[str, Any]) -> bool:
+        """Whether a runner Job holds capacity: unfinished, running (not suspended), not Kueue's."""
+        labels = job["metadata"].get("labels") or {}
+        if manifests.LABEL_KUEUE_QUEUE in labels:
+            return False  # Kueue's quota governs those
+        return not (job_finished(job) or job_suspended(job))
+
+    def note_job(self, event_type: str | None, job: dict[str, Any]) -> None:
+        """Keep the map of capacity-holding Jobs current (one dict update, not a scan per decision)."""
+        uid = (job["metadata"].get("labels") or {}).get(manifests.LABEL_UID)
+        if not uid:
+            return
+        if event_type != "DELETED" and self._counted(job):
+            self._active[uid] = job["metadata"]["namespace"]
+        else:
+            self._active.pop(uid, None)
+
+    def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
+        self.note_job(event_type, job)
+        self.poke(job["metadata"]["labels"][manifests.LABEL_UID])
+
     def active(self) -> dict[str, str]:
-        """uid -> namespace of every unfinished, running (not suspended) runner Job we cap."""
-        out: dict[str, str] = {}
-        jobs: list[dict[str, Any]] = list(self.created_jobs.values())
-        for uid in list(self.jobs_index or []):
-            jobs.extend(self.jobs_index.get(uid) or [])
-        for job in jobs:
-            labels = job["metadata"].get("labels") or {}
-            if manifests.LABEL_KUEUE_QUEUE in labels:
-                continue  # Kueue's quota governs those
-            if job_finished(job) or job_suspended(job):
-                continue
-            out[labels[manifests.LABEL_UID]] = job["metadata"]["namespace"]
-        return out
+        """uid -> namespace of every runner Job holding capacity."""
+        return self._active
 
     def phases(self) -> list[str]:
         return [(tj.get("status") or {}).get("phase") or "Pending" for tj in self.tjs.values()]
@@ -251,6 +270,8 @@ class Controller:
                 if not job_suspended(job):
                     # The Job controller deletes the pod; a resume starts it again.
                     job = await self.kube.patch_job(namespace, job["metadata"]["name"], {"spec": {"suspend": True}})
+                    self.created_jobs[uid] = job
+                    self.note_job(None, job)
                     self._admit_waiting()
             elif job_suspended(job):
                 self.queue.enqueue(uid, namespace, meta.get("creationTimestamp") or "")
@@ -261,7 +282,8 @@ class Controller:
                         {"metadata": {"annotations": {manifests.ANNOTATION_RESUMED_AT: format_time(_now())}},
                          "spec": {"suspend": False}},
                     )
-                    self.created_jobs[uid] = job  # counted as active until the index catches up
+                    self.created_jobs[uid] = job  # until the index catches up
+                    self.note_job(None, job)
                 else:
                     waiting = ("ConcurrencyLimit", self.queue.describe(self.active(), namespace))
 
@@ -316,6 +338,7 @@ class Controller:
             if seen is not None:
                 metrics.JOB_CREATE_SECONDS.observe(time.monotonic() - seen)
         self.created_jobs[uid] = job
+        self.note_job(None, job)
         self.queue.settle(uid)
         return job
 
@@ -335,6 +358,7 @@ class Controller:
         for pod in self.pods_for(uid):
             await self.kube.delete("Pod", namespace, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
         self.created_jobs.pop(uid, None)
+        self._active.pop(uid, None)
 
     async def write_status(
         self, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime
@@ -432,6 +456,7 @@ class Controller:
         if ref.get("store") == "s3":  # a Secret result went with the Secrets above
             await self._delete_s3_result(ref, namespace, name)
         self.created_jobs.pop(uid, None)
+        self._active.pop(uid, None)
         self.first_seen.pop(uid, None)
         self._failures.pop(uid, None)
         self._expired.discard(uid)

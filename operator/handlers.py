@@ -115,9 +115,9 @@ async def transcriptionjob_event(
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_UID: kopf.PRESENT})
 async def job_event(
-    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_UID])
+    _controller(memo, runner_jobs, runner_pods).observe_job(type, dict(body))
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_UID: kopf.PRESENT})

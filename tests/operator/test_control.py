@@ -273,3 +273,18 @@ def test_kueue_queue_name_hands_admission_to_kueue(run_operator, sim):
     sim.wait_phase("kq", "Running")
     time.sleep(0.6)
     assert sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False
+
+
+def test_restarted_operator_counts_existing_jobs_before_admitting(run_operator, sim):
+    op = run_operator(max_active_jobs=1)
+    first = sim.create_tj("first")
+    job = sim.job_of(first)
+    op.stop()
+    second = sim.create_tj("second")  # arrives while the operator is down
+    run_operator(max_active_jobs=1)
+    sim.wait_phase("second", "Queued", "ConcurrencyLimit")
+    time.sleep(0.6)
+    assert sim.jobs(second["metadata"]["uid"]) == []  # the running Job was counted on start
+    sim.set_job_condition(job, "Complete", "CompletionsReached")
+    sim.job_of(second)
+    assert len(sim.jobs(first["metadata"]["uid"])) == 1
