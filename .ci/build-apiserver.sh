@@ -23,7 +23,7 @@
 #
 # Environment:
 #   IFW_CACHE            cache dir (default $HOME/.cache/ifw)
-#   IFW_DEBIAN_MIRROR    Debian mirror (default http://deb.debian.org/debian)
+#   IFW_DEBIAN_MIRROR    Debian mirror (default: the one this machine's apt uses)
 #   IFW_APT_REFRESH      seconds before the sid package lists are refreshed
 #                        (default 21600; 0 = always refresh)
 #   IFW_OFFLINE=1        never contact the mirror; use the cached lists/debs
@@ -40,7 +40,17 @@ trap 'rc=$?; [ $rc -eq 0 ] || echo "build-apiserver: FAILED (exit $rc)" >&2' EXI
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC_DIR="$REPO/tests/cluster/apiserver"
 CACHE="${IFW_CACHE:-$HOME/.cache/ifw}"
-MIRROR="${IFW_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The mirror this machine's apt already uses for Debian's main archive.
+system_mirror() {
+    local uri
+    uri=$(grep -hoE '^URIs:[[:space:]]*[^[:space:]]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+          | head -n1 | awk '{print $2}')
+    [ -n "$uri" ] || uri=$(grep -hoE '^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?[^[:space:]]+/debian/?[[:space:]]' \
+          /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1 | awk '{print $NF}')
+    echo "$uri"
+}
+MIRROR="${IFW_DEBIAN_MIRROR:-$(system_mirror)}"
+[ -n "$MIRROR" ] || { echo "build-apiserver: ERROR: no Debian mirror found in /etc/apt; set IFW_DEBIAN_MIRROR" >&2; exit 1; }
 REFRESH="${IFW_APT_REFRESH:-21600}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # The -dev packages whose closure holds every Go package main.go imports.
