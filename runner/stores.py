@@ -233,12 +233,14 @@ def _store_secret(data: bytes, job: JobRef, settings: RunnerSettings, core_v1: A
     name = body["metadata"]["name"]
     try:
         try:
-            core_v1.create_namespaced_secret(job.namespace, body)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            # A retried runner (or a re-run) finds its earlier write: replace it whole.
+            # The operator pre-creates this Secret: the runner's Role may update it by name but
+            # cannot create (create cannot be limited by resourceNames). Replace first, so a
+            # retried runner also just overwrites its earlier write.
             core_v1.replace_namespaced_secret(name, job.namespace, body)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            core_v1.create_namespaced_secret(job.namespace, body)  # no operator (e.g. a hand-run job)
     except ApiException as error:
         if error.status == 413:
             raise errors.ResultTooLarge(f"the apiserver refused the result Secret as too large: {error.reason}")
