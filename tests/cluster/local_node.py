@@ -112,7 +112,10 @@ class LocalNode:
             run = self.runs.setdefault(uid, _Run(job.metadata.namespace, job.metadata.name, uid))
             if run.done or job.metadata.deletion_timestamp:
                 continue
-            self._sync_job(job, run)
+            try:
+                self._sync_job(job, run)
+            except ApiException as error:  # e.g. its namespace is gone: one Job must not stall the rest
+                log.warning("cannot sync Job %s/%s: %s", run.namespace, run.name, error.reason)
         for uid in list(self.runs):
             if uid not in seen:  # the Job was deleted: stop its process like the kubelet would
                 self._kill(self.runs.pop(uid))
