@@ -9,9 +9,10 @@ export HF_HUB_OFFLINE := 1
 setup:
 	bash .ci/setup
 
-# The main job: transcribe a spoken sample on CPU with the packaged weights.
+# The main job: the local stack (apiserver, operator, gateway, runner) transcribes
+# a spoken sample on CPU with the packaged weights. ARGS="--serve" keeps it up.
 demo: setup
-	bash .ci/demo
+	bash .ci/demo $(ARGS)
 
 # Every test: unit, contract and operator tests against a real kube-apiserver,
 # model tests on real weights and real speech, gateway tests over HTTP.

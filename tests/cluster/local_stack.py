@@ -1,0 +1,209 @@
+"""The whole system on one machine, on CPU: the main job of `make demo`.
+
+Starts a real kube-apiserver + etcd (tests.cluster.control_plane), installs the
+TranscriptionJob CRD, runs the operator and the gateway as processes exactly as
+their images would (`python -m ifw.operator`, `python -m ifw.gateway`), and a
+local stand-in for the node (tests.cluster.local_node) that runs each runner
+Job as a process. Then it speaks a sample with espeak-ng (or takes --audio),
+posts it to the gateway's original REST API, prints the answer and
+`kubectl get tj`, and tears everything down.
+
+    python -m tests.cluster.local_stack                 # demo, then exit
+    python -m tests.cluster.local_stack --serve         # keep the stack up, print how to use it
+    python -m tests.cluster.local_stack --audio talk.mp3 --model tiny.en --timestamp word
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.cluster.control_plane import ControlPlane
+from tests.cluster.crd import install_crd
+from tests.cluster.local_node import LocalNode
+
+SAMPLE_TEXT = (
+    "Insanely fast whisper now runs on Kubernetes. "
+    "Every transcription is a resource that you can apply, watch and delete."
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(text: str, path: Path) -> Path:
+    if not shutil.which("espeak-ng"):
+        raise SystemExit("espeak-ng is needed for the sample: apt-get install espeak-ng (or pass --audio)")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+    return path
+
+
+def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with code {process.returncode}; see its log")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise SystemExit(f"{name} not ready at {url} within {timeout:.0f}s")
+
+
+class LocalStack:
+    def __init__(self, work: Path, model: str, namespace: str = "default"):
+        self.work = work
+        self.model = model
+        self.namespace = namespace
+        self.processes: list[subprocess.Popen] = []
+        self.gateway_url = ""
+        self.kubeconfig = ""
+
+    def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env={**os.environ, "KUBECONFIG": self.kubeconfig, **env},
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.work, start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def start(self, control_plane: ControlPlane) -> None:
+        self.kubeconfig = control_plane.kubeconfig
+        install_crd(control_plane_client(self.kubeconfig))
+        runner_env = {
+            "IFW_DEVICE": "cpu",
+            "IFW_CPU_THREADS": "2",
+            "OMP_NUM_THREADS": "2",
+            "IFW_DEFAULT_MODEL": self.model,
+            "IFW_DIARIZATION_PIPELINE": "packaged",
+            "PYANNOTE_METRICS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            # The gateway serves uploads to the runner on loopback here.
+            "IFW_FETCH_ALLOWLIST": '["127.0.0.1"]',
+        }
+        operator_config = {
+            "namespaces": [self.namespace],
+            "default_model": self.model,
+            "max_active_jobs": 1,  # one CPU "GPU"
+            "liveness_port": _free_port(),
+            "metrics_port": _free_port(),
+            "log_format": "plain",
+            "resync_interval_seconds": 2,
+            "runner": {"env": runner_env},
+        }
+        config_path = self.work / "operator.yaml"
+        config_path.write_text(yaml.safe_dump(operator_config))
+        operator = self._spawn("operator", "ifw.operator", {"IFW_OPERATOR_CONFIG_FILE": str(config_path)})
+
+        port = _free_port()
+        self.gateway_url = f"http://127.0.0.1:{port}"
+        gateway = self._spawn("gateway", "ifw.gateway", {
+            "IFW_GATEWAY_HOST": "127.0.0.1",
+            "IFW_GATEWAY_PORT": str(port),
+            "IFW_GATEWAY_NAMESPACE": self.namespace,
+            "IFW_GATEWAY_INTERNAL_URL": self.gateway_url,
+            "IFW_GATEWAY_UPLOAD_DIR": str(self.work / "uploads"),
+            "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
+            "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "900",
+            "IFW_GATEWAY_LOG_FORMAT": "text",
+        })
+        self.node = LocalNode(self.kubeconfig, log_dir=self.work / "pods")
+        (self.work / "pods").mkdir(exist_ok=True)
+        self.node.start()
+        _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
+        _wait_http(f"{self.gateway_url}/readyz", gateway, "gateway")
+
+    def stop(self) -> None:
+        if getattr(self, "node", None):
+            self.node.stop()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def control_plane_client(kubeconfig: str):
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+def demo(stack: LocalStack, audio: Path, timestamp: str, diarize: bool) -> int:
+    form = {"timestamp": timestamp, "diarise_audio": str(diarize).lower()}
+    print(f"POST {stack.gateway_url}/  (upload {audio.name}, timestamp={timestamp}, diarise_audio={diarize})",
+          flush=True)
+    started = time.monotonic()
+    with httpx.Client(base_url=stack.gateway_url, timeout=900) as http:
+        response = http.post("/", data=form, files={"file": (audio.name, audio.read_bytes())})
+        print(f"-> HTTP {response.status_code} in {time.monotonic() - started:.1f}s")
+        print(json.dumps(response.json(), indent=2, ensure_ascii=False))
+        if response.status_code != 200:
+            return 1
+        task_id = response.json()["task_id"]
+        status = http.get(f"/status/{task_id}").json()
+        print(f"GET /status/{task_id} -> status={status.get('status')} language={status.get('language')}")
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if kubectl:
+        subprocess.run([kubectl, "--kubeconfig", stack.kubeconfig, "get", "tj", "-n", stack.namespace, "-o", "wide"])
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
+    parser.add_argument("--audio", type=Path, help="audio file to transcribe (default: a spoken sample)")
+    parser.add_argument("--model", default="base", help="runner model: packaged 'base' or 'tiny.en', or a path")
+    parser.add_argument("--timestamp", choices=["chunk", "word"], default="chunk")
+    parser.add_argument("--diarize", action="store_true", help="split by speaker (packaged pyannote weights)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
+    stack = LocalStack(work, args.model)
+    print(f"local stack: logs in {work}", flush=True)
+    code = 1
+    try:
+        with ControlPlane() as control_plane:
+            try:
+                stack.start(control_plane)
+                if args.serve:
+                    print(f"\nexport KUBECONFIG={stack.kubeconfig}\ngateway: {stack.gateway_url}  (docs at /docs)\n"
+                          "Ctrl-C stops everything.", flush=True)
+                    with contextlib.suppress(KeyboardInterrupt):
+                        while True:
+                            time.sleep(3600)
+                    return 0
+                audio = args.audio or _say(SAMPLE_TEXT, work / "sample.wav")
+                code = demo(stack, audio, args.timestamp, args.diarize)
+                return code
+            finally:
+                stack.stop()
+    finally:
+        if code == 0 and not args.serve:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"logs kept in {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
