@@ -19,6 +19,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# Benchmarks print figures and ratios against a baseline measured in the same run.
 bench: setup
-	$(PY) bench/runner_cpu.py
-	$(PY) bench/control_plane.py
+	$(PY) -m bench.runner_cpu
+	$(PY) -m bench.control_plane --rate 30
+	$(PY) -m bench.gateway
