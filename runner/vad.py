@@ -61,11 +61,16 @@ def speech_regions(
     audio: np.ndarray,
     *,
     threshold: float = 0.5,
-    min_silence_s: float = 0.1,
+    min_silence_s: float = 0.5,
     pad_s: float = 0.2,
     max_region_s: float = MAX_PIECE_SECONDS,
 ) -> list[tuple[float, float]]:
-    """Where someone speaks, in seconds. Regions longer than max_region_s are split at their longest pause."""
+    """Where someone speaks, in seconds. Regions longer than max_region_s are split at their longest pause.
+
+    Pauses shorter than min_silence_s (commas, breaths) stay inside a region, so
+    pieces are cut between sentences, not inside them: a word at a cut loses
+    its context and is misheard more often.
+    """
     import torch
     from silero_vad import get_speech_timestamps
 

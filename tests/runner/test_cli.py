@@ -1,0 +1,114 @@
+"""`python -m ifw.runner transcribe` end to end, in a subprocess, on spoken samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IFW_")}
+    env.update(OMP_NUM_THREADS="2", IFW_CPU_THREADS="2", IFW_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "ifw.runner", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sample(speech):
+    return speech([
+        ("en-us", "Good morning, everyone, and welcome to the meeting.", 1.0),
+        ("en-gb", "Today we will talk about the new train timetable.", 1.0),
+        ("en-us", "Please send your questions before Friday.", 0.5),
+    ])  # fmt: skip
+
+
+@pytest.mark.model
+def test_transcribe_prints_the_original_json_shape(sample, wer):
+    p = cli("transcribe", str(sample.path), "--model", "tiny.en")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(out) >= {"text", "chunks"}
+    assert wer(sample.text, out["text"]) <= 0.2, out["text"]
+    starts = [c["timestamp"][0] for c in out["chunks"]]
+    for u in sample.utterances:
+        assert min(abs(s - u.start) for s in starts) <= 1.0
+
+
+@pytest.mark.model
+def test_default_model_on_cpu_is_the_packaged_base_with_word_times_in_verbose_json(sample, wer):
+    p = cli("transcribe", str(sample.path), "--timestamp", "word", "--format", "verbose_json")
+    assert p.returncode == 0, p.stderr
+    assert "using the packaged 'base' model" in p.stderr
+    out = json.loads(p.stdout)
+    assert out["language"] in ("en", "english") and out["duration"] == pytest.approx(sample.duration, abs=0.05)
+    assert wer(sample.text, out["text"]) <= 0.15, out["text"]
+    words = out["words"]
+    assert len(words) >= 20
+    assert all(0 <= w["start"] <= w["end"] <= sample.duration for w in words)
+    assert all(a["end"] <= b["start"] + 1e-6 for a, b in zip(words, words[1:]))
+
+
+@pytest.mark.model
+def test_srt_to_a_file_parses_and_vtt_parses(sample, tmp_path):
+    import srt
+    import webvtt
+
+    out = tmp_path / "out.srt"
+    p = cli("transcribe", str(sample.path), "--model", "tiny.en", "--format", "srt", "--output", str(out))
+    assert p.returncode == 0 and p.stdout == "", p.stderr
+    cues = list(srt.parse(out.read_text()))
+    assert len(cues) >= 3 and "meeting" in cues[0].content.lower()
+
+    p = cli("transcribe", str(sample.path), "--model", "tiny.en", "--format", "vtt")
+    assert p.returncode == 0, p.stderr
+    captions = webvtt.from_buffer(io.StringIO(p.stdout))
+    assert len(captions) >= 3 and "timetable" in " ".join(c.text for c in captions).lower()
+
+
+@pytest.mark.model
+def test_diarize_two_voices(speech, wer):
+    clip = speech([
+        ("en-us", "Hello, I am calling about the apartment you advertised last week.", 1.0),
+        ("en+f3", "Yes, it is still available. Would you like to come and see it?", 1.0),
+        ("en-us", "That would be great. Is Saturday morning a good time for you?", 1.0),
+        ("en+f3", "Saturday at ten works well. I will send you the address.", 0.5),
+    ])  # fmt: skip
+    p = cli("transcribe", str(clip.path), "--model", "tiny.en", "--diarize", "--num-speakers", "2")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    speakers = out["speakers"]
+    assert len({s["speaker"] for s in speakers}) == 2
+    # the turns alternate with the voices
+    labels = [s["speaker"] for s in speakers]
+    assert labels[0] != labels[1] and labels[0] == labels[2] and labels[1] == labels[3], speakers
+
+
+def test_bad_input_exits_2_with_the_reason(tmp_path, sample):
+    p = cli("transcribe", str(sample.path), "--model", "tiny.en", "--language", "xx")
+    assert p.returncode == 2 and "language" in p.stderr and "'xx'" in p.stderr
+
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio\n" * 100)
+    p = cli("transcribe", str(not_audio), "--model", "tiny.en")
+    assert p.returncode == 2 and "InvalidAudio" in p.stderr
+
+    p = cli("transcribe", str(sample.path), "--model", "no-such/model-anywhere")
+    assert p.returncode == 2 and "ModelLoadFailed" in p.stderr
+
+    p = cli("transcribe", "http://169.254.169.254/latest/meta-data", "--model", "tiny.en")
+    assert p.returncode == 2 and "AudioFetchFailed" in p.stderr
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["ifw-runner"] == "ifw.runner.__main__:main"

@@ -1,0 +1,165 @@
+"""Job mode against the real test kube-apiserver: `python -m ifw.runner job` as the Pod runs it.
+
+The runner reads its own TranscriptionJob, transcribes spec.audio.url (served
+here on loopback, allowed through the SSRF guard by IFW_FETCH_ALLOWLIST),
+writes only its part of the status through /status, stores the result in a
+Secret, and exits 0; or writes the termination message and exits 2/1.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from ifw.runner import stores
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def audio_server(speech):
+    """Serves the generated clips on 127.0.0.1 (the runner fetches over HTTP as in a cluster)."""
+    clip = speech([
+        ("en-us", "Please open the window because it is very warm in here.", 0.8),
+        ("en-gb", "The children are playing football in the garden.", 0.5),
+    ])  # fmt: skip
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(clip.path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", clip
+    server.shutdown()
+
+
+@pytest.fixture
+def objects(kube, tj_crd):
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        yield client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+
+def create_job(objects, namespace: str, url: str, **spec) -> dict:
+    custom, _ = objects
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": f"tj-{uuid.uuid4().hex[:8]}", "namespace": namespace},
+        "spec": {"audio": {"url": url}, **spec},
+    }
+    return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def run_runner(kube, job: dict, tmp_path: Path, uid: str | None = None, **env) -> tuple[int, dict | None, str]:
+    """Run the Pod's command; returns (exit code, termination message, stderr)."""
+    message = tmp_path / "termination-log"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IFW_")}
+    base.update(
+        KUBECONFIG=kube.kubeconfig,
+        OMP_NUM_THREADS="2",
+        HF_HUB_OFFLINE="1",
+        IFW_JOB_NAMESPACE=job["metadata"]["namespace"],
+        IFW_JOB_NAME=job["metadata"]["name"],
+        IFW_JOB_UID=uid or job["metadata"]["uid"],
+        IFW_TERMINATION_MESSAGE_PATH=str(message),
+        IFW_DEFAULT_MODEL="tiny.en",
+        IFW_DEVICE="cpu",
+        IFW_CPU_THREADS="2",
+        IFW_WORK_DIR=str(tmp_path / "work"),
+        IFW_FETCH_ALLOWLIST='["127.0.0.1"]',
+        IFW_PROGRESS_INTERVAL_SECONDS="0.5",
+        **env,
+    )
+    p = subprocess.run([sys.executable, "-m", "ifw.runner", "job"], env=base, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    return p.returncode, json.loads(message.read_text()) if message.exists() else None, p.stderr
+
+
+def read(objects, job: dict) -> dict:
+    custom, _ = objects
+    return custom.get_namespaced_custom_object(
+        GROUP, VERSION, job["metadata"]["namespace"], PLURAL, job["metadata"]["name"]
+    )
+
+
+@pytest.mark.model
+def test_job_transcribes_writes_its_status_and_stores_the_result(kube, objects, namespace, audio_server, tmp_path, wer):
+    base_url, clip = audio_server
+    job = create_job(objects, namespace, f"{base_url}/{clip.path.name}", timestamp="word")
+    code, message, stderr = run_runner(kube, job, tmp_path)
+    assert code == 0, stderr
+    assert message is None
+
+    status = read(objects, job)["status"]
+    # the runner writes only its own fields; conditions/phase/times belong to the operator
+    assert set(status) == {"progress", "audio", "result"}
+    assert status["progress"]["percent"] == 100.0
+    assert status["progress"]["totalSeconds"] == pytest.approx(clip.duration, abs=0.05)
+    assert status["audio"]["durationSeconds"] == pytest.approx(clip.duration, abs=0.05)
+    assert status["audio"]["language"] == "en"
+    result = status["result"]
+    assert result["store"] == "secret" and result["sizeBytes"] > 0 and len(result["sha256"]) == 64
+
+    _, core = objects
+    transcript = stores.load_result(result, namespace, job_uid=job["metadata"]["uid"], core_v1=core)
+    assert wer(clip.text, transcript.text) <= 0.2, transcript.text
+    assert transcript.timestamp == "word" and all(s.words for s in transcript.segments)
+    assert transcript.segments[0].start == pytest.approx(clip.utterances[0].start, abs=1.0)
+
+
+def test_job_refuses_a_uid_mismatch(kube, objects, namespace, audio_server, tmp_path):
+    base_url, clip = audio_server
+    job = create_job(objects, namespace, f"{base_url}/{clip.path.name}")
+    code, message, _ = run_runner(kube, job, tmp_path, uid=str(uuid.uuid4()))
+    assert code == 2
+    assert message["reason"] == "InvalidSpec" and "deleted and recreated" in message["message"]
+    assert "status" not in read(objects, job) or not read(objects, job)["status"].get("result")
+
+
+@pytest.mark.model
+def test_job_with_missing_audio_fails_as_bad_input(kube, objects, namespace, audio_server, tmp_path):
+    base_url, _ = audio_server
+    job = create_job(objects, namespace, f"{base_url}/no-such-file.wav")
+    code, message, _ = run_runner(kube, job, tmp_path)
+    assert code == 2
+    assert message["reason"] == "AudioFetchFailed" and "404" in message["message"]
+
+
+def test_job_for_a_deleted_object_exits_bad_input(kube, objects, namespace, tmp_path):
+    job = {"metadata": {"namespace": namespace, "name": "never-created", "uid": str(uuid.uuid4())}}
+    code, message, _ = run_runner(kube, job, tmp_path)
+    assert code == 2 and message["reason"] == "InvalidSpec" and "does not exist" in message["message"]
+
+
+def test_job_when_the_apiserver_is_unreachable_is_transient(objects, namespace, tmp_path):
+    job = {"metadata": {"namespace": namespace, "name": "x", "uid": str(uuid.uuid4())}}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {}}],
+    }))  # fmt: skip
+
+    class Down:
+        pass
+
+    down = Down()
+    down.kubeconfig = str(kubeconfig)
+    code, message, _ = run_runner(down, job, tmp_path)
+    assert code == 1 and message["reason"] == "RunnerFailed"
