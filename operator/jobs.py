@@ -282,7 +282,7 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
         "podFailurePolicy": {
             "rules": [
                 # Preemption, eviction, node drain: not the runner's fault, costs no retry.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 # Bad input: retrying cannot help.
                 {
                     "action": "FailJob",

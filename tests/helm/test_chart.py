@@ -250,16 +250,7 @@ GPU_TJ = {"apiVersion": "ifw.dev/v1alpha1", "kind": "TranscriptionJob",
           "spec": {"audio": {"url": "https://media.example.com/a.mp3"}, "queueName": "gpu-h100"}}
 
 
-# Kubernetes up to 1.34 publishes podFailurePolicy onPodConditions[].status as required (the
-# apiserver defaults it to "True"; 1.35's schema made it optional). operator/jobs.py omits it.
-STATUS_OMITTED = pytest.mark.xfail(
-    strict=True,
-    reason="operator/jobs.py writes onPodConditions [{type: DisruptionTarget}] without status: 'True', "
-    "required by the batch/v1 OpenAPI schema before 1.35. Remove this marker once the operator sets it.",
-)
-
-
-@pytest.mark.parametrize("version", [pytest.param(K8S_VERSIONS[0], marks=STATUS_OMITTED), K8S_VERSIONS[1]])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_runner_job_built_from_the_chart_values_validates(gpu_objects, tmp_path, monkeypatch, version):
     settings = load_operator_settings(tmp_path, monkeypatch, gpu_objects)
     kubernetes_validate.validate(runner_job(GPU_TJ, settings), version, strict=True)

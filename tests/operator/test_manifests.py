@@ -78,7 +78,7 @@ def test_pod_template_from_config_is_a_secure_gpu_pod():
     # Per job: retries, deadline, fail fast on bad input, preemption is free.
     assert spec["backoffLimit"] == 4 and spec["activeDeadlineSeconds"] == 3600 and spec["suspend"] is False
     rules = spec["podFailurePolicy"]["rules"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert {"action": "FailJob", "onExitCodes": {"containerName": "runner", "operator": "In", "values": [2]}} in rules
     assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
 
