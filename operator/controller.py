@@ -241,7 +241,7 @@ class Controller:
 
         spec = tj.get("spec") or {}
         meta = tj["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
+        namespace = meta["namespace"]
         kueue = bool(spec.get("queueName"))
         job = self.job_for(uid)
         if job is not None:
