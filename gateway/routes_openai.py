@@ -2,7 +2,8 @@
 
 Same multipart fields as OpenAI's API, so the official SDKs work when pointed
 at the gateway. Each request becomes a sync TranscriptionJob on the uploaded
-file; `prompt` and `temperature` are accepted for compatibility and not used.
+file. The runner decodes greedily and has no prompt input yet, so a `prompt` or a
+`temperature` above 0 is refused with a 400 naming the field rather than ignored.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ async def _run(
     language: str | None,
     response_format: str,
     granularities: list[str],
+    prompt: str | None = None,
+    temperature: float | None = None,
 ) -> Any:
+    if prompt:
+        raise field_error("prompt", "prompts are not supported by this server yet; send the request without one")
+    if temperature:
+        raise field_error("temperature", "only 0 is supported (the runner decodes greedily)")
     try:
         language = check_language(language)
     except ValueError as exc:
@@ -84,8 +91,8 @@ ModelField = Annotated[
     str, Form(max_length=256, description="whisper-1 (the default model) or a checkpoint the operator allows")
 ]
 FormatField = Annotated[ResponseFormat, Form(description="json, text, srt, vtt or verbose_json")]
-PromptField = Annotated[str | None, Form(max_length=4096, description="Accepted for compatibility; not used")]
-TemperatureField = Annotated[float | None, Form(ge=0, le=1, description="Accepted for compatibility; not used")]
+PromptField = Annotated[str | None, Form(max_length=4096, description="Not supported yet: must be empty")]
+TemperatureField = Annotated[float | None, Form(ge=0, le=1, description="Only 0 (greedy decoding) is supported")]
 
 
 @router.post("/transcriptions", summary="OpenAI-compatible transcription", responses=RESPONSES, response_model=None)
@@ -101,7 +108,9 @@ async def transcriptions(
         list[Granularity], Form(alias="timestamp_granularities[]", description="word and/or segment")
     ] = [],  # noqa: B006 - FastAPI copies defaults
 ) -> Any:
-    return await _run(request, "transcribe", file, model, language, response_format, timestamp_granularities)
+    return await _run(
+        request, "transcribe", file, model, language, response_format, timestamp_granularities, prompt, temperature
+    )
 
 
 @router.post("/translations", summary="OpenAI-compatible translation to English", responses=RESPONSES, response_model=None)
@@ -113,7 +122,7 @@ async def translations(
     response_format: FormatField = "json",
     temperature: TemperatureField = None,
 ) -> Any:
-    return await _run(request, "translate", file, model, None, response_format, [])
+    return await _run(request, "translate", file, model, None, response_format, [], prompt, temperature)
 
 
 __all__ = ["OpenAIText", "router"]

@@ -210,6 +210,12 @@ def test_openai_sdk_translation_and_errors(gateway_factory, driver, pool, wav):
     with wav.open("rb") as f, pytest.raises(openai.UnprocessableEntityError) as bad:
         client.audio.transcriptions.create(model="whisper-1", file=f, language="klingon")
     assert "language" in str(bad.value)
+    # What the runner cannot honour is refused, naming the field, not silently ignored.
+    for extra, field in (({"prompt": "Kubernetes, kopf"}, "prompt"), ({"temperature": 0.4}, "temperature")):
+        with wav.open("rb") as f, pytest.raises(openai.UnprocessableEntityError) as bad:
+            client.audio.transcriptions.create(model="whisper-1", file=f, **extra)
+        assert field in str(bad.value)
+    assert len(driver.jobs()) == 1  # only the translation above created a job
     with wav.open("rb") as f, pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gw.url}/v1", api_key="wrong", max_retries=0).audio.transcriptions.create(
             model="whisper-1", file=f
