@@ -64,12 +64,22 @@ class Kube:
         return f"Kube(source={self.source!r}, server={self.server!r}, kubeconfig={self.kubeconfig!r})"
 
 
+_CONTROL_PLANES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say in the log which Kubernetes API the cluster tests ran against, and how it was obtained."""
+    for line in _CONTROL_PLANES:
+        terminalreporter.write_line(f"test control plane: {line}")
+
+
 @pytest.fixture(scope="session")
 def kube():
     from tests.cluster.control_plane import ControlPlane
 
     previous = os.environ.get("KUBECONFIG")
     with ControlPlane() as cp:
+        _CONTROL_PLANES.append(f"{cp.source}: Kubernetes {cp.version.get('gitVersion', '?')} at {cp.server}")
         _point_kubernetes_client_at(cp.kubeconfig)
         try:
             yield Kube(cp)
