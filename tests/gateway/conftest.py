@@ -16,42 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
 
 REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "transcriptionjob.yaml"
 
 
 @pytest.fixture(scope="session")
-def crd(kube):
-    """Install the TranscriptionJob CRD (from the generated YAML) and wait until it is served."""
-    from kubernetes import client
-
-    with kube.api_client() as api:
-        ext = client.ApiextensionsV1Api(api)
-        body = yaml.safe_load(CRD.read_text())
-        try:
-            ext.create_custom_resource_definition(body)
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            crd = ext.read_custom_resource_definition(body["metadata"]["name"])
-            if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
-                break
-            time.sleep(0.1)
-        custom = client.CustomObjectsApi(api)
-        while time.monotonic() < deadline:  # the discovery of the new group lags a little
-            try:
-                custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, limit=1)
-                return body
-            except client.ApiException:
-                time.sleep(0.1)
-        raise RuntimeError("the TranscriptionJob CRD did not become available")
+def crd(tj_crd):
+    """The TranscriptionJob CRD, installed once for the session (tests/conftest.py)."""
+    return tj_crd
 
 
 def free_port() -> int:
