@@ -74,11 +74,23 @@ def select_device(settings: RunnerSettings) -> torch.device:
     return torch.device("cpu")
 
 
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a pod's limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def pin_cpu_threads(settings: RunnerSettings) -> int:
     """Use the cores this process may run on (or cpu_threads); more threads than cores thrash."""
     import torch
 
-    threads = settings.cpu_threads or len(os.sched_getaffinity(0))
+    threads = settings.cpu_threads or usable_cpus()
     torch.set_num_threads(threads)
     return threads
 
@@ -325,7 +337,8 @@ def _segments(
         end = max(end if end is not None else dur, start)
         # boundaries predicted in a pause move onto the speech (piece-relative times)
         a, b = piece.snap(piece.start + start, piece.start + end)
-        start, end = a - piece.start, b - piece.start
+        start = max(a - piece.start, floor)
+        end = max(b - piece.start, start)
         words = None
         if decoded.token_times is not None:
             ends = [min(max(decoded.token_times[p], start), end) for p in positions]
@@ -333,7 +346,8 @@ def _segments(
             words = []
             for w_text, w_start, w_end in _words(wm, toks, ends, start, language):
                 w_start = max(w_start, start)
-                words.append(Word(start=_r(piece.start + w_start), end=_r(piece.start + max(w_end, w_start)), text=w_text))
+                w_end = max(w_end, w_start)
+                words.append(Word(start=_r(piece.start + w_start), end=_r(piece.start + w_end), text=w_text))
         segments.append(Segment(start=_r(piece.start + start), end=_r(piece.start + end), text=body, words=words))
         floor = end
     return segments
