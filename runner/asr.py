@@ -74,23 +74,11 @@ def select_device(settings: RunnerSettings) -> torch.device:
     return torch.device("cpu")
 
 
-def usable_cpus() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a pod's limit)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def pin_cpu_threads(settings: RunnerSettings) -> int:
     """Use the cores this process may run on (or cpu_threads); more threads than cores thrash."""
     import torch
 
-    threads = settings.cpu_threads or usable_cpus()
+    threads = settings.cpu_threads or vad.usable_cpus()
     torch.set_num_threads(threads)
     return threads
 

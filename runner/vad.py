@@ -11,8 +11,11 @@ TorchScript one, so it is used when onnxruntime is installed.
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -50,11 +53,30 @@ class Piece:
         return start, max(start, end)
 
 
-@lru_cache(maxsize=1)
-def _silero():
-    from silero_vad import load_silero_vad
+_local = threading.local()
+# Below this, one thread does the whole audio; above, each thread takes a stretch at least this long.
+MIN_STRETCH_SECONDS = 120.0
 
-    return load_silero_vad(onnx=importlib.util.find_spec("onnxruntime") is not None)
+
+def _silero():
+    """One Silero model per thread: the model carries state from frame to frame."""
+    if not hasattr(_local, "model"):
+        from silero_vad import load_silero_vad
+
+        _local.model = load_silero_vad(onnx=importlib.util.find_spec("onnxruntime") is not None)
+    return _local.model
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a pod's limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def speech_regions(
@@ -64,29 +86,58 @@ def speech_regions(
     min_silence_s: float = 0.5,
     pad_s: float = 0.2,
     max_region_s: float = MAX_PIECE_SECONDS,
+    workers: int | None = None,
 ) -> list[tuple[float, float]]:
     """Where someone speaks, in seconds. Regions longer than max_region_s are split at their longest pause.
 
     Pauses shorter than min_silence_s (commas, breaths) stay inside a region, so
     pieces are cut between sentences, not inside them: a word at a cut loses
     its context and is misheard more often.
+
+    Silero runs frame by frame on one core (~150x real time), which would
+    dominate a GPU pod's time on long audio; long audio is therefore cut into
+    one stretch per usable core, run in threads (onnxruntime releases the GIL).
     """
+    if audio.size == 0:
+        return []
+    audio = np.ascontiguousarray(audio, dtype=np.float32)
+    kwargs = {
+        "threshold": threshold,
+        "min_silence_duration_ms": int(min_silence_s * 1000),
+        "speech_pad_ms": int(pad_s * 1000),
+        # leave room for the padding on both sides
+        "max_speech_duration_s": max_region_s - 2 * pad_s,
+    }
+    seconds = len(audio) / SAMPLE_RATE
+    n = max(1, min(workers or usable_cpus(), int(seconds // MIN_STRETCH_SECONDS)))
+    if n == 1:
+        return _regions(audio, 0, len(audio), kwargs)
+    # Each stretch also reads one window past its end, so it sees every region
+    # that starts inside it to the region's real end.
+    cuts = [round(i * len(audio) / n) for i in range(n + 1)]
+    overlap = int(max_region_s * SAMPLE_RATE)
+    stretches = [(cuts[i], min(cuts[i + 1] + overlap, len(audio))) for i in range(n)]
+    with ThreadPoolExecutor(n, thread_name_prefix="vad") as pool:
+        parts = list(pool.map(lambda b: _regions(audio, b[0], b[1], kwargs), stretches))
+    regions: list[tuple[float, float]] = []
+    for i, part in enumerate(parts):
+        own_end = cuts[i + 1] / SAMPLE_RATE
+        for start, end in part:
+            # a region belongs to the stretch it starts in; a later stretch's view of
+            # a region already taken (it starts inside it) is dropped
+            if start < own_end and (not regions or start >= regions[-1][1]):
+                regions.append((start, end))
+    return regions
+
+
+def _regions(audio: np.ndarray, a: int, b: int, kwargs: dict) -> list[tuple[float, float]]:
     import torch
     from silero_vad import get_speech_timestamps
 
-    if audio.size == 0:
-        return []
     stamps = get_speech_timestamps(
-        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
-        _silero(),
-        threshold=threshold,
-        sampling_rate=SAMPLE_RATE,
-        min_silence_duration_ms=int(min_silence_s * 1000),
-        speech_pad_ms=int(pad_s * 1000),
-        # leave room for the padding on both sides
-        max_speech_duration_s=max_region_s - 2 * pad_s,
+        torch.from_numpy(audio[a:b]), _silero(), sampling_rate=SAMPLE_RATE, **kwargs
     )
-    return [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
+    return [((a + s["start"]) / SAMPLE_RATE, (a + s["end"]) / SAMPLE_RATE) for s in stamps]
 
 
 def plan_pieces(regions: list[tuple[float, float]], max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:

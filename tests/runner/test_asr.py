@@ -136,8 +136,12 @@ def test_english_only_model_refuses_translate_and_other_languages(short_clip):
 # ------------------------------------------------------------ no model needed
 
 
-def test_vad_cuts_at_the_pauses_into_pieces_of_at_most_30s(long_clip):
-    regions = vad.speech_regions(long_clip.audio())
+@pytest.mark.parametrize("workers", [1, 3])
+def test_vad_cuts_at_the_pauses_into_pieces_of_at_most_30s(long_clip, workers, monkeypatch):
+    # with 3 workers the ~62 s clip is cut into 3 stretches run in threads, then joined
+    monkeypatch.setattr(vad, "MIN_STRETCH_SECONDS", 15.0)
+    regions = vad.speech_regions(long_clip.audio(), workers=workers)
+    assert all(a[1] < b[0] for a, b in zip(regions, regions[1:]))  # sorted, no overlaps
     # every region is speech (inside a sentence), every sentence starts and ends a region
     for start, end in regions:
         assert any(u.start - 0.4 <= start and end <= u.end + 0.4 for u in long_clip.utterances), (start, end)
