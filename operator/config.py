@@ -179,6 +179,11 @@ class OperatorSettings(BaseSettings):
     watch_client_timeout_seconds: float = Field(330, gt=0, description="Client-side watch timeout, > server's.")
     api_threads: int = Field(64, ge=1, description="Threads for blocking Kubernetes API calls.")
     concurrent_starts: int = Field(16, ge=1, description="Jobs being created at once (each makes 5 objects).")
+    admission_settle_seconds: float = Field(
+        0.2, ge=0, le=10,
+        description="While a cap is set, a new job waits this long before it may take capacity, so jobs "
+        "created in the same instant (seen out of order) still start in creation order.",
+    )
 
     # --- operations ---
     liveness_port: int = Field(8080, ge=1, le=65535, description="kopf liveness probe at /healthz.")

@@ -64,7 +64,9 @@ class Controller:
     def __init__(self, settings: OperatorSettings, kube: Kube):
         self.settings = settings
         self.kube = kube
-        self.queue = AdmissionQueue(settings.max_active_jobs, settings.max_active_jobs_per_namespace)
+        self.queue = AdmissionQueue(
+            settings.max_active_jobs, settings.max_active_jobs_per_namespace, settings.admission_settle_seconds
+        )
         self.tjs: dict[str, dict[str, Any]] = {}  # uid -> latest TranscriptionJob seen
         self.tombstones: dict[str, dict[str, Any]] = {}  # uid -> last body of a deleted one
         self.first_seen: dict[str, float] = {}  # uid -> monotonic time the operator first saw it
@@ -216,9 +218,24 @@ class Controller:
             return
         # Counting the active Jobs walks them all: skip it when nothing is capped.
         uncapped = self.queue.max_total is None and self.queue.max_per_namespace is None
-        for uid in self.queue.admit({} if uncapped else self.active()):
+        for uid in self.queue.admit({} if uncapped else self.active(), time.monotonic()):
             if uid != current:
                 self.poke(uid)
+
+    def _enqueue(self, tj: dict[str, Any]) -> None:
+        meta = tj["metadata"]
+        revision = int(meta.get("resourceVersion") or 0)
+        self.queue.enqueue(meta["uid"], meta["namespace"], meta.get("creationTimestamp") or "", revision,
+                           time.monotonic())
+
+    def _settling(self, uid: str) -> bool:
+        """A job not admitted only because it (or an older one) is settling: come back then, write nothing."""
+        now = time.monotonic()
+        held = self.queue.held_until(uid, now)
+        if held is None:
+            return False
+        self.poke_at(uid, _now() + timedelta(seconds=held - now))
+        return True
 
     # -------------------------------------------------------------- reconcile
 
@@ -255,12 +272,14 @@ class Controller:
                 waiting = suspended_msg
             else:
                 if not kueue:
-                    self.queue.enqueue(uid, namespace, meta.get("creationTimestamp") or "")
+                    self._enqueue(tj)
                     self._admit_waiting(current=uid)
                 if kueue or self.queue.is_reserved(uid):
                     job = await self.start(tj)
                     if job is None:
                         return  # failed permanently; status already written
+                elif self._settling(uid):
+                    return
                 else:
                     waiting = ("ConcurrencyLimit", self.queue.describe(self.active(), namespace))
         elif job is not None and not kueue and not job_finished(job):
@@ -274,8 +293,10 @@ class Controller:
                     self.note_job(None, job)
                     self._admit_waiting()
             elif job_suspended(job):
-                self.queue.enqueue(uid, namespace, meta.get("creationTimestamp") or "")
+                self._enqueue(tj)
                 self._admit_waiting(current=uid)
+                if self._settling(uid):
+                    return
                 if self.queue.is_reserved(uid):
                     job = await self.kube.patch_job(
                         namespace, job["metadata"]["name"],

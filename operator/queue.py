@@ -8,22 +8,34 @@ namespaces); within the cluster, the oldest waiting job that fits always goes fi
 The queue is in memory. That is safe across restarts because what counts as *active* is not
 remembered here but recomputed from the Jobs that exist (kopf lists them before any handler
 runs); only the order of the waiting jobs is rebuilt, from their creation timestamps.
+
+Order within one second: creationTimestamp has one-second resolution, and kopf handles each
+object in its own worker, so jobs created together are not seen in creation order. The tie is
+broken by the resourceVersion first seen (the creation revision for an untouched job), and
+while a cap is set a new job waits ``settle_seconds`` before it may be admitted: long enough
+for the jobs created just before it to be seen too. A job still settling holds back the
+younger ones, so the line is never jumped. Far from the caps (more free slots than waiting
+jobs plus a margin) everyone fits anyway, and nothing settles.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
+# Far from the caps every waiting job fits and the order cannot matter: no settling there.
+SETTLE_MARGIN = 16
+
+
 @dataclass(frozen=True, order=True)
 class Candidate:
     created: str  # RFC 3339 creationTimestamp (sorts lexically), one-second resolution
-    seq: int  # first-seen order, breaks ties within one second
+    revision: int  # resourceVersion when first seen: breaks ties within one second
     uid: str = field(compare=False)
     namespace: str = field(compare=False)
+    ready_at: float = field(default=0.0, compare=False)  # monotonic time its settling ends
 
 
 def admissible(
@@ -32,12 +44,26 @@ def admissible(
     *,
     max_total: int | None,
     max_per_namespace: int | None,
+    now: float = float("inf"),
 ) -> list[Candidate]:
     """Which waiting candidates fit now, oldest first. ``active`` lists the namespace of each active job."""
     per_ns = Counter(active)
     total = sum(per_ns.values())
+    ordered = sorted(waiting)
+    waiting_in = Counter(cand.namespace for cand in ordered)
+
+    def near_cap(namespace: str) -> bool:
+        """Could the jobs seen now, plus a few not seen yet, outnumber the free slots?"""
+        if max_total is not None and max_total - total <= len(ordered) + SETTLE_MARGIN:
+            return True
+        return max_per_namespace is not None and (
+            max_per_namespace - per_ns[namespace] <= waiting_in[namespace] + SETTLE_MARGIN
+        )
+
     chosen = []
-    for cand in sorted(waiting):
+    for cand in ordered:
+        if cand.ready_at > now and near_cap(cand.namespace):
+            break  # still settling where the order matters: nothing younger may go before it
         if max_total is not None and total >= max_total:
             break
         if max_per_namespace is not None and per_ns[cand.namespace] >= max_per_namespace:
@@ -51,12 +77,14 @@ def admissible(
 class AdmissionQueue:
     """Waiting candidates plus the ones admitted whose Job does not exist yet (reservations)."""
 
-    def __init__(self, max_total: int | None, max_per_namespace: int | None):
+    def __init__(self, max_total: int | None, max_per_namespace: int | None, settle_seconds: float = 0.0):
         self.max_total = max_total
         self.max_per_namespace = max_per_namespace
+        # Ordering only matters when something is capped.
+        capped = max_total is not None or max_per_namespace is not None
+        self.settle_seconds = settle_seconds if capped else 0.0
         self._waiting: dict[str, Candidate] = {}
         self._reserved: dict[str, str] = {}  # uid -> namespace
-        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -67,9 +95,17 @@ class AdmissionQueue:
     def is_waiting(self, uid: str) -> bool:
         return uid in self._waiting
 
-    def enqueue(self, uid: str, namespace: str, created: str) -> None:
+    def enqueue(self, uid: str, namespace: str, created: str, revision: int = 0, now: float = 0.0) -> None:
         if uid not in self._waiting and uid not in self._reserved:
-            self._waiting[uid] = Candidate(created, next(self._seq), uid, namespace)
+            self._waiting[uid] = Candidate(created, revision, uid, namespace, now + self.settle_seconds)
+
+    def held_until(self, uid: str, now: float) -> float | None:
+        """When a waiting job stops being held back by settling (its own or an older job's); None if not."""
+        cand = self._waiting.get(uid)
+        if cand is None:
+            return None
+        holds = [other.ready_at for other in self._waiting.values() if other <= cand and other.ready_at > now]
+        return max(holds) if holds else None
 
     def forget(self, uid: str) -> None:
         """The job finished, was deleted or suspended: it neither waits nor holds capacity."""
@@ -87,7 +123,7 @@ class AdmissionQueue:
             return None
         return 1 + sum(1 for other in self._waiting.values() if other < cand)
 
-    def admit(self, active: dict[str, str]) -> list[str]:
+    def admit(self, active: dict[str, str], now: float = float("inf")) -> list[str]:
         """Reserve capacity for the waiting jobs that fit. ``active``: uid -> namespace of running Jobs.
 
         Returns the uids admitted by this call, oldest first.
@@ -99,6 +135,7 @@ class AdmissionQueue:
             counted.values(),
             max_total=self.max_total,
             max_per_namespace=self.max_per_namespace,
+            now=now,
         )
         for cand in chosen:
             del self._waiting[cand.uid]

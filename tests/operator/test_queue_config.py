@@ -21,11 +21,32 @@ def test_cluster_cap_admits_oldest_first():
     assert q.admit({}) == ["b"]
 
 
-def test_same_second_keeps_first_seen_order():
+def test_same_second_is_ordered_by_creation_revision_not_by_when_seen():
     q = AdmissionQueue(max_total=10, max_per_namespace=None)
-    for uid in ["z", "y", "x"]:
-        q.enqueue(uid, "ns", "2026-01-01T00:00:00Z")
-    assert q.admit({}) == ["z", "y", "x"]
+    for uid, revision in [("z", 303), ("y", 301), ("x", 302)]:  # seen out of creation order
+        q.enqueue(uid, "ns", "2026-01-01T00:00:00Z", revision)
+    assert q.admit({}) == ["y", "x", "z"]
+
+
+def test_a_settling_job_holds_back_younger_ones_so_the_line_is_never_jumped():
+    q = AdmissionQueue(max_total=1, max_per_namespace=None, settle_seconds=0.2)
+    second = "2026-01-01T00:00:00Z"
+    q.enqueue("q03", "ns", second, 103, now=10.0)  # the younger job's worker ran first
+    assert q.admit({}, now=10.1) == []  # still settling: it may not take the free slot yet
+    q.enqueue("q02", "ns", second, 102, now=10.15)  # the older one shows up within the window
+    assert q.held_until("q03", now=10.25) == pytest.approx(10.35)  # held by q02's settling
+    assert q.admit({}, now=10.25) == []
+    assert q.admit({}, now=10.4) == ["q02"]  # creation order, then the cap
+    assert q.held_until("q03", now=10.4) is None
+
+
+def test_no_settling_without_a_cap_or_far_from_it():
+    q = AdmissionQueue(max_total=None, max_per_namespace=None, settle_seconds=0.2)
+    q.enqueue("a", "ns", "2026-01-01T00:00:00Z", 1, now=10.0)
+    assert q.admit({}, now=10.0) == ["a"]
+    roomy = AdmissionQueue(max_total=1000, max_per_namespace=None, settle_seconds=0.2)
+    roomy.enqueue("a", "ns", "2026-01-01T00:00:00Z", 1, now=10.0)
+    assert roomy.admit({}, now=10.0) == ["a"]
 
 
 def test_namespace_cap_does_not_block_other_namespaces():
