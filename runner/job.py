@@ -102,7 +102,11 @@ def run_job(settings: RunnerSettings, api: Any) -> dict[str, Any]:
     except ValidationError as e:
         raise errors.InvalidSpec(f"invalid spec: {e}") from e
 
-    reporter = ProgressReporter(lambda body: status.patch({"progress": body}), settings.progress_interval_seconds)
+    def report(body: dict[str, Any]) -> None:
+        # The duration is known once the audio is decoded: show it (kubectl's Duration column) from then on.
+        status.patch({"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
+
+    reporter = ProgressReporter(report, settings.progress_interval_seconds)
     transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter)
     reporter.flush()
 

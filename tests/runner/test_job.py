@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -90,6 +91,28 @@ def run_runner(kube, job: dict, tmp_path: Path, uid: str | None = None, **env) -
     return p.returncode, json.loads(message.read_text()) if message.exists() else None, p.stderr
 
 
+def watch_statuses(objects, job: dict) -> list[dict]:
+    """Every status the job's object goes through, collected by a watch in the background."""
+    from kubernetes import watch
+
+    custom, _ = objects
+    seen: list[dict] = []
+
+    def follow() -> None:
+        stream = watch.Watch().stream(
+            custom.list_namespaced_custom_object, GROUP, VERSION, job["metadata"]["namespace"], PLURAL,
+            field_selector=f"metadata.name={job['metadata']['name']}", timeout_seconds=120,
+        )
+        for event in stream:
+            status = event["object"].get("status") or {}
+            seen.append(status)
+            if "result" in status:
+                return
+
+    threading.Thread(target=follow, daemon=True).start()
+    return seen
+
+
 def read(objects, job: dict) -> dict:
     custom, _ = objects
     return custom.get_namespaced_custom_object(
@@ -101,9 +124,16 @@ def read(objects, job: dict) -> dict:
 def test_job_transcribes_writes_its_status_and_stores_the_result(kube, objects, namespace, audio_server, tmp_path, wer):
     base_url, clip = audio_server
     job = create_job(objects, namespace, f"{base_url}/{clip.path.name}", timestamp="word")
+    seen = watch_statuses(objects, job)
     code, message, stderr = run_runner(kube, job, tmp_path)
     assert code == 0, stderr
     assert message is None
+    # While it works, the duration is already visible (kubectl's Duration column) with the progress.
+    time.sleep(1.0)
+    working = [s for s in seen if "result" not in s and "audio" in s]
+    assert working, seen
+    assert working[0]["audio"]["durationSeconds"] == pytest.approx(clip.duration, abs=0.05)
+    assert working[0]["progress"]["percent"] < 100
 
     status = read(objects, job)["status"]
     # the runner writes only its own fields; conditions/phase/times belong to the operator
