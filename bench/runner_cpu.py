@@ -192,7 +192,7 @@ def main() -> None:
             print(f"  {system}: {r['wall_s']:.1f} s", file=sys.stderr)
 
     base = results.get("original", {}).get("wall_s")
-    print(f"\n| system | wall s | RTFx | x original | WER | segments | peak RSS MB | load s |")
+    print("\n| system | wall s | RTFx | x original | WER | segments | peak RSS MB | load s |")
     print("|---|---|---|---|---|---|---|---|")
     for system, r in results.items():
         ratio = f"{base / r['wall_s']:.2f}" if base else "-"
