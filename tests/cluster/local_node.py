@@ -127,7 +127,9 @@ class LocalNode:
                 self._kill(run)
                 self._set_pod_phase(run, "Failed", exit_code=143, reason="Error", message="job suspended")
                 run.process = None
-            self._patch_job_status(job, {"active": 0, "conditions": [self._condition("Suspended", "JobSuspended")]})
+            conditions = (job.status.conditions if job.status else None) or []
+            if not any(c.type == "Suspended" and c.status == "True" for c in conditions):
+                self._patch_job_status(job, {"active": 0, "conditions": [self._condition("Suspended", "JobSuspended")]})
             return
         if run.process is None:
             self._start_pod(job, run)
