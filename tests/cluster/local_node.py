@@ -203,8 +203,11 @@ class LocalNode:
                                        start_new_session=True)
         run.started = time.monotonic()
         self._set_pod_phase(run, "Running")
-        self._patch_job_status(job, {"active": 1, "startTime": job.status.start_time and
-                                     job.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") or _now()})
+        status = {"active": 1, "startTime": job.status.start_time and
+                  job.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") or _now()}
+        if any(c.type == "Suspended" and c.status == "True" for c in (job.status.conditions or [])):
+            status["conditions"] = [{**self._condition("Suspended", "JobResumed"), "status": "False"}]
+        self._patch_job_status(job, status)
 
     def _container_env(self, namespace: str, pod_name: str, container: client.V1Container) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("IFW_")}
