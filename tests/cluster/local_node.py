@@ -219,8 +219,8 @@ class LocalNode:
                 data = self.core.read_namespaced_secret(source.secret_ref.name, namespace).data or {}
                 env.update({(source.prefix or "") + k: base64.b64decode(v).decode() for k, v in data.items()})
         for var in container.env or []:
-            if var.value is not None:
-                env[var.name] = var.value
+            if var.value_from is None:
+                env[var.name] = var.value or ""  # the API drops `value: ""`; the kubelet still sets it
             elif var.value_from and var.value_from.field_ref:
                 path = var.value_from.field_ref.field_path
                 env[var.name] = {"metadata.namespace": namespace, "metadata.name": pod_name}.get(path, "")

@@ -1,0 +1,93 @@
+"""The local node plays kubelet and Job controller faithfully enough for end-to-end tests."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.local_node import LocalNode
+
+WRITE_MESSAGE_AND_EXIT = (
+    "import os, sys; open(os.environ['IFW_TERMINATION_MESSAGE_PATH'], 'w').write(os.environ['MESSAGE']); "
+    "sys.exit(int(os.environ['CODE']))"
+)
+
+
+def job_body(code: int, backoff_limit: int = 0, message: str = "") -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"j-{uuid.uuid4().hex[:6]}"},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]},
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                "name": "runner", "image": "local",
+                "command": ["python", "-c", WRITE_MESSAGE_AND_EXIT],
+                "env": [{"name": "CODE", "value": str(code)}, {"name": "MESSAGE", "value": message},
+                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+            }]}},
+        },
+    }
+
+
+def finished(batch: client.BatchV1Api, namespace: str, name: str, timeout: float = 60) -> client.V1Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = batch.read_namespaced_job(name, namespace)
+        kinds = {c.type for c in (job.status.conditions or []) if c.status == "True"}
+        if kinds & {"Complete", "Failed"}:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"Job {name} did not finish in {timeout}s")
+
+
+@pytest.fixture
+def node(kube, tmp_path):
+    with LocalNode(kube.kubeconfig, interval=0.1, log_dir=tmp_path) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("code", "backoff", "condition", "reason", "pods"),
+    [
+        (0, 0, "Complete", "CompletionsReached", 1),
+        (2, 3, "Failed", "PodFailurePolicy", 1),  # bad input: no retry, whatever the backoff limit
+        (1, 1, "Failed", "BackoffLimitExceeded", 2),  # transient: one retry, then give up
+    ],
+)
+def test_exit_codes_become_job_conditions(kube, namespace, node, code, backoff, condition, reason, pods):
+    with kube.api_client() as api:
+        batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+        message = '{"reason": "InvalidAudio", "message": "not audio"}' if code else ""
+        name = batch.create_namespaced_job(namespace, job_body(code, backoff, message)).metadata.name
+        job = finished(batch, namespace, name)
+        last = next(c for c in job.status.conditions if c.type == condition)
+        assert last.reason == reason
+        made = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        assert len(made) == pods
+        for pod in made:
+            assert pod.metadata.owner_references[0].uid == job.metadata.uid
+            terminated = pod.status.container_statuses[0].state.terminated
+            assert terminated.exit_code == code
+            assert (terminated.message or "") == message
+            assert pod.status.phase == ("Succeeded" if code == 0 else "Failed")
+
+
+def test_deleting_the_job_stops_its_process(kube, namespace, node):
+    with kube.api_client() as api:
+        batch = client.BatchV1Api(api)
+        body = job_body(0)
+        body["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "-c", "import time; time.sleep(120)"]
+        name = batch.create_namespaced_job(namespace, body).metadata.name
+        deadline = time.monotonic() + 30
+        while not any(r.process for r in node.runs.values() if r.name == name):
+            assert time.monotonic() < deadline, "the pod's process never started"
+            time.sleep(0.1)
+        process = next(r.process for r in node.runs.values() if r.name == name)
+        batch.delete_namespaced_job(name, namespace)
+        process.wait(timeout=30)
+        assert process.returncode == -15  # SIGTERM, like a kubelet stopping the container
