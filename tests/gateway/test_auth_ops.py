@@ -178,7 +178,9 @@ def test_a_relist_that_misses_a_job_wakes_its_waiter(gateway, http, driver):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "missed"})
         driver.wait_job("missed")
+        # Both the cached job and the request's waiter must exist before the relist drops the job.
         _wait_until(lambda: (driver.namespace, "missed") in watch.objects)
+        _wait_until(lambda: watch.has_waiters(driver.namespace, "missed"))
         watch._post(watch._replace, driver.namespace, [])  # what a list taken after the deletion returns
         response = pending.result(timeout=10)
     assert response.status_code == 409 and response.json()["status"] == "cancelled"
