@@ -18,9 +18,16 @@ def test_committed_crd_equals_the_one_generated_from_the_types():
     )
 
 
-def test_drift_check_notices_a_change_on_either_side(monkeypatch):
+def test_drift_check_notices_a_change_on_either_side(monkeypatch, tmp_path):
     """A changed model (or a hand edit of the YAML) must make the comparison above fail."""
     baseline = generate.render()
+    hand_edited = tmp_path / "transcriptionjob.yaml"
+    hand_edited.write_text(baseline.replace("default: 24", "default: 25"))
+    monkeypatch.setattr(generate, "CRD_PATH", hand_edited)
+    with pytest.raises(AssertionError, match="stale"):
+        test_committed_crd_equals_the_one_generated_from_the_types()
+    monkeypatch.undo()
+
     field = tj.TranscriptionJobSpec.model_fields["batch_size"]
     monkeypatch.setattr(field, "default", 32)
     tj.TranscriptionJobSpec.model_rebuild(force=True)
@@ -30,8 +37,6 @@ def test_drift_check_notices_a_change_on_either_side(monkeypatch):
         monkeypatch.undo()
         tj.TranscriptionJobSpec.model_rebuild(force=True)
     assert generate.render() == baseline
-    hand_edited = baseline.replace("default: 24", "default: 25")
-    assert hand_edited != baseline
 
 
 def _spec_schema() -> dict:
