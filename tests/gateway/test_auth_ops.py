@@ -163,6 +163,9 @@ def test_watch_relists_after_410_gone(gateway, http, driver):
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "expired"})
         driver.wait_job("expired")
         _wait_until(lambda: watch._responses)
+        # Let the job's own events arrive first, or one could overwrite the stale version set below.
+        _wait_until(lambda: (driver.namespace, "expired") in watch.objects)
+        _wait_until(lambda: watch.has_waiters(driver.namespace, "expired"))
         watch.versions[driver.namespace] = "2"  # long compacted: the apiserver answers 410 Expired
         _cut(watch)
         _wait_until(lambda: metrics.WATCH_LISTS._value.get() > lists_before)
