@@ -28,34 +28,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = [
-    "The weather is nice today, so we are going to walk to the park.",
-    "We will meet at the station early in the morning.",
-    "She reads a book every evening before going to sleep.",
-    "My brother bought a new car last week.",
-    "Please open the window because it is very warm in here.",
-    "The children are playing football in the garden.",
-    "I would like a cup of coffee with milk and sugar.",
-    "The train to London leaves from the main platform.",
-    "He forgot his umbrella, and now he is wet from the rain.",
-    "Our team finished the project two days before the deadline.",
-    "The museum is closed on Mondays and open every other day.",
-    "Turn left at the bank and the hotel is on your right.",
-    "We need to buy bread, eggs, and cheese for breakfast.",
-    "The doctor told him to drink more water and rest.",
-    "Every summer the family drives to the lake for a week.",
-    "The library has thousands of books about history and science.",
-    "Can you tell me how to get to the nearest post office?",
-    "The meeting was moved to the afternoon because of the storm.",
-    "She plays the piano beautifully and sings in a choir.",
-    "The new bridge will be finished before the end of the year.",
-]
 PAUSES = [0.8, 1.5, 2.5, 1.0, 3.0]
 
 
 def make_audio(dest: Path, min_seconds: float = 180.0):
     sys.path.insert(0, str(ROOT))
-    from tests.runner.conftest import SpeechFactory
+    from tests.runner.conftest import SENTENCES, SpeechFactory
 
     parts, i = [], 0
     factory = SpeechFactory(dest)

@@ -351,7 +351,7 @@ class Controller:
                 return None
             raise
         if job is None:  # created before (a restart, or the index lagging): it is ours by name
-            job = await self.kube.read_job(tj["metadata"]["namespace"], manifest["metadata"]["name"])
+            job = await self.kube.read("Job", tj["metadata"]["namespace"], manifest["metadata"]["name"])
             if job is None:
                 raise RuntimeError(f"Job {manifest['metadata']['name']} exists and vanished; retrying")
         else:

@@ -113,22 +113,6 @@ class Kube:
                 return None
             raise
 
-    async def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self._call(self.batch.read_namespaced_job, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
-    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self._call(self.core.read_namespaced_secret, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
     # ------------------------------------------------------------------ patch
 
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:

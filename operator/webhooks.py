@@ -187,7 +187,7 @@ class WebhookController(Controller):
         if not ref:
             return {}
         try:
-            secret = await self.kube.read_secret(namespace, ref["name"])
+            secret = await self.kube.read("Secret", namespace, ref["name"])
         except Exception as error:
             raise DeliveryFailed(f"cannot read headers Secret {ref['name']}: {api_message(error)}",
                                  retryable=False) from error

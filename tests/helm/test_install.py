@@ -291,13 +291,7 @@ def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tm
         assert runner_env["IFW_RESULT_STORE"].value == "s3"
         assert pod.security_context.run_as_user == 10001 and runner.security_context.read_only_root_filesystem
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(proc, log)
 
 
 def test_gateway_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tmp_path):
@@ -342,13 +336,18 @@ def test_gateway_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tmp
             tasks = http.get(f"{base}/tasks", headers={"x-admin-api-key": "chart-admin-key"})
             assert tasks.status_code == 200, tasks.text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(proc, log)
+
+
+def _stop(proc: subprocess.Popen, log) -> None:
+    """SIGTERM as the kubelet sends it; SIGKILL after the grace period."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def _wait(predicate, timeout: float, what: str):

@@ -90,6 +90,31 @@ def _espeak(voice: str, text: str, speed: int, workdir: Path) -> np.ndarray:
     return samples[loud[0] : loud[-1] + 1]
 
 
+# Known English sentences for speech made with espeak-ng (tests and bench/runner_cpu.py).
+SENTENCES = [
+    "The weather is nice today, so we are going to walk to the park.",
+    "We will meet at the station early in the morning.",
+    "She reads a book every evening before going to sleep.",
+    "My brother bought a new car last week.",
+    "Please open the window because it is very warm in here.",
+    "The children are playing football in the garden.",
+    "I would like a cup of coffee with milk and sugar.",
+    "The train to London leaves from the main platform.",
+    "He forgot his umbrella, and now he is wet from the rain.",
+    "Our team finished the project two days before the deadline.",
+    "The museum is closed on Mondays and open every other day.",
+    "Turn left at the bank and the hotel is on your right.",
+    "We need to buy bread, eggs, and cheese for breakfast.",
+    "The doctor told him to drink more water and rest.",
+    "Every summer the family drives to the lake for a week.",
+    "The library has thousands of books about history and science.",
+    "Can you tell me how to get to the nearest post office?",
+    "The meeting was moved to the afternoon because of the storm.",
+    "She plays the piano beautifully and sings in a choir.",
+    "The new bridge will be finished before the end of the year.",
+]
+
+
 class SpeechFactory:
     """Builds (and caches, per test session) spoken clips."""
 

@@ -9,23 +9,9 @@ from ifw.runner import asr, vad
 from ifw.runner.config import RunnerSettings
 from ifw.runner.errors import InvalidSpec, ModelLoadFailed
 from ifw.runner.progress import ProgressReporter
+from tests.runner.conftest import SENTENCES as CORPUS
 
-SENTENCES = [
-    "The weather is nice today, so we are going to walk to the park.",
-    "We will meet at the station early in the morning.",
-    "She reads a book every evening before going to sleep.",
-    "My brother bought a new car last week.",
-    "Please open the window because it is very warm in here.",
-    "The children are playing football in the garden.",
-    "I would like a cup of coffee with milk and sugar.",
-    "The train to London leaves from the main platform.",
-    "He forgot his umbrella, and now he is wet from the rain.",
-    "Our team finished the project two days before the deadline.",
-    "The museum is closed on Mondays and open every other day.",
-    "Turn left at the bank and the hotel is on your right.",
-    "We need to buy bread, eggs, and cheese for breakfast.",
-    "The doctor told him to drink more water and rest.",
-]
+SENTENCES = CORPUS[:14]
 
 
 def settings(model: str) -> RunnerSettings:
