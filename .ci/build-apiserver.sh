@@ -2,7 +2,7 @@
 # Build the project's test kube-apiserver (tests/cluster/apiserver/main.go)
 # offline, from the Go sources Debian sid ships as golang-k8s-*-dev packages.
 #
-# See /work/shared/reference/test-control-plane.md for why: no registry ships a
+# See the shared reference test-control-plane.md for why: no registry ships a
 # kube-apiserver binary, but sid ships the real apiserver libraries as Go source.
 #
 # What it does (idempotent):

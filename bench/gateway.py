@@ -2,7 +2,7 @@
 
 Against the real test kube-apiserver (tests.cluster.control_plane.ControlPlane), with the
 gateway as its own process (``python -m ifw.gateway``, as deployed). The benchmark plays
-the operator and runner: it stores each job's result Secret (ifw.runner.stores) and then
+the operator and runner: it stores each job's result Secret (ifw.core.results) and then
 patches the job's status to Succeeded.
 
 1. N concurrent sync ``POST /`` requests (default 1,000); wait until the gateway reports N
@@ -193,8 +193,7 @@ def main() -> int:
     from kubernetes import client, config
 
     from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-    from ifw.runner import stores
-    from ifw.runner.config import RunnerSettings
+    from ifw.core import results
     from tests.cluster.control_plane import ControlPlane
     from tests.gateway.conftest import transcript
 
@@ -233,12 +232,14 @@ def main() -> int:
             # Results first, as in the real flow: the runner stores the result and reports it in
             # status.result, then the operator marks the job Succeeded once the runner's Job completed.
             jobs = {j["metadata"]["name"]: j for j in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]}
-            settings = RunnerSettings(result_store="secret")
+            settings = results.ResultSettings(result_store="secret")
             refs: dict[str, dict] = {}
 
             def store(name: str) -> None:
-                # The runner's part: store the result, report it on /status; the job still runs.
-                refs[name] = stores.store_result(transcript(), jobs[name], settings, core_v1=core)
+                # The operator's part (the empty result Secret), then the runner's: store the result,
+                # report it on /status; the job still runs.
+                core.create_namespaced_secret(namespace, results.result_secret(jobs[name]))
+                refs[name] = results.store_result(transcript(), jobs[name], settings, core_v1=core)
                 runner = {"result": refs[name], "progress": {"percent": 100.0}}
                 custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": runner})
 

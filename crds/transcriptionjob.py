@@ -15,10 +15,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AnyUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from ifw.crds.languages import WHISPER_LANGUAGES
+from ifw.core.languages import WHISPER_LANGUAGES
+from ifw.core.validators import MAX_URL_LENGTH, URL_PATTERN, check_http_url, check_speaker_hints
 
 GROUP = "ifw.dev"
 VERSION = "v1alpha1"
@@ -28,8 +29,6 @@ SINGULAR = "transcriptionjob"
 SHORT_NAMES = ["tj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-MAX_URL_LENGTH = 2048
-URL_PATTERN = r"^https?://[^\s/?#]+([/?#][^\s]*)?$"
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 
 Task = Literal["transcribe", "translate"]
@@ -48,13 +47,6 @@ def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, st
     if field_path:
         entry["fieldPath"] = field_path
     return entry
-
-
-def _check_url(value: str, field: str) -> str:
-    url = AnyUrl(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{field} must be an http or https URL")
-    return value
 
 
 class _Model(BaseModel):
@@ -77,7 +69,7 @@ class AudioSource(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return _check_url(value, "audio.url")
+        return check_http_url(value, "audio.url")
 
 
 class SecretReference(_Model):
@@ -116,10 +108,10 @@ class Diarization(_Model):
 
     @model_validator(mode="after")
     def _hints(self) -> Diarization:
-        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
-            raise ValueError("diarization.numSpeakers cannot be combined with minSpeakers or maxSpeakers")
-        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
-            raise ValueError("diarization.minSpeakers must be less than or equal to maxSpeakers")
+        check_speaker_hints(
+            self.num_speakers, self.min_speakers, self.max_speakers,
+            names=("diarization.numSpeakers", "diarization.minSpeakers", "diarization.maxSpeakers"),
+        )  # fmt: skip
         return self
 
 
@@ -139,7 +131,7 @@ class Webhook(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        return _check_url(value, "webhook.url")
+        return check_http_url(value, "webhook.url")
 
 
 class TranscriptionJobSpec(_Model):

@@ -12,15 +12,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from ifw.core import kube as kube_client
+from ifw.core.netguard import Allowlist
 from ifw.gateway import errors, routes_api, routes_openai, routes_ops
 from ifw.gateway.config import GatewaySettings, get_settings
-from ifw.gateway.kube import Kube, make_api_client
+from ifw.gateway.kube import Kube
 from ifw.gateway.middleware import GatewayMiddleware
 from ifw.gateway.models import OpenAIText, TranscribeFields, TranscribeRequest
 from ifw.gateway.service import Service
 from ifw.gateway.uploads import Uploads
 from ifw.gateway.watch import JobWatch
-from ifw.runner.netguard import Allowlist
 
 log = logging.getLogger("ifw.gateway")
 
@@ -71,7 +72,7 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled connection per worker thread, plus one per namespace watch.
         pool = settings.kube_threads + len(settings.namespaces())
-        client = kube or Kube(make_api_client(pool), settings.kube_threads)
+        client = kube or Kube(kube_client.api_client(pool_size=pool, component="gateway"), settings.kube_threads)
         watch = JobWatch(client, settings.namespaces(), settings.watch_server_timeout)
         uploads = Uploads(settings.upload_dir, settings.internal_url)
         watch.listeners.append(uploads.on_event)

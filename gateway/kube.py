@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
 from typing import Any
 
 import anyio
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
-
-CREATED_BY_LABEL = "app.kubernetes.io/created-by"
-CREATED_BY = "ifw-gateway"
+from ifw.core.contract import owner_reference
+from ifw.core.kube import api_message
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
 
 class KubeError(Exception):
@@ -32,29 +30,7 @@ class KubeError(Exception):
 
     @classmethod
     def from_api(cls, exc: ApiException) -> KubeError:
-        message = exc.reason or "apiserver error"
-        body = getattr(exc, "body", None)
-        if body:
-            try:
-                import json
-
-                message = json.loads(body).get("message") or message
-            except (ValueError, AttributeError):
-                pass
-        return cls(exc.status or 503, message)
-
-
-def make_api_client(pool_size: int) -> client.ApiClient:
-    """KUBECONFIG when set (tests, laptops), else the pod's service account."""
-    cfg = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config(client_configuration=cfg)
-    else:
-        config.load_kube_config(
-            config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg, persist_config=False
-        )
-    cfg.connection_pool_maxsize = pool_size
-    return client.ApiClient(cfg)
+        return cls(exc.status or 503, api_message(exc) or "apiserver error")
 
 
 class Kube:
@@ -129,14 +105,7 @@ class Kube:
 
     async def own_secret(self, namespace: str, name: str, job: dict[str, Any]) -> None:
         """Make the job the Secret's owner so Kubernetes deletes it with the job."""
-        owner = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": job["metadata"]["name"],
-            "uid": job["metadata"]["uid"],
-            "blockOwnerDeletion": False,
-        }
-        patch = {"metadata": {"ownerReferences": [owner]}}
+        patch = {"metadata": {"ownerReferences": [owner_reference(job, controller=False)]}}
         await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
 
     async def delete_secret(self, namespace: str, name: str) -> None:

@@ -14,24 +14,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ifw.crds.languages import normalize_language
-from ifw.crds.transcriptionjob import MAX_URL_LENGTH, URL_PATTERN, Task, Timestamp, _check_url
+from ifw.core.languages import normalize_language
+from ifw.core.validators import MAX_URL_LENGTH, check_http_url, check_speaker_hints
+from ifw.crds.transcriptionjob import Task, Timestamp
 
 # A TranscriptionJob name doubles as the batch/v1 Job name and pod label
 # value, so it must be a DNS-1123 label (63 characters at most).
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Webhook header names become Secret keys: both rules must hold.
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_URL_RE = re.compile(URL_PATTERN)
 
+SPEAKER_HINTS = ("num_speakers", "min_speakers", "max_speakers")
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 
 
 def check_url(value: str, field: str) -> str:
-    value = value.strip()
-    if not _URL_RE.match(value):
-        raise ValueError(f"{field} must be an http or https URL such as https://example.com/audio.mp3")
-    return _check_url(value, field)
+    return check_http_url(value.strip(), field)
 
 
 def check_task_id(value: str) -> str:
@@ -120,11 +118,9 @@ class TranscribeFields(BaseModel):
             return value
         if not info.data.get("diarise_audio"):
             raise ValueError(f"{info.field_name} needs diarise_audio: true")
-        if info.field_name != "num_speakers" and info.data.get("num_speakers") is not None:
-            raise ValueError(f"num_speakers cannot be combined with {info.field_name}")
-        low = info.data.get("min_speakers")
-        if info.field_name == "max_speakers" and low is not None and low > value:
-            raise ValueError("max_speakers must be greater than or equal to min_speakers")
+        # The hints given so far plus this one, checked by the rule the CRD applies too.
+        hints = {name: info.data.get(name) for name in SPEAKER_HINTS} | {info.field_name: value}
+        check_speaker_hints(*(hints[name] for name in SPEAKER_HINTS), names=SPEAKER_HINTS)
         return value
 
 

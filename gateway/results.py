@@ -1,4 +1,4 @@
-"""Read a finished job's stored transcript and render it (torch-free runner modules)."""
+"""Read a finished job's stored transcript and render it (ifw.core.results and ifw.core.formats)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ifw.core import formats, results
+from ifw.core.transcript import Transcript
 from ifw.gateway.kube import Kube
-from ifw.runner import formats, stores
-from ifw.runner.errors import RunnerError
-from ifw.runner.result import Transcript
 
 log = logging.getLogger("ifw.gateway")
 
@@ -26,9 +25,7 @@ class ResultUnavailable(Exception):
 @functools.lru_cache(maxsize=1)
 def _s3() -> Any:
     """One boto3 client for S3-stored results (IFW_S3_* settings, AWS_* credentials), made on first use."""
-    from ifw.runner.config import RunnerSettings
-
-    return stores.s3_client(RunnerSettings())
+    return results.s3_client(results.ResultSettings())
 
 
 async def load(kube: Kube, namespace: str, job: dict[str, Any]) -> Transcript:
@@ -38,11 +35,11 @@ async def load(kube: Kube, namespace: str, job: dict[str, Any]) -> Transcript:
     s3 = await kube.call(_s3) if ref.get("store") == "s3" else None
     try:
         return await kube.call(
-            stores.load_result, ref, namespace, job_uid=job["metadata"].get("uid"), core_v1=kube.core, s3=s3
+            results.load_result, ref, namespace, job_uid=job["metadata"].get("uid"), core_v1=kube.core, s3=s3
         )
-    except stores.ResultNotFound as exc:  # removed on TTL: gone for good
+    except results.ResultNotFound as exc:  # removed on TTL: gone for good
         raise ResultUnavailable(exc.message, 410) from exc
-    except RunnerError as exc:
+    except results.ResultStoreFailed as exc:
         raise ResultUnavailable(exc.message, 502) from exc
 
 

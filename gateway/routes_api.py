@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from ifw.core.contract import is_terminal, phase_of
 from ifw.gateway import metrics, results
 from ifw.gateway.errors import field_error, invalid
 from ifw.gateway.kube import KubeError
@@ -32,7 +33,6 @@ from ifw.gateway.models import (
 from ifw.gateway.service import ClientGone, Created, JobGone, Service, failure_status
 from ifw.gateway.uploads import Staged
 from ifw.gateway.urlcheck import url_problem
-from ifw.gateway.watch import is_terminal, phase_of
 
 log = logging.getLogger("ifw.gateway")
 router = APIRouter()

@@ -14,10 +14,10 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
+from ifw.core.formats import MEDIA_TYPES
 from ifw.gateway.errors import field_error, invalid, openai_style
 from ifw.gateway.models import OpenAIError, OpenAIText, ResponseFormat, TranscribeFields, check_language
 from ifw.gateway.routes_api import ERRORS, check_request, create_job, service, wait_for_result
-from ifw.runner.formats import MEDIA_TYPES
 
 router = APIRouter(prefix="/v1/audio", tags=["openai"])
 

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 
+from ifw.core import contract
 from ifw.crds.transcriptionjob import (
     API_VERSION,
     KIND,
@@ -27,32 +28,17 @@ from ifw.crds.transcriptionjob import (
 )
 from ifw.gateway import metrics
 from ifw.gateway.config import GatewaySettings
-from ifw.gateway.results import Prefetcher
-from ifw.gateway.kube import CREATED_BY, CREATED_BY_LABEL, Kube, KubeError
+from ifw.gateway.kube import Kube, KubeError
 from ifw.gateway.models import TranscribeFields
+from ifw.gateway.results import Prefetcher
 from ifw.gateway.uploads import Staged, Uploads
 from ifw.gateway.watch import JobGone, JobWatch
-from ifw.runner.errors import BadInput, RunnerError
 
 log = logging.getLogger("ifw.gateway")
 
-TASK_LABEL = "ifw.dev/task-id"
-
-
-def _reasons(cls: type[RunnerError]) -> set[str]:
-    found = {cls.reason}
-    for sub in cls.__subclasses__():
-        found |= _reasons(sub)
-    return found
-
-
-# A failed job's reason decides the HTTP status of a sync answer: the
-# runner's bad-input reasons are the client's fault (4xx), the rest are ours.
-BAD_INPUT_STATUS = {reason: 422 for reason in _reasons(BadInput)} | {"AudioTooLarge": 413}
-
-
-def failure_status(reason: str | None) -> int:
-    return BAD_INPUT_STATUS.get(reason or "", 500)
+# A failed job's reason decides the HTTP status of a sync answer: the runner's bad-input
+# reasons are the client's fault (4xx), the rest are ours (one table, in the contract).
+failure_status = contract.http_status_for_reason
 
 
 class ClientGone(Exception):
@@ -105,7 +91,7 @@ class Service:
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
-            "metadata": {"name": name, "labels": {CREATED_BY_LABEL: CREATED_BY}},
+            "metadata": {"name": name, "labels": {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY}},
             "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
 
@@ -129,7 +115,7 @@ class Service:
             if headers:
                 # A random suffix: a duplicate task id must never touch the first job's Secret.
                 secret = f"{name}-webhook-{secrets.token_hex(3)}"
-                labels = {CREATED_BY_LABEL: CREATED_BY, TASK_LABEL: name}
+                labels = {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY, contract.LABEL_TASK_ID: name}
                 await self.kube.create_secret(namespace, secret, headers, labels)
             job = await self.kube.create_job(namespace, self.build_job(req, name, audio_url, secret))
             uid = job["metadata"]["uid"]

@@ -21,9 +21,9 @@ from typing import Any, BinaryIO
 
 import anyio
 
+from ifw.core.contract import is_terminal
 from ifw.gateway import metrics
 from ifw.gateway.models import DNS1123_LABEL
-from ifw.gateway.watch import is_terminal
 
 log = logging.getLogger("ifw.gateway.uploads")
 

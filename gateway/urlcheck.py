@@ -1,7 +1,7 @@
 """An early, DNS-free SSRF check of user-given URLs, for a clear 4xx at request time.
 
 The real guard runs where the connection is made (the runner and the
-operator resolve and vet every address, see ifw.runner.netguard); this one
+operator resolve and vet every address, see ifw.core.netguard); this one
 only refuses what is visibly internal in the URL itself: literal private,
 loopback or link-local addresses, localhost and metadata hostnames.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from ifw.runner.netguard import METADATA_HOSTNAMES, Allowlist, address_problem
+from ifw.core.netguard import METADATA_HOSTNAMES, Allowlist, address_problem
 
 
 def url_problem(url: str, allowlist: Allowlist) -> str | None:

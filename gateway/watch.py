@@ -22,24 +22,16 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from ifw.core.contract import is_terminal
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.gateway import metrics
 from ifw.gateway.kube import Kube
 
 log = logging.getLogger("ifw.gateway.watch")
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
 Key = tuple[str, str]  # (namespace, name)
 # Called on the event loop with ("ADDED"|"MODIFIED"|"DELETED", object).
 Listener = Callable[[str, dict[str, Any]], None]
-
-
-def phase_of(obj: dict[str, Any]) -> str | None:
-    return (obj.get("status") or {}).get("phase")
-
-
-def is_terminal(obj: dict[str, Any]) -> bool:
-    return phase_of(obj) in TERMINAL_PHASES
 
 
 def _key(obj: dict[str, Any]) -> Key:

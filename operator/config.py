@@ -51,6 +51,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ifw.core.contract import DEFAULT_MODEL, RUNNER_COMMAND
+
 CONFIG_FILE_ENV = "IFW_OPERATOR_CONFIG_FILE"
 DEFAULT_CONFIG_FILE = Path("/etc/ifw/operator.yaml")
 
@@ -102,7 +104,7 @@ class RunnerPod(_Section):
     image: str = "ghcr.io/ifw/ifw-runner:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)
-    command: list[str] = Field(default_factory=lambda: ["python", "-m", "ifw.runner", "job"])
+    command: list[str] = Field(default_factory=lambda: list(RUNNER_COMMAND))
     resources: dict[str, Any] = Field(
         default_factory=lambda: {
             "requests": {"cpu": "4", "memory": "16Gi"},
@@ -133,7 +135,6 @@ class RunnerPod(_Section):
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
-    bad_input_exit_code: int = Field(2, description="Runner exit code for bad input: fails the Job without retry.")
 
 
 class WebhookSettings(_Section):
@@ -171,7 +172,7 @@ class OperatorSettings(BaseSettings):
     image_pull_grace_seconds: float = Field(
         120, ge=0, description="Fail with ImagePullFailed when the image cannot be pulled for this long."
     )
-    default_model: str = Field("openai/whisper-large-v3", description="Reported in status.model when spec.model is absent.")
+    default_model: str = Field(DEFAULT_MODEL, description="Reported in status.model when spec.model is absent.")
 
     # --- timing ---
     resync_interval_seconds: float = Field(10, gt=0, description="Periodic level-based pass over all jobs.")

@@ -20,21 +20,22 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ifw.core import results
+from ifw.core.contract import (
+    ANNOTATION_RESUMED_AT,
+    LABEL_JOB_UID,
+    LABEL_KUEUE_QUEUE,
+    TERMINAL_PHASES,
+    format_time,
+    parse_time,
+)
+from ifw.core.kube import api_message, status_code
 from ifw.operator import jobs as manifests
 from ifw.operator import metrics
 from ifw.operator.config import OperatorSettings
-from ifw.operator.kube import Kube, api_message, status_code
+from ifw.operator.kube import Kube
 from ifw.operator.queue import AdmissionQueue
-from ifw.operator.status import (
-    TERMINAL,
-    Outcome,
-    derive,
-    format_time,
-    job_finished,
-    job_suspended,
-    parse_time,
-    status_patch,
-)
+from ifw.operator.status import Outcome, derive, job_finished, job_suspended, status_patch
 
 log = logging.getLogger("ifw.operator")
 
@@ -125,13 +126,13 @@ class Controller:
     def _counted(job: dict[str, Any]) -> bool:
         """Whether a runner Job holds capacity: unfinished, running (not suspended), not Kueue's."""
         labels = job["metadata"].get("labels") or {}
-        if manifests.LABEL_KUEUE_QUEUE in labels:
+        if LABEL_KUEUE_QUEUE in labels:
             return False  # Kueue's quota governs those
         return not (job_finished(job) or job_suspended(job))
 
     def note_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         """Keep the map of capacity-holding Jobs current (one dict update, not a scan per decision)."""
-        uid = (job["metadata"].get("labels") or {}).get(manifests.LABEL_UID)
+        uid = (job["metadata"].get("labels") or {}).get(LABEL_JOB_UID)
         if not uid:
             return
         if event_type != "DELETED" and self._counted(job):
@@ -141,7 +142,7 @@ class Controller:
 
     def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         self.note_job(event_type, job)
-        self.poke(job["metadata"]["labels"][manifests.LABEL_UID])
+        self.poke(job["metadata"]["labels"][LABEL_JOB_UID])
 
     def active(self) -> dict[str, str]:
         """uid -> namespace of every runner Job holding capacity."""
@@ -250,7 +251,7 @@ class Controller:
             return
 
         status = tj.get("status") or {}
-        if status.get("phase") in TERMINAL:
+        if status.get("phase") in TERMINAL_PHASES:
             self.queue.forget(uid)
             self._admit_waiting()
             await self.after_finish(tj)
@@ -300,7 +301,7 @@ class Controller:
                 if self.queue.is_reserved(uid):
                     job = await self.kube.patch_job(
                         namespace, job["metadata"]["name"],
-                        {"metadata": {"annotations": {manifests.ANNOTATION_RESUMED_AT: format_time(_now())}},
+                        {"metadata": {"annotations": {ANNOTATION_RESUMED_AT: format_time(_now())}},
                          "spec": {"suspend": False}},
                     )
                     self.created_jobs[uid] = job  # until the index catches up
@@ -366,7 +367,7 @@ class Controller:
     async def _check_ours(self, obj: dict[str, Any], uid: str) -> None:
         meta = obj["metadata"]
         existing = await self.kube.read(obj["kind"], meta["namespace"], meta["name"])
-        owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(manifests.LABEL_UID)
+        owner = ((existing or {}).get("metadata", {}).get("labels") or {}).get(LABEL_JOB_UID)
         if existing is None or owner != uid:
             # A deleted TranscriptionJob of the same name is still being cleaned up: try again soon.
             raise RuntimeError(f"{obj['kind']} {meta['name']} still belongs to a previous TranscriptionJob "
@@ -413,7 +414,7 @@ class Controller:
             started = parse_time(status.get("startTime"))
             if created and started:
                 metrics.TIME_TO_START_SECONDS.observe(max(0.0, (started - created).total_seconds()))
-        if outcome.terminal and before.get("phase") not in TERMINAL:
+        if outcome.terminal and before.get("phase") not in TERMINAL_PHASES:
             metrics.FINISHED_TOTAL.labels(outcome.phase).inc()
             if outcome.phase == "Failed":
                 metrics.FAILURES_TOTAL.labels(outcome.reason).inc()
@@ -467,7 +468,7 @@ class Controller:
         if timer:
             timer.cancel()
         # By the uid label: a new TranscriptionJob reusing the name keeps its own children.
-        selector = f"{manifests.LABEL_UID}={uid}"
+        selector = f"{LABEL_JOB_UID}={uid}"
         await self.kube.delete_labelled("Job", namespace, selector)  # first, so no new pod is made
         await asyncio.gather(
             *(self.kube.delete_labelled(kind, namespace, selector)
@@ -485,12 +486,9 @@ class Controller:
 
     async def _delete_s3_result(self, ref: dict[str, Any], namespace: str, name: str) -> None:
         """S3 objects have no owner references: the operator deletes them (same IFW_S3_* env as the runner)."""
-        from ifw.runner import stores
-        from ifw.runner.config import RunnerSettings
-
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: stores.delete_result(ref, namespace, settings=RunnerSettings())
+                None, lambda: results.delete_result(ref, namespace, settings=results.ResultSettings())
             )
         except Exception as error:  # never block the cleanup of the Kubernetes objects on it
             log.warning("%s/%s: could not delete result %s: %s", namespace, name, ref.get("ref"), error)

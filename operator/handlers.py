@@ -19,11 +19,12 @@ from typing import Any
 
 import kopf
 
+from ifw.core import kube
+from ifw.core.contract import LABEL_JOB_UID
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings, get_settings
 from ifw.operator.controller import Controller
-from ifw.operator.jobs import LABEL_UID
-from ifw.operator.kube import Kube, load_api_client
+from ifw.operator.kube import Kube
 
 log = logging.getLogger("ifw.operator")
 
@@ -35,8 +36,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorSettings) ->
     settings.watching.client_timeout = config.watch_client_timeout_seconds
     settings.watching.connect_timeout = 30
     # Watches are label-filtered client-side by default; filter Jobs and Pods on the server.
-    settings.watching.label_selectors["batch", "jobs"] = LABEL_UID
-    settings.watching.label_selectors["v1", "pods"] = LABEL_UID
+    settings.watching.label_selectors["batch", "jobs"] = LABEL_JOB_UID
+    settings.watching.label_selectors["v1", "pods"] = LABEL_JOB_UID
     settings.posting.reporting_component = config.event_component
     # One replica (Deployment strategy Recreate): no peering objects needed.
     settings.peering.standalone = True
@@ -45,7 +46,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorSettings) ->
 def make_controller(config: OperatorSettings) -> Controller:
     from ifw.operator.webhooks import WebhookController
 
-    return WebhookController(config, Kube(load_api_client(config.api_threads), config.api_threads))
+    api = kube.api_client(pool_size=config.api_threads, component="operator")
+    return WebhookController(config, Kube(api, config.api_threads))
 
 
 @kopf.on.startup()
@@ -89,14 +91,14 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         REGISTRY.unregister(memo.collector)
 
 
-@kopf.index("batch", "v1", "jobs", labels={LABEL_UID: kopf.PRESENT})
+@kopf.index("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
 def runner_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
-    return {labels[LABEL_UID]: dict(body)}
+    return {labels[LABEL_JOB_UID]: dict(body)}
 
 
-@kopf.index("v1", "pods", labels={LABEL_UID: kopf.PRESENT})
+@kopf.index("v1", "pods", labels={LABEL_JOB_UID: kopf.PRESENT})
 def runner_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
-    return {labels[LABEL_UID]: dict(body)}
+    return {labels[LABEL_JOB_UID]: dict(body)}
 
 
 def _controller(memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index) -> Controller:
@@ -113,18 +115,18 @@ async def transcriptionjob_event(
     _controller(memo, runner_jobs, runner_pods).observe(type, dict(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_UID: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def job_event(
     type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
 ) -> None:
     _controller(memo, runner_jobs, runner_pods).observe_job(type, dict(body))
 
 
-@kopf.on.event("v1", "pods", labels={LABEL_UID: kopf.PRESENT})
+@kopf.on.event("v1", "pods", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def pod_event(
     labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_UID])
+    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_JOB_UID])
 
 
 @kopf.on.probe(id="jobs")

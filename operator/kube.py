@@ -12,44 +12,16 @@ import asyncio
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Any
 from uuid import uuid4
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ifw.core.contract import now_string
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
-USER_AGENT = "ifw-operator/0.1.0"
 MERGE_PATCH = "application/merge-patch+json"
-
-
-def load_api_client(pool_size: int) -> client.ApiClient:
-    """In a pod: its service account; elsewhere: $KUBECONFIG (read now, not at import time)."""
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    configuration.connection_pool_maxsize = pool_size
-    api = client.ApiClient(configuration)
-    api.user_agent = USER_AGENT
-    return api
-
-
-def status_code(error: BaseException) -> int | None:
-    return error.status if isinstance(error, ApiException) else None
-
-
-def api_message(error: BaseException) -> str:
-    """The apiserver's own explanation (its Status.message), else the exception text."""
-    if isinstance(error, ApiException) and error.body:
-        try:
-            return json.loads(error.body).get("message") or str(error)
-        except (ValueError, AttributeError):
-            pass
-    return str(error)
 
 
 class Kube:
@@ -187,7 +159,7 @@ class Kube:
     ) -> None:
         """A core/v1 Event on the TranscriptionJob (``kubectl describe tj`` shows them)."""
         meta = tj["metadata"]
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_string()
         event = {
             "apiVersion": "v1",
             "kind": "Event",

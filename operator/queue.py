@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-
 # Far from the caps every waiting job fits and the order cannot matter: no settling there.
 SETTLE_MARGIN = 16
 
@@ -91,9 +90,6 @@ class AdmissionQueue:
 
     def is_reserved(self, uid: str) -> bool:
         return uid in self._reserved
-
-    def is_waiting(self, uid: str) -> bool:
-        return uid in self._waiting
 
     def enqueue(self, uid: str, namespace: str, created: str, revision: int = 0, now: float = 0.0) -> None:
         if uid not in self._waiting and uid not in self._reserved:

@@ -4,11 +4,10 @@ Every rule is here because the operator makes that call (a test runs the whole l
 the apiserver's audit log on and checks each request the operator made against these rules).
 Two entries need a word:
 
-- ``secrets: update, patch``: the operator never updates Secrets, but Kubernetes refuses to let
-  anyone create a Role granting what they do not hold themselves (RBAC escalation check), and
-  the per-job Role grants the runner update/patch on its own result Secret. The alternative
-  (the ``escalate`` verb on roles) would allow granting anything at all.
-- ``transcriptionjobs/status: get, patch, update``: same reason, plus the operator's own writes.
+- ``secrets: patch``: the operator never patches Secrets, but Kubernetes refuses to let anyone
+  create a Role granting what they do not hold themselves (RBAC escalation check), and the
+  per-job Role grants the runner patch on its own result Secret. The alternative (the
+  ``escalate`` verb on roles) would allow granting anything at all.
 
 ``allows()`` evaluates rules the way the RBAC authorizer does (verb, API group, resource with
 subresource, resourceNames), for tests of both this role and the runner's per-job Role.
@@ -24,14 +23,14 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
     # The API it serves: watch them, write their status, delete them when their TTL expires.
     # (get: granted to the runner, so the operator must hold it; list/watch: kopf; delete: TTL.)
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "delete"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # The runner Jobs and their Pods.
     {"apiGroups": ["batch"], "resources": ["jobs"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete", "deletecollection"]},
     # Per job: the result Secret, and the runner's ServiceAccount, Role and RoleBinding.
     {"apiGroups": [""], "resources": ["secrets"],
-     "verbs": ["get", "create", "update", "patch", "deletecollection"]},
+     "verbs": ["get", "create", "patch", "deletecollection"]},
     # (get: when a create answers 409, whether the object is this job's or a deleted namesake's.)
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "deletecollection"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],

@@ -12,25 +12,27 @@ No API calls and no clock reads here: everything is an argument, so every case i
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
-TERMINAL = frozenset({"Succeeded", "Failed"})
-CONDITION_TYPES = ("Queued", "Running", "Succeeded", "Failed")
-OWNED_FIELDS = (
-    "phase", "reason", "message", "conditions", "observedGeneration", "startTime", "completionTime", "jobName", "model",
+from ifw.core.contract import (
+    ANNOTATION_RESUMED_AT,
+    LABEL_KUEUE_QUEUE,
+    RUNNER_CONTAINER,
+    TERMINAL_PHASES,
+    clip,
+    format_time,
+    parse_termination_message,
+    parse_time,
 )
+
+CONDITION_TYPES = ("Queued", "Running", "Succeeded", "Failed")
 
 # Waiting reasons of a container that mean its image cannot be pulled; the first two are
 # never fixed by retrying, the others may be a registry hiccup (grace period).
 IMAGE_PULL_FATAL = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 IMAGE_PULL_RETRYABLE = frozenset({"ErrImagePull", "ImagePullBackOff", "RegistryUnavailable", "SignatureValidationFailed"})
-REASON_PATTERN = re.compile(r"^[A-Z][A-Za-z0-9]{0,63}$")
-MAX_MESSAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -44,26 +46,13 @@ class Outcome:
     stop_job: bool = False
     # When the answer may change without any event (a deadline): reconcile again then.
     recheck_at: datetime | None = None
-    details: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL
+        return self.phase in TERMINAL_PHASES
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_time(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
@@ -81,7 +70,7 @@ def job_suspended(job: dict[str, Any]) -> bool:
     return bool((job.get("spec") or {}).get("suspend"))
 
 
-def _runner_state(pod: dict[str, Any], container: str = "runner") -> dict[str, Any]:
+def _runner_state(pod: dict[str, Any], container: str = RUNNER_CONTAINER) -> dict[str, Any]:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == container:
             return cs
@@ -100,29 +89,6 @@ def _created(obj: dict[str, Any]) -> datetime | None:
 
 def _pod_sort_key(pod: dict[str, Any]) -> tuple[datetime, str]:
     return (_created(pod) or datetime.min.replace(tzinfo=timezone.utc), pod["metadata"].get("name", ""))
-
-
-def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def parse_termination_message(text: str | None) -> tuple[str | None, str | None]:
-    """The runner's one-line JSON {"reason", "message"}; anything else is kept as a message."""
-    if not text or not text.strip():
-        return None, None
-    try:
-        data = json.loads(text.strip().splitlines()[0])
-    except (ValueError, IndexError):
-        return None, _clip(text)
-    if not isinstance(data, dict):
-        return None, _clip(text)
-    reason = data.get("reason")
-    # The pod's output lands in our status: accept only a well-formed CamelCase reason.
-    if not isinstance(reason, str) or not REASON_PATTERN.match(reason):
-        reason = None
-    message = data.get("message")
-    return reason, _clip(str(message)) if message else None
 
 
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
@@ -156,7 +122,7 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str,
         return "BackoffLimitExceeded", f"the runner failed {attempts} times, more than backoffLimit allows{detail}"
     if job_reason == "PodFailurePolicy":
         return "RunnerFailed", f"the runner reported bad input{detail}"
-    return job_reason or "JobFailed", _clip(cond.get("message") or f"the runner Job failed{detail}")
+    return job_reason or "JobFailed", clip(cond.get("message") or f"the runner Job failed{detail}")
 
 
 def _started_at(pod: dict[str, Any]) -> datetime | None:
@@ -179,7 +145,7 @@ def startup_reference(job: dict[str, Any], pods: list[dict[str, Any]]) -> dateti
     """When the current attempt to start began: the Job's creation or resumption, or the last failure."""
     times = [
         _created(job),
-        parse_time(((job.get("metadata") or {}).get("annotations") or {}).get("ifw.dev/resumed-at")),
+        parse_time(((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RESUMED_AT)),
         parse_time((job.get("status") or {}).get("startTime")),
     ]
     times += [parse_time(_terminated(p).get("finishedAt")) for p in pods]
@@ -232,7 +198,7 @@ def derive(
     if job_suspended(job):
         if waiting:
             return Outcome("Queued", *waiting)
-        queue = (job["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        queue = (job["metadata"].get("labels") or {}).get(LABEL_KUEUE_QUEUE)
         if queue:
             return Outcome("Queued", "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
         return Outcome("Queued", "Suspended", "the runner Job is suspended")
@@ -261,7 +227,7 @@ def derive(
                 detail = f": {wait['reason']}: {wait.get('message', '')}".rstrip(": ")
         return Outcome(
             "Failed", "StartupDeadlineExceeded",
-            _clip(f"the runner did not start within {startup_deadline_seconds:g}s{detail}"),
+            clip(f"the runner did not start within {startup_deadline_seconds:g}s{detail}"),
             start_time=start, completion_time=now, stop_job=True,
         )
 
@@ -274,7 +240,7 @@ def derive(
             since = max(ref, _created(pod) or ref)
             give_up = since + timedelta(seconds=image_pull_grace_seconds)
             image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers", [])), None)
-            message = _clip(f"cannot pull image {image}: {wait_reason}: {wait.get('message', '')}".rstrip(": "))
+            message = clip(f"cannot pull image {image}: {wait_reason}: {wait.get('message', '')}".rstrip(": "))
             if wait_reason in IMAGE_PULL_FATAL or now >= give_up:
                 return Outcome("Failed", "ImagePullFailed", message, start_time=start, completion_time=now,
                                stop_job=True)
@@ -283,11 +249,11 @@ def derive(
         if unsched:
             return Outcome(
                 "Queued", "Unschedulable",
-                _clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
+                clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
                 recheck_at=deadline,
             )
         if wait_reason:
-            return Outcome("Pending", wait_reason, _clip(f"pod {name}: {wait.get('message') or wait_reason}"),
+            return Outcome("Pending", wait_reason, clip(f"pod {name}: {wait.get('message') or wait_reason}"),
                            recheck_at=deadline)
         return Outcome("Pending", "PodStarting", f"pod {name} is starting", recheck_at=deadline)
 
@@ -296,7 +262,7 @@ def derive(
         last = max(failed_pods, key=_pod_sort_key)
         reason, message = parse_termination_message(_terminated(last).get("message"))
         cause = f"{reason}: {message}" if reason and message else (message or reason or "the runner failed")
-        return Outcome("Pending", "Retrying", _clip(f"attempt {len(failed_pods)} failed ({cause}); retrying"),
+        return Outcome("Pending", "Retrying", clip(f"attempt {len(failed_pods)} failed ({cause}); retrying"),
                        start_time=start, recheck_at=deadline)
     return Outcome("Pending", "JobCreated", f"waiting for the runner pod of Job {job['metadata']['name']}",
                    recheck_at=deadline)
@@ -352,7 +318,7 @@ def desired_status(
     desired: dict[str, Any] = {
         "phase": outcome.phase,
         "reason": outcome.reason,
-        "message": _clip(outcome.message),
+        "message": clip(outcome.message),
         "conditions": conditions(outcome, status.get("conditions") or [], generation, now),
         "model": model,
     }

@@ -10,7 +10,7 @@ retries so receivers can drop duplicates, ``webhook-timestamp``, ``webhook-signa
 HMAC-SHA256 with the operator's signing key), the user's extra headers come from a Secret
 (``spec.webhook.headersSecretRef``), a timeout per attempt, bounded retries with exponential
 backoff (tenacity) on network errors, 408, 429 and 5xx, and every attempt recorded in
-``status.webhook``. The destination goes through the SSRF guard (ifw.runner.netguard): only
+``status.webhook``. The destination goes through the SSRF guard (ifw.core.netguard): only
 public addresses unless the operator's allowlist says otherwise, checked at connect time.
 
 Delivery runs beside the reconcile (a slow receiver never holds a job up) and survives a
@@ -31,11 +31,11 @@ import httpx
 from standardwebhooks import Webhook
 from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from ifw.core import formats, netguard, results
+from ifw.core.contract import format_time
+from ifw.core.kube import api_message
 from ifw.operator import metrics
 from ifw.operator.controller import Controller, _newer
-from ifw.operator.kube import api_message
-from ifw.operator.status import format_time
-from ifw.runner import netguard
 
 log = logging.getLogger("ifw.operator.webhooks")
 
@@ -173,11 +173,10 @@ class WebhookController(Controller):
         ref = status.get("result")
         if not ref:
             raise DeliveryFailed("the job succeeded but status.result is missing", retryable=False)
-        from ifw.runner import formats, stores
-
         try:
             transcript = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: stores.load_result(ref, meta["namespace"], job_uid=meta["uid"], core_v1=self.kube.core)
+                None, lambda: results.load_result(ref, meta["namespace"], job_uid=meta["uid"], core_v1=self.kube.core,
+                                                  settings=results.ResultSettings()),
             )
         except Exception as error:  # the result is gone or unreadable: say so instead of sending nothing
             raise DeliveryFailed(f"cannot read the result: {error}", retryable=False) from error

@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
+from ifw.core.formats import FORMATS
 from ifw.crds.transcriptionjob import AudioSource, TranscriptionJobSpec
 
-FORMATS = ["json", "text", "srt", "vtt", "verbose_json"]
 CPU_FALLBACK_MODEL = "base"
 
 
@@ -81,7 +81,8 @@ def _in_hub_cache(repo_id: str) -> bool:
 def transcribe(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ifw.runner import errors, formats, pipeline
+    from ifw.core import formats
+    from ifw.runner import errors, pipeline
     from ifw.runner.config import RunnerSettings
 
     overrides = {"device": args.device} if args.device else {}

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ifw.core.languages import NO_SPACE_LANGUAGES
+from ifw.core.transcript import Segment, Transcript, Word
 from ifw.runner import vad, weights
+from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.errors import InvalidSpec, ModelHubUnavailable, ModelLoadFailed, OutOfMemory
-from ifw.runner.result import Segment, Transcript, Word
 
 if TYPE_CHECKING:
     import torch
@@ -35,10 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = vad.SAMPLE_RATE
 TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
-# Scripts written without spaces between words: every token may be a word.
-NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "yue", "bo"}
 
 ProgressCallback = Callable[[float, float], None]  # (processed seconds, total seconds)
 

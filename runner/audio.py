@@ -22,13 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from ifw.core.netguard import DestinationNotAllowed, guarded_client
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings
-from ifw.runner.netguard import DestinationNotAllowed, guarded_client
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = 16_000  # what Whisper, Silero and pyannote all take: the one decode serves them all
 USER_AGENT = "ifw-runner/0.1 (+https://ifw.dev)"
 _CHUNK = 1024 * 1024
 

@@ -1,6 +1,8 @@
 """Runner configuration, from the environment (the operator renders it into the pod).
 
-One settings class for the whole runner; each concern has its own section.
+One settings class for the whole runner; each concern has its own section. The result store's
+settings (IFW_RESULT_STORE, IFW_S3_*) are ``ifw.core.results.ResultSettings``: the operator and
+the gateway read the same ones.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ifw.core.contract import DEFAULT_MODEL
+
 
 class RunnerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IFW_", env_nested_delimiter="__", extra="ignore")
@@ -22,7 +26,7 @@ class RunnerSettings(BaseSettings):
     job_uid: str | None = None
 
     # --- models ---
-    default_model: str = Field("openai/whisper-large-v3", description="Used when spec.model is absent.")
+    default_model: str = Field(DEFAULT_MODEL, description="Used when spec.model is absent.")
     allowed_models: list[str] = Field(
         default_factory=list, description="Models spec.model may name; empty allows only the default."
     )
@@ -53,15 +57,7 @@ class RunnerSettings(BaseSettings):
     )
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "IFW_HF_TOKEN"))
 
-    # --- results ---
-    result_store: Literal["secret", "s3"] = "secret"
-    result_secret_max_bytes: int = Field(
-        900 * 1024, description="Compressed results above this fail with ResultTooLarge (etcd caps objects)."
-    )
-    s3_endpoint_url: str | None = None
-    s3_bucket: str | None = None
-    s3_prefix: str = "results/"
-    s3_region: str = "us-east-1"
+    # (The result store has its own settings, read alike by every component: ifw.core.results.)
 
     # --- progress ---
     progress_interval_seconds: float = Field(3.0, gt=0, description="At most one status write per interval.")

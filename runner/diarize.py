@@ -20,23 +20,18 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ifw.runner import errors
+from ifw.runner.audio import SAMPLE_RATE
 
 if TYPE_CHECKING:
     from ifw.runner.config import RunnerSettings
 
-# pyannote.audio 4 sends usage telemetry by default; the runner never does. Set, not defaulted:
-# pyannote writes its own default into the environment when it is imported first, and reads the
-# variable at each call.
-os.environ["PYANNOTE_METRICS_ENABLED"] = "0"
-
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 PACKAGED = "packaged"
 
 # From the packaged-weights recipe in reference/models-offline.md (2 espeak voices -> 2 speakers,
@@ -58,13 +53,12 @@ def diarize(
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     max_speakers: int | None = None,
-    hook: Callable[..., Any] | None = None,
 ) -> list[Turn]:
     """Speaker turns ``(start, end, "SPEAKER_00")`` of 16 kHz mono audio, sorted by start.
 
     Turns never overlap (pyannote's "exclusive" diarization, made for aligning
     with a transcript). Speakers are numbered in order of first appearance.
-    No speech gives ``[]``. ``hook`` is pyannote's progress callback.
+    No speech gives ``[]``.
     """
     _check_hints(num_speakers, min_speakers, max_speakers)
     if audio.ndim != 1:
@@ -83,7 +77,6 @@ def diarize(
                 num_speakers=num_speakers,
                 min_speakers=min_speakers,
                 max_speakers=max_speakers,
-                hook=hook,
             )
     except torch.cuda.OutOfMemoryError as exc:
         seconds = audio.size / SAMPLE_RATE
@@ -93,6 +86,15 @@ def diarize(
     return _relabel(
         [(turn.start, turn.end, str(label)) for turn, _, label in annotation.itertracks(yield_label=True)]
     )
+
+
+def telemetry_off() -> None:
+    """pyannote.audio 4 sends usage telemetry by default; the runner never does.
+
+    Set, not defaulted: pyannote writes its own default into the environment when it is
+    imported, and reads the variable at each call, so this runs before every pipeline use.
+    """
+    os.environ["PYANNOTE_METRICS_ENABLED"] = "0"
 
 
 def load_pipeline(settings: RunnerSettings):
@@ -110,6 +112,7 @@ def load_pipeline(settings: RunnerSettings):
             pipeline = _build_packaged() if spec == PACKAGED else _load_hub(spec, settings)
             _pipelines[key] = pipeline.to(device)
             log.info("diarization pipeline %s loaded on %s", spec, device)
+        telemetry_off()  # after pyannote's import, which writes its own default
         return _pipelines[key]
 
 

@@ -1,34 +1,33 @@
 """Runner failures and how they leave the pod.
 
-The operator reads the termination message (one JSON line) and the exit code:
-2 means bad input (the Job's podFailurePolicy fails the job at once, no retry),
-1 means transient (retried up to spec.backoffLimit).
+Every failure is an ``ifw.core.contract.Failure``: a CamelCase reason and an exit code. The
+operator reads the termination message (one JSON line) and the exit code: ``EXIT_BAD_INPUT``
+means bad input (the Job's podFailurePolicy fails the job at once, no retry),
+``EXIT_TRANSIENT`` anything worth a retry (up to spec.backoffLimit). The result stores raise
+their own Failures (``ifw.core.results``), which leave the pod the same way.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-EXIT_TRANSIENT = 1
-EXIT_BAD_INPUT = 2
-# The pod's terminationMessagePath; overridable where the runner is not in a pod (the local stack).
-TERMINATION_LOG = Path(os.environ.get("IFW_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
+from ifw.core.contract import (
+    ENV_TERMINATION_MESSAGE_PATH,
+    EXIT_BAD_INPUT,
+    EXIT_TRANSIENT,
+    TERMINATION_MESSAGE_PATH,
+    Failure,
+)
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_TRANSIENT", "RunnerError", "write_termination_message"]
 
 
-class RunnerError(Exception):
+class RunnerError(Failure):
     """A failure with a CamelCase reason a person can act on."""
 
     reason = "RunnerFailed"
     exit_code = EXIT_TRANSIENT
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def termination_message(self) -> str:
-        return json.dumps({"reason": self.reason, "message": self.message[:3500]})
 
 
 class BadInput(RunnerError):
@@ -69,21 +68,14 @@ class ModelHubUnavailable(RunnerError):
     reason = "ModelLoadFailed"
 
 
-class ResultTooLarge(BadInput):
-    reason = "ResultTooLarge"
-
-
 class OutOfMemory(RunnerError):
     reason = "OutOfMemory"
 
 
-class ResultStoreFailed(RunnerError):
-    reason = "ResultStoreFailed"
-
-
-def write_termination_message(error: RunnerError, path: Path = TERMINATION_LOG) -> None:
+def write_termination_message(error: Failure, path: Path | None = None) -> None:
     """Best effort: outside a pod the file may not be writable."""
+    target = path or Path(os.environ.get(ENV_TERMINATION_MESSAGE_PATH, TERMINATION_MESSAGE_PATH))
     try:
-        path.write_text(error.termination_message() + "\n")
+        target.write_text(error.termination_message() + "\n")
     except OSError:
         pass

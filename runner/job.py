@@ -19,23 +19,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ifw.core import contract, kube, results
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings, get_settings
 from ifw.runner.progress import ProgressReporter, progress_body
 
 log = logging.getLogger(__name__)
-
-
-def api_client():
-    """In-cluster config in a Pod, else KUBECONFIG (tests, the local stack)."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
 
 
 class JobStatus:
@@ -80,13 +70,15 @@ class JobStatus:
             raise errors.RunnerError(f"could not reach the Kubernetes API: {e}") from e
 
 
-def run_job(settings: RunnerSettings, api: Any) -> dict[str, Any]:
+def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultSettings | None = None) -> dict[str, Any]:
     """Run our TranscriptionJob; returns the status the runner wrote at the end."""
-    from ifw.runner import pipeline, stores
+    from kubernetes import client
 
-    missing = [var for var, value in (("IFW_JOB_NAMESPACE", settings.job_namespace),
-                                      ("IFW_JOB_NAME", settings.job_name),
-                                      ("IFW_JOB_UID", settings.job_uid)) if not value]  # fmt: skip
+    from ifw.runner import pipeline
+
+    missing = [var for var, value in ((contract.ENV_JOB_NAMESPACE, settings.job_namespace),
+                                      (contract.ENV_JOB_NAME, settings.job_name),
+                                      (contract.ENV_JOB_UID, settings.job_uid)) if not value]  # fmt: skip
     if missing:
         raise errors.InvalidSpec(f"job mode needs {', '.join(missing)} (set by the operator)")
     status = JobStatus(api, settings.job_namespace, settings.job_name)
@@ -110,7 +102,9 @@ def run_job(settings: RunnerSettings, api: Any) -> dict[str, Any]:
     transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter)
     reporter.flush()
 
-    result = stores.store_result(transcript, job, settings)
+    result = results.store_result(
+        transcript, job, result_settings or results.ResultSettings(), core_v1=client.CoreV1Api(api)
+    )
     final: dict[str, Any] = {
         "progress": progress_body(transcript.duration, transcript.duration),
         "audio": {
@@ -131,11 +125,11 @@ def main(settings: RunnerSettings | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings or get_settings()
-        with api_client() as api:
+        with kube.api_client(component="runner") as api:  # one client for the status and the result
             final = run_job(settings, api)
         log.info("done: %s", final["result"].get("ref"))
         return 0
-    except errors.RunnerError as e:
+    except contract.Failure as e:
         error = e
     except MemoryError as e:
         error = errors.OutOfMemory(f"out of host memory: {e}")

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ifw.runner import asr, vad
+from ifw.runner import asr
+from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.errors import InvalidAudio
 
 if TYPE_CHECKING:
+    from ifw.core.transcript import Transcript
     from ifw.crds.transcriptionjob import TranscriptionJobSpec
     from ifw.runner.config import RunnerSettings
-    from ifw.runner.result import Transcript
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run(
     model = asr.load_model(model_name, settings)
 
     samples = load(source, settings)
-    duration = len(samples) / vad.SAMPLE_RATE
+    duration = len(samples) / SAMPLE_RATE
     if on_progress:
         on_progress(0.0, duration)
 

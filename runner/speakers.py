@@ -18,12 +18,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 
-from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
+from ifw.core.languages import NO_SPACE_LANGUAGES
+from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 
 Turn = tuple[float, float, str]
 
-# Languages Whisper writes without spaces between words: their word texts are joined as they are.
-_NO_SPACE_LANGUAGES = {"zh", "yue", "ja", "th", "lo", "km", "my", "bo"}
 
 
 class _TurnIndex:
@@ -124,7 +123,7 @@ def _joiner(transcript: Transcript):
     """Whisper texts carry their own leading spaces (" Hello"); stripped ones get one between them."""
 
     def join(texts: list[str]) -> str:
-        if transcript.language in _NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts[1:]):
+        if transcript.language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts[1:]):
             return "".join(texts).strip()
         return " ".join(t.strip() for t in texts if t.strip())
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ifw.runner.audio import SAMPLE_RATE
+
 MAX_PIECE_SECONDS = 30.0  # Whisper's window
 
 

@@ -19,7 +19,7 @@ server on free loopback ports in their own process groups, waits for
 started and removes its temporary directory.
 
 There are no controllers, scheduler or kubelet: tests play their parts (see
-/work/shared/reference/test-control-plane.md).
+the shared reference test-control-plane.md).
 
 CLI (for a local stack)::
 

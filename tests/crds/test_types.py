@@ -6,9 +6,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from ifw.core.languages import WHISPER_LANGUAGES, normalize_language
 from ifw.crds import generate
 from ifw.crds import transcriptionjob as tj
-from ifw.crds.languages import WHISPER_LANGUAGES, normalize_language
 
 
 def test_committed_crd_equals_the_one_generated_from_the_types():

@@ -1,7 +1,7 @@
 """Gateway test fixtures: the CRD on the real test apiserver, a real uvicorn
 server on loopback, and a `Driver` that plays the operator and the runner
 (there is no controller on the test apiserver): it finds the jobs the gateway
-created, patches their /status and stores results with ifw.runner.stores.
+created, patches their /status and stores results with ifw.core.results.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,14 +192,24 @@ class Driver:
             },
         )
 
-    def report_result(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
-        """The runner's part: store the result and point status.result at it."""
-        from ifw.runner import stores
-        from ifw.runner.config import RunnerSettings
+    def store(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
+        """The operator's part (the empty result Secret), then the runner's (its data); returns the ref."""
+        from kubernetes import client
+
+        from ifw.core import results
 
         job = self.get(name)
         assert job is not None
-        ref = stores.store_result(result or transcript(), job, RunnerSettings(result_store="secret"), core_v1=self.core)
+        try:
+            self.core.create_namespaced_secret(self.namespace, results.result_secret(job))
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        return results.store_result(result or transcript(), job, results.ResultSettings(), core_v1=self.core)
+
+    def report_result(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
+        """The runner's part: store the result and point status.result at it."""
+        ref = self.store(name, result)
         self.patch_status(name, {"result": ref, "progress": {"percent": 100.0}})
         return ref
 
@@ -207,12 +217,7 @@ class Driver:
         """Runner then operator (two status writes, as in the real flow), or both in one patch."""
         done = {"phase": "Succeeded", "conditions": [_condition("Succeeded", "True", "Completed", "transcribed")]}
         if one_patch:
-            from ifw.runner import stores
-            from ifw.runner.config import RunnerSettings
-
-            job = self.get(name)
-            settings = RunnerSettings(result_store="secret")
-            done["result"] = stores.store_result(result or transcript(), job, settings, core_v1=self.core)
+            done["result"] = self.store(name, result)
         else:
             self.report_result(name, result)
         return self.patch_status(name, done)

@@ -1,7 +1,7 @@
 """The original API over HTTP (a real uvicorn server) against the real test apiserver.
 
 The tests play the operator and runner through `driver` (status patches and
-result Secrets written with ifw.runner.stores), then check what the gateway
+result Secrets written with ifw.core.results), then check what the gateway
 answers: the original API's shapes, exactly.
 """
 

@@ -74,9 +74,8 @@ def test_tenant_keys_map_to_namespaces(gateway_factory, kube, namespace):
 
 def test_readyz_fails_when_the_apiserver_is_unreachable(tmp_path):
     """A gateway pointed at a dead apiserver starts, stays live, and reports not ready (no hang)."""
-    from tests.gateway.conftest import Server, free_port
-
     from ifw.gateway.config import GatewaySettings
+    from tests.gateway.conftest import Server, free_port
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from ifw.core.contract import LABEL_JOB_UID
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings
-from ifw.operator.jobs import LABEL_UID
 
 URL = "https://media.example.com/meeting.mp3"
 
@@ -181,7 +181,7 @@ class Sim:
 
     # --- Jobs (the Job controller's part)
     def jobs(self, uid: str | None = None) -> list[dict]:
-        selector = f"{LABEL_UID}={uid}" if uid else LABEL_UID
+        selector = f"{LABEL_JOB_UID}={uid}" if uid else LABEL_JOB_UID
         items = self.batch.list_namespaced_job(self.ns, label_selector=selector).items
         return [self.api_client.sanitize_for_serialization(item) for item in items]
 
@@ -242,7 +242,7 @@ class Sim:
         })
 
     def pods(self, uid: str) -> list[dict]:
-        return self.core.list_namespaced_pod(self.ns, label_selector=f"{LABEL_UID}={uid}").to_dict()["items"]
+        return self.core.list_namespaced_pod(self.ns, label_selector=f"{LABEL_JOB_UID}={uid}").to_dict()["items"]
 
 
 @pytest.fixture

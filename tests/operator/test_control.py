@@ -225,11 +225,9 @@ def _try(fn):
 
 
 def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):
-    from tests.runner.s3server import SeaweedS3
-
-    from ifw.runner import stores
-    from ifw.runner.config import RunnerSettings
-    from ifw.runner.result import Segment, Transcript
+    from ifw.core.transcript import Segment, Transcript
+    from ifw.core import results
+    from tests.core.s3server import SeaweedS3
 
     with SeaweedS3() as s3:
         s3.create_bucket("results")
@@ -241,9 +239,9 @@ def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):
         tj = sim.create_tj("in-s3", ttlSecondsAfterFinished=1)
         job = sim.job_of(tj)
         transcript = Transcript(text=" hi", segments=[Segment(start=0, end=1, text=" hi")])
-        ref = stores.store_result(transcript, tj, RunnerSettings())
+        ref = results.store_result(transcript, tj, results.ResultSettings())
         assert ref["store"] == "s3"
-        bucket, key = stores.parse_s3_ref(ref["ref"])
+        bucket, key = results.parse_s3_ref(ref["ref"])
         s3.client().head_object(Bucket=bucket, Key=key)
         sim.patch_tj_status("in-s3", {"result": ref})
         sim.set_job_condition(job, "Complete", "CompletionsReached")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ifw.core import contract, results
 from ifw.operator import jobs
 from ifw.operator.config import OperatorSettings
 from tests.operator.conftest import wait_for
@@ -96,18 +97,11 @@ def test_names_are_deterministic_and_valid():
     long = "a" * 60 + "-b"
     name = jobs.job_name(long, uid)
     assert len(name) <= 63 and name == jobs.job_name(long, uid) and name.endswith("-0b7c1a2e")
-    assert jobs.label_value("x" * 200) == jobs.label_value("x" * 200) and len(jobs.label_value("x" * 200)) <= 63
-    assert jobs.label_value("x" * 200) != jobs.label_value("x" * 199 + "y")
-    assert jobs.result_secret_name("meeting") == "meeting-result"
-
-
-def test_result_secret_matches_the_runner_store():
-    from ifw.runner import stores
-
-    # Type is immutable and the runner may only update: both sides must agree on type and name.
-    assert jobs.RESULT_SECRET_TYPE == stores.SECRET_TYPE
-    for name in ["meeting", "m" * 250]:
-        assert jobs.result_secret_name(name) == stores.secret_name(name)
+    assert contract.label_value("x" * 200) == contract.label_value("x" * 200)
+    assert len(contract.label_value("x" * 200)) <= 63
+    assert contract.label_value("x" * 200) != contract.label_value("x" * 199 + "y")
+    assert results.secret_name("meeting") == "meeting-result"
+    assert len(results.secret_name("m" * 250)) <= 253
 
 
 def test_children_are_owned_and_labelled():
@@ -115,11 +109,12 @@ def test_children_are_owned_and_labelled():
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner == {"apiVersion": "ifw.dev/v1alpha1", "kind": "TranscriptionJob", "name": "meeting",
                          "uid": TJ["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
-        assert obj["metadata"]["labels"][jobs.LABEL_UID] == TJ["metadata"]["uid"]
+        assert obj["metadata"]["labels"][contract.LABEL_JOB_UID] == TJ["metadata"]["uid"]
         assert obj["metadata"]["namespace"] == "team-a"
-    secret = jobs.result_secret(TJ)
-    assert secret["type"] == "ifw.dev/result" and "data" not in secret
-    assert secret["metadata"]["labels"][jobs.LABEL_NAME] == "meeting"
+    (secret,) = [obj for obj in jobs.children(TJ) if obj["kind"] == "Secret"]
+    assert secret == results.result_secret(TJ)  # one builder: the store's
+    assert secret["type"] == results.SECRET_TYPE and "data" not in secret
+    assert secret["metadata"]["labels"][contract.LABEL_JOB_NAME] == "meeting"
     binding = jobs.runner_role_binding(TJ)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meeting-runner", "namespace": "team-a"}]
     assert binding["roleRef"]["name"] == jobs.runner_role(TJ)["metadata"]["name"]
@@ -139,7 +134,7 @@ def test_created_job_carries_the_configured_template(run_operator, sim):
     assert pod["runtimeClassName"] == "nvidia" and job["spec"]["backoffLimit"] == 1
     # The per-job RBAC and the empty result Secret exist before the Job is used.
     ns = sim.ns
-    role = wait_for(lambda: sim.rbac.list_namespaced_role(ns, label_selector=f"{jobs.LABEL_UID}={tj['metadata']['uid']}").items, 5)
+    role = wait_for(lambda: sim.rbac.list_namespaced_role(ns, label_selector=f"{contract.LABEL_JOB_UID}={tj['metadata']['uid']}").items, 5)
     assert role[0].rules[1].resource_names == ["gpu"] and role[0].rules[2].resource_names == ["gpu-result"]
     secret = sim.core.read_namespaced_secret("gpu-result", ns)
     assert secret.type == "ifw.dev/result" and not secret.data

@@ -25,13 +25,13 @@ def test_runner_role_allows_only_its_own_job_status_and_result():
     ok = [
         ("get", GROUP, PLURAL, "job-a"),
         ("patch", GROUP, f"{PLURAL}/status", "job-a"),
-        ("update", GROUP, f"{PLURAL}/status", "job-a"),
         ("get", "", "secrets", "job-a-result"),
-        ("update", "", "secrets", "job-a-result"),
         ("patch", "", "secrets", "job-a-result"),
     ]
     refused = [
         ("get", GROUP, PLURAL, "job-b"),  # another job
+        ("update", GROUP, f"{PLURAL}/status", "job-a"),  # it merge-patches its fields, never replaces
+        ("update", "", "secrets", "job-a-result"),  # it patches the data in, never replaces the Secret
         ("patch", GROUP, PLURAL, "job-a"),  # its own spec
         ("patch", GROUP, f"{PLURAL}/status", "job-b"),  # another job's status
         ("list", GROUP, PLURAL, None),
@@ -65,9 +65,10 @@ def test_operator_cluster_role_renders_and_escalation_is_covered():
 @pytest.fixture
 def audited_cluster(tmp_path):
     """A control plane of its own, with the audit log on (the session one has it off)."""
+    from kubernetes import config
+
     from tests.cluster.control_plane import ControlPlane
     from tests.cluster.crd import install_crd
-    from kubernetes import config
 
     policy = tmp_path / "audit-policy.yaml"
     policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")
@@ -87,8 +88,9 @@ def audited_cluster(tmp_path):
 
 
 def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited_cluster, monkeypatch):
-    import ifw.operator.handlers  # noqa: F401
     from kubernetes import client
+
+    import ifw.operator.handlers  # noqa: F401
 
     cp, api_client, audit_log = audited_cluster
     # kopf logs in through the kubernetes client, which read KUBECONFIG when it was imported.
@@ -136,8 +138,8 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
     assert not denied, f"the ClusterRole misses: {denied}"
     # And nothing granted goes unused, except what is justified without being exercised here.
     justified = {
-        ("get", "transcriptionjobs"), ("get", "transcriptionjobs/status"), ("update", "transcriptionjobs/status"),
-        ("update", "secrets"), ("patch", "secrets"),  # granted on to the runner (escalation check)
+        ("get", "transcriptionjobs"),  # granted on to the runner (escalation check)
+        ("patch", "secrets"),  # granted on to the runner (escalation check)
         ("get", "secrets"),  # webhook header Secrets and result Secrets
         ("get", "jobs"),  # reading back an existing Job after a restart (409 on create)
         ("get", "serviceaccounts"), ("get", "roles"), ("get", "rolebindings"),  # 409: ours or a namesake's?

@@ -6,15 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ifw.operator.status import (
-    Outcome,
-    conditions,
-    derive,
-    failure_cause,
-    format_time,
-    parse_termination_message,
-    status_patch,
-)
+from ifw.core.contract import format_time, parse_termination_message
+from ifw.operator.status import Outcome, conditions, derive, failure_cause, status_patch
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

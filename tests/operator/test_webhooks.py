@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook
 
-from ifw.runner import stores
-from ifw.runner.config import RunnerSettings
-from ifw.runner.result import Segment, Transcript
+from ifw.core.transcript import Segment, Transcript
+from ifw.core import results
+from ifw.core.results import ResultSettings
 from tests.operator.conftest import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -83,7 +83,7 @@ def test_success_webhook_carries_the_transcript_signed_with_user_headers(run_ope
     # What the runner does at the end: store the transcript in its Secret, point status.result at it.
     transcript = Transcript(text=" Hello world.", segments=[Segment(start=0.0, end=1.5, text=" Hello world.")],
                             language="en", duration=1.5)
-    ref = stores.store_result(transcript, tj, RunnerSettings(), core_v1=sim.core)
+    ref = results.store_result(transcript, tj, ResultSettings(), core_v1=sim.core)
     sim.patch_tj_status("done", {"result": ref})
     _finish(sim, tj, ok=True)
 

@@ -8,14 +8,13 @@ timestamps, then go through assign_speakers, as in ifw.runner.pipeline.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
+from ifw.core.transcript import Transcript, Word
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings
 from ifw.runner.diarize import diarize, load_pipeline
-from ifw.runner.result import Transcript, Word
 from ifw.runner.speakers import assign_speakers
 
 A, B = "en-us", "en+f3"
@@ -260,8 +259,12 @@ def test_pyannote_telemetry_is_off():
     import sys
 
     code = (
-        "import pyannote.audio, ifw.runner.diarize\n"
+        "import os, pyannote.audio\n"
+        "from ifw.runner import diarize\n"
+        "from ifw.runner.config import RunnerSettings\n"
         "from pyannote.audio.telemetry.metrics import is_metrics_enabled\n"
+        "assert os.environ['PYANNOTE_METRICS_ENABLED'] == 'true'  # importing the module changes nothing\n"
+        "diarize.load_pipeline(RunnerSettings(diarization_pipeline='packaged', device='cpu'))\n"
         "assert is_metrics_enabled() is False\n"
     )
     env = {**os.environ, "PYANNOTE_METRICS_ENABLED": "true"}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from ifw.runner import stores
+from ifw.core import contract, results
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,14 +56,17 @@ def objects(kube, tj_crd):
 
 
 def create_job(objects, namespace: str, url: str, **spec) -> dict:
-    custom, _ = objects
+    """A TranscriptionJob and, as the operator makes it before the runner starts, its empty result Secret."""
+    custom, core = objects
     body = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": f"tj-{uuid.uuid4().hex[:8]}", "namespace": namespace},
         "spec": {"audio": {"url": url}, **spec},
     }
-    return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    job = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    core.create_namespaced_secret(namespace, results.result_secret(job))
+    return job
 
 
 def run_runner(kube, job: dict, tmp_path: Path, uid: str | None = None, **env) -> tuple[int, dict | None, str]:
@@ -102,6 +105,9 @@ def watch_statuses(objects, job: dict) -> list[dict]:
         stream = watch.Watch().stream(
             custom.list_namespaced_custom_object, GROUP, VERSION, job["metadata"]["namespace"], PLURAL,
             field_selector=f"metadata.name={job['metadata']['name']}", timeout_seconds=120,
+            # From the job's own version: a watch "from now" right after other writes (the result
+            # Secret) can wait on the watch cache and time out (504) on the test server's etcd.
+            resource_version=job["metadata"]["resourceVersion"],
         )
         for event in stream:
             status = event["object"].get("status") or {}
@@ -146,7 +152,14 @@ def test_job_transcribes_writes_its_status_and_stores_the_result(kube, objects, 
     assert result["store"] == "secret" and result["sizeBytes"] > 0 and len(result["sha256"]) == 64
 
     _, core = objects
-    transcript = stores.load_result(result, namespace, job_uid=job["metadata"]["uid"], core_v1=core)
+    # The runner patched in the data only: the Secret is still the operator's, owner and labels intact.
+    secret = core.read_namespaced_secret(result["ref"], namespace)
+    built = results.result_secret(job)["metadata"]
+    assert secret.metadata.labels == built["labels"]
+    assert [core.api_client.sanitize_for_serialization(o) for o in secret.metadata.owner_references] == \
+        built["ownerReferences"]
+    assert secret.metadata.annotations[contract.ANNOTATION_RESULT_SHA256] == result["sha256"]
+    transcript = results.load_result(result, namespace, job_uid=job["metadata"]["uid"], core_v1=core)
     assert wer(clip.text, transcript.text) <= 0.2, transcript.text
     assert transcript.timestamp == "word" and all(s.words for s in transcript.segments)
     assert transcript.segments[0].start == pytest.approx(clip.utterances[0].start, abs=1.0)

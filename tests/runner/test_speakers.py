@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ifw.runner.result import Segment, Transcript, Word
+from ifw.core.transcript import Segment, Transcript, Word
 from ifw.runner.speakers import assign_speakers
 
 

@@ -5,6 +5,10 @@ schema) does not depend on the ML stack; a test checks the list against the
 tokenizer's own table.
 """
 
+# Scripts written without spaces between words: each character may be a word, and texts join
+# without a separator.
+NO_SPACE_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "km", "my", "bo"})
+
 WHISPER_LANGUAGES: dict[str, str] = {
     "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
     "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",

@@ -1,21 +1,22 @@
-"""Where finished transcripts live: pluggable result stores.
+"""Where finished transcripts live: pluggable result stores, shared by runner, operator and gateway.
 
-Results never go into the TranscriptionJob (etcd caps objects near 1.5 MiB and
-every watcher would receive every byte). The runner stores the Transcript as
-gzip-compressed JSON and records a pointer in `status.result`:
+Results never go into the TranscriptionJob (etcd caps objects near 1.5 MiB and every watcher
+would receive every byte). The runner stores the Transcript as gzip-compressed JSON and records
+a pointer in ``status.result``:
 
   {"store": "secret"|"s3", "ref": <Secret name | s3://bucket/key>, "sizeBytes", "sha256", "formats"}
 
-- "secret" (default, needs nothing else): one Secret per job, `<job>-result`,
-  owned by the TranscriptionJob so it goes when the job goes. Capped by
-  settings.result_secret_max_bytes.
-- "s3": any S3-compatible store through boto3; key
-  `<prefix><namespace>/<job>/<uid>.json.gz`; credentials from the standard
-  AWS_* variables (a Secret in the pod), endpoint from settings.s3_endpoint_url.
+- ``secret`` (the default, needs nothing else): one Secret per job, ``<job>-result``. The
+  operator creates it empty (``result_secret``: its owner reference, labels and type are built
+  there, once); the runner only patches its ``data`` and the checksum annotation. Capped by
+  ``ResultSettings.result_secret_max_bytes``.
+- ``s3``: any S3-compatible store through boto3; key ``<prefix><namespace>/<job>/<uid>.json.gz``;
+  credentials from the standard ``AWS_*`` variables, endpoint from ``IFW_S3_ENDPOINT_URL``.
 
-The gateway reads results back with `load_result`, the operator removes them on
-TTL with `delete_result`. The compressed bytes are deterministic (gzip mtime 0),
-so a retried runner writes the same sha256.
+The runner writes (``store_result``), the gateway and the webhook sender read (``load_result``),
+the operator deletes on TTL (``delete_result``). Every one of them reads the same
+``ResultSettings`` from the environment, so the chart must give all of them the same IFW_S3_*.
+The compressed bytes are deterministic (gzip mtime 0), so a retried runner writes the same sha256.
 """
 
 from __future__ import annotations
@@ -27,28 +28,52 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ifw.crds.transcriptionjob import API_VERSION, KIND, TranscriptionJob
-from ifw.runner import errors
-from ifw.runner.config import RunnerSettings
-from ifw.runner.formats import FORMATS
-from ifw.runner.result import Transcript
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ifw.core import contract
+from ifw.core.formats import FORMATS
+from ifw.core.transcript import Transcript
 
 log = logging.getLogger(__name__)
 
-SECRET_TYPE = "ifw.dev/result"
+SECRET_TYPE = "ifw.dev/result"  # a Secret's type is immutable: the operator creates it with this one
 SECRET_KEY = "transcript.json.gz"
-LABEL_JOB_NAME = "ifw.dev/job-name"
-LABEL_JOB_UID = "ifw.dev/job-uid"
-ANNOTATION_SHA256 = "ifw.dev/sha256"
 _SECRET_SUFFIX = "-result"
 
 
-class ResultNotFound(errors.ResultStoreFailed):
+class ResultSettings(BaseSettings):
+    """The result store's settings (env prefix IFW_), read alike by every component that touches results."""
+
+    model_config = SettingsConfigDict(env_prefix="IFW_", extra="ignore")
+
+    result_store: Literal["secret", "s3"] = "secret"
+    result_secret_max_bytes: int = Field(
+        900 * 1024, description="Compressed results above this fail with ResultTooLarge (etcd caps objects)."
+    )
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "results/"
+    s3_region: str = "us-east-1"
+
+
+class ResultStoreFailed(contract.Failure):
+    """The store could not be written or read: worth a retry."""
+
+    reason = "ResultStoreFailed"
+
+
+class ResultNotFound(ResultStoreFailed):
     """The result is gone (deleted on TTL, or never written)."""
 
     reason = "ResultNotFound"
+
+
+class ResultTooLarge(ResultStoreFailed):
+    reason = "ResultTooLarge"
+    exit_code = contract.EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)
@@ -58,14 +83,15 @@ class JobRef:
     uid: str
 
     @classmethod
-    def of(cls, job: JobRef | TranscriptionJob | Mapping[str, Any]) -> JobRef:
-        """From a TranscriptionJob model, a raw object as read from the API, or a JobRef."""
+    def of(cls, job: Any) -> JobRef:
+        """From a raw object as read from the API, a model with ``.metadata``, or a JobRef."""
         if isinstance(job, JobRef):
             return job
-        meta = job.metadata if isinstance(job, TranscriptionJob) else (job.get("metadata") or {})
+        meta = job.get("metadata") if isinstance(job, Mapping) else getattr(job, "metadata", None)
+        meta = meta or {}
         missing = [key for key in ("namespace", "name", "uid") if not meta.get(key)]
         if missing:
-            raise errors.ResultStoreFailed(f"the TranscriptionJob's metadata lacks {', '.join(missing)}")
+            raise ResultStoreFailed(f"the TranscriptionJob's metadata lacks {', '.join(missing)}")
         return cls(meta["namespace"], meta["name"], meta["uid"])
 
 
@@ -79,11 +105,11 @@ def encode(transcript: Transcript) -> bytes:
 
 def decode(data: bytes, expected_sha256: str | None = None) -> Transcript:
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise errors.ResultStoreFailed("the stored result does not match its sha256: corrupt or replaced")
+        raise ResultStoreFailed("the stored result does not match its sha256: corrupt or replaced")
     try:
         return Transcript.model_validate_json(gzip.decompress(data))
     except (OSError, EOFError, ValueError) as error:
-        raise errors.ResultStoreFailed(f"the stored result cannot be read: {error}") from error
+        raise ResultStoreFailed(f"the stored result cannot be read: {error}") from error
 
 
 def _ref(store: str, ref: str, data: bytes) -> dict[str, Any]:
@@ -97,21 +123,16 @@ def _ref(store: str, ref: str, data: bytes) -> dict[str, Any]:
 
 
 def store_result(
-    transcript: Transcript,
-    job: JobRef | TranscriptionJob | Mapping[str, Any],
-    settings: RunnerSettings,
-    *,
-    core_v1: Any = None,
-    s3: Any = None,
+    transcript: Transcript, job: Any, settings: ResultSettings, *, core_v1: Any = None, s3: Any = None
 ) -> dict[str, Any]:
     """Store the transcript in settings.result_store; returns the value for status.result."""
     ref = JobRef.of(job)
     data = encode(transcript)
     if settings.result_store == "secret":
-        return _store_secret(data, ref, settings, core_v1 or _core_v1())
+        return _store_secret(data, ref, settings, _need(core_v1))
     if settings.result_store == "s3":
         return _store_s3(data, ref, settings, s3 or s3_client(settings))
-    raise errors.ResultStoreFailed(f"unknown result store {settings.result_store!r}")
+    raise ResultStoreFailed(f"unknown result store {settings.result_store!r}")
 
 
 def load_result(
@@ -119,23 +140,23 @@ def load_result(
     namespace: str,
     *,
     job_uid: str | None = None,
-    settings: RunnerSettings | None = None,
+    settings: ResultSettings | None = None,
     core_v1: Any = None,
     s3: Any = None,
 ) -> Transcript:
-    """Read back what store_result wrote (`ref` is status.result); checks the sha256.
+    """Read back what store_result wrote (``ref`` is status.result); checks the sha256.
 
-    With `job_uid`, a Secret left by an earlier job of the same name is refused.
+    With ``job_uid``, a Secret left by an earlier job of the same name is refused.
     """
     store, where = ref.get("store"), ref.get("ref")
     if not where:
-        raise errors.ResultStoreFailed("status.result has no ref")
+        raise ResultStoreFailed("status.result has no ref")
     if store == "secret":
-        data = _read_secret(where, namespace, job_uid, core_v1 or _core_v1())
+        data = _read_secret(where, namespace, job_uid, _need(core_v1))
     elif store == "s3":
-        data = _read_s3(where, s3 or s3_client(settings or RunnerSettings()))
+        data = _read_s3(where, s3 or s3_client(settings or ResultSettings()))
     else:
-        raise errors.ResultStoreFailed(f"unknown result store {store!r}")
+        raise ResultStoreFailed(f"unknown result store {store!r}")
     return decode(data, ref.get("sha256"))
 
 
@@ -143,108 +164,87 @@ def delete_result(
     ref: Mapping[str, Any],
     namespace: str,
     *,
-    settings: RunnerSettings | None = None,
+    settings: ResultSettings | None = None,
     core_v1: Any = None,
     s3: Any = None,
 ) -> bool:
-    """Remove a stored result (the operator's TTL cleanup). True if something was deleted."""
+    """Remove a stored result (the operator's cleanup). True if something was deleted."""
     store, where = ref.get("store"), ref.get("ref")
     if store == "secret":
-        return _delete_secret(where, namespace, core_v1 or _core_v1())
+        return _delete_secret(where, namespace, _need(core_v1))
     if store == "s3":
-        return _delete_s3(where, s3 or s3_client(settings or RunnerSettings()))
-    raise errors.ResultStoreFailed(f"unknown result store {store!r}")
+        return _delete_s3(where, s3 or s3_client(settings or ResultSettings()))
+    raise ResultStoreFailed(f"unknown result store {store!r}")
+
+
+def _need(core_v1: Any) -> Any:
+    if core_v1 is None:
+        raise TypeError("the Secret store needs a CoreV1Api (core_v1=...) from the caller's one client")
+    return core_v1
 
 
 # ------------------------------------------------------------------ secret store
 
 
-def _short_hash(text: str, n: int = 8) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
 def secret_name(job_name: str) -> str:
-    """`<job>-result`, deterministic; names too long for a Secret keep a hash of the full name."""
-    name = job_name + _SECRET_SUFFIX
-    if len(name) <= 253:
-        return name
-    head = job_name[: 253 - len(_SECRET_SUFFIX) - 9].rstrip("-.")
-    return f"{head}-{_short_hash(job_name)}{_SECRET_SUFFIX}"
+    """``<job>-result``, deterministic; names too long for a Secret keep a hash of the full name."""
+    return contract.fit_name(job_name, 253 - len(_SECRET_SUFFIX)) + _SECRET_SUFFIX
 
 
-def label_value(value: str) -> str:
-    """A valid label value (≤63 chars, alphanumeric ends); long ones keep a hash."""
-    if len(value) <= 63 and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value):
-        return value
-    head = re.sub(r"[^-A-Za-z0-9_.]", "-", value)[:54].strip("-_.")
-    return f"{head}-{_short_hash(value)}" if head else _short_hash(value)
-
-
-def _core_v1() -> Any:
-    """In the pod: the service account; elsewhere: the kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CoreV1Api()
-
-
-def _secret_body(data: bytes, job: JobRef) -> dict[str, Any]:
+def result_secret(tj: Mapping[str, Any]) -> dict[str, Any]:
+    """The empty result Secret the operator creates for a TranscriptionJob (owner, labels, type: once, here)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": SECRET_TYPE,
-        "metadata": {
-            "name": secret_name(job.name),
-            "namespace": job.namespace,
-            "labels": {
-                "app.kubernetes.io/managed-by": "ifw",
-                "app.kubernetes.io/component": "result",
-                LABEL_JOB_NAME: label_value(job.name),
-                LABEL_JOB_UID: job.uid,
-            },
-            "annotations": {ANNOTATION_SHA256: hashlib.sha256(data).hexdigest()},
-            # Owned (not controlled) by the job: garbage-collected with it.
-            "ownerReferences": [{"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid}],
-        },
-        "data": {SECRET_KEY: base64.b64encode(data).decode()},
+        "metadata": contract.child_metadata(tj, secret_name(tj["metadata"]["name"]), "result"),
     }
 
 
-def _api_error(action: str, error: Exception) -> errors.ResultStoreFailed:
+def _api_error(action: str, error: Exception) -> ResultStoreFailed:
     status = getattr(error, "status", None)
     detail = getattr(error, "reason", None) or str(error)
-    return errors.ResultStoreFailed(f"{action}: {f'HTTP {status} ' if status else ''}{detail}")
+    return ResultStoreFailed(f"{action}: {f'HTTP {status} ' if status else ''}{detail}")
 
 
-def _store_secret(data: bytes, job: JobRef, settings: RunnerSettings, core_v1: Any) -> dict[str, Any]:
+def _store_secret(data: bytes, job: JobRef, settings: ResultSettings, core_v1: Any) -> dict[str, Any]:
     from kubernetes.client.exceptions import ApiException
 
     cap = settings.result_secret_max_bytes
     if len(data) > cap:
-        raise errors.ResultTooLarge(
+        raise ResultTooLarge(
             f"the compressed result is {len(data)} bytes, over the Secret store's limit of {cap} bytes "
             "(etcd caps objects); use the S3 result store for long audio (IFW_RESULT_STORE=s3 with "
             "IFW_S3_BUCKET and IFW_S3_ENDPOINT_URL, or the Helm value results.store=s3)"
         )
-    body = _secret_body(data, job)
-    name = body["metadata"]["name"]
+    name = secret_name(job.name)
+    digest = hashlib.sha256(data).hexdigest()
+    # Only the data and its checksum: the operator's owner reference, labels and type stay as built.
+    patch = {
+        "metadata": {"annotations": {contract.ANNOTATION_RESULT_SHA256: digest}},
+        "data": {SECRET_KEY: base64.b64encode(data).decode()},
+    }
     try:
-        try:
-            # The operator pre-creates this Secret: the runner's Role may update it by name but
-            # cannot create (create cannot be limited by resourceNames). Replace first, so a
-            # retried runner also just overwrites its earlier write.
-            core_v1.replace_namespaced_secret(name, job.namespace, body)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            core_v1.create_namespaced_secret(job.namespace, body)  # no operator (e.g. a hand-run job)
+        current = core_v1.read_namespaced_secret(name, job.namespace)
+        owner = (current.metadata.labels or {}).get(contract.LABEL_JOB_UID)
+        if owner != job.uid:
+            raise ResultStoreFailed(
+                f"Secret {job.namespace}/{name} belongs to another TranscriptionJob (uid {owner}), not {job.uid}"
+            )
+        # The resourceVersion makes the write conditional on what was just checked.
+        patch["metadata"]["resourceVersion"] = current.metadata.resource_version
+        core_v1.patch_namespaced_secret(name, job.namespace, patch)
     except ApiException as error:
+        if error.status == 404:
+            raise ResultStoreFailed(
+                f"result Secret {job.namespace}/{name} does not exist: the operator creates it before the runner "
+                "starts (a runner's Role may patch it but not create it)"
+            ) from error
         if error.status == 413:
-            raise errors.ResultTooLarge(f"the apiserver refused the result Secret as too large: {error.reason}")
+            raise ResultTooLarge(f"the apiserver refused the result Secret as too large: {error.reason}") from error
         raise _api_error(f"cannot write Secret {job.namespace}/{name}", error) from error
+    except ResultStoreFailed:
+        raise
     except Exception as error:  # urllib3 connection errors and the like: transient
         raise _api_error(f"cannot write Secret {job.namespace}/{name}", error) from error
     log.info("stored result in Secret %s/%s (%d bytes)", job.namespace, name, len(data))
@@ -261,11 +261,13 @@ def _read_secret(name: str, namespace: str, job_uid: str | None, core_v1: Any) -
             raise ResultNotFound(f"result Secret {namespace}/{name} not found (expired or deleted)") from error
         raise _api_error(f"cannot read Secret {namespace}/{name}", error) from error
     labels = secret.metadata.labels or {}
-    if job_uid and labels.get(LABEL_JOB_UID) != job_uid:
-        raise ResultNotFound(f"Secret {namespace}/{name} belongs to another job (uid {labels.get(LABEL_JOB_UID)})")
+    if job_uid and labels.get(contract.LABEL_JOB_UID) != job_uid:
+        raise ResultNotFound(
+            f"Secret {namespace}/{name} belongs to another job (uid {labels.get(contract.LABEL_JOB_UID)})"
+        )
     encoded = (secret.data or {}).get(SECRET_KEY)
     if not encoded:
-        raise errors.ResultStoreFailed(f"Secret {namespace}/{name} has no {SECRET_KEY}")
+        raise ResultStoreFailed(f"Secret {namespace}/{name} has no {SECRET_KEY}")
     return base64.b64decode(encoded)
 
 
@@ -286,7 +288,7 @@ def _delete_secret(name: str | None, namespace: str, core_v1: Any) -> bool:
 # ------------------------------------------------------------------ S3 store
 
 
-def s3_client(settings: RunnerSettings) -> Any:
+def s3_client(settings: ResultSettings) -> Any:
     """A boto3 S3 client; credentials come from AWS_* variables / the usual boto3 chain."""
     import boto3
     from botocore.config import Config
@@ -301,26 +303,26 @@ def s3_client(settings: RunnerSettings) -> Any:
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config)
 
 
-def s3_key(settings: RunnerSettings, job: JobRef) -> str:
+def s3_key(settings: ResultSettings, job: JobRef) -> str:
     return f"{settings.s3_prefix}{job.namespace}/{job.name}/{job.uid}.json.gz"
 
 
 def parse_s3_ref(ref: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([^/]+)/(.+)", ref or "")
     if not match:
-        raise errors.ResultStoreFailed(f"not an s3://bucket/key reference: {ref!r}")
+        raise ResultStoreFailed(f"not an s3://bucket/key reference: {ref!r}")
     return match.group(1), match.group(2)
 
 
-def _s3_error(action: str, error: Exception) -> errors.ResultStoreFailed:
-    return errors.ResultStoreFailed(f"{action}: {error}")  # botocore names the error code and operation
+def _s3_error(action: str, error: Exception) -> ResultStoreFailed:
+    return ResultStoreFailed(f"{action}: {error}")  # botocore names the error code and operation
 
 
-def _store_s3(data: bytes, job: JobRef, settings: RunnerSettings, s3: Any) -> dict[str, Any]:
+def _store_s3(data: bytes, job: JobRef, settings: ResultSettings, s3: Any) -> dict[str, Any]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not settings.s3_bucket:
-        raise errors.ResultStoreFailed("IFW_S3_BUCKET must be set when the result store is s3")
+        raise ResultStoreFailed("IFW_S3_BUCKET must be set when the result store is s3")
     key = s3_key(settings, job)
     digest = hashlib.sha256(data).hexdigest()
     try:

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from ifw.core import contract
+from ifw.core import results as stores
+from ifw.core.formats import FORMATS
+from ifw.core.results import ResultSettings, ResultStoreFailed, ResultTooLarge
+from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 from ifw.crds.transcriptionjob import GROUP, KIND, PLURAL, VERSION, ResultRef
-from ifw.runner import errors, stores
-from ifw.runner.config import RunnerSettings
-from ifw.runner.formats import FORMATS
-from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
-from tests.runner.s3server import SeaweedS3
+from tests.core.s3server import SeaweedS3
 
 BUCKET = "ifw-results"
 
@@ -67,9 +68,9 @@ def test_encoding_is_deterministic_and_compact():
 
 def test_decode_refuses_corrupt_or_replaced_data():
     data = stores.encode(_transcript())
-    with pytest.raises(errors.ResultStoreFailed, match="sha256"):
+    with pytest.raises(ResultStoreFailed, match="sha256"):
         stores.decode(data, "0" * 64)
-    with pytest.raises(errors.ResultStoreFailed, match="cannot be read"):
+    with pytest.raises(ResultStoreFailed, match="cannot be read"):
         stores.decode(b"not gzip")
 
 
@@ -78,9 +79,9 @@ def test_names_stay_valid():
     long = "a" * 250
     name = stores.secret_name(long)
     assert len(name) <= 253 and name.endswith("-result") and name != stores.secret_name("a" * 249)
-    assert stores.label_value("meeting-42") == "meeting-42"
-    value = stores.label_value("x" * 100)
-    assert len(value) <= 63 and value != stores.label_value("x" * 99)
+    assert contract.label_value("meeting-42") == "meeting-42"
+    value = contract.label_value("x" * 100)
+    assert len(value) <= 63 and value != contract.label_value("x" * 99)
 
 
 # ---------------------------------------------------------------- S3 (SeaweedFS on loopback)
@@ -94,11 +95,11 @@ def seaweed() -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture
-def s3_settings(seaweed, monkeypatch) -> RunnerSettings:
+def s3_settings(seaweed, monkeypatch) -> ResultSettings:
     # Credentials the way the pod gets them: standard AWS_* variables (from a Secret).
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ifw-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ifw-test-secret")
-    return RunnerSettings(result_store="s3", s3_endpoint_url=seaweed.endpoint_url, s3_bucket=BUCKET)
+    return ResultSettings(result_store="s3", s3_endpoint_url=seaweed.endpoint_url, s3_bucket=BUCKET)
 
 
 def test_s3_round_trip(seaweed, s3_settings):
@@ -128,34 +129,21 @@ def test_s3_detects_a_replaced_object(seaweed, s3_settings):
     ref = stores.store_result(_transcript(), _job(name="tampered"), s3_settings)
     bucket, key = stores.parse_s3_ref(ref["ref"])
     seaweed.client().put_object(Bucket=bucket, Key=key, Body=stores.encode(_transcript(4)))
-    with pytest.raises(errors.ResultStoreFailed, match="sha256"):
+    with pytest.raises(ResultStoreFailed, match="sha256"):
         stores.load_result(ref, "team-a", settings=s3_settings)
 
 
 def test_s3_misconfiguration_is_a_clear_error(seaweed, s3_settings):
     s3_settings.s3_bucket = None
-    with pytest.raises(errors.ResultStoreFailed, match="IFW_S3_BUCKET"):
+    with pytest.raises(ResultStoreFailed, match="IFW_S3_BUCKET"):
         stores.store_result(_transcript(), _job(), s3_settings)
     s3_settings.s3_bucket = "no-such-bucket"
-    with pytest.raises(errors.ResultStoreFailed, match=r"no-such-bucket.*\((NoSuchBucket|AccessDenied)\)") as info:
+    with pytest.raises(ResultStoreFailed, match=r"no-such-bucket.*\((NoSuchBucket|AccessDenied)\)") as info:
         stores.store_result(_transcript(), _job(), s3_settings)
-    assert info.value.exit_code == errors.EXIT_TRANSIENT
+    assert info.value.exit_code == contract.EXIT_TRANSIENT
 
 
 # ---------------------------------------------------------------- Secret (real apiserver)
-
-
-@pytest.fixture
-def job_object(kube, tj_crd, namespace) -> dict:
-    """A real TranscriptionJob, so the Secret's owner is an object with a server-assigned uid."""
-    from kubernetes import client
-
-    with kube.api_client() as api:
-        return client.CustomObjectsApi(api).create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL,
-            {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "meeting-42"},
-             "spec": {"audio": {"url": "https://example.com/a.mp3"}}},
-        )  # fmt: skip
 
 
 @pytest.fixture
@@ -166,9 +154,24 @@ def core_v1(kube):
         yield client.CoreV1Api(api)
 
 
-def test_secret_round_trip(job_object, core_v1, namespace):
+@pytest.fixture
+def job_object(kube, tj_crd, namespace, core_v1) -> dict:
+    """A real TranscriptionJob (server-assigned uid) and the empty result Secret the operator makes for it."""
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        job = client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL,
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "meeting-42"},
+             "spec": {"audio": {"url": "https://example.com/a.mp3"}}},
+        )  # fmt: skip
+    core_v1.create_namespaced_secret(namespace, stores.result_secret(job))
+    return job
+
+
+def test_secret_round_trip_keeps_the_operators_object(job_object, core_v1, namespace):
     transcript = _transcript(50)
-    settings = RunnerSettings()  # the default store: a Secret
+    settings = ResultSettings()  # the default store: a Secret
     ref = stores.store_result(transcript, job_object, settings, core_v1=core_v1)
     assert ref["ref"] == "meeting-42-result"
 
@@ -177,21 +180,25 @@ def test_secret_round_trip(job_object, core_v1, namespace):
     _check_ref(ref, data, "secret")
     uid = job_object["metadata"]["uid"]
     assert secret.type == stores.SECRET_TYPE
+    # The runner wrote only the data and its checksum: the operator's controller reference and
+    # labels are exactly as the operator built them.
     (owner,) = secret.metadata.owner_references
-    assert (owner.api_version, owner.kind, owner.name, owner.uid) == (f"{GROUP}/{VERSION}", KIND, "meeting-42", uid)
-    assert secret.metadata.labels[stores.LABEL_JOB_NAME] == "meeting-42"
-    assert secret.metadata.labels[stores.LABEL_JOB_UID] == uid
-    assert secret.metadata.annotations[stores.ANNOTATION_SHA256] == ref["sha256"]
+    assert (owner.api_version, owner.kind, owner.name, owner.uid, owner.controller) == (
+        f"{GROUP}/{VERSION}", KIND, "meeting-42", uid, True
+    )
+    assert secret.metadata.labels == stores.result_secret(job_object)["metadata"]["labels"]
+    assert secret.metadata.labels[contract.LABEL_MANAGED_BY] == contract.MANAGED_BY_OPERATOR
+    assert secret.metadata.annotations[contract.ANNOTATION_RESULT_SHA256] == ref["sha256"]
 
     assert stores.load_result(ref, namespace, job_uid=uid, core_v1=core_v1) == transcript
 
-    # Retry: the same write again is fine (replaced, not a 409), and so is a changed result.
+    # Retry: the same write again is fine, and so is a changed result.
     assert stores.store_result(transcript, job_object, settings, core_v1=core_v1) == ref
     shorter = _transcript(2)
     ref2 = stores.store_result(shorter, job_object, settings, core_v1=core_v1)
     assert ref2["ref"] == ref["ref"] and ref2["sha256"] != ref["sha256"]
     assert stores.load_result(ref2, namespace, job_uid=uid, core_v1=core_v1) == shorter
-    with pytest.raises(errors.ResultStoreFailed, match="sha256"):  # the old pointer no longer matches
+    with pytest.raises(ResultStoreFailed, match="sha256"):  # the old pointer no longer matches
         stores.load_result(ref, namespace, core_v1=core_v1)
 
     # A job recreated under the same name must not read its predecessor's result.
@@ -204,16 +211,24 @@ def test_secret_round_trip(job_object, core_v1, namespace):
         stores.load_result(ref2, namespace, core_v1=core_v1)
 
 
+def test_secret_of_another_job_is_never_written(job_object, core_v1, namespace):
+    namesake = {"metadata": {**job_object["metadata"], "uid": str(uuid.uuid4())}}
+    with pytest.raises(ResultStoreFailed, match="belongs to another TranscriptionJob") as info:
+        stores.store_result(_transcript(), namesake, ResultSettings(), core_v1=core_v1)
+    assert info.value.exit_code == contract.EXIT_TRANSIENT
+    assert not core_v1.read_namespaced_secret("meeting-42-result", namespace).data
+
+
 def test_secret_over_the_cap_points_at_s3(job_object, core_v1, namespace):
-    settings = RunnerSettings(result_secret_max_bytes=1024)
-    with pytest.raises(errors.ResultTooLarge, match="S3 result store") as info:
+    settings = ResultSettings(result_secret_max_bytes=1024)
+    with pytest.raises(ResultTooLarge, match="S3 result store") as info:
         stores.store_result(_transcript(200), job_object, settings, core_v1=core_v1)
-    assert info.value.exit_code == errors.EXIT_BAD_INPUT
-    assert core_v1.list_namespaced_secret(namespace).items == []
+    assert info.value.exit_code == contract.EXIT_BAD_INPUT
+    assert not core_v1.read_namespaced_secret("meeting-42-result", namespace).data
 
 
-def test_secret_store_reports_api_failures(kube, core_v1):
-    # A namespace that does not exist: the apiserver answers 404; the runner exits transient.
-    with pytest.raises(errors.ResultStoreFailed, match="HTTP 404") as info:
-        stores.store_result(_transcript(), _job(namespace="no-such-namespace"), RunnerSettings(), core_v1=core_v1)
-    assert info.value.exit_code == errors.EXIT_TRANSIENT
+def test_secret_store_needs_the_operators_secret(kube, core_v1, namespace):
+    # No pre-created Secret (no operator, or the job is gone): a clear, transient error.
+    with pytest.raises(ResultStoreFailed, match="the operator creates it") as info:
+        stores.store_result(_transcript(), _job(namespace=namespace), ResultSettings(), core_v1=core_v1)
+    assert info.value.exit_code == contract.EXIT_TRANSIENT

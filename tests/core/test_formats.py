@@ -11,9 +11,9 @@ import pytest
 import srt
 import webvtt
 
+from ifw.core.formats import FORMATS, MEDIA_TYPES, render, render_object, to_openai_json
+from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 from ifw.crds.transcriptionjob import ResultFormat
-from ifw.runner.formats import FORMATS, MEDIA_TYPES, render, render_object, to_openai_json
-from ifw.runner.result import Segment, SpeakerTurn, Transcript, Word
 
 
 def _words(start: float, text: str, speaker: str | None = None, step: float = 0.4) -> list[Word]:

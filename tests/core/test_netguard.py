@@ -18,8 +18,8 @@ import httpcore
 import httpx
 import pytest
 
-from ifw.runner import netguard
-from ifw.runner.netguard import Allowlist, DestinationNotAllowed, address_problem, check_url
+from ifw.core.netguard import Allowlist, DestinationNotAllowed, address_problem, check_url
+from ifw.core import netguard
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""The one place a stored Transcript (runner.result) becomes what a client asked for.
+"""The one place a stored Transcript (ifw.core.transcript) becomes what a client asked for.
 
 - json: the original Insanely Fast Whisper API's `output` object, exactly:
   {"text", "chunks": [{"timestamp": [start, end], "text"}], "speakers"?: [...]}
@@ -16,9 +16,9 @@ import json
 import zlib
 from typing import Any, get_args
 
-from ifw.crds.languages import WHISPER_LANGUAGES
+from ifw.core.languages import WHISPER_LANGUAGES
+from ifw.core.transcript import Transcript
 from ifw.crds.transcriptionjob import ResultFormat
-from ifw.runner.result import Transcript
 
 FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
 assert FORMATS == get_args(ResultFormat), "FORMATS and the CRD's ResultFormat must list the same formats"
