@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the project's test kube-apiserver (tests/cluster/apiserver/main.go)
+# Build the project's test kube-apiserver (local/apiserver/main.go)
 # offline, from the Go sources Debian sid ships as golang-k8s-*-dev packages.
 #
 # See the shared reference test-control-plane.md for why: no registry ships a
@@ -38,7 +38,7 @@ log() { echo "build-apiserver: $*" >&2; }
 trap 'rc=$?; [ $rc -eq 0 ] || echo "build-apiserver: FAILED (exit $rc)" >&2' EXIT
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SRC_DIR="$REPO/tests/cluster/apiserver"
+SRC_DIR="$REPO/local/apiserver"
 CACHE="${IFW_CACHE:-$HOME/.cache/ifw}"
 # The mirror this machine's apt already uses for Debian's main archive.
 system_mirror() {
@@ -248,7 +248,7 @@ t0=$(date +%s)
   env GOPATH="$GOPATH_DIR" GO111MODULE=off GOPROXY=off GOFLAGS= GOTOOLCHAIN=local \
       CGO_ENABLED=0 GOCACHE="$CACHE/go-build" GOTMPDIR="$CACHE/gotmp" GOWORK=off \
       "$GO" build -trimpath -ldflags="$LDFLAGS" -o "$BIN.tmp" . >&2
-) || { rm -f "$BIN.tmp"; die "go build failed (sid may have changed the k8s Go APIs: see tests/cluster/apiserver/main.go)"; }
+) || { rm -f "$BIN.tmp"; die "go build failed (sid may have changed the k8s Go APIs: see local/apiserver/main.go)"; }
 mv "$BIN.tmp" "$BIN"
 { echo "kubernetes=$K8S_VERSION"; echo "src=$src_hash"; echo "script=$script_hash"; echo "go=$GO_VERSION"; echo "$key_versions"; } > "$BIN.versions"
 ln -sfn "$(basename "$BIN")" "$BIN_DIR/ifw-test-apiserver"

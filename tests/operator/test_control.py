@@ -225,8 +225,8 @@ def _try(fn):
 
 
 def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):
-    from ifw.core.transcript import Segment, Transcript
     from ifw.core import results
+    from ifw.core.transcript import Segment, Transcript
     from tests.core.s3server import SeaweedS3
 
     with SeaweedS3() as s3:

@@ -67,8 +67,8 @@ def audited_cluster(tmp_path):
     """A control plane of its own, with the audit log on (the session one has it off)."""
     from kubernetes import config
 
-    from tests.cluster.control_plane import ControlPlane
-    from tests.cluster.crd import install_crd
+    from ifw.local.control_plane import ControlPlane
+    from ifw.local.crd import install_crd
 
     policy = tmp_path / "audit-policy.yaml"
     policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")

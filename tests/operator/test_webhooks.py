@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook
 
-from ifw.core.transcript import Segment, Transcript
 from ifw.core import results
 from ifw.core.results import ResultSettings
+from ifw.core.transcript import Segment, Transcript
 from tests.operator.conftest import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from ifw.core import contract, results
+from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]

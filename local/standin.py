@@ -1,16 +1,18 @@
-"""A local stand-in for the kubelet and the Job controller.
+"""Not a kubelet: a stand-in for the kubelet and the Job controller, on one machine, without containers.
 
-The test control plane has neither, so nothing would ever run a batch/v1 Job.
-This module plays both, for the local stack and the end-to-end tests: for each
-Job it creates a Pod, runs the Pod's container command as a process on this
-machine (with the container's env, `python` meaning this interpreter), and
-writes Pod and Job status the way the kubelet and the Job controller would
-(exit codes, termination messages, podFailurePolicy, backoffLimit,
-activeDeadlineSeconds, suspend, deletion).
+The local control plane (ifw.local.control_plane) has no controllers, so nothing
+would ever run a batch/v1 Job. ``KubeletStandIn`` plays both parts for the local
+stack and the end-to-end tests: for each Job it creates a Pod, runs the Pod's
+container command as a plain process on this machine (with the container's env,
+``python`` meaning this interpreter), and writes Pod and Job status the way the
+kubelet and the Job controller would (exit codes, termination messages,
+podFailurePolicy, backoffLimit, activeDeadlineSeconds, suspend, deletion).
 
-It is a development tool, not part of the product: no images, no isolation.
+What it is not: no images, no isolation, no resource limits, no scheduling, no
+restarts of a process that dies with the machine. On a real cluster none of this
+module runs.
 
-    python -m tests.cluster.local_node --kubeconfig KUBECONFIG
+    ifw standin --kubeconfig KUBECONFIG
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-log = logging.getLogger("ifw.local-node")
+from ifw.core import kube
+
+log = logging.getLogger("ifw.local.standin")
 
 
 def _now() -> str:
@@ -42,7 +46,7 @@ def _now() -> str:
 
 @dataclass
 class _Run:
-    """One Job as the local node tracks it."""
+    """One Job as the stand-in tracks it."""
 
     namespace: str
     name: str
@@ -57,26 +61,25 @@ class _Run:
     extra: dict = field(default_factory=dict)
 
 
-class LocalNode:
+class KubeletStandIn:
+    """Runs the runner Jobs of a cluster as local processes (see the module docstring)."""
+
     def __init__(self, kubeconfig: str | None = None, interval: float = 0.3, log_dir: Path | None = None):
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig)
-            self.kubeconfig = kubeconfig
-        else:
-            config.load_kube_config()
-            self.kubeconfig = os.environ.get("KUBECONFIG", str(Path.home() / ".kube/config"))
-        self.batch = client.BatchV1Api()
-        self.core = client.CoreV1Api()
+        # The runner processes get the same kubeconfig (as a pod gets its service account).
+        self.kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube/config")
+        self.api = kube.api_client(kubeconfig=self.kubeconfig, component="standin")
+        self.batch = client.BatchV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
         self.interval = interval
-        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="ifw-local-node-"))
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="ifw-standin-"))
         self.runs: dict[str, _Run] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> "LocalNode":
-        self._thread = threading.Thread(target=self.run_forever, name="local-node", daemon=True)
+    def start(self) -> "KubeletStandIn":
+        self._thread = threading.Thread(target=self.run_forever, name="kubelet-standin", daemon=True)
         self._thread.start()
         return self
 
@@ -87,7 +90,7 @@ class LocalNode:
         for run in self.runs.values():
             self._kill(run)
 
-    def __enter__(self) -> "LocalNode":
+    def __enter__(self) -> "KubeletStandIn":
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -98,7 +101,7 @@ class LocalNode:
             try:
                 self.sync_once()
             except Exception:  # a dev tool keeps going; the log says what broke
-                log.exception("local node sync failed")
+                log.exception("kubelet stand-in: sync failed")
             self._stop.wait(self.interval)
 
     # ------------------------------------------------------------ the loop
@@ -188,7 +191,7 @@ class LocalNode:
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name,
                                      "uid": job.metadata.uid, "controller": True, "blockOwnerDeletion": True}],
             },
-            "spec": client.ApiClient().sanitize_for_serialization(template.spec),
+            "spec": self.api.sanitize_for_serialization(template.spec),
         }
         self.core.create_namespaced_pod(run.namespace, pod)
         run.pod_name = pod_name
@@ -295,12 +298,12 @@ class LocalNode:
                 run.process.wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ifw standin", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    node = LocalNode(args.kubeconfig)
+    node = KubeletStandIn(args.kubeconfig)
     signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
     try:
         node.run_forever()

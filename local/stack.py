@@ -1,16 +1,16 @@
-"""The whole system on one machine, on CPU: the main job of `make demo`.
+"""The whole system on one machine: `ifw local`, the main job of `make demo`.
 
-Starts a real kube-apiserver + etcd (tests.cluster.control_plane), installs the
+Starts a real kube-apiserver + etcd (ifw.local.control_plane), installs the
 TranscriptionJob CRD, runs the operator and the gateway as processes exactly as
-their images would (`python -m ifw.operator`, `python -m ifw.gateway`), and a
-local stand-in for the node (tests.cluster.local_node) that runs each runner
-Job as a process. Then it speaks a sample with espeak-ng (or takes --audio),
-posts it to the gateway's original REST API, prints the answer and
-`kubectl get tj`, and tears everything down.
+their images would (`python -m ifw.operator`, `python -m ifw.gateway`), and the
+kubelet stand-in (ifw.local.standin) that runs each runner Job as a local
+process. Then it speaks a sample with espeak-ng (or takes --audio), posts it to
+the gateway's original REST API, prints the answer and `kubectl get tj`, and
+tears everything down.
 
-    python -m tests.cluster.local_stack                 # demo, then exit
-    python -m tests.cluster.local_stack --serve         # keep the stack up, print how to use it
-    python -m tests.cluster.local_stack --audio talk.mp3 --model tiny.en --timestamp word
+    ifw local                                      # demo, then exit
+    ifw local --serve                              # keep the stack up, print how to use it
+    ifw local --audio talk.mp3 --model tiny.en --timestamp word
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.cluster.control_plane import ControlPlane
-from tests.cluster.crd import install_crd
-from tests.cluster.local_node import LocalNode
+from ifw.local.control_plane import ControlPlane
+from ifw.local.crd import install_crd
+from ifw.local.standin import KubeletStandIn
 
 SAMPLE_TEXT = (
     "Insanely fast whisper now runs on Kubernetes. "
@@ -124,7 +124,7 @@ class LocalStack:
             "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "900",
             "IFW_GATEWAY_LOG_FORMAT": "text",
         })
-        self.node = LocalNode(self.kubeconfig, log_dir=self.work / "pods")
+        self.node = KubeletStandIn(self.kubeconfig, log_dir=self.work / "pods")
         (self.work / "pods").mkdir(exist_ok=True)
         self.node.start()
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
@@ -144,9 +144,9 @@ class LocalStack:
 
 
 def control_plane_client(kubeconfig: str):
-    from kubernetes import config
+    from ifw.core import kube
 
-    return config.new_client_from_config(config_file=kubeconfig)
+    return kube.api_client(kubeconfig=kubeconfig, component="local-stack")
 
 
 def demo(stack: LocalStack, audio: Path, timestamp: str, diarize: bool) -> int:
@@ -169,14 +169,14 @@ def demo(stack: LocalStack, audio: Path, timestamp: str, diarize: bool) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ifw local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", action="store_true", help="keep the stack running until Ctrl-C")
     parser.add_argument("--audio", type=Path, help="audio file to transcribe (default: a spoken sample)")
     parser.add_argument("--model", default="base", help="runner model: packaged 'base' or 'tiny.en', or a path")
     parser.add_argument("--timestamp", choices=["chunk", "word"], default="chunk")
     parser.add_argument("--diarize", action="store_true", help="split by speaker (packaged pyannote weights)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
     stack = LocalStack(work, args.model)

@@ -1,4 +1,4 @@
-"""The local node plays kubelet and Job controller faithfully enough for end-to-end tests."""
+"""The kubelet stand-in plays kubelet and Job controller faithfully enough for end-to-end tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 import pytest
 from kubernetes import client
 
-from tests.cluster.local_node import LocalNode
+from ifw.local.standin import KubeletStandIn
 
 WRITE_MESSAGE_AND_EXIT = (
     "import os, sys; open(os.environ['IFW_TERMINATION_MESSAGE_PATH'], 'w').write(os.environ['MESSAGE']); "
@@ -47,7 +47,7 @@ def finished(batch: client.BatchV1Api, namespace: str, name: str, timeout: float
 
 @pytest.fixture
 def node(kube, tmp_path):
-    with LocalNode(kube.kubeconfig, interval=0.1, log_dir=tmp_path) as running:
+    with KubeletStandIn(kube.kubeconfig, interval=0.1, log_dir=tmp_path) as running:
         yield running
 
 
