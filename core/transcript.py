@@ -14,16 +14,24 @@ from pydantic import BaseModel, Field
 class Word(BaseModel):
     start: float
     end: float
-    text: str
+    text: str  # as Whisper wrote it, leading space included (" Hello")
     speaker: str | None = None
+    probability: float | None = Field(None, description="Mean token probability of the word, 0-1.")
 
 
 class Segment(BaseModel):
     start: float
     end: float
-    text: str
+    text: str  # as Whisper wrote it, leading space included
     speaker: str | None = None
     words: list[Word] | None = Field(None, description="Present when word timestamps were asked for.")
+    # Whisper's own quality measures of the decode that produced the segment (OpenAI verbose_json).
+    language: str | None = Field(None, description="Language of the piece the segment came from.")
+    tokens: list[int] | None = Field(None, description="Text token ids of the segment.")
+    temperature: float | None = Field(None, description="Sampling temperature of the decode that was kept.")
+    avg_logprob: float | None = Field(None, description="Mean log-probability of the segment's tokens.")
+    compression_ratio: float | None = Field(None, description="gzip ratio of the text: high means repetitive.")
+    no_speech_prob: float | None = Field(None, description="Probability of no speech in the piece.")
 
 
 class SpeakerTurn(BaseModel):
@@ -45,3 +53,8 @@ class Transcript(BaseModel):
     duration: float = 0.0
     model: str | None = None
     speakers: list[SpeakerTurn] | None = Field(None, description="Present only when diarization ran.")
+    # Nothing dropped silently: how much speech the VAD found, how much of it has text, and how
+    # many pieces with speech were given up after every retry.
+    speech_seconds: float | None = Field(None, description="Seconds of speech the VAD detected.")
+    text_seconds: float | None = Field(None, description="Seconds of detected speech covered by segments.")
+    dropped_pieces: int = Field(0, ge=0, description="Pieces with speech that produced no text after retries.")

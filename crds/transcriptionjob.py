@@ -29,6 +29,7 @@ SINGULAR = "transcriptionjob"
 SHORT_NAMES = ["tj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+MAX_PROMPT_LENGTH = 2000  # characters; Whisper itself keeps the last 224 tokens of a prompt
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 
 Task = Literal["transcribe", "translate"]
@@ -154,6 +155,19 @@ class TranscriptionJobSpec(_Model):
     )
     batch_size: int = Field(24, ge=1, le=256, description="How many ≤30 s audio pieces Whisper decodes at once.")
     timestamp: Timestamp = Field("chunk", description="chunk: one timestamp per segment; word: one per word.")
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_LENGTH,
+        description="Initial prompt for every piece of the audio: vocabulary, names and spellings to "
+        "prefer, or the style of the text (as OpenAI's prompt / Whisper's initial_prompt).",
+    )
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Sampling temperature of the first decode (absent: 0, greedy); pieces that fail "
+        "Whisper's checks (repetition, low log-probability) are decoded again at higher temperatures, up to 1.",
+    )
     diarization: Diarization = Field(
         default_factory=Diarization,
         description="Speaker diarization settings.",
