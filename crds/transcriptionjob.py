@@ -228,6 +228,11 @@ class AudioInfo(_Model):
     duration_seconds: float | None = Field(None, ge=0, description="Length of the decoded audio.")
     language: str | None = Field(None, max_length=16, description="Spoken language, given or detected.")
     language_probability: float | None = Field(None, ge=0, le=1, description="Confidence of the detection.")
+    speech_seconds: float | None = Field(None, ge=0, description="Seconds of speech the voice detection found.")
+    text_seconds: float | None = Field(None, ge=0, description="Seconds of the detected speech covered by text.")
+    dropped_pieces: int | None = Field(
+        None, ge=0, description="Pieces with speech that gave no text after every retry (0: nothing dropped)."
+    )
 
 
 class ResultRef(_Model):
