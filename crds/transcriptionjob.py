@@ -33,6 +33,8 @@ MAX_PROMPT_LENGTH = 2000  # characters; Whisper itself keeps the last 224 tokens
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 
 Task = Literal["transcribe", "translate"]
+Runtime = Literal["Auto", "Pool", "Job"]
+ExecutionState = Literal["Running", "Succeeded", "Failed", "HandedBack"]
 Timestamp = Literal["chunk", "word"]
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -187,9 +189,15 @@ class TranscriptionJobSpec(_Model):
         description="Delete the finished job, its runner and its result this long after it ends. "
         "Absent: the operator's default (24 h).",
     )
+    runtime: Runtime | None = Field(
+        None,
+        description="Where the job runs. Pool: a warm pool worker that already holds the model (no "
+        "start-up per job); Job: its own batch/v1 Job (isolation, Kueue, very long audio); Auto (or "
+        "absent): the pool when a ready worker serves the job's model, else a Job.",
+    )
     queue_name: str | None = Field(
         None,
-        description="Kueue LocalQueue for the runner Job (label kueue.x-k8s.io/queue-name).",
+        description="Kueue LocalQueue for the runner Job (label kueue.x-k8s.io/queue-name); implies a Job.",
         max_length=63,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
     )
@@ -254,6 +262,30 @@ class WebhookDelivery(_Model):
     last_error: str | None = Field(None, description="Why the last attempt failed.", max_length=4096)
 
 
+class Assignment(_Model):
+    """The pool worker the operator gave the job to (pool mode). Written by the operator."""
+
+    worker: str = Field(description="Name of the pool worker (its Lease).", max_length=253)
+    attempt: int = Field(ge=1, description="Which attempt this is; a new one after a worker is lost.")
+    time: datetime | None = Field(None, description="When the job was assigned.")
+
+
+class Execution(_Model):
+    """What the pool worker reports about its attempt: pool mode's termination message. Written by the worker."""
+
+    worker: str = Field(description="The pool worker that ran the attempt.", max_length=253)
+    attempt: int = Field(ge=1, description="The assignment attempt this reports on.")
+    state: ExecutionState = Field(
+        description="Running; Succeeded (status.result is written); Failed (reason, message); HandedBack "
+        "(the worker gave the job up unstarted or drained, e.g. the audio is too long for the pool)."
+    )
+    reason: str | None = Field(None, description="CamelCase cause of a failure or hand-back.", max_length=1024)
+    message: str | None = Field(None, description="What happened, for people.", max_length=4096)
+    bad_input: bool | None = Field(None, description="The failure is the input's: retrying cannot help.")
+    start_time: datetime | None = Field(None, description="When the worker started the attempt.")
+    finish_time: datetime | None = Field(None, description="When the attempt ended.")
+
+
 class TranscriptionJobStatus(_Model):
     phase: Phase | None = Field(None, description="Summary of the conditions, for display.")
     conditions: list[Condition] = Field(
@@ -266,6 +298,9 @@ class TranscriptionJobStatus(_Model):
     start_time: datetime | None = Field(None, description="When the runner pod started running.")
     completion_time: datetime | None = Field(None, description="When the job succeeded or failed.")
     job_name: str | None = Field(None, description="The batch/v1 Job that runs the runner.", max_length=63)
+    runtime: Literal["Pool", "Job"] | None = Field(None, description="Where the operator runs the job.")
+    assignment: Assignment | None = Field(None, description="Pool mode: the worker the job is assigned to.")
+    execution: Execution | None = Field(None, description="Pool mode: the worker's report on its attempt.")
     model: str | None = Field(None, description="The Whisper model actually used.", max_length=256)
     progress: Progress | None = Field(None, description="Written by the runner while it works.")
     audio: AudioInfo | None = Field(None, description="Facts about the audio, written by the runner.")
@@ -296,5 +331,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".status.model", "priority": 1},
+    {"name": "Runtime", "type": "string", "jsonPath": ".status.runtime", "priority": 1},
+    {"name": "Worker", "type": "string", "jsonPath": ".status.assignment.worker", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
 ]

@@ -241,7 +241,7 @@ def test_kubectl_get_prints_the_columns(kube, api, namespace):
     assert row.split()[:5] == ["columns", "Running", "37.5", "en", "92.4"]
 
     wide = kubectl(kube, "get", "transcriptionjobs.ifw.dev", "-n", namespace, "-o", "wide").splitlines()
-    assert wide[0].split()[-3:] == ["REASON", "MODEL", "JOB"]
+    assert wide[0].split()[-5:] == ["REASON", "MODEL", "RUNTIME", "WORKER", "JOB"]
     assert wide[1].split()[-3:] == ["PodRunning", "openai/whisper-large-v3", "columns-runner"]
 
     # The ifw category lists it too.

@@ -81,7 +81,7 @@ def test_crd_metadata_matches_the_contract():
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c.get("priority", 0) for c in version["additionalPrinterColumns"]}
     assert columns == {"Phase": 0, "Progress": 0, "Language": 0, "Duration": 0, "Age": 0,
-                       "Reason": 1, "Model": 1, "Job": 1}
+                       "Reason": 1, "Model": 1, "Runtime": 1, "Worker": 1, "Job": 1}
 
 
 def test_crd_manifest_is_a_valid_apiextensions_object():
