@@ -30,6 +30,19 @@ RUNNER_CONTAINER = "runner"
 DEFAULT_MODEL = "openai/whisper-large-v3"
 RUNNER_COMMAND = ("python", "-m", "ifw.runner", "job")
 
+# ------------------------------------------------------------------ the warm pool
+
+# A pool worker (`ifw-runner serve`) holds one Lease in its own namespace while it can take work;
+# the operator assigns jobs only to workers whose Lease is fresh and that are not draining.
+ENV_WORKER_NAME = "IFW_WORKER_NAME"  # the pod's name (downward API); also the Lease's name
+ENV_WORKER_NAMESPACE = "IFW_WORKER_NAMESPACE"  # where the Lease lives
+LABEL_POOL_WORKER = f"{GROUP}/pool-worker"  # on worker Leases: "true"
+ANNOTATION_WORKER_MODELS = f"{GROUP}/models"  # JSON list of the models the worker holds
+ANNOTATION_WORKER_CAPACITY = f"{GROUP}/capacity"  # jobs it runs at once
+ANNOTATION_WORKER_DRAINING = f"{GROUP}/draining"  # "true": finishing its jobs, take no more
+ANNOTATION_WORKER_NODE = f"{GROUP}/node"  # the node the worker runs on
+REASON_HANDED_BACK_TOO_LONG = "AudioTooLongForPool"
+
 # ------------------------------------------------------------------ exit codes
 
 EXIT_OK = 0

@@ -1,0 +1,455 @@
+"""Pool mode: a long-lived runner worker that holds its models and takes TranscriptionJobs.
+
+    ifw-runner serve      # in a pool Deployment's pod (IFW_WORKER_NAME from the downward API)
+
+A job run in its own batch/v1 Job pays a pod start, Python, torch and the model load before
+its first second of audio; a pool worker pays them once. Coordination stays in Kubernetes:
+
+- **Liveness**: the worker holds a Lease named after itself in its namespace, renewed every
+  few seconds, annotated with the models it holds and how many jobs it runs at once. The
+  operator assigns jobs only to workers with a fresh Lease that are not draining, and when a
+  Lease goes stale (the worker died or stalled) it assigns that worker's jobs again.
+- **Assignment**: the operator writes ``status.assignment {worker, attempt}`` on the
+  TranscriptionJob; the worker follows the jobs with one watch and starts those assigned to it.
+- **Reports**: for its attempt the worker writes ``status.execution`` (Running, then Succeeded,
+  Failed or HandedBack) beside the runner's usual ``progress``, ``audio``, ``speakers`` and
+  ``result`` — every write a JSON patch that first tests that the assignment is still this
+  worker's attempt, so a worker that lost its job can never overwrite the next attempt's status.
+- **Cancel**: the job deleted, or assigned elsewhere: its run stops at the next piece boundary.
+- **Drain** (SIGTERM): the Lease says draining (no new work); running jobs get the grace
+  period to finish, the rest are handed back; the Lease is deleted.
+- **Poison jobs**: every failure stays in its job's thread and becomes that job's report.
+
+Status shapes, the result store and the failure reasons are the same as in Job mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ifw.core import contract, kube, results
+from ifw.core.watch import Watcher
+from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
+from ifw.runner import errors
+from ifw.runner.audio import SAMPLE_RATE
+from ifw.runner.config import RunnerSettings, get_settings
+from ifw.runner.progress import ProgressReporter, progress_body
+
+log = logging.getLogger(__name__)
+
+JSON_PATCH = "application/json-patch+json"
+
+
+class WorkerSettings(BaseSettings):
+    """The pool worker's own settings (env prefix IFW_WORKER_); the runner's (IFW_*) apply too."""
+
+    model_config = SettingsConfigDict(env_prefix="IFW_WORKER_", extra="ignore")
+
+    name: str = Field(description="This worker's name (the pod's, from the downward API); its Lease's name.")
+    namespace: str = Field("default", description="Where the worker's Lease lives.")
+    pod_uid: str | None = Field(None, description="The pod's uid: the Lease is owned by the pod.")
+    node_name: str | None = Field(None, description="The node the pod runs on (reported with each job).")
+    watch_namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces whose jobs it may be given; empty: every namespace."
+    )
+    capacity: int = Field(8, ge=1, description="Jobs run at once (their pieces share the model's batches).")
+    models: list[str] = Field(
+        default_factory=list, description="Models loaded at start and served; empty: the runner's default model."
+    )
+    lease_duration_seconds: int = Field(15, ge=2, description="How long the Lease holds without a renewal.")
+    renew_interval_seconds: float = Field(5.0, gt=0, description="How often the Lease is renewed.")
+    max_audio_seconds: float = Field(
+        3600.0, gt=0, description="Longer audio of a runtime-Auto job is handed back, to run in its own Job."
+    )
+    stall_seconds: float = Field(
+        300.0, gt=0, description="No job made progress this long although some are running: stop renewing."
+    )
+    drain_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long running jobs may take to finish.")
+    health_port: int | None = Field(8081, description="GET /healthz (liveness) and /metrics; None: off.")
+
+
+class Cancelled(Exception):
+    """The job was deleted or assigned elsewhere while this worker ran it."""
+
+
+def _micro_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Run:
+    """One job this worker runs: which attempt, and how to stop it."""
+
+    namespace: str
+    name: str
+    uid: str
+    attempt: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    started: str | None = None  # execution.startTime, kept when a later report replaces the entry
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, runner: RunnerSettings, api: Any):
+        from kubernetes import client
+
+        self.settings = settings
+        self.runner = runner
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.leases = client.CoordinationV1Api(api)
+        self.models = settings.models or [runner.default_model]
+        self.result_settings = results.ResultSettings()
+        self.runs: dict[tuple[str, str], Run] = {}
+        self.draining = threading.Event()
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()  # guards runs
+        # Until pieces of several jobs share batches, one job at a time uses the model; fetching
+        # and decoding audio (the other half of a job's wall time for short clips) runs in parallel.
+        self._device = threading.Lock()
+        self._watchers: list[Watcher] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def warm_up(self) -> None:
+        """Load every served model (and the diarization pipeline) before taking any work."""
+        from ifw.runner import asr
+
+        for name in self.models:
+            asr.load_model(name, self.runner)
+        if self.runner.diarization_pipeline:
+            from ifw.runner import diarize
+
+            diarize.load_pipeline(self.runner)
+
+    def start(self) -> Worker:
+        self.warm_up()
+        self._write_lease(create=True)
+        namespaces = self.settings.watch_namespaces or [None]
+        for namespace in namespaces:
+            if namespace is None:
+                list_fn = functools.partial(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            else:
+                list_fn = functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+            watcher = Watcher(list_fn, on_list=self._on_list, on_event=self._on_event,
+                              name=f"worker-watch-{namespace or 'all'}")  # fmt: skip
+            self._watchers.append(watcher.start())
+        threading.Thread(target=self._renew_forever, name="worker-lease", daemon=True).start()
+        log.info("pool worker %s serving %s, capacity %d", self.settings.name, self.models, self.settings.capacity)
+        return self
+
+    def drain(self) -> None:
+        """SIGTERM: take no more work, let running jobs finish within the grace, hand back the rest."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        log.info("draining: %d jobs running", len(self.runs))
+        self._write_lease()
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while self.runs and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for run in list(self.runs.values()):
+            run.cancel.set()
+            self._report(run, "HandedBack", reason="WorkerDraining",
+                         message=f"pool worker {self.settings.name} shut down before the job finished")  # fmt: skip
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for watcher in self._watchers:
+            watcher.stop()
+        for run in list(self.runs.values()):
+            run.cancel.set()
+        try:
+            self.leases.delete_namespaced_lease(self.settings.name, self.settings.namespace)
+        except Exception as error:  # noqa: BLE001 - gone already, or the API is down: it expires anyway
+            log.info("could not delete the Lease: %s", kube.api_message(error))
+
+    # ------------------------------------------------------------------ the Lease
+
+    def _lease_body(self) -> dict[str, Any]:
+        s = self.settings
+        meta: dict[str, Any] = {
+            "name": s.name,
+            "namespace": s.namespace,
+            "labels": {contract.LABEL_POOL_WORKER: "true", contract.LABEL_COMPONENT: "pool-worker"},
+            "annotations": {
+                contract.ANNOTATION_WORKER_MODELS: json.dumps(self.models),
+                contract.ANNOTATION_WORKER_CAPACITY: str(s.capacity),
+                contract.ANNOTATION_WORKER_DRAINING: "true" if self.draining.is_set() else "false",
+                contract.ANNOTATION_WORKER_NODE: s.node_name or "",
+            },
+        }
+        if s.pod_uid:  # the Lease goes with its pod
+            meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": s.name, "uid": s.pod_uid}]
+        now = _micro_now()
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": {"holderIdentity": s.name, "leaseDurationSeconds": s.lease_duration_seconds,
+                     "acquireTime": now, "renewTime": now},
+        }  # fmt: skip
+
+    def _write_lease(self, create: bool = False) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        body = self._lease_body()
+        if create:
+            try:
+                self.leases.create_namespaced_lease(self.settings.namespace, body)
+                return
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+        body["spec"].pop("acquireTime")
+        self.leases.patch_namespaced_lease(self.settings.name, self.settings.namespace,
+                                           {"metadata": {"annotations": body["metadata"]["annotations"]},
+                                            "spec": body["spec"]})  # fmt: skip
+
+    def healthy(self) -> bool:
+        """False when jobs run but none has made progress for stall_seconds (a stuck device, a hang)."""
+        runs = list(self.runs.values())
+        if not runs:
+            return True
+        return time.monotonic() - max(run.last_progress for run in runs) < self.settings.stall_seconds
+
+    def _renew_forever(self) -> None:
+        while not self.stopped.wait(self.settings.renew_interval_seconds):
+            if not self.healthy():
+                # Let the Lease lapse: the operator gives the jobs to another worker, and the
+                # liveness probe (same check) restarts this one.
+                log.error("no progress for %.0f s with jobs running: not renewing the Lease", self.settings.stall_seconds)
+                continue
+            try:
+                self._write_lease(create=True)
+            except Exception as error:  # noqa: BLE001 - the apiserver may come back before the Lease lapses
+                log.warning("Lease renewal failed: %s", kube.api_message(error))
+
+    # ------------------------------------------------------------------ assignments
+
+    def _on_list(self, items: list[dict[str, Any]]) -> None:
+        present = {(tj["metadata"]["namespace"], tj["metadata"]["name"]) for tj in items}
+        for key, run in list(self.runs.items()):
+            if key not in present:
+                run.cancel.set()
+        for tj in items:
+            self._on_event("MODIFIED", tj)
+
+    def _on_event(self, kind: str, tj: dict[str, Any]) -> None:
+        meta, status = tj["metadata"], tj.get("status") or {}
+        key = (meta["namespace"], meta["name"])
+        assignment = status.get("assignment") or {}
+        mine = assignment.get("worker") == self.settings.name
+        with self._lock:
+            run = self.runs.get(key)
+            if run is not None and (kind == "DELETED" or run.uid != meta.get("uid") or not mine
+                                    or assignment.get("attempt") != run.attempt or contract.is_terminal(tj)):
+                log.info("%s/%s: no longer this worker's attempt %d; stopping it", *key, run.attempt)
+                run.cancel.set()
+                return
+            if kind == "DELETED" or not mine or run is not None or contract.is_terminal(tj):
+                return
+            execution = status.get("execution") or {}
+            if execution.get("attempt") == assignment.get("attempt") and execution.get("worker") == self.settings.name:
+                return  # this attempt already ran here (a relist after a restart of the watch)
+            run = Run(meta["namespace"], meta["name"], meta["uid"], int(assignment["attempt"]))
+            self.runs[key] = run
+        if self.draining.is_set() or len(self.runs) > self.settings.capacity:
+            self._forget(run)
+            reason = "WorkerDraining" if self.draining.is_set() else "WorkerFull"
+            self._report(run, "HandedBack", reason=reason, message=f"pool worker {self.settings.name}: {reason}")
+            return
+        run.thread = threading.Thread(target=self._run_job, args=(run, tj), name=f"job-{meta['name']}", daemon=True)
+        run.thread.start()
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            if self.runs.get(run.key) is run:
+                del self.runs[run.key]
+
+    # ------------------------------------------------------------------ one job
+
+    def _run_job(self, run: Run, tj: dict[str, Any]) -> None:
+        try:
+            self._report(run, "Running")
+            final = self._transcribe(run, tj)
+            self._patch(run, {**final, "execution": self._execution(run, "Succeeded")})
+            log.info("%s/%s: done (attempt %d)", run.namespace, run.name, run.attempt)
+        except Cancelled:
+            log.info("%s/%s: cancelled", run.namespace, run.name)
+        except HandBack as back:
+            self._report(run, "HandedBack", reason=back.reason, message=back.message)
+        except contract.Failure as failure:
+            log.warning("%s/%s: %s: %s", run.namespace, run.name, failure.reason, failure.message)
+            self._report(run, "Failed", reason=failure.reason, message=failure.message,
+                         bad_input=failure.exit_code == contract.EXIT_BAD_INPUT)  # fmt: skip
+        except MemoryError as error:
+            self._report(run, "Failed", reason="OutOfMemory", message=f"out of host memory: {error}", bad_input=False)
+        except Exception as error:  # noqa: BLE001 - a poison job fails alone; the worker goes on
+            log.exception("%s/%s: unexpected failure", run.namespace, run.name)
+            self._report(run, "Failed", reason="RunnerFailed", message=f"unexpected {type(error).__name__}: {error}",
+                         bad_input=False)  # fmt: skip
+        finally:
+            self._forget(run)
+
+    def _transcribe(self, run: Run, tj: dict[str, Any]) -> dict[str, Any]:
+        from ifw.runner import pipeline
+
+        try:
+            spec = TranscriptionJobSpec.model_validate(tj.get("spec") or {})
+        except ValidationError as error:
+            raise errors.InvalidSpec(f"invalid spec: {error}") from error
+        model = spec.model or self.runner.default_model
+        if model not in self.models:
+            raise HandBack("ModelNotServed", f"pool worker {self.settings.name} holds {self.models}, not {model!r}")
+
+        def check() -> None:
+            if run.cancel.is_set():
+                raise Cancelled()
+
+        def report(body: dict[str, Any]) -> None:
+            check()
+            run.last_progress = time.monotonic()
+            self._patch(run, {"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
+
+        reporter = ProgressReporter(report, self.runner.progress_interval_seconds)
+        audio = pipeline.load(spec.audio.url, self.runner)
+        check()
+        duration = len(audio) / SAMPLE_RATE
+        if duration > self.settings.max_audio_seconds and spec.runtime != "Pool":
+            raise HandBack(contract.REASON_HANDED_BACK_TOO_LONG,
+                           f"{duration:.0f} s of audio is over the pool's {self.settings.max_audio_seconds:g} s")
+        run.last_progress = time.monotonic()
+        with self._device:
+            check()
+            transcript = pipeline.run(spec, audio, self.runner, on_progress=reporter)
+        reporter.flush()
+        check()
+        ref = results.store_result(transcript, tj, self.result_settings, core_v1=self.core)
+        final: dict[str, Any] = {
+            "progress": progress_body(transcript.duration, transcript.duration),
+            "audio": {"durationSeconds": transcript.duration, "language": transcript.language,
+                      "languageProbability": transcript.language_probability},
+            "result": ref,
+        }  # fmt: skip
+        if (speakers := pipeline.speaker_count(transcript)) is not None:
+            final["speakers"] = speakers
+        return final
+
+    # ------------------------------------------------------------------ status writes
+
+    def _execution(self, run: Run, state: str, **fields: Any) -> dict[str, Any]:
+        body = {"worker": self.settings.name, "attempt": run.attempt, "state": state}
+        now = contract.now_string()
+        body["startTime" if state == "Running" else "finishTime"] = now
+        body.update({k if k != "bad_input" else "badInput": v for k, v in fields.items() if v is not None})
+        return body
+
+    def _report(self, run: Run, state: str, **fields: Any) -> None:
+        try:
+            self._patch(run, {"execution": self._execution(run, state, **fields)})
+        except Cancelled:
+            pass
+        except Exception as error:  # noqa: BLE001 - the operator sees the Lease and re-assigns if need be
+            log.warning("%s/%s: could not report %s: %s", run.namespace, run.name, state, kube.api_message(error))
+
+    def _patch(self, run: Run, fields: dict[str, Any]) -> None:
+        """Write status fields only while the job is still this worker's attempt (atomic test + add)."""
+        from kubernetes.client.exceptions import ApiException
+
+        execution = fields.get("execution")
+        if execution is not None:
+            if execution["state"] == "Running":
+                run.started = execution["startTime"]
+            elif run.started:
+                execution["startTime"] = run.started
+        ops: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/uid", "value": run.uid},
+            {"op": "test", "path": "/status/assignment/worker", "value": self.settings.name},
+            {"op": "test", "path": "/status/assignment/attempt", "value": run.attempt},
+        ]
+        ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, run.namespace, PLURAL, run.name, ops, _content_type=JSON_PATCH
+            )
+        except ApiException as error:
+            if error.status in (404, 422):  # deleted, or a test failed: assigned elsewhere now
+                run.cancel.set()
+                raise Cancelled() from error
+            raise errors.RunnerError(f"could not update the status of {run.namespace}/{run.name}: {error.reason}") from error
+
+
+class HandBack(Exception):
+    """The worker gives the job back to the operator unrun (a Job or another worker takes it)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def serve_health(worker: Worker, port: int) -> None:
+    """/healthz: the process works (the stall check); /readyz: it takes work. Plain stdlib HTTP."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path == "/metrics":
+                body, code, kind = generate_latest(), 200, CONTENT_TYPE_LATEST
+            elif self.path in ("/healthz", "/readyz"):
+                ok = worker.healthy() and (self.path == "/healthz" or not worker.draining.is_set())
+                body, code, kind = (b"ok" if ok else b"unhealthy"), (200 if ok else 503), "text/plain"
+            else:
+                body, code, kind = b"not found", 404, "text/plain"
+            self.send_response(code)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
+
+
+def main(settings: WorkerSettings | None = None) -> int:
+    """`ifw-runner serve`: run until SIGTERM, then drain."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings or WorkerSettings()
+    except ValidationError as error:
+        log.error("bad worker settings: %s", error)
+        return contract.EXIT_BAD_INPUT
+    worker = Worker(settings, get_settings(), kube.api_client(component="runner-worker"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker.start()
+    if settings.health_port:
+        serve_health(worker, settings.health_port)
+    stop.wait()
+    worker.drain()
+    return 0
