@@ -215,7 +215,8 @@ def _store_secret(data: bytes, job: JobRef, settings: ResultSettings, core_v1: A
         raise ResultTooLarge(
             f"the compressed result is {len(data)} bytes, over the Secret store's limit of {cap} bytes "
             "(etcd caps objects); use the S3 result store for long audio (IFW_RESULT_STORE=s3 with "
-            "IFW_S3_BUCKET and IFW_S3_ENDPOINT_URL, or the Helm value results.store=s3)"
+            "IFW_S3_BUCKET, and IFW_S3_ENDPOINT_URL for a store other than AWS; in the Helm chart: "
+            "results.store=s3 and results.s3.bucket)"
         )
     name = secret_name(job.name)
     digest = hashlib.sha256(data).hexdigest()

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ifw.core.results import ResultSettings
 from ifw.crds.generate import CRD_PATH
 from ifw.gateway.config import GatewaySettings
 from ifw.operator import rbac
@@ -27,6 +28,10 @@ K8S_VERSIONS = ["1.31.0", "1.35.0"]  # the oldest supported (podFailurePolicy GA
 NOT_BUILT_IN = {"ServiceMonitor"}  # custom resources: no schema in kubernetes-validate
 GPU = ("-f", str(GPU_VALUES))
 RELEASE, NS = "ifw", "ifw-system"
+# The S3 result store on a self-hosted MinIO, every setting given.
+MINIO = ("--set", "results.store=s3", "--set", "results.s3.bucket=transcripts",
+         "--set", "results.s3.endpointUrl=http://minio.storage.svc:9000", "--set", "results.s3.prefix=ifw/",
+         "--set", "results.s3.region=eu-central-1", "--set", "results.s3.credentialsSecret=minio-creds")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,7 @@ VARIANTS = {
     "no-rbac": ["--set", "rbac.create=false", "--set", "serviceAccount.create=false"],
     "cpu-pvc-cache": ["--set", "runner.gpu.count=0", "--set", "runner.modelCache.type=persistentVolumeClaim",
                       "--set", "runner.modelCache.claimName=models", "--set", "runner.tolerations=null"],
+    "s3-results": MINIO,
     "secrets": ["--set", "gateway.auth.adminKey=k", "--set", "operator.webhook.signingSecret=whsec_a2V5",
                 "--set-json", 'gateway.auth.tenantKeys={"team-b":"k2"}'],
     "hardened": ["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.runnerEgress.enabled=true",
@@ -385,12 +391,7 @@ def test_gateway_env_is_gateway_settings(helm, monkeypatch):
     assert f"{RELEASE}-gateway.{NS}.svc" in operator_yaml(objects)["runner"]["env"]["IFW_FETCH_ALLOWLIST"]
 
 
-def test_gateway_reads_s3_results_with_the_runner_settings(gpu_objects):
-    c = container(gpu_objects, "Deployment", f"{RELEASE}-gateway")
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["IFW_RESULT_STORE"] == "s3" and env["IFW_S3_BUCKET"] == "ifw-results"
-    assert "IFW_DIARIZATION_PIPELINE" not in env
-    assert c["envFrom"] == [{"secretRef": {"name": "ifw-s3", "optional": True}}]
+def test_gateway_uploads_use_the_shared_claim(gpu_objects):
     uploads = {v["name"]: v for v in one(gpu_objects, "Deployment", f"{RELEASE}-gateway")
                ["spec"]["template"]["spec"]["volumes"]}["uploads"]
     assert uploads == {"name": "uploads", "persistentVolumeClaim": {"claimName": "ifw-uploads-rwx"}}
@@ -406,6 +407,126 @@ def test_no_secret_value_is_rendered_outside_secrets(helm):
         assert "admin-VALUE-1" not in text and "c2lnbmluZ1ZBTFVF" not in text, obj["kind"]
     env = {e["name"]: e for e in container(objects, "Deployment", f"{RELEASE}-operator")["env"]}
     assert env["IFW_OPERATOR_WEBHOOK__SIGNING_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-webhook"
+
+
+# ---------------------------------------------------------------------------------- result store
+
+
+def env_values(c: dict) -> dict[str, str]:
+    """A container's plain env (valueFrom entries are Secrets the kubelet reads at run time)."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def result_settings(env: dict[str, str], monkeypatch) -> ResultSettings:
+    """ResultSettings as a process whose environment is exactly ``env`` (as to IFW_*) reads them."""
+    with monkeypatch.context() as m:
+        for key in list(os.environ):
+            if key.upper().startswith("IFW_"):
+                m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, value)
+        return ResultSettings()
+
+
+def result_store_of_each_component(objects, tmp_path, monkeypatch) -> dict[str, dict]:
+    """The containers that touch results: the operator's and the gateway's as rendered, and the
+    runner's as the operator builds it from the settings the chart's ConfigMap gives it."""
+    settings = load_operator_settings(tmp_path, monkeypatch, objects)
+    return {
+        "operator": container(objects, "Deployment", f"{RELEASE}-operator"),
+        "gateway": container(objects, "Deployment", f"{RELEASE}-gateway"),
+        "runner": runner_job(GPU_TJ, settings)["spec"]["template"]["spec"]["containers"][0],
+    }
+
+
+RESULT_ENV = re.compile(r"IFW_(RESULT|S3)_", re.IGNORECASE)  # what ResultSettings reads
+
+
+def result_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if RESULT_ENV.match(k)}
+
+
+@pytest.mark.parametrize(
+    "values, secret, expected",
+    [
+        (MINIO, "minio-creds",
+         {"result_store": "s3", "result_secret_max_bytes": 900 * 1024, "s3_bucket": "transcripts",
+          "s3_endpoint_url": "http://minio.storage.svc:9000", "s3_prefix": "ifw/", "s3_region": "eu-central-1"}),
+        # No prefix given: the chart's default is the product's.
+        (GPU, "ifw-s3",
+         {"result_store": "s3", "result_secret_max_bytes": 900 * 1024, "s3_bucket": "ifw-results",
+          "s3_endpoint_url": "https://s3.eu-west-1.amazonaws.com", "s3_prefix": "results/", "s3_region": "eu-west-1"}),
+    ],
+    ids=["minio", "gpu-production"],
+)
+def test_every_component_gets_the_same_s3_result_store(helm, tmp_path, monkeypatch, values, secret, expected):
+    objects = helm.template(*values)
+    components = result_store_of_each_component(objects, tmp_path, monkeypatch)
+    envs = {name: env_values(c) for name, c in components.items()}
+    result_envs = {name: result_env(env) for name, env in envs.items()}
+    assert result_envs["operator"]["IFW_RESULT_STORE"] == "s3"
+    assert result_envs["operator"] == result_envs["gateway"] == result_envs["runner"], result_envs
+    for name, env in envs.items():
+        # Read the way each component reads them: its whole environment into ResultSettings.
+        assert result_settings(env, monkeypatch).model_dump() == expected, name
+        # The same credentials: the Secret's keys become every one's env.
+        assert components[name]["envFrom"] == [{"secretRef": {"name": secret}}], name
+    assert load_operator_settings(tmp_path, monkeypatch, objects).runner.s3_credentials_secret == secret
+    # runner.env keeps the runner's own settings, and they stay the runner's.
+    if values is GPU:
+        assert envs["runner"]["IFW_DIARIZATION_PIPELINE"] == "pyannote/speaker-diarization-3.1"
+        assert "IFW_DIARIZATION_PIPELINE" not in envs["gateway"] and "IFW_DIARIZATION_PIPELINE" not in envs["operator"]
+
+
+@pytest.mark.parametrize(
+    "values, expected_env, max_bytes",
+    [
+        ((), {"IFW_RESULT_STORE": "secret"}, 900 * 1024),
+        # S3 values kept around while the store is secret reach no component.
+        (("--set", "results.secretMaxBytes=2097152", "--set", "results.s3.bucket=idle",
+          "--set", "results.s3.credentialsSecret=idle-creds"),
+         {"IFW_RESULT_STORE": "secret", "IFW_RESULT_SECRET_MAX_BYTES": "2097152"}, 2097152),
+    ],
+    ids=["default", "secret-with-idle-s3-values"],
+)
+def test_secret_store_gives_no_component_s3_settings(helm, tmp_path, monkeypatch, values, expected_env, max_bytes):
+    objects = helm.template(*values)
+    components = result_store_of_each_component(objects, tmp_path, monkeypatch)
+    for name, c in components.items():
+        env = env_values(c)
+        assert result_env(env) == expected_env, name
+        assert "envFrom" not in c, name
+        settings = result_settings(env, monkeypatch)
+        assert (settings.result_store, settings.s3_bucket, settings.result_secret_max_bytes) == (
+            "secret", None, max_bytes), name
+    assert load_operator_settings(tmp_path, monkeypatch, objects).runner.s3_credentials_secret is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "runner.env.IFW_S3_BUCKET=other"], "runner.env sets IFW_S3_BUCKET"),
+        (["--set", "runner.env.IFW_RESULT_STORE=s3"], "runner.env sets IFW_RESULT_STORE"),
+        (["--set-json", 'operator.extraEnv=[{"name":"IFW_S3_REGION","value":"x"}]'], "operator.extraEnv sets IFW_S3_REGION"),
+        # ResultSettings reads env names case-insensitively.
+        (["--set-json", 'gateway.extraEnv=[{"name":"ifw_result_store","value":"s3"}]'],
+         "gateway.extraEnv sets ifw_result_store"),
+        (["--set", "operator.extraConfig.runner.env.IFW_S3_PREFIX=x/"], "operator.extraConfig.runner.env sets IFW_S3_PREFIX"),
+        (["--set", "operator.extraConfig.runner.s3_credentials_secret=x"], "use results.s3.credentialsSecret"),
+    ],
+)
+def test_result_store_env_outside_results_is_refused(helm, args, message):
+    proc = helm.run("template", "x", str(CHART), "--set", "results.store=s3", "--set", "results.s3.bucket=b",
+                    *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "results.s3" in proc.stderr  # the message names where the setting belongs
+
+
+def test_s3_store_needs_a_bucket_with_or_without_the_schema(helm):
+    proc = helm.run("template", "x", str(CHART), "--set", "results.store=s3", check=False)
+    assert proc.returncode != 0 and "results.s3.bucket: String length must be greater" in proc.stderr, proc.stderr
+    proc = helm.run("template", "x", str(CHART), "--set", "results.store=s3", "--skip-schema-validation", check=False)
+    assert proc.returncode != 0 and "results.s3.bucket is required when results.store is s3" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------- hooks, policies
@@ -470,6 +591,11 @@ def test_network_policies_off_by_default_and_sane_when_on(default_objects, gpu_o
         (["--set", "runner.image.digest=latest"], "runner.image.digest: Does not match pattern"),
         (["--set", "operator.maxActiveJobs=0"], "operator.maxActiveJobs: Must be greater than or equal to 1"),
         (["--set-json", 'operator.watchNamespaces=["Team_A"]'], "operator.watchNamespaces.0: Does not match pattern"),
+        (["--set", "results.store=gcs"], "results.store must be one of the following"),
+        (["--set", "results.s3.bucket=s3://ifw-results"], "results.s3.bucket: Does not match pattern"),
+        (["--set", "results.s3.endpointUrl=minio:9000"], "results.s3.endpointUrl: Does not match pattern"),
+        (["--set", "results.secretMaxBytes=0"], "results.secretMaxBytes: Must be greater than or equal to 1"),
+        (["--set", "runner.s3CredentialsSecret=ifw-s3"], "Additional property s3CredentialsSecret is not allowed"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm, args, message):

@@ -88,6 +88,12 @@ def test_install_upgrade_uninstall(helm, kube, namespace, tmp_path):
     deployment = apps.read_namespaced_deployment(operator, namespace)
     assert deployment.spec.template.metadata.annotations["checksum/config"] != before  # the pod rolls
     assert deployment.spec.template.spec.containers[0].image == "registry.example.com/ifw/ifw-operator:0.1.0"
+    # The S3 result store reaches the operator and the gateway as stored by the apiserver.
+    for name in (operator, f"{release}-ifw-gateway"):
+        c = apps.read_namespaced_deployment(name, namespace).spec.template.spec.containers[0]
+        env = {e.name: e.value for e in c.env}
+        assert env["IFW_RESULT_STORE"] == "s3" and env["IFW_S3_BUCKET"] == "ifw-results", name
+        assert [source.secret_ref.name for source in c.env_from] == ["ifw-s3"], name
     policies = client.NetworkingV1Api(api).list_namespaced_network_policy(namespace).items
     assert {p.metadata.name for p in policies} == {f"{release}-ifw-{c}" for c in ("operator", "gateway", "runner")}
     assert client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(f"{release}-ifw-gateway", namespace)
@@ -288,7 +294,8 @@ def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tm
         assert cache.host_path.path == "/var/cache/huggingface"
         runner_env = {e.name: e for e in runner.env}
         assert runner_env["HF_TOKEN"].value_from.secret_key_ref.name == "hf-token"
-        assert runner_env["IFW_RESULT_STORE"].value == "s3"
+        assert runner_env["IFW_RESULT_STORE"].value == "s3" and runner_env["IFW_S3_BUCKET"].value == "ifw-results"
+        assert [source.secret_ref.name for source in runner.env_from] == ["ifw-s3"]
         assert pod.security_context.run_as_user == 10001 and runner.security_context.read_only_root_filesystem
     finally:
         _stop(proc, log)

@@ -196,3 +196,82 @@ subjects:
     namespace: {{ $root.Release.Namespace }}
 {{- end }}
 {{- end }}
+
+{{/*
+The result store's settings (ifw.core.results.ResultSettings, env prefix IFW_) as a JSON object
+of env name -> value, for `fromJson`. The runner writes results, the operator deletes them on
+TTL and reads them for webhook payloads, the gateway serves them: all of them must look in the
+same place, so every one gets its result env from here and nowhere else.
+*/}}
+{{- define "ifw.results.env" -}}
+{{- include "ifw.results.refuseOtherSources" . }}
+{{- $results := .Values.results }}
+{{- $env := dict "IFW_RESULT_STORE" $results.store }}
+{{- if not (kindIs "invalid" $results.secretMaxBytes) }}
+{{- $_ := set $env "IFW_RESULT_SECRET_MAX_BYTES" (toString (int64 $results.secretMaxBytes)) }}
+{{- end }}
+{{- if eq $results.store "s3" }}
+{{- $s3 := $results.s3 }}
+{{- $_ := set $env "IFW_S3_BUCKET" (required "results.s3.bucket is required when results.store is s3" $s3.bucket) }}
+{{- $_ := set $env "IFW_S3_PREFIX" $s3.prefix }}
+{{- $_ := set $env "IFW_S3_REGION" $s3.region }}
+{{- /* Empty: AWS S3 itself (boto3's default endpoint). */}}
+{{- with $s3.endpointUrl }}
+{{- $_ := set $env "IFW_S3_ENDPOINT_URL" . }}
+{{- end }}
+{{- end }}
+{{- toJson $env }}
+{{- end }}
+
+{{/* The same settings as entries of a container's env list. */}}
+{{- define "ifw.results.envVars" -}}
+{{- range $name, $value := include "ifw.results.env" . | fromJson }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret whose keys (AWS_*) become env of every component; empty without the S3 store. */}}
+{{- define "ifw.results.credentialsSecret" -}}
+{{- if eq .Values.results.store "s3" }}{{ .Values.results.s3.credentialsSecret }}{{ end }}
+{{- end }}
+
+{{/* That Secret as a container's envFrom (nothing when there is none). */}}
+{{- define "ifw.results.envFrom" -}}
+{{- with include "ifw.results.credentialsSecret" . }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Result-store env set anywhere else would reach one component only (a runner writing to a bucket
+the gateway never reads) or silently lose to results: refuse it, naming the value to move.
+ResultSettings reads env names case-insensitively, so the check does too.
+*/}}
+{{- define "ifw.results.refuseOtherSources" -}}
+{{- $names := list }}
+{{- range $name, $_ := .Values.runner.env }}
+{{- $names = append $names (list "runner.env" $name) }}
+{{- end }}
+{{- range $name, $_ := dig "runner" "env" dict (default dict .Values.operator.extraConfig) }}
+{{- $names = append $names (list "operator.extraConfig.runner.env" $name) }}
+{{- end }}
+{{- range (default list .Values.operator.extraEnv) }}
+{{- $names = append $names (list "operator.extraEnv" .name) }}
+{{- end }}
+{{- range (default list .Values.gateway.extraEnv) }}
+{{- $names = append $names (list "gateway.extraEnv" .name) }}
+{{- end }}
+{{- range $names }}
+{{- $where := index . 0 }}
+{{- $name := index . 1 }}
+{{- if or (hasPrefix "IFW_RESULT_" (upper $name)) (hasPrefix "IFW_S3_" (upper $name)) }}
+{{- fail (printf "%s sets %s: the result store is configured only by the chart's results section (results.store, results.secretMaxBytes, results.s3.*), which the operator, the gateway and the runner all get; set it there" $where $name) }}
+{{- end }}
+{{- end }}
+{{- if hasKey (dig "runner" dict (default dict .Values.operator.extraConfig)) "s3_credentials_secret" }}
+{{- fail "operator.extraConfig.runner.s3_credentials_secret is set: use results.s3.credentialsSecret, which the operator and the gateway get too" }}
+{{- end }}
+{{- end }}
