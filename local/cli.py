@@ -1,8 +1,11 @@
-"""The `ifw` command: the local stack and its parts.
+"""The `ifw` command: the local stack and its parts, and reading results.
 
     ifw local [--serve] [--audio FILE] [--model M] [--timestamp chunk|word] [--diarize]
     ifw control-plane up [--kubeconfig-out PATH] | build
     ifw standin [--kubeconfig PATH]
+    ifw result NAME [-n NAMESPACE] [--format json|text|srt|vtt|verbose_json]
+
+Installed as `kubectl-ifw` too, so `kubectl ifw result NAME` works as a kubectl plugin.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ COMMANDS = {
     "local": ("ifw.local.stack", "the whole stack on this machine: transcribe a sample, or --serve"),
     "control-plane": ("ifw.local.control_plane", "a real kube-apiserver + etcd on loopback"),
     "standin": ("ifw.local.standin", "run runner Jobs as local processes (a kubelet stand-in)"),
+    "result": ("ifw.local.result", "print a finished job's transcript (json, text, srt, vtt, verbose_json)"),
 }
 
 
