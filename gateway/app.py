@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ifw.core import kube as kube_client
-from ifw.core.netguard import Allowlist
 from ifw.gateway import errors, routes_api, routes_openai, routes_ops
 from ifw.gateway.config import GatewaySettings, get_settings
 from ifw.gateway.kube import Kube
@@ -21,7 +20,7 @@ from ifw.gateway.middleware import GatewayMiddleware
 from ifw.gateway.models import OpenAIText, TranscribeFields, TranscribeRequest
 from ifw.gateway.service import Service
 from ifw.gateway.uploads import Uploads
-from ifw.gateway.watch import JobWatch
+from ifw.gateway.watch import TjWatch
 
 log = logging.getLogger("ifw.gateway")
 
@@ -29,7 +28,7 @@ DESCRIPTION = """\
 The Insanely Fast Whisper API, backed by Kubernetes `TranscriptionJob`s.
 
 `POST /` keeps the original API's fields, defaults and response shapes and
-checks every field; `GET /status/{task_id}` keeps the output until the job's
+checks every field; `GET /status/{task_id}` keeps the output until the task's
 TTL. Send `x-admin-api-key` when the server has a key. OpenAI-compatible
 routes live under `/v1/audio`.
 """
@@ -73,7 +72,7 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
         # One pooled connection per worker thread, plus one per namespace watch.
         pool = settings.kube_threads + len(settings.namespaces())
         client = kube or Kube(kube_client.api_client(pool_size=pool, component="gateway"), settings.kube_threads)
-        watch = JobWatch(client, settings.namespaces(), settings.watch_server_timeout)
+        watch = TjWatch(client, settings.namespaces(), settings.watch_server_timeout)
         uploads = Uploads(settings.upload_dir, settings.internal_url)
         watch.listeners.append(uploads.on_event)
         app.state.service = Service(settings, client, watch, uploads)
@@ -90,8 +89,6 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
                 client.api_client.close()
 
     app = FastAPI(title="ifw gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.url_allowlist = Allowlist(settings.url_allowlist)
     app.include_router(routes_api.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)

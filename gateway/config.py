@@ -32,7 +32,7 @@ class GatewaySettings(BaseSettings):
         240, ge=10, description="Seconds the apiserver keeps one watch open before we resume it (stale watches)."
     )
     delete_propagation: Literal["Background", "Foreground"] = Field(
-        "Background", description="How DELETE /cancel removes the job's children."
+        "Background", description="How DELETE /cancel removes the TranscriptionJob's children (its batch/v1 Job, pods)."
     )
 
     # --- auth ---
@@ -47,7 +47,7 @@ class GatewaySettings(BaseSettings):
         "works in that namespace only. The admin key keeps the default namespace.",
     )
 
-    # --- job defaults ---
+    # --- TranscriptionJob defaults ---
     diarization_available: bool = Field(
         False, description="The runners have diarization configured (HF_TOKEN or packaged weights)."
     )
@@ -56,8 +56,8 @@ class GatewaySettings(BaseSettings):
         default_factory=lambda: {"whisper-1": None},
         description="OpenAI model names mapped to a spec.model (null: the operator's default).",
     )
-    queue_name: str | None = Field(None, description="Kueue LocalQueue put on every job.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="spec.activeDeadlineSeconds of every job.")
+    queue_name: str | None = Field(None, description="Kueue LocalQueue put on every TranscriptionJob.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="spec.activeDeadlineSeconds of every TranscriptionJob.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="spec.ttlSecondsAfterFinished; also how long /status keeps returning the output."
     )
@@ -72,7 +72,7 @@ class GatewaySettings(BaseSettings):
         3600.0, gt=0, description="A sync request waits this long, then answers 504 with the task_id to poll."
     )
     cancel_on_disconnect: bool = Field(
-        False, description="Delete the job when a sync client disconnects before the result is ready."
+        False, description="Delete the TranscriptionJob when a sync client disconnects before the result is ready."
     )
 
     # --- request size ---
@@ -81,7 +81,7 @@ class GatewaySettings(BaseSettings):
         512 * 1024**2, ge=1024, description="Largest multipart upload accepted (the OpenAI API allows 25 MB)."
     )
 
-    # --- uploads: stored by the gateway and served to the runner with a per-job token ---
+    # --- uploads: stored by the gateway and served to the runner with a token per upload ---
     internal_url: str | None = Field(
         None,
         description="Base URL under which runner pods reach this gateway (e.g. http://ifw-gateway.ifw.svc:8000). "

@@ -1,8 +1,14 @@
-"""Error bodies: FastAPI's validation shape (loc names the field), never a bare 500."""
+"""Every error the gateway answers, and the one place that turns them into responses.
+
+Routes, dependencies and the service raise these; the handlers `install` adds
+answer each in the original API's body shape (`{"detail": ...}`, plus `status`,
+`task_id`, `reason` and `message` where they apply) or, under /v1/, in OpenAI's
+(`{"error": {message, type, param, code}}`). Bad fields keep FastAPI's shape (loc
+names the field). Nothing ends as a bare 500 without a body.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -12,11 +18,172 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ifw.core.contract import http_status_for_reason
 from ifw.gateway.kube import KubeError
-from ifw.gateway.middleware import BodyTooLarge
-from ifw.gateway.uploads import UploadTooLarge
+from ifw.gateway.models import Detail
 
 log = logging.getLogger("ifw.gateway")
+
+OPENAI_PREFIX = "/v1/"
+
+
+class ApiError(StarletteHTTPException):
+    """An error answer: its HTTP status, `detail`, and further body fields (None ones left out).
+
+    A Starlette HTTPException, so FastAPI lets it through unchanged when it is raised
+    while FastAPI reads the body (BodyTooLarge), instead of calling it a parse error.
+    """
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None, **fields: str | None):
+        super().__init__(status_code, detail, headers)
+        self.fields = {k: v for k, v in fields.items() if v is not None}
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail, **self.fields}
+
+
+# ------------------------------------------------------------ the request
+
+
+class Unauthorized(ApiError):
+    def __init__(self) -> None:
+        super().__init__(401, "Unauthorized")
+
+
+class BadContentLength(ApiError):
+    def __init__(self) -> None:
+        super().__init__(400, "Content-Length header is not a number")
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class UploadTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"file: file is larger than {limit} bytes")
+
+
+class WebhookRequired(ApiError):
+    def __init__(self) -> None:
+        super().__init__(400, "Webhook is required for async tasks")
+
+
+class DiarizationUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(400, "diarise_audio: diarization is not configured on this server (no HF_TOKEN or weights)")
+
+
+class UploadsDisabled(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503, "file: uploads are not enabled on this server (IFW_GATEWAY_INTERNAL_URL unset); send a url"
+        )
+
+
+class UploadNotFound(ApiError):
+    """No upload at this path with this token (the same answer for both, on purpose)."""
+
+    def __init__(self) -> None:
+        super().__init__(404, "Not found")
+
+
+# ------------------------------------------------------------ the task
+
+
+class TaskNotFound(ApiError):
+    def __init__(self) -> None:
+        super().__init__(404, "Task not found")
+
+
+class TaskExists(ApiError):
+    def __init__(self, task_id: str):
+        super().__init__(409, f"Task {task_id} already exists")
+
+
+class TaskFailed(ApiError):
+    """The TranscriptionJob failed: its reason picks the status (4xx bad input, 5xx our fault)."""
+
+    def __init__(self, task_id: str, reason: str | None, message: str | None):
+        super().__init__(
+            http_status_for_reason(reason),
+            f"{reason or 'Failed'}: {message or 'the job failed'}",
+            status="error",
+            task_id=task_id,
+            reason=reason,
+            message=message,
+        )
+
+
+class TaskStillRunning(ApiError):
+    """A sync wait ran out; the task goes on and the client polls it."""
+
+    def __init__(self, task_id: str, waited: float):
+        detail = f"Task is still running after {waited:g} s; poll /status/{task_id}"
+        super().__init__(504, detail, status="processing", task_id=task_id)
+
+
+class TaskCancelled(ApiError):
+    """The TranscriptionJob was deleted while a sync request waited for it."""
+
+    def __init__(self, task_id: str):
+        super().__init__(409, "Task was cancelled", status="cancelled", task_id=task_id)
+
+
+class ClientDisconnected(ApiError):
+    """The client left while its sync request waited (499: nobody reads it; the log and metrics do)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client disconnected")
+
+
+class ResultUnavailable(ApiError):
+    """A succeeded task's stored result cannot be read: 410 once its TTL removed it, 502 when
+    the store fails, 500 when the TranscriptionJob names none."""
+
+    def __init__(self, task_id: str, why: str, status_code: int = 500):
+        detail = f"the result of task {task_id} is unavailable: {why}"
+        super().__init__(status_code, detail, status="error", task_id=task_id)
+        self.why = why
+
+
+# ------------------------------------------------------------ the Kubernetes API
+
+
+class KubernetesError(ApiError):
+    """What an apiserver failure means to the client."""
+
+    @classmethod
+    def of(cls, exc: KubeError) -> KubernetesError:
+        if exc.status in (400, 422):  # the apiserver's schema or CEL refused the TranscriptionJob
+            return cls(422, f"refused by the Kubernetes API: {exc.message}")
+        if exc.status == 409:
+            return cls(409, f"conflict: {exc.message}")
+        if exc.status in (401, 403):
+            log.error("the gateway's service account may not do this: %s", exc.message)
+            return cls(500, "the gateway is not permitted to do this (RBAC)")
+        if exc.status == 503:  # unreachable, or the apiserver says so: worth a retry
+            return cls(503, exc.message)
+        log.error("kube-apiserver error %s: %s", exc.status, exc.message)
+        return cls(502, f"kube-apiserver error: {exc.message}")
+
+
+# What the routes document (OpenAPI); every one is an ApiError above or a bad field.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Detail, "description": "Async without webhook; diarization not available"},
+    401: {"model": Detail, "description": "Missing or wrong x-admin-api-key"},
+    409: {"model": Detail, "description": "A task with this managed_task_id exists, or it was cancelled"},
+    413: {"model": Detail, "description": "Body or file too large"},
+    422: {"model": Detail, "description": "Invalid field, or the task failed on bad input"},
+    500: {"model": Detail, "description": "The task failed on a server fault"},
+    502: {"model": Detail, "description": "The Kubernetes API or the result store failed"},
+    503: {"model": Detail, "description": "Uploads or the Kubernetes API unavailable"},
+    504: {"model": Detail, "description": "Sync wait timed out; poll /status/{task_id}"},
+}
+
+
+# ------------------------------------------------------------ field errors
 
 
 def _clean(errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -40,9 +207,11 @@ def field_error(field: str, msg: str, kind: str = "value_error") -> RequestValid
     return RequestValidationError([{"loc": ["body", *field.split(".")], "msg": msg, "type": kind}])
 
 
-def openai_style(response: JSONResponse) -> JSONResponse:
+# ------------------------------------------------------------ responses
+
+
+def openai_body(status_code: int, body: dict[str, Any]) -> dict[str, Any]:
     """Our error body in OpenAI's shape ({"error": {message, type, param, code}}), which its SDKs show."""
-    body = json.loads(bytes(response.body))
     detail = body.get("detail")
     param = None
     if isinstance(detail, list):
@@ -51,50 +220,44 @@ def openai_style(response: JSONResponse) -> JSONResponse:
         param = fields[0] if fields else None
     else:
         message = str(detail)
-    kind = "invalid_request_error" if response.status_code < 500 else "server_error"
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
     error = {"message": message, "type": kind, "param": param, "code": body.get("reason")}
     if body.get("task_id"):
         error["task_id"] = body["task_id"]
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-    return JSONResponse({"error": error}, status_code=response.status_code, headers=headers)
+    return {"error": error}
 
 
-def _shaped(request: Request, response: JSONResponse) -> JSONResponse:
-    return openai_style(response) if request.url.path.startswith("/v1/") else response
+def respond(path: str, status_code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one place an error becomes a response: OpenAI's shape under /v1/, the original's elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        body = openai_body(status_code, body)
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def early_response(path: str, exc: ApiError) -> JSONResponse:
+    """For the ASGI middleware, which answers before any route runs. A 401 is the original's
+    `{"detail": "Unauthorized"}` on every path, docs included; the rest are shaped by path."""
+    if isinstance(exc, Unauthorized):
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+    return respond(path, exc.status_code, exc.body(), exc.headers)
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)  # every ApiError; unknown routes, wrong methods
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = exc.body() if isinstance(exc, ApiError) else {"detail": exc.detail}
+        return respond(request.url.path, exc.status_code, body, exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _shaped(request, JSONResponse({"detail": _clean(list(exc.errors()))}, status_code=422))
+        return respond(request.url.path, 422, {"detail": _clean(list(exc.errors()))})
 
     @app.exception_handler(KubeError)
     async def _kube(request: Request, exc: KubeError) -> JSONResponse:
-        if exc.status in (400, 422):  # the apiserver's schema or CEL refused the job
-            return _shaped(request, JSONResponse({"detail": f"refused by the Kubernetes API: {exc.message}"}, status_code=422))
-        if exc.status == 409:
-            return _shaped(request, JSONResponse({"detail": f"conflict: {exc.message}"}, status_code=409))
-        if exc.status in (401, 403):
-            log.error("the gateway's service account may not do this: %s", exc.message)
-            return _shaped(request, JSONResponse({"detail": "the gateway is not permitted to do this (RBAC)"}, status_code=500))
-        if exc.status == 503:
-            return _shaped(request, JSONResponse({"detail": exc.message}, status_code=503))
-        log.error("kube-apiserver error %s: %s", exc.status, exc.message)
-        return _shaped(request, JSONResponse({"detail": f"kube-apiserver error: {exc.message}"}, status_code=502))
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return _shaped(request, JSONResponse({"detail": "request body is larger than the limit"}, status_code=413))
-
-    @app.exception_handler(UploadTooLarge)
-    async def _upload_too_large(request: Request, exc: UploadTooLarge) -> JSONResponse:
-        return _shaped(request, JSONResponse({"detail": f"file: {exc}"}, status_code=413))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _shaped(request, JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers))
+        error = KubernetesError.of(exc)
+        return respond(request.url.path, error.status_code, error.body())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _shaped(request, JSONResponse({"detail": "internal error"}, status_code=500))
+        return respond(request.url.path, 500, {"detail": "internal error"})

@@ -54,10 +54,10 @@ class Kube:
 
     # ------------------------------------------------------ TranscriptionJobs
 
-    async def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_tj(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.call(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
 
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self.call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         except KubeError as exc:
@@ -65,13 +65,13 @@ class Kube:
                 return None
             raise
 
-    async def list_jobs(self, namespace: str, **kwargs: Any) -> dict[str, Any]:
+    async def list_tjs(self, namespace: str, **kwargs: Any) -> dict[str, Any]:
         return await self.call(
             self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
         )
 
-    async def delete_job(self, namespace: str, name: str, propagation: str) -> bool:
-        """False when there was no such job."""
+    async def delete_tj(self, namespace: str, name: str, propagation: str) -> bool:
+        """False when there was no such TranscriptionJob."""
         try:
             await self.call(
                 self.custom.delete_namespaced_custom_object,
@@ -103,9 +103,9 @@ class Kube:
         }
         await self.call(self.core.create_namespaced_secret, namespace, body)
 
-    async def own_secret(self, namespace: str, name: str, job: dict[str, Any]) -> None:
-        """Make the job the Secret's owner so Kubernetes deletes it with the job."""
-        patch = {"metadata": {"ownerReferences": [owner_reference(job, controller=False)]}}
+    async def own_secret(self, namespace: str, name: str, tj: dict[str, Any]) -> None:
+        """Make the TranscriptionJob the Secret's owner so Kubernetes deletes it with the TranscriptionJob."""
+        patch = {"metadata": {"ownerReferences": [owner_reference(tj, controller=False)]}}
         await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
 
     async def delete_secret(self, namespace: str, name: str) -> None:

@@ -7,35 +7,18 @@ cost no extra tasks or buffering.
 from __future__ import annotations
 
 import hmac
-import json
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ifw.gateway import metrics
 from ifw.gateway.config import GatewaySettings
+from ifw.gateway.errors import ApiError, BadContentLength, BodyTooLarge, Unauthorized, early_response
 
-# Open without a key: probes, metrics, and the upload route (it checks its own per-job token).
+# Open without a key: probes, metrics, and the upload route (it checks each upload's own token).
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 OPEN_PREFIXES = ("/internal/uploads/",)
 API_KEY_HEADER = b"x-admin-api-key"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
 
 
 class Keys:
@@ -103,30 +86,11 @@ class GatewayMiddleware:
             metrics.REQUEST_SECONDS.labels(template, scope["method"]).observe(time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        headers = dict(scope["headers"])
-        state = scope.setdefault("state", {})
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            state["namespace"] = self.keys.default_namespace
-        else:
-            namespace = self.keys.namespace_for(_presented_key(headers))
-            if namespace is None:
-                await _send_json(send, 401, {"detail": "Unauthorized"})
-                return
-            state["namespace"] = namespace
-
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        limit = self.max_upload if content_type == b"multipart/form-data" else self.max_json
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > limit
-            except ValueError:
-                await _send_json(send, 400, {"detail": "Content-Length header is not a number"})
-                return
-            if too_big:
-                await _send_json(send, 413, {"detail": f"request body is larger than the limit of {limit} bytes"})
-                return
+        try:
+            limit = self._admit(scope)
+        except ApiError as exc:
+            await early_response(scope["path"], exc)(scope, receive, send)
+            return
 
         received = 0
         started = {"response": False}
@@ -137,7 +101,7 @@ class GatewayMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:  # chunked bodies carry no Content-Length
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -147,6 +111,31 @@ class GatewayMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyTooLarge as exc:  # the app's handlers answer it; this is for reads outside them
             if not started["response"]:
-                await _send_json(send, 413, {"detail": f"request body is larger than the limit of {limit} bytes"})
+                await early_response(scope["path"], exc)(scope, receive, send)
+
+    def _admit(self, scope: Scope) -> int:
+        """Set the request's namespace from its key and return its body size limit.
+        Raises Unauthorized, BadContentLength or BodyTooLarge."""
+        path: str = scope["path"]
+        headers = dict(scope["headers"])
+        state = scope.setdefault("state", {})
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            state["namespace"] = self.keys.default_namespace
+        else:
+            namespace = self.keys.namespace_for(_presented_key(headers))
+            if namespace is None:
+                raise Unauthorized()
+            state["namespace"] = namespace
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        limit = self.max_upload if content_type == b"multipart/form-data" else self.max_json
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                raise BadContentLength() from None
+            if too_big:
+                raise BodyTooLarge(limit)
+        return limit

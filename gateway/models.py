@@ -32,8 +32,12 @@ def check_url(value: str, field: str) -> str:
     return check_http_url(value.strip(), field)
 
 
+def is_task_id(value: str) -> bool:
+    return len(value) <= 63 and DNS1123_LABEL.match(value) is not None
+
+
 def check_task_id(value: str) -> str:
-    if len(value) > 63 or not DNS1123_LABEL.match(value):
+    if not is_task_id(value):
         raise ValueError(
             "managed_task_id must be a Kubernetes name: at most 63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -53,7 +57,7 @@ class WebhookBody(BaseModel):
     header: dict[str, str] = Field(
         default_factory=dict,
         max_length=32,
-        description="Extra HTTP headers sent with the webhook (kept in a Secret, never in the job spec).",
+        description="Extra HTTP headers sent with the webhook (kept in a Secret, never in the TranscriptionJob spec).",
     )
 
     @field_validator("url")
@@ -173,16 +177,6 @@ class ProcessingResponse(BaseModel):
     task_id: str
 
 
-class TaskError(BaseModel):
-    """A job that failed, or a sync wait that ended without a result."""
-
-    detail: str
-    status: Literal["error", "processing", "cancelled"]
-    task_id: str
-    reason: str | None = Field(None, description="CamelCase cause, e.g. InvalidAudio.")
-    message: str | None = None
-
-
 class TasksResponse(BaseModel):
     tasks: list[str]
 
@@ -202,7 +196,12 @@ class StatusResponse(BaseModel):
     duration: float | None = Field(None, description="Seconds of audio.")
     reason: str | None = None
     message: str | None = None
-    output: Output | None = Field(None, description="Present once completed, until the job's TTL removes it.")
+    output: Output | None = Field(None, description="Present once completed, until the TranscriptionJob's TTL removes it.")
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description='Each check ("apiserver", "watch"): "ok", or why not.')
 
 
 class CancelResponse(BaseModel):
@@ -217,12 +216,12 @@ class FieldError(BaseModel):
 
 class Detail(BaseModel):
     """Every error answer: `detail` says what is wrong (a list naming each bad field for 422s);
-    answers about a task add its status, task_id and the job's reason and message."""
+    answers about a task add its status, task_id and the task's reason and message."""
 
     detail: str | list[FieldError]
     status: Literal["error", "processing", "cancelled"] | None = None
     task_id: str | None = None
-    reason: str | None = Field(None, description="CamelCase cause of a failed job, e.g. InvalidAudio.")
+    reason: str | None = Field(None, description="CamelCase cause of a failed task, e.g. InvalidAudio.")
     message: str | None = None
 
 
@@ -230,8 +229,8 @@ class OpenAIErrorInfo(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error or server_error.")
     param: str | None = Field(None, description="The bad field, when one is to blame.")
-    code: str | None = Field(None, description="The failed job's reason, e.g. InvalidAudio.")
-    task_id: str | None = Field(None, description="The job, when one was created (poll /status/{task_id}).")
+    code: str | None = Field(None, description="The failed task's reason, e.g. InvalidAudio.")
+    task_id: str | None = Field(None, description="The task, when one was created (poll /status/{task_id}).")
 
 
 class OpenAIError(BaseModel):

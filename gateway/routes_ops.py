@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ifw.gateway import metrics
+from ifw.gateway.deps import ServiceDep
+from ifw.gateway.errors import UploadNotFound
 from ifw.gateway.kube import KubeError
+from ifw.gateway.models import ReadyResponse
+from ifw.gateway.service import Service
 
 router = APIRouter(tags=["operations"])
 
@@ -17,25 +21,26 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _apiserver_check(svc: Service) -> str:
+    try:
+        # Listing one TranscriptionJob proves the apiserver answers, the CRD is served and RBAC lets us read.
+        await svc.kube.list_tjs(svc.settings.namespace, limit=1)
+    except KubeError as exc:
+        return "TranscriptionJob CRD not installed" if exc.status == 404 else f"error {exc.status}: {exc.message}"
+    return "ok"
+
+
 @router.get(
     "/readyz",
     summary="Readiness: apiserver reachable, CRD installed, watch synced",
-    responses={503: {"description": "Not ready; checks says why"}},
+    responses={503: {"model": ReadyResponse, "description": "Not ready; checks says why"}},
 )
-async def readyz(request: Request) -> JSONResponse:
-    svc = request.app.state.service
-    checks: dict[str, str] = {}
-    try:
-        # Listing one job proves the apiserver answers, the CRD is served and RBAC lets us read.
-        await svc.kube.list_jobs(svc.settings.namespace, limit=1)
-        checks["apiserver"] = "ok"
-    except KubeError as exc:
-        checks["apiserver"] = (
-            "TranscriptionJob CRD not installed" if exc.status == 404 else f"error {exc.status}: {exc.message}"
-        )
-    checks["watch"] = "ok" if svc.watch.synced else "not synced yet"
+async def readyz(svc: ServiceDep, response: Response) -> ReadyResponse:
+    checks = {"apiserver": await _apiserver_check(svc), "watch": "ok" if svc.watch.synced else "not synced yet"}
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    if not ready:
+        response.status_code = 503  # a probe's answer, not an error: the same body either way
+    return ReadyResponse(status="ok" if ready else "unavailable", checks=checks)
 
 
 @router.get(
@@ -50,11 +55,11 @@ async def prometheus() -> Response:
 
 @router.get(
     "/internal/uploads/{namespace}/{name}/{token}",
-    summary="An uploaded file, for the job's runner (per-job token)",
+    summary="An uploaded file, for the task's runner (its own token)",
     include_in_schema=False,
 )
-async def upload(namespace: str, name: str, token: str, request: Request) -> Response:
-    path = request.app.state.service.uploads.find(namespace, name, token)
+async def upload(namespace: str, name: str, token: str, svc: ServiceDep) -> FileResponse:
+    path = svc.uploads.find(namespace, name, token)
     if path is None or not path.is_file():
-        return JSONResponse({"detail": "Not found"}, status_code=404)
+        raise UploadNotFound()
     return FileResponse(path, media_type="application/octet-stream")

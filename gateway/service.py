@@ -1,7 +1,8 @@
-"""What the routes do: create TranscriptionJobs, wait for them, read results.
+"""What the routes do: check requests, create TranscriptionJobs, wait for them, read results.
 
 Kept apart from the HTTP layer so the original API's routes and the
-OpenAI-compatible ones share one path from request to job to result.
+OpenAI-compatible ones share one path from request to TranscriptionJob to
+result. Every refusal is raised as an ifw.gateway.errors exception.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from fastapi import Request
+from starlette.datastructures import UploadFile
 
 from ifw.core import contract
+from ifw.core.netguard import Allowlist
 from ifw.crds.transcriptionjob import (
     API_VERSION,
     KIND,
@@ -26,23 +30,27 @@ from ifw.crds.transcriptionjob import (
     TranscriptionJobSpec,
     Webhook,
 )
-from ifw.gateway import metrics
+from ifw.gateway import metrics, results
 from ifw.gateway.config import GatewaySettings
+from ifw.gateway.errors import (
+    ClientDisconnected,
+    DiarizationUnavailable,
+    TaskCancelled,
+    TaskExists,
+    TaskFailed,
+    TaskNotFound,
+    TaskStillRunning,
+    UploadsDisabled,
+    WebhookRequired,
+    field_error,
+)
 from ifw.gateway.kube import Kube, KubeError
 from ifw.gateway.models import TranscribeFields
-from ifw.gateway.results import Prefetcher
 from ifw.gateway.uploads import Staged, Uploads
-from ifw.gateway.watch import JobGone, JobWatch
+from ifw.gateway.urlcheck import url_problem
+from ifw.gateway.watch import TjGone, TjWatch
 
 log = logging.getLogger("ifw.gateway")
-
-# A failed job's reason decides the HTTP status of a sync answer: the runner's bad-input
-# reasons are the client's fault (4xx), the rest are ours (one table, in the contract).
-failure_status = contract.http_status_for_reason
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected while its request waited."""
 
 
 @dataclass
@@ -50,21 +58,41 @@ class Created:
     namespace: str
     name: str
     uid: str
-    job: dict[str, Any]
+    tj: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.namespace, self.name, self.uid
 
 
 class Service:
-    def __init__(self, settings: GatewaySettings, kube: Kube, watch: JobWatch, uploads: Uploads):
+    def __init__(self, settings: GatewaySettings, kube: Kube, watch: TjWatch, uploads: Uploads):
         self.settings = settings
         self.kube = kube
         self.watch = watch
         self.uploads = uploads
-        self.prefetcher = Prefetcher(kube, watch.has_waiters)
+        self.url_allowlist = Allowlist(settings.url_allowlist)
+        self.prefetcher = results.Prefetcher(kube, watch.has_waiters)
         watch.listeners.append(self.prefetcher.on_event)
+
+    # -------------------------------------------------------------- check
+
+    def check(self, req: TranscribeFields, url: str | None, with_file: bool) -> None:
+        """Refusals that need the settings; the original API's bodies where it had one."""
+        if url is not None and (problem := url_problem(url, self.url_allowlist)):
+            raise field_error("url", f"url is not allowed: it {problem}")
+        if req.webhook is not None and (problem := url_problem(req.webhook.url, self.url_allowlist)):
+            raise field_error("webhook.url", f"webhook.url is not allowed: it {problem}")
+        if req.is_async and req.webhook is None:
+            raise WebhookRequired()
+        if req.diarise_audio and not self.settings.diarization_available:
+            raise DiarizationUnavailable()
+        if with_file and not self.uploads.enabled:
+            raise UploadsDisabled()
 
     # -------------------------------------------------------------- create
 
-    def build_job(self, req: TranscribeFields, name: str, audio_url: str, secret: str | None) -> dict[str, Any]:
+    def build_tj(self, req: TranscribeFields, name: str, audio_url: str, secret: str | None) -> dict[str, Any]:
         s = self.settings
         webhook = None
         if req.webhook is not None:
@@ -95,6 +123,16 @@ class Service:
             "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
 
+    async def submit(
+        self, namespace: str, req: TranscribeFields, url: str | None, upload: UploadFile | None, mode: str
+    ) -> Created:
+        """Check the request, stage its file (if any), create its TranscriptionJob."""
+        self.check(req, url, upload is not None)
+        staged = None
+        if upload is not None:
+            staged = await self.uploads.stage(upload.file, upload.filename or "audio", self.settings.max_upload_bytes)
+        return await self.create(namespace, req, audio_url=url, staged=staged, mode=mode)
+
     async def create(
         self,
         namespace: str,
@@ -103,40 +141,48 @@ class Service:
         staged: Staged | None = None,
         mode: str = "sync",
     ) -> Created:
-        """Create the job (and its webhook-headers Secret); undo everything on failure."""
+        """Create the TranscriptionJob (and its webhook-headers Secret); undo everything on failure."""
         name = req.managed_task_id or str(uuid.uuid4())
         if staged is not None:
             audio_url = self.uploads.url_for(namespace, name, staged)
         assert audio_url is not None
         secret = None
-        job: dict[str, Any] | None = None
+        tj: dict[str, Any] | None = None
         headers = req.webhook.header if req.webhook else {}
         try:
             if headers:
-                # A random suffix: a duplicate task id must never touch the first job's Secret.
+                # A random suffix: a duplicate task id must never touch the first task's Secret.
                 secret = f"{name}-webhook-{secrets.token_hex(3)}"
                 labels = {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY, contract.LABEL_TASK_ID: name}
                 await self.kube.create_secret(namespace, secret, headers, labels)
-            job = await self.kube.create_job(namespace, self.build_job(req, name, audio_url, secret))
-            uid = job["metadata"]["uid"]
+            tj = await self._create_tj(namespace, self.build_tj(req, name, audio_url, secret))
+            uid = tj["metadata"]["uid"]
             if secret:
-                await self.kube.own_secret(namespace, secret, job)
+                await self.kube.own_secret(namespace, secret, tj)
             if staged is not None:
                 await anyio.to_thread.run_sync(self.uploads.commit, staged, namespace, name, uid)
         except BaseException:
-            await self._undo(namespace, name, secret, staged, job)
+            await self._undo(namespace, name, secret, staged, tj)
             raise
-        metrics.JOBS_CREATED.labels(mode).inc()
+        metrics.TJS_CREATED.labels(mode).inc()
         log.info("created task %s/%s (%s)", namespace, name, mode, extra={"task_id": name})
-        return Created(namespace, name, uid, job)
+        return Created(namespace, name, uid, tj)
+
+    async def _create_tj(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.kube.create_tj(namespace, body)
+        except KubeError as exc:
+            if exc.status == 409:  # never overwrite: the original API silently did
+                raise TaskExists(body["metadata"]["name"]) from exc
+            raise
 
     async def _undo(
-        self, namespace: str, name: str, secret: str | None, staged: Staged | None, job: dict[str, Any] | None
+        self, namespace: str, name: str, secret: str | None, staged: Staged | None, tj: dict[str, Any] | None
     ) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                if job is not None:
-                    await self.kube.delete_job(namespace, name, self.settings.delete_propagation)
+                if tj is not None:
+                    await self.kube.delete_tj(namespace, name, self.settings.delete_propagation)
                 if secret:
                     await self.kube.delete_secret(namespace, secret)
             except KubeError as exc:
@@ -146,8 +192,20 @@ class Service:
 
     # ---------------------------------------------------------------- wait
 
+    async def result(self, created: Created, request: Request | None, fmt: str) -> Any:
+        """The rendered result of a sync task. Raises TaskFailed, ResultUnavailable and what `wait` raises."""
+        tj = await self.wait(created, request)
+        status = tj.get("status") or {}
+        if status.get("phase") == "Failed":
+            raise TaskFailed(created.name, status.get("reason"), status.get("message"))
+        output = await results.render(self.kube, created.namespace, tj, fmt, self.prefetcher.take(created.key, tj))
+        seen = self.watch.finished_at.pop(created.key, None)
+        if seen is not None:
+            metrics.COMPLETION_TO_RESPONSE.observe(time.monotonic() - seen)
+        return output
+
     async def wait(self, created: Created, request: Request | None) -> dict[str, Any]:
-        """The finished job. Raises TimeoutError, JobGone or ClientGone."""
+        """The finished TranscriptionJob. Raises TaskStillRunning, TaskCancelled or ClientDisconnected."""
         started = asyncio.get_running_loop().time()
         waiter = asyncio.ensure_future(
             self.watch.wait_terminal(created.namespace, created.name, created.uid, self.settings.sync_timeout_seconds)
@@ -155,31 +213,55 @@ class Service:
         disconnect = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         outcome = "error"
         try:
-            pending = {waiter} | ({disconnect} if disconnect else set())
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter} | ({disconnect} if disconnect else set()), return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
                 outcome = "disconnected"
-                waiter.cancel()
-                if self.settings.cancel_on_disconnect:
-                    await self.kube.delete_job(created.namespace, created.name, self.settings.delete_propagation)
-                    log.info("client left: cancelled %s/%s", created.namespace, created.name, extra={"task_id": created.name})
-                raise ClientGone(created.name)
-            job = waiter.result()
-            outcome = (job.get("status") or {}).get("phase", "unknown").lower()
-            return job
+                await self._client_left(created)
+                raise ClientDisconnected()
+            tj = waiter.result()
+            outcome = (tj.get("status") or {}).get("phase", "unknown").lower()
+            return tj
         except TimeoutError:
             outcome = "timeout"
-            raise
-        except JobGone:
+            raise TaskStillRunning(created.name, self.settings.sync_timeout_seconds) from None
+        except TjGone:
             outcome = "cancelled"
-            raise
+            raise TaskCancelled(created.name) from None
         finally:
-            if outcome != "succeeded":  # only a succeeded job's waiter takes the read
-                self.prefetcher.drop((created.namespace, created.name, created.uid))
+            if outcome != "succeeded":  # only a succeeded task's waiter takes the read
+                self.prefetcher.drop(created.key)
             for fut in (waiter, disconnect):
                 if fut is not None and not fut.done():
                     fut.cancel()
             metrics.SYNC_WAIT_SECONDS.labels(outcome).observe(asyncio.get_running_loop().time() - started)
+
+    async def _client_left(self, created: Created) -> None:
+        if self.settings.cancel_on_disconnect:
+            await self.kube.delete_tj(created.namespace, created.name, self.settings.delete_propagation)
+            log.info("client left: cancelled %s/%s", created.namespace, created.name, extra={"task_id": created.name})
+
+    # --------------------------------------------------------------- tasks
+
+    async def active(self, namespace: str) -> list[str]:
+        """Names of the tasks not finished, oldest first: from the watch's cache once it has synced."""
+        if self.watch.synced and namespace in self.watch.namespaces:
+            return self.watch.active(namespace)
+        listed = await self.kube.list_tjs(namespace)
+        items = sorted(listed["items"], key=lambda o: o["metadata"].get("creationTimestamp") or "")
+        return [o["metadata"]["name"] for o in items if not contract.is_terminal(o)]
+
+    async def get(self, namespace: str, task_id: str) -> dict[str, Any]:
+        """The task's TranscriptionJob. Raises TaskNotFound."""
+        tj = await self.kube.get_tj(namespace, task_id)
+        if tj is None:
+            raise TaskNotFound()
+        return tj
+
+    async def cancel(self, namespace: str, task_id: str) -> None:
+        """Delete the task's TranscriptionJob (the operator's batch/v1 Job and pod go with it). Raises TaskNotFound."""
+        if not await self.kube.delete_tj(namespace, task_id, self.settings.delete_propagation):
+            raise TaskNotFound()
+        log.info("cancelled task %s/%s", namespace, task_id, extra={"task_id": task_id})
 
 
 async def _disconnected(request: Request) -> None:
@@ -190,4 +272,4 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-__all__ = ["ClientGone", "Created", "JobGone", "Service", "failure_status"]
+__all__ = ["Created", "Service"]

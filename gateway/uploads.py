@@ -1,11 +1,11 @@
-"""Uploaded audio, kept on the gateway's volume and served to the job's runner.
+"""Uploaded audio, kept on the gateway's volume and served to the runner that transcribes it.
 
 An upload is first staged under a random name; once its TranscriptionJob
-exists it moves to <upload_dir>/<namespace>/<job>/ beside a per-job random
-token and the job's uid. The runner fetches it from
-<internal_url>/internal/uploads/<namespace>/<job>/<token> (token compared in
-constant time). The files go when the watch sees the job finish or vanish,
-and a sweep after start-up removes what a previous process left behind.
+exists it moves to <upload_dir>/<namespace>/<name>/ beside a random token of
+its own and the TranscriptionJob's uid. The runner fetches it from
+<internal_url>/internal/uploads/<namespace>/<name>/<token> (token compared in
+constant time). The files go when the watch sees the TranscriptionJob finish
+or vanish, and a sweep after start-up removes what a previous process left behind.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import anyio
 
 from ifw.core.contract import is_terminal
 from ifw.gateway import metrics
+from ifw.gateway.errors import UploadTooLarge
 from ifw.gateway.models import DNS1123_LABEL
 
 log = logging.getLogger("ifw.gateway.uploads")
@@ -31,10 +32,6 @@ AUDIO = "audio"
 TOKEN = "token"
 UID = "uid"
 CHUNK = 1024 * 1024
-
-
-class UploadTooLarge(Exception):
-    pass
 
 
 @dataclass
@@ -70,7 +67,7 @@ class Uploads:
                 while chunk := source.read(CHUNK):
                     size += len(chunk)
                     if size > limit:
-                        raise UploadTooLarge(f"file is larger than {limit} bytes")
+                        raise UploadTooLarge(limit)
                     out.write(chunk)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -83,12 +80,12 @@ class Uploads:
         return f"{self.internal_url}/internal/uploads/{namespace}/{name}/{staged.token}"
 
     def commit(self, staged: Staged, namespace: str, name: str, uid: str) -> None:
-        """The job exists: move the upload where the serving route finds it."""
+        """The TranscriptionJob exists: move the upload where the serving route finds it."""
         (staged.dir / TOKEN).write_text(staged.token)
         (staged.dir / UID).write_text(uid)
         target = self.root / namespace / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():  # left by an earlier job of the same name, which is gone now
+        if target.exists():  # left by an earlier TranscriptionJob of the same name, gone now
             shutil.rmtree(target, ignore_errors=True)
         staged.dir.rename(target)
 
@@ -112,7 +109,7 @@ class Uploads:
     # ------------------------------------------------------------ cleanup
 
     def on_event(self, kind: str, obj: dict[str, Any]) -> None:
-        """Watch listener: drop the upload once its job finished or was deleted."""
+        """Watch listener: drop the upload once its TranscriptionJob finished or was deleted."""
         if kind != "DELETED" and not is_terminal(obj):
             return
         meta = obj["metadata"]
@@ -129,7 +126,7 @@ class Uploads:
             log.info("removed upload of %s/%s", namespace, name, extra={"task_id": name})
 
     def sweep(self, live: dict[tuple[str, str], dict[str, Any]], stale_after: float = 3600) -> None:
-        """After the first list: remove uploads whose job is gone or finished, and old staging."""
+        """After the first list: remove uploads whose TranscriptionJob is gone or finished, and old staging."""
         if not self.root.exists():
             return
         for ns_dir in self.root.iterdir():
@@ -139,6 +136,6 @@ class Uploads:
                         shutil.rmtree(folder, ignore_errors=True)
                 continue
             for folder in ns_dir.iterdir():
-                job = live.get((ns_dir.name, folder.name))
-                if job is None or is_terminal(job):
+                tj = live.get((ns_dir.name, folder.name))
+                if tj is None or is_terminal(tj):
                     shutil.rmtree(folder, ignore_errors=True)

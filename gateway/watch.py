@@ -1,10 +1,10 @@
 """One shared watch on TranscriptionJobs: an informer-style cache plus waiters.
 
-A thread per served namespace lists the jobs, then watches from the list's
+A thread per served namespace lists the TranscriptionJobs, then watches from the list's
 resourceVersion, resuming from the last seen version (bookmarks included)
 whenever the apiserver ends the watch, and relisting on 410 Gone. Every event
 is handed to the event loop, which updates the cache and wakes the requests
-waiting on that job. A thousand sync requests therefore cost a thousand
+waiting on that TranscriptionJob. A thousand sync requests therefore cost a thousand
 futures, not a thousand watches or polls.
 """
 
@@ -39,11 +39,11 @@ def _key(obj: dict[str, Any]) -> Key:
     return meta["namespace"], meta["name"]
 
 
-class JobGone(Exception):
-    """The job was deleted (cancelled) while a request waited for it."""
+class TjGone(Exception):
+    """The TranscriptionJob was deleted (cancelled) while a request waited for it."""
 
 
-class JobWatch:
+class TjWatch:
     def __init__(self, kube: Kube, namespaces: list[str], server_timeout: int = 240):
         self.kube = kube
         self.namespaces = namespaces
@@ -103,13 +103,13 @@ class JobWatch:
         return (namespace, name) in self._waiters
 
     def active(self, namespace: str) -> list[str]:
-        """Names of the namespace's jobs that have not finished, oldest first."""
-        jobs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
-        jobs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
-        return [o["metadata"]["name"] for o in jobs]
+        """Names of the namespace's TranscriptionJobs that have not finished, oldest first."""
+        tjs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
+        tjs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
+        return [o["metadata"]["name"] for o in tjs]
 
     async def wait_terminal(self, namespace: str, name: str, uid: str, timeout: float) -> dict[str, Any]:
-        """The job once Succeeded or Failed. Raises TimeoutError, or JobGone if it was deleted."""
+        """The TranscriptionJob once Succeeded or Failed. Raises TimeoutError, or TjGone if it was deleted."""
         key = (namespace, name)
         current = self.objects.get(key)
         if current is not None and current["metadata"].get("uid") == uid and is_terminal(current):
@@ -133,7 +133,7 @@ class JobWatch:
     def _apply(self, kind: str, obj: dict[str, Any], received: float | None = None) -> None:
         key = _key(obj)
         if received is not None and key in self._waiters and kind != "DELETED" and is_terminal(obj):
-            # When the watch read the job's last change: the start of completion -> response.
+            # When the watch read the TranscriptionJob's last change: the start of completion -> response.
             self.finished_at[(key[0], key[1], obj["metadata"].get("uid"))] = received
         if kind == "DELETED":
             self.objects.pop(key, None)
@@ -143,7 +143,7 @@ class JobWatch:
         self._notify(key, kind, obj)
 
     def _replace(self, namespace: str, items: list[dict[str, Any]]) -> None:
-        """A fresh list: jobs missing from it were deleted while we were not watching."""
+        """A fresh list: TranscriptionJobs missing from it were deleted while we were not watching."""
         fresh = {_key(o): o for o in items}
         for key in [k for k in self.objects if k[0] == namespace and k not in fresh]:
             self._apply("DELETED", self.objects[key])
@@ -160,7 +160,7 @@ class JobWatch:
             if fut.done() or waiter_uid != uid:
                 continue
             if deleted:
-                fut.set_exception(JobGone(key[1]))
+                fut.set_exception(TjGone(key[1]))
             elif is_terminal(obj):
                 fut.set_result(obj)
         for listener in self.listeners:

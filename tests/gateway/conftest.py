@@ -1,6 +1,6 @@
 """Gateway test fixtures: the CRD on the real test apiserver, a real uvicorn
 server on loopback, and a `Driver` that plays the operator and the runner
-(there is no controller on the test apiserver): it finds the jobs the gateway
+(there is no controller on the test apiserver): it finds the TranscriptionJobs the gateway
 created, patches their /status and stores results with ifw.core.results.
 """
 
@@ -158,22 +158,22 @@ class Driver:
                 return None
             raise
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def tjs(self) -> list[dict[str, Any]]:
         return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
 
-    def wait_job(self, name: str | None = None, timeout: float = 20) -> dict[str, Any]:
-        """The named job (or the only one) once it exists."""
+    def wait_tj(self, name: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        """The named TranscriptionJob (or the only one) once it exists."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if name:
-                job = self.get(name)
-                if job:
-                    return job
+                tj = self.get(name)
+                if tj:
+                    return tj
             else:
-                jobs = self.jobs()
-                if jobs:
-                    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
-                    return jobs[0]
+                tjs = self.tjs()
+                if tjs:
+                    assert len(tjs) == 1, [j["metadata"]["name"] for j in tjs]
+                    return tjs[0]
             time.sleep(0.05)
         raise AssertionError(f"no TranscriptionJob {name or ''} appeared in {self.namespace}")
 
@@ -198,14 +198,14 @@ class Driver:
 
         from ifw.core import results
 
-        job = self.get(name)
-        assert job is not None
+        tj = self.get(name)
+        assert tj is not None
         try:
-            self.core.create_namespaced_secret(self.namespace, results.result_secret(job))
+            self.core.create_namespaced_secret(self.namespace, results.result_secret(tj))
         except client.ApiException as exc:
             if exc.status != 409:
                 raise
-        return results.store_result(result or transcript(), job, results.ResultSettings(), core_v1=self.core)
+        return results.store_result(result or transcript(), tj, results.ResultSettings(), core_v1=self.core)
 
     def report_result(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
         """The runner's part: store the result and point status.result at it."""

@@ -37,19 +37,19 @@ def pool():
         yield p
 
 
-def test_sync_request_waits_for_the_job_and_returns_the_original_shape(gateway, http, driver, pool):
+def test_sync_request_waits_for_the_task_and_returns_the_original_shape(gateway, http, driver, pool):
     pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "talk-1", "language": "English"})
-    job = driver.wait_job("talk-1")
+    tj = driver.wait_tj("talk-1")
 
     # The request became a TranscriptionJob with the original defaults (batch_size 64) and no secrets.
-    spec = job["spec"]
+    spec = tj["spec"]
     assert spec["audio"]["url"] == URL
     assert spec["batchSize"] == 64
     assert spec["task"] == "transcribe" and spec["timestamp"] == "chunk"
     assert spec["language"] == "en"
     assert spec["diarization"] == {"enabled": False}
     assert "webhook" not in spec
-    assert job["metadata"]["labels"]["app.kubernetes.io/created-by"] == "ifw-gateway"
+    assert tj["metadata"]["labels"]["app.kubernetes.io/created-by"] == "ifw-gateway"
 
     driver.running("talk-1", percent=40)
     status = http.get("/status/talk-1")
@@ -70,7 +70,7 @@ def test_sync_request_waits_for_the_job_and_returns_the_original_shape(gateway, 
     assert response.status_code == 200
     assert response.json() == {"output": EXPECTED_OUTPUT, "status": "completed", "task_id": "talk-1"}
 
-    # Unlike the original (404 once done), the status keeps the output until the job's TTL.
+    # Unlike the original (404 once done), the status keeps the output until the TranscriptionJob's TTL.
     after = http.get("/status/talk-1").json()
     assert after["status"] == "completed" and after["phase"] == "Succeeded"
     assert after["output"] == EXPECTED_OUTPUT
@@ -79,19 +79,19 @@ def test_sync_request_waits_for_the_job_and_returns_the_original_shape(gateway, 
 
 def test_completion_in_one_status_write_and_a_rewritten_result(http, driver, pool):
     """The operator may set Succeeded together with the result; a runner retry may rewrite the
-    result after the gateway read it early: the answer is always the job's final result."""
+    result after the gateway read it early: the answer is always the final result."""
     pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "one-patch"})
-    driver.wait_job("one-patch")
+    driver.wait_tj("one-patch")
     driver.succeed("one-patch", one_patch=True)
     assert pending.result(timeout=10).json()["output"] == EXPECTED_OUTPUT
 
     pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "retried"})
-    driver.wait_job("retried")
+    driver.wait_tj("retried")
     first = transcript()
     first.text = " An earlier attempt."
     driver.report_result("retried", first)  # read early by the gateway...
     time.sleep(0.3)
-    driver.succeed("retried")  # ...then rewritten (new sha256) before the job succeeded
+    driver.succeed("retried")  # ...then rewritten (new sha256) before the TranscriptionJob succeeded
     assert pending.result(timeout=10).json()["output"] == EXPECTED_OUTPUT
 
 
@@ -100,12 +100,12 @@ def test_sync_word_timestamps_and_speakers(gateway_factory, driver, pool):
     with gw.client() as http:
         body = {"url": URL, "timestamp": "word", "diarise_audio": True, "min_speakers": 1, "max_speakers": 3}
         pending = pool.submit(http.post, "/", json=body)
-        job = driver.wait_job()
-        assert job["spec"]["timestamp"] == "word"
-        assert job["spec"]["diarization"] == {"enabled": True, "minSpeakers": 1, "maxSpeakers": 3}
-        driver.succeed(job["metadata"]["name"], transcript("word", speakers=True))
+        tj = driver.wait_tj()
+        assert tj["spec"]["timestamp"] == "word"
+        assert tj["spec"]["diarization"] == {"enabled": True, "minSpeakers": 1, "maxSpeakers": 3}
+        driver.succeed(tj["metadata"]["name"], transcript("word", speakers=True))
         answer = pending.result(timeout=10).json()
-    assert answer["task_id"] == job["metadata"]["name"]
+    assert answer["task_id"] == tj["metadata"]["name"]
     assert [c["text"] for c in answer["output"]["chunks"]] == [" Hello", " world.", " How", " are", " you?"]
     assert answer["output"]["chunks"][2]["timestamp"] == [1.6, 1.9]
     assert answer["output"]["speakers"] == [
@@ -128,14 +128,14 @@ def test_async_puts_webhook_headers_in_an_owned_secret(http, driver, namespace):
         "status": "processing",
         "task_id": "bg-1",
     }
-    job = driver.get("bg-1")
-    assert "s3cr3t-token" not in json.dumps(job)  # never in the spec
-    ref = job["spec"]["webhook"]["headersSecretRef"]["name"]
-    assert job["spec"]["webhook"]["url"] == HOOK
+    tj = driver.get("bg-1")
+    assert "s3cr3t-token" not in json.dumps(tj)  # never in the spec
+    ref = tj["spec"]["webhook"]["headersSecretRef"]["name"]
+    assert tj["spec"]["webhook"]["url"] == HOOK
     secret = driver.core.read_namespaced_secret(ref, namespace)
     assert base64.b64decode(secret.data["Authorization"]).decode() == "Bearer s3cr3t-token"
     owners = secret.metadata.owner_references
-    assert [(o.kind, o.name, o.uid) for o in owners] == [("TranscriptionJob", "bg-1", job["metadata"]["uid"])]
+    assert [(o.kind, o.name, o.uid) for o in owners] == [("TranscriptionJob", "bg-1", tj["metadata"]["uid"])]
     assert http.get("/tasks").json() == {"tasks": ["bg-1"]}
     assert http.get("/status/bg-1").json() == {"status": "processing", "task_id": "bg-1", "phase": "Pending"}
 
@@ -148,7 +148,7 @@ def test_async_without_webhook_is_refused_like_the_original(http, driver):
     response = http.post("/", json={"url": URL, "is_async": True})
     assert response.status_code == 400
     assert response.json() == {"detail": "Webhook is required for async tasks"}
-    assert driver.jobs() == []
+    assert driver.tjs() == []
 
 
 def test_duplicate_managed_task_id_is_409_and_never_overwrites(http, driver, namespace):
@@ -162,7 +162,7 @@ def test_duplicate_managed_task_id_is_409_and_never_overwrites(http, driver, nam
     assert second.json() == {"detail": "Task dup already exists"}
     after = driver.get("dup")
     assert after["spec"] == before["spec"] and after["metadata"]["uid"] == before["metadata"]["uid"]
-    # The refused request's Secret was cleaned up; the first job's Secret is intact.
+    # The refused request's Secret was cleaned up; the first task's Secret is intact.
     secrets = driver.core.list_namespaced_secret(namespace, label_selector="ifw.dev/task-id=dup").items
     assert [s.metadata.name for s in secrets] == [before["spec"]["webhook"]["headersSecretRef"]["name"]]
     assert base64.b64decode(secrets[0].data["X-Token"]) == b"first"
@@ -172,9 +172,9 @@ def test_duplicate_managed_task_id_is_409_and_never_overwrites(http, driver, nam
     ("reason", "code"),
     [("InvalidAudio", 422), ("AudioFetchFailed", 422), ("AudioTooLarge", 413), ("OutOfMemory", 500), ("DeadlineExceeded", 500)],
 )
-def test_failed_job_answers_its_reason_4xx_for_bad_input_5xx_for_faults(http, driver, pool, reason, code):
+def test_failed_task_answers_its_reason_4xx_for_bad_input_5xx_for_faults(http, driver, pool, reason, code):
     pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "broken"})
-    driver.wait_job("broken")
+    driver.wait_tj("broken")
     driver.fail("broken", reason, "what went wrong, for people")
     response = pending.result(timeout=10)
     assert response.status_code == code
@@ -199,15 +199,15 @@ def test_sync_timeout_is_504_with_the_task_id(gateway_factory, driver):
         assert response.json()["task_id"] == "slow" and response.json()["status"] == "processing"
         assert "/status/slow" in response.json()["detail"]
         assert 0.5 <= waited < 5
-        # The job keeps running; the client polls it.
+        # The task keeps running; the client polls it.
         assert driver.get("slow") is not None
         driver.succeed("slow")
         assert http.get("/status/slow").json()["output"] == EXPECTED_OUTPUT
 
 
-def test_cancel_deletes_the_job_and_wakes_its_waiter(http, driver, pool):
+def test_cancel_deletes_the_tj_and_wakes_its_waiter(http, driver, pool):
     pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "doomed"})
-    driver.wait_job("doomed")
+    driver.wait_tj("doomed")
     response = http.delete("/cancel/doomed")
     assert response.status_code == 200 and response.json() == {"status": "cancelled"}
     assert driver.get("doomed") is None
@@ -225,7 +225,7 @@ def test_unknown_task_is_404(http, path):
     assert http.delete(path.replace("/status/", "/cancel/")).status_code == 404
 
 
-def test_client_disconnect_cancels_the_job_when_configured(gateway_factory, driver):
+def test_client_disconnect_cancels_the_task_when_configured(gateway_factory, driver):
     gw = gateway_factory(cancel_on_disconnect=True)
     with httpx.Client(base_url=gw.url, timeout=1.0) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/", json={"url": URL, "managed_task_id": "impatient"})
@@ -235,7 +235,7 @@ def test_client_disconnect_cancels_the_job_when_configured(gateway_factory, driv
     assert driver.get("impatient") is None
 
 
-def test_client_disconnect_keeps_the_job_by_default(gateway, driver):
+def test_client_disconnect_keeps_the_task_by_default(gateway, driver):
     with httpx.Client(base_url=gateway.url, timeout=1.0) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/", json={"url": URL, "managed_task_id": "stays"})
     time.sleep(0.5)
@@ -290,7 +290,7 @@ def test_bad_request_names_the_field(http, driver, body, code, field):
         assert all(d["msg"] for d in detail)
     else:
         assert field in detail
-    assert driver.jobs() == []
+    assert driver.tjs() == []
 
 
 @pytest.mark.parametrize(
@@ -306,7 +306,7 @@ def test_bad_request_names_the_field(http, driver, body, code, field):
 def test_malformed_bodies_are_4xx(http, driver, content, headers, code):
     response = http.post("/", content=content, headers=headers)
     assert response.status_code == code, response.text
-    assert driver.jobs() == []
+    assert driver.tjs() == []
 
 
 def test_chunked_body_over_the_limit_is_413(http):

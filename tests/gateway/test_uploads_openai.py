@@ -1,8 +1,8 @@
 """Uploads (POST / multipart) and the OpenAI-compatible routes, driven by the official `openai` SDK.
 
 The upload is real speech made with espeak-ng; the test, playing the runner,
-fetches it from the URL the gateway put in spec.audio.url (with its per-job
-token), checks the bytes, and completes the job.
+fetches it from the URL the gateway put in spec.audio.url (with its per-upload
+token), checks the bytes, and completes the task.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def pool():
         yield p
 
 
-def fetch_as_runner(job: dict) -> httpx.Response:
-    return httpx.get(job["spec"]["audio"]["url"], timeout=10)
+def fetch_as_runner(tj: dict) -> httpx.Response:
+    return httpx.get(tj["spec"]["audio"]["url"], timeout=10)
 
 
 def test_multipart_upload_is_served_to_the_runner_then_removed(gateway_factory, driver, pool, wav, tmp_path):
@@ -49,14 +49,14 @@ def test_multipart_upload_is_served_to_the_runner_then_removed(gateway_factory, 
     with gw.client() as http:
         form = {"managed_task_id": "up-1", "language": "en", "timestamp": "word", "batch_size": "8"}
         pending = pool.submit(http.post, "/", data=form, files={"file": ("hello.wav", audio, "audio/wav")})
-        job = driver.wait_job("up-1")
-        url = job["spec"]["audio"]["url"]
+        tj = driver.wait_tj("up-1")
+        url = tj["spec"]["audio"]["url"]
         assert url.startswith(f"{gw.settings.internal_url}/internal/uploads/{driver.namespace}/up-1/")
-        assert job["spec"]["batchSize"] == 8 and job["spec"]["timestamp"] == "word"
+        assert tj["spec"]["batchSize"] == 8 and tj["spec"]["timestamp"] == "word"
 
-        fetched = fetch_as_runner(job)
+        fetched = fetch_as_runner(tj)
         assert fetched.status_code == 200 and fetched.content == audio
-        # The token is the only key: a wrong one, or another job's path, finds nothing.
+        # The token is the only key: a wrong one, or another task's path, finds nothing.
         assert httpx.get(url[:-3] + "xyz").status_code == 404
         assert httpx.get(url.replace("/up-1/", "/up-2/")).status_code == 404
 
@@ -65,9 +65,9 @@ def test_multipart_upload_is_served_to_the_runner_then_removed(gateway_factory, 
         assert answer.status_code == 200, answer.text
         assert answer.json()["output"]["chunks"][0] == {"timestamp": [0.2, 0.6], "text": " Hello"}
         deadline = time.monotonic() + 5
-        while fetch_as_runner(job).status_code != 404 and time.monotonic() < deadline:
+        while fetch_as_runner(tj).status_code != 404 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert fetch_as_runner(job).status_code == 404
+        assert fetch_as_runner(tj).status_code == 404
         assert not (Path(gw.settings.upload_dir) / driver.namespace / "up-1").exists()
 
 
@@ -77,15 +77,15 @@ def test_multipart_with_webhook_json_and_async(gateway_factory, driver, wav):
         form = {"is_async": "true", "webhook": json.dumps({"url": "https://hooks.example.com/x", "header": {"A": "b"}})}
         response = http.post("/", data=form, files={"file": ("hello.wav", wav.read_bytes(), "audio/wav")})
         assert response.status_code == 200 and response.json()["status"] == "processing"
-        job = driver.get(response.json()["task_id"])
-        assert job["spec"]["webhook"]["url"] == "https://hooks.example.com/x"
-        assert fetch_as_runner(job).content == wav.read_bytes()
-        # A cancelled job's upload goes too.
-        assert http.delete(f"/cancel/{job['metadata']['name']}").status_code == 200
+        tj = driver.get(response.json()["task_id"])
+        assert tj["spec"]["webhook"]["url"] == "https://hooks.example.com/x"
+        assert fetch_as_runner(tj).content == wav.read_bytes()
+        # A cancelled task's upload goes too.
+        assert http.delete(f"/cancel/{tj['metadata']['name']}").status_code == 200
         deadline = time.monotonic() + 5
-        while fetch_as_runner(job).status_code != 404 and time.monotonic() < deadline:
+        while fetch_as_runner(tj).status_code != 404 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert fetch_as_runner(job).status_code == 404
+        assert fetch_as_runner(tj).status_code == 404
 
 
 WAV_PART = ("file", ("a.wav", b"RIFF0000WAVE", "audio/wav"))
@@ -111,7 +111,7 @@ def test_bad_multipart_requests(gateway_factory, driver, parts, field):
         response = http.post("/", files=parts)
     assert response.status_code == 422, response.text
     assert any(field in d["loc"] for d in response.json()["detail"]), response.text
-    assert driver.jobs() == []
+    assert driver.tjs() == []
     assert not any((Path(gw.settings.upload_dir) / ".staging").glob("*/audio"))
 
 
@@ -120,7 +120,7 @@ def test_upload_too_large_is_413(gateway_factory, driver):
     with gw.client() as http:
         response = http.post("/", files={"file": ("big.wav", b"\0" * 10_000, "audio/wav")})
         assert response.status_code == 413
-    assert driver.jobs() == []
+    assert driver.tjs() == []
     assert not any((Path(gw.settings.upload_dir) / ".staging").glob("*/audio"))
 
 
@@ -128,7 +128,7 @@ def test_uploads_disabled_without_internal_url_is_503(gateway, driver, wav):
     with gateway.client() as http:
         response = http.post("/", files={"file": ("hello.wav", wav.read_bytes(), "audio/wav")})
     assert response.status_code == 503 and "file" in response.json()["detail"]
-    assert driver.jobs() == []
+    assert driver.tjs() == []
 
 
 # ------------------------------------------------------------------ OpenAI SDK
@@ -141,10 +141,10 @@ def openai_client(gw):
 
 
 def complete_when_created(driver, result) -> str:
-    job = driver.wait_job()
-    assert fetch_as_runner(job).status_code == 200
-    driver.succeed(job["metadata"]["name"], result)
-    return job["metadata"]["name"]
+    tj = driver.wait_tj()
+    assert fetch_as_runner(tj).status_code == 200
+    driver.succeed(tj["metadata"]["name"], result)
+    return tj["metadata"]["name"]
 
 
 def test_openai_sdk_transcriptions_in_every_format(gateway_factory, driver, pool, wav):
@@ -162,8 +162,8 @@ def test_openai_sdk_transcriptions_in_every_format(gateway_factory, driver, pool
     pending = pool.submit(ask)
     name = complete_when_created(driver, transcript())
     assert pending.result(timeout=15).text == " Hello world. How are you?"
-    job = driver.get(name)
-    assert "model" not in job["spec"]  # whisper-1 = the operator's default model
+    tj = driver.get(name)
+    assert "model" not in tj["spec"]  # whisper-1 = the operator's default model
     driver.custom.delete_namespaced_custom_object("ifw.dev", "v1alpha1", driver.namespace, "transcriptionjobs", name)
 
     # srt and vtt: plain text the subtitle libraries parse, with the segment times
@@ -215,20 +215,20 @@ def test_openai_sdk_translation_and_errors(gateway_factory, driver, pool, wav):
         with wav.open("rb") as f, pytest.raises(openai.UnprocessableEntityError) as bad:
             client.audio.transcriptions.create(model="whisper-1", file=f, **extra)
         assert field in str(bad.value)
-    assert len(driver.jobs()) == 1  # only the translation above created a job
+    assert len(driver.tjs()) == 1  # only the translation above created a TranscriptionJob
     with wav.open("rb") as f, pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gw.url}/v1", api_key="wrong", max_retries=0).audio.transcriptions.create(
             model="whisper-1", file=f
         )
-    # A failed job surfaces its reason through the SDK's error.
+    # A failed task surfaces its reason through the SDK's error.
     with wav.open("rb") as f:
         pending = pool.submit(client.audio.transcriptions.create, model="whisper-1", file=f)
-        job = None
+        tj = None
         deadline = time.monotonic() + 10
-        while job is None and time.monotonic() < deadline:
-            job = next((j for j in driver.jobs() if j["metadata"]["name"] != name), None)
+        while tj is None and time.monotonic() < deadline:
+            tj = next((j for j in driver.tjs() if j["metadata"]["name"] != name), None)
             time.sleep(0.05)
-        driver.fail(job["metadata"]["name"], "InvalidAudio", "ffmpeg could not decode the file")
+        driver.fail(tj["metadata"]["name"], "InvalidAudio", "ffmpeg could not decode the file")
         with pytest.raises(openai.UnprocessableEntityError) as failed:
             pending.result(timeout=15)
     assert "InvalidAudio" in str(failed.value)
