@@ -28,6 +28,7 @@ class Segment(BaseModel):
     # Whisper's own quality measures of the decode that produced the segment (OpenAI verbose_json).
     language: str | None = Field(None, description="Language of the piece the segment came from.")
     tokens: list[int] | None = Field(None, description="Text token ids of the segment.")
+    logprobs: list[float] | None = Field(None, description="Log-probability of each of those tokens.")
     temperature: float | None = Field(None, description="Sampling temperature of the decode that was kept.")
     avg_logprob: float | None = Field(None, description="Mean log-probability of the segment's tokens.")
     compression_ratio: float | None = Field(None, description="gzip ratio of the text: high means repetitive.")
@@ -41,6 +42,14 @@ class SpeakerTurn(BaseModel):
     start: float
     end: float
     text: str
+
+
+class ProcessedBy(BaseModel):
+    """The machine that did the work (the original API reported fly_machine_id)."""
+
+    pod: str | None = None
+    node: str | None = None
+    runtime: Literal["Pool", "Job", "Local"] | None = None
 
 
 class Transcript(BaseModel):
@@ -58,3 +67,4 @@ class Transcript(BaseModel):
     speech_seconds: float | None = Field(None, description="Seconds of speech the VAD detected.")
     text_seconds: float | None = Field(None, description="Seconds of detected speech covered by segments.")
     dropped_pieces: int = Field(0, ge=0, description="Pieces with speech that produced no text after retries.")
+    processed_by: ProcessedBy | None = Field(None, description="Which pod on which node transcribed it.")

@@ -29,6 +29,7 @@ SINGULAR = "transcriptionjob"
 SHORT_NAMES = ["tj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+MAX_PROGRESS_TEXT = 16384  # characters: status stays small, every watcher receives each write
 MAX_PROMPT_LENGTH = 2000  # characters; Whisper itself keeps the last 224 tokens of a prompt
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 
@@ -229,6 +230,12 @@ class Progress(_Model):
     processed_seconds: float | None = Field(None, ge=0, description="Seconds of audio transcribed so far.")
     total_seconds: float | None = Field(None, ge=0, description="Seconds of audio in total.")
     last_update_time: datetime | None = Field(None, description="When the runner last reported progress.")
+    text: str | None = Field(
+        None,
+        max_length=MAX_PROGRESS_TEXT,
+        description="Streaming jobs only (annotation ifw.dev/stream): the text of the audio transcribed so "
+        "far, from its start; it stops growing at the size limit (the result has all of it).",
+    )
 
 
 class AudioInfo(_Model):
