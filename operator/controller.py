@@ -7,6 +7,13 @@ that uid, or marks it dirty if one is already running so that it runs once more 
 (the last TranscriptionJob seen, its Job and Pods from kopf's indexes) and does what is missing;
 it never depends on which event woke it, so bursts, lost events and restarts are harmless.
 
+A pass is a few named steps, one per situation: deleted -> clean up; finished -> webhook and
+TTL; not started -> admission, then children and Job; started -> suspend or resume; then derive
+the status, write what changed, and set a timer for when it may change without an event.
+
+What the controller knows about a job lives in one ``JobState`` record per uid (jobstate.py).
+Webhook delivery is a collaborator it is handed (``WebhookSender``), not a subclass.
+
 The operator writes nothing to the TranscriptionJob except its own status fields: no kopf
 annotations or finalizers (kopf's on.event/index handlers need none), so a spec stays small
 and a deletion is never blocked by the operator being down.
@@ -18,7 +25,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from ifw.core import results
 from ifw.core.contract import (
@@ -27,19 +34,24 @@ from ifw.core.contract import (
     LABEL_KUEUE_QUEUE,
     TERMINAL_PHASES,
     format_time,
+    is_terminal,
     parse_time,
+    phase_of,
 )
 from ifw.core.kube import api_message, status_code
 from ifw.operator import jobs as manifests
 from ifw.operator import metrics
 from ifw.operator.config import OperatorSettings
+from ifw.operator.jobstate import JobState
 from ifw.operator.kube import Kube
 from ifw.operator.queue import AdmissionQueue
 from ifw.operator.status import Outcome, derive, job_finished, job_suspended, status_patch
+from ifw.operator.webhooks import WebhookSender
 
 log = logging.getLogger("ifw.operator")
 
 RETRY_DELAYS = (0.5, 1, 2, 5, 10, 30, 60)
+SUSPENDED = ("Suspended", "spec.suspend is true; set it to false to run the job")
 
 
 def _now() -> datetime:
@@ -61,34 +73,51 @@ def _newer(candidate: dict[str, Any], current: dict[str, Any] | None) -> bool:
     return a is None or b is None or a >= b
 
 
+def _spec(tj: dict[str, Any]) -> dict[str, Any]:
+    return tj.get("spec") or {}
+
+
+def _kueue(tj: dict[str, Any]) -> bool:
+    """Kueue admits the job (spec.queueName), not the operator's cap."""
+    return bool(_spec(tj).get("queueName"))
+
+
+class Seen(NamedTuple):
+    """What a pass found before the status is derived: the Job, and why the operator holds the job back."""
+
+    job: dict[str, Any] | None
+    waiting: tuple[str, str] | None = None  # (reason, message)
+
+
 class Controller:
-    def __init__(self, settings: OperatorSettings, kube: Kube):
+    def __init__(self, settings: OperatorSettings, kube: Kube, webhooks: WebhookSender):
         self.settings = settings
         self.kube = kube
+        self.webhooks = webhooks
         self.queue = AdmissionQueue(
             settings.max_active_jobs, settings.max_active_jobs_per_namespace, settings.admission_settle_seconds
         )
-        self.tjs: dict[str, dict[str, Any]] = {}  # uid -> latest TranscriptionJob seen
-        self.tombstones: dict[str, dict[str, Any]] = {}  # uid -> last body of a deleted one
-        self.first_seen: dict[str, float] = {}  # uid -> monotonic time the operator first saw it
-        # Jobs this operator created whose watch event has not arrived yet (the index lags).
-        self.created_jobs: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, JobState] = {}  # TranscriptionJob uid -> everything known about it
         self.jobs_index: Any = {}  # kopf.Index: tj uid -> Store of Job bodies
         self.pods_index: Any = {}  # kopf.Index: tj uid -> Store of Pod bodies
         self.ready = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._dirty: set[str] = set()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._failures: dict[str, int] = {}
-        self._webhooks: dict[str, asyncio.Task] = {}  # uid -> webhook delivery in flight
         self._background: set[asyncio.Task] = set()  # Event posts
-        self._expired: set[str] = set()  # TTL passed, delete requested
-        self._active: dict[str, str] = {}  # tj uid -> namespace of each Job holding capacity
         # Starts in flight at once. Without a bound, a burst of N jobs queues all N*4 child
         # creations ahead of the first Job (FIFO thread pool) and every job waits for the last.
         self._starting = asyncio.Semaphore(settings.concurrent_starts)
 
     # ------------------------------------------------------------- observation
+
+    def _state(self, uid: str) -> JobState:
+        """The job's record, made on first sight of anything about it."""
+        state = self.states.get(uid)
+        if state is None:
+            state = self.states[uid] = JobState(uid)
+        return state
+
+    def _forget_if_done(self, state: JobState) -> None:
+        if state.forgettable and self.states.get(state.uid) is state:
+            del self.states[state.uid]
 
     def bind_indexes(self, jobs_index: Any, pods_index: Any) -> None:
         """Called from the first handler: kopf has listed every runner Job by then."""
@@ -99,23 +128,28 @@ class Controller:
         self.ready.set()
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
-        uid = body["metadata"]["uid"]
+        state = self._state(body["metadata"]["uid"])
         if event_type == "DELETED":
-            self.tjs.pop(uid, None)
-            self.tombstones[uid] = body
-        elif _newer(body, self.tjs.get(uid)):
-            self.tjs[uid] = body
-            self.first_seen.setdefault(uid, time.monotonic())
-        self.poke(uid)
+            state.tj, state.tombstone = None, body
+        elif _newer(body, state.tj):
+            state.tj = body
+            if state.first_seen is None:
+                state.first_seen = time.monotonic()
+        self.poke(state.uid)
 
-    def job_for(self, uid: str) -> dict[str, Any] | None:
+    def _saw(self, state: JobState, body: dict[str, Any]) -> None:
+        """The API's answer to one of our writes: keep it if it is the newest body of a live job."""
+        if state.tj is not None and _newer(body, state.tj):
+            state.tj = body
+
+    def job_for(self, state: JobState) -> dict[str, Any] | None:
         """The newest known version of the job's Job: the index's, or the one we just wrote."""
-        store = self.jobs_index.get(uid) if self.jobs_index else None
+        store = self.jobs_index.get(state.uid) if self.jobs_index else None
         indexed = max(store, key=lambda job: _rv(job) or 0) if store else None
-        mine = self.created_jobs.get(uid)
+        mine = state.written_job
         if mine is not None and (indexed is None or (_rv(indexed) or 0) < (_rv(mine) or 0)):
             return mine
-        self.created_jobs.pop(uid, None)  # the index has caught up
+        state.written_job = None  # the index has caught up
         return indexed
 
     def pods_for(self, uid: str) -> list[dict[str, Any]]:
@@ -131,83 +165,102 @@ class Controller:
         return not (job_finished(job) or job_suspended(job))
 
     def note_job(self, event_type: str | None, job: dict[str, Any]) -> None:
-        """Keep the map of capacity-holding Jobs current (one dict update, not a scan per decision)."""
+        """Keep the record's capacity current as its Job changes: admission never re-reads the Jobs."""
         uid = (job["metadata"].get("labels") or {}).get(LABEL_JOB_UID)
         if not uid:
             return
         if event_type != "DELETED" and self._counted(job):
-            self._active[uid] = job["metadata"]["namespace"]
-        else:
-            self._active.pop(uid, None)
+            self._state(uid).capacity = job["metadata"]["namespace"]
+        elif uid in self.states:
+            self.states[uid].capacity = None
 
     def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         self.note_job(event_type, job)
         self.poke(job["metadata"]["labels"][LABEL_JOB_UID])
 
+    # These three are also read by the liveness probe and the metrics scrape, from other threads:
+    # each iterates a snapshot (list() of a dict runs under the GIL in one go).
+
     def active(self) -> dict[str, str]:
         """uid -> namespace of every runner Job holding capacity."""
-        return self._active
+        return {uid: state.capacity for uid, state in list(self.states.items()) if state.capacity}
+
+    def known(self) -> int:
+        """TranscriptionJobs that exist (deleted ones still being cleaned up excluded)."""
+        return sum(1 for state in list(self.states.values()) if state.tj is not None)
 
     def phases(self) -> list[str]:
-        return [(tj.get("status") or {}).get("phase") or "Pending" for tj in self.tjs.values()]
+        tjs = [state.tj for state in list(self.states.values())]
+        return [phase_of(tj) or "Pending" for tj in tjs if tj is not None]
 
     # ----------------------------------------------------------------- pokes
 
     def poke(self, uid: str) -> None:
-        if uid in self._tasks:
-            self._dirty.add(uid)
+        state = self._state(uid)
+        if state.task is not None:
+            state.dirty = True
             return
-        self._tasks[uid] = asyncio.get_running_loop().create_task(self._work(uid), name=f"reconcile-{uid}")
+        state.task = asyncio.get_running_loop().create_task(self._work(state), name=f"reconcile-{uid}")
 
     def poke_at(self, uid: str, when: datetime) -> None:
+        state = self._state(uid)
         delay = max(0.0, (when - _now()).total_seconds()) + 0.05
-        old = self._timers.pop(uid, None)
-        if old:
-            old.cancel()
-        self._timers[uid] = asyncio.get_running_loop().call_later(delay, self._timer_fired, uid)
+        if state.timer:
+            state.timer.cancel()
+        state.timer = asyncio.get_running_loop().call_later(delay, self._timer_fired, state)
 
-    def _timer_fired(self, uid: str) -> None:
-        self._timers.pop(uid, None)
-        self.poke(uid)
+    def _timer_fired(self, state: JobState) -> None:
+        state.timer = None
+        self.poke(state.uid)
 
-    async def _work(self, uid: str) -> None:
+    async def _work(self, state: JobState) -> None:
+        """Reconcile, and again while pokes came in meanwhile (the work-queue pattern)."""
         try:
             while True:
-                self._dirty.discard(uid)
-                try:
-                    await self.reconcile(uid)
-                    self._failures.pop(uid, None)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # retried with backoff; level-based, so nothing is lost
-                    metrics.RECONCILE_ERRORS_TOTAL.inc()
-                    attempt = self._failures.get(uid, 0)
-                    self._failures[uid] = attempt + 1
-                    delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                    log.warning("reconcile of %s failed (%s); retrying in %ss", self._describe(uid),
-                                api_message(error), delay, exc_info=status_code(error) is None)
-                    self.poke_at(uid, _now() + timedelta(seconds=delay))
-                if uid not in self._dirty:
+                state.dirty = False
+                await self._pass(state)
+                if not state.dirty:
                     break
         finally:
-            self._tasks.pop(uid, None)
+            state.task = None
+            self._forget_if_done(state)
 
-    def _describe(self, uid: str) -> str:
-        tj = self.tjs.get(uid) or self.tombstones.get(uid)
-        return f"{tj['metadata']['namespace']}/{tj['metadata']['name']}" if tj else uid
+    async def _pass(self, state: JobState) -> None:
+        """One reconcile; an error comes back after a growing delay."""
+        try:
+            await self.reconcile(state.uid)
+            state.failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # retried with backoff; level-based, so nothing is lost
+            metrics.RECONCILE_ERRORS_TOTAL.inc()
+            delay = RETRY_DELAYS[min(state.failures, len(RETRY_DELAYS) - 1)]
+            state.failures += 1
+            log.warning("reconcile of %s failed (%s); retrying in %ss", self._describe(state),
+                        api_message(error), delay, exc_info=status_code(error) is None)
+            self.poke_at(state.uid, _now() + timedelta(seconds=delay))
+        state.reconciles += 1
+
+    @staticmethod
+    def _describe(state: JobState) -> str:
+        tj = state.tj or state.tombstone
+        return f"{tj['metadata']['namespace']}/{tj['metadata']['name']}" if tj else state.uid
 
     async def resync_forever(self) -> None:
         """The safety net under the events: every job is looked at again every interval."""
         await self.ready.wait()
         while True:
             await asyncio.sleep(self.settings.resync_interval_seconds)
-            for uid in list(self.tjs):
+            for uid in [uid for uid, state in self.states.items() if state.tj is not None]:
                 self.poke(uid)
 
     async def stop(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        tasks = [*self._tasks.values(), *self._webhooks.values(), *self._background]
+        states = list(self.states.values())
+        for state in states:
+            if state.timer:
+                state.timer.cancel()
+        tasks = [task for state in states for task in (state.task, state.webhook) if task]
+        tasks += self._background
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -238,131 +291,135 @@ class Controller:
         self.poke_at(uid, _now() + timedelta(seconds=held - now))
         return True
 
+    def _over_cap(self, tj: dict[str, Any]) -> tuple[str, str]:
+        return "ConcurrencyLimit", self.queue.describe(self.active(), tj["metadata"]["namespace"])
+
     # -------------------------------------------------------------- reconcile
 
     async def reconcile(self, uid: str) -> None:
-        tj = self.tjs.get(uid)
+        """One level-based pass: look at everything known about the job and do what is missing."""
+        state = self._state(uid)
+        tj = state.tj
         if tj is None:
-            body = self.tombstones.pop(uid, None)
-            self.queue.forget(uid)
-            if body is not None:
-                await self.cleanup(body)
-            self._admit_waiting()
-            return
+            await self._deleted(state)
+        elif is_terminal(tj):
+            await self._finished(state, tj)
+        else:
+            seen = await self._drive(state, tj)
+            if seen is not None:
+                await self._report(state, tj, seen)
 
-        status = tj.get("status") or {}
-        if status.get("phase") in TERMINAL_PHASES:
-            self.queue.forget(uid)
-            self._admit_waiting()
-            await self.after_finish(tj)
-            return
+    async def _deleted(self, state: JobState) -> None:
+        """Gone (or never seen: only its Job or Pods were): clean up after it, let the next one in."""
+        self.queue.forget(state.uid)
+        if state.tombstone is not None:
+            await self.cleanup(state, state.tombstone)
+            state.tombstone = None  # only now: a failed cleanup is retried
+        self._admit_waiting()
 
-        spec = tj.get("spec") or {}
-        meta = tj["metadata"]
-        namespace = meta["namespace"]
-        kueue = bool(spec.get("queueName"))
-        job = self.job_for(uid)
+    async def _finished(self, state: JobState, tj: dict[str, Any]) -> None:
+        """Succeeded or Failed: its place goes to the next one; then the webhook and the TTL."""
+        self.queue.forget(state.uid)
+        self._admit_waiting()
+        await self.after_finish(state, tj)
+
+    async def _drive(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
+        """Bring the runner Job in line with the spec. None: nothing more to do in this pass."""
+        job = self.job_for(state)
         if job is not None:
-            self.queue.settle(uid)
-        waiting: tuple[str, str] | None = None
-        suspended_msg = ("Suspended", "spec.suspend is true; set it to false to run the job")
+            self.queue.settle(state.uid)
+        if job is None and not (tj.get("status") or {}).get("jobName"):
+            return await self._not_started(state, tj)
+        if job is not None and not _kueue(tj) and not job_finished(job):
+            return await self._started(state, tj, job)
+        return Seen(job)  # finished, Kueue's to suspend and resume, or deleted under us (derive says)
 
-        if job is None and not status.get("jobName"):
-            if spec.get("suspend"):
-                self.queue.forget(uid)
-                waiting = suspended_msg
-            else:
-                if not kueue:
-                    self._enqueue(tj)
-                    self._admit_waiting(current=uid)
-                if kueue or self.queue.is_reserved(uid):
-                    job = await self.start(tj)
-                    if job is None:
-                        return  # failed permanently; status already written
-                elif self._settling(uid):
-                    return
-                else:
-                    waiting = ("ConcurrencyLimit", self.queue.describe(self.active(), namespace))
-        elif job is not None and not kueue and not job_finished(job):
-            if spec.get("suspend"):
-                self.queue.forget(uid)
-                waiting = suspended_msg
-                if not job_suspended(job):
-                    # The Job controller deletes the pod; a resume starts it again.
-                    job = await self.kube.patch_job(namespace, job["metadata"]["name"], {"spec": {"suspend": True}})
-                    self.created_jobs[uid] = job
-                    self.note_job(None, job)
-                    self._admit_waiting()
-            elif job_suspended(job):
-                self._enqueue(tj)
-                self._admit_waiting(current=uid)
-                if self._settling(uid):
-                    return
-                if self.queue.is_reserved(uid):
-                    job = await self.kube.patch_job(
-                        namespace, job["metadata"]["name"],
-                        {"metadata": {"annotations": {ANNOTATION_RESUMED_AT: format_time(_now())}},
-                         "spec": {"suspend": False}},
-                    )
-                    self.created_jobs[uid] = job  # until the index catches up
-                    self.note_job(None, job)
-                else:
-                    waiting = ("ConcurrencyLimit", self.queue.describe(self.active(), namespace))
+    async def _not_started(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
+        """No Job yet: hold it while suspended, else queue it and start it once admitted."""
+        uid = state.uid
+        if _spec(tj).get("suspend"):
+            self.queue.forget(uid)
+            return Seen(None, SUSPENDED)
+        if not _kueue(tj):
+            self._enqueue(tj)
+            self._admit_waiting(current=uid)
+        if _kueue(tj) or self.queue.is_reserved(uid):
+            job = await self.start(state, tj)
+            return Seen(job) if job is not None else None  # None: failed for good, status written
+        if self._settling(uid):
+            return None
+        return Seen(None, self._over_cap(tj))
 
+    async def _started(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> Seen | None:
+        """The Job exists and is unfinished: suspend it as the spec asks, or resume it once admitted."""
+        if _spec(tj).get("suspend"):
+            self.queue.forget(state.uid)
+            if not job_suspended(job):
+                # The Job controller deletes the pod; a resume starts it again.
+                job = await self._patch_job(state, job, {"spec": {"suspend": True}})
+                self._admit_waiting()
+            return Seen(job, SUSPENDED)
+        if not job_suspended(job):
+            return Seen(job)
+        # Resuming takes capacity again: it waits its turn like a new job.
+        self._enqueue(tj)
+        self._admit_waiting(current=state.uid)
+        if self._settling(state.uid):
+            return None
+        if not self.queue.is_reserved(state.uid):
+            return Seen(job, self._over_cap(tj))
+        resume = {"metadata": {"annotations": {ANNOTATION_RESUMED_AT: format_time(_now())}}, "spec": {"suspend": False}}
+        return Seen(await self._patch_job(state, job, resume))
+
+    async def _report(self, state: JobState, tj: dict[str, Any], seen: Seen) -> None:
+        """Derive the status from what was seen, write what changed, come back when it may change."""
         now = _now()
         outcome = derive(
-            tj, job, self.pods_for(uid), now=now,
+            tj, seen.job, self.pods_for(state.uid), now=now,
             startup_deadline_seconds=self.settings.startup_deadline_seconds,
             image_pull_grace_seconds=self.settings.image_pull_grace_seconds,
-            waiting=waiting,
+            waiting=seen.waiting,
         )
-        if outcome.stop_job and job is not None:
-            await self.stop_job(uid, job)
-        job_name = job["metadata"]["name"] if job else status.get("jobName")
-        tj = await self.write_status(tj, outcome, job_name=job_name, now=now)
+        if outcome.stop_job and seen.job is not None:
+            await self.stop_job(state, seen.job)
+        job_name = seen.job["metadata"]["name"] if seen.job else (tj.get("status") or {}).get("jobName")
+        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now)
         if outcome.terminal:
-            self.queue.forget(uid)
-            self._admit_waiting()
-            await self.after_finish(tj)
+            await self._finished(state, tj)
         elif outcome.recheck_at:
-            self.poke_at(uid, outcome.recheck_at)
+            self.poke_at(state.uid, outcome.recheck_at)
 
-    async def start(self, tj: dict[str, Any]) -> dict[str, Any] | None:
-        """Create the runner's account, role, binding and result Secret, then its Job."""
-        uid = tj["metadata"]["uid"]
-        kueue = bool((tj.get("spec") or {}).get("queueName"))
-        manifest = manifests.runner_job(tj, self.settings, suspend=kueue)
+    # ------------------------------------------------------------- Job writes
+
+    async def start(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create the runner's account, role, binding and result Secret, then its Job. None: failed for good."""
+        manifest = manifests.runner_job(tj, self.settings, suspend=_kueue(tj))
         try:
             async with self._starting:
-                # The pod needs its ServiceAccount and the runner its Secret: all before the Job.
-                children = manifests.children(tj)
-                created = await asyncio.gather(*(self.kube.create(obj) for obj in children))
-                for obj, result in zip(children, created):
-                    if result is None:  # it existed: ours from before a restart, or a namesake's
-                        await self._check_ours(obj, uid)
+                await self._create_children(state, tj)
                 job = await self.kube.create(manifest)
         except Exception as error:
-            if status_code(error) in (400, 422):
-                # The operator's pod template is invalid: retrying cannot help; say so on the job.
-                outcome = Outcome("Failed", "JobCreateFailed", f"cannot create the runner Job: {api_message(error)}",
-                                  completion_time=_now())
-                self.queue.forget(uid)
-                await self.write_status(tj, outcome, job_name=None, now=_now())
-                self._admit_waiting()
-                return None
-            raise
+            if status_code(error) not in (400, 422):
+                raise
+            await self._start_failed(state, tj, error)
+            return None
         if job is None:  # created before (a restart, or the index lagging): it is ours by name
             job = await self.kube.read("Job", tj["metadata"]["namespace"], manifest["metadata"]["name"])
             if job is None:
                 raise RuntimeError(f"Job {manifest['metadata']['name']} exists and vanished; retrying")
-        else:
-            seen = self.first_seen.get(uid)
-            if seen is not None:
-                metrics.JOB_CREATE_SECONDS.observe(time.monotonic() - seen)
-        self.created_jobs[uid] = job
-        self.note_job(None, job)
-        self.queue.settle(uid)
+        elif state.first_seen is not None:
+            metrics.JOB_CREATE_SECONDS.observe(time.monotonic() - state.first_seen)
+        self._wrote_job(state, job)
+        self.queue.settle(state.uid)
         return job
+
+    async def _create_children(self, state: JobState, tj: dict[str, Any]) -> None:
+        """The pod needs its ServiceAccount and the runner its Secret: all before the Job."""
+        children = manifests.children(tj)
+        created = await asyncio.gather(*(self.kube.create(obj) for obj in children))
+        for obj, result in zip(children, created):
+            if result is None:  # it existed: ours from before a restart, or a namesake's
+                await self._check_ours(obj, state.uid)
 
     async def _check_ours(self, obj: dict[str, Any], uid: str) -> None:
         meta = obj["metadata"]
@@ -373,33 +430,52 @@ class Controller:
             raise RuntimeError(f"{obj['kind']} {meta['name']} still belongs to a previous TranscriptionJob "
                                f"({owner or 'gone'}); retrying")
 
-    async def stop_job(self, uid: str, job: dict[str, Any]) -> None:
+    async def _start_failed(self, state: JobState, tj: dict[str, Any], error: Exception) -> None:
+        """The operator's pod template is invalid: retrying cannot help; say so on the job."""
+        outcome = Outcome("Failed", "JobCreateFailed", f"cannot create the runner Job: {api_message(error)}",
+                          completion_time=_now())
+        self.queue.forget(state.uid)
+        await self.write_status(state, tj, outcome, job_name=None, now=_now())
+        self._admit_waiting()
+
+    async def _patch_job(self, state: JobState, job: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        meta = job["metadata"]
+        job = await self.kube.patch_job(meta["namespace"], meta["name"], patch)
+        self._wrote_job(state, job)
+        return job
+
+    def _wrote_job(self, state: JobState, job: dict[str, Any]) -> None:
+        state.written_job = job  # until the index catches up
+        self.note_job(None, job)
+
+    async def stop_job(self, state: JobState, job: dict[str, Any]) -> None:
         """The operator failed the job itself: remove its Job and Pods so nothing keeps running."""
         namespace = job["metadata"]["namespace"]
         await self.kube.delete("Job", namespace, job["metadata"]["name"], uid=job["metadata"].get("uid"))
-        for pod in self.pods_for(uid):
+        for pod in self.pods_for(state.uid):
             await self.kube.delete("Pod", namespace, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
-        self.created_jobs.pop(uid, None)
-        self._active.pop(uid, None)
+        state.written_job = None
+        state.capacity = None
+
+    # ----------------------------------------------------------------- status
 
     async def write_status(
-        self, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime
+        self, state: JobState, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime
     ) -> dict[str, Any]:
         meta = tj["metadata"]
-        model = (tj.get("spec") or {}).get("model") or self.settings.default_model
+        model = _spec(tj).get("model") or self.settings.default_model
         patch = status_patch(tj, outcome, job_name=job_name, model=model, now=now)
         if patch is None:
             return tj
         before = tj.get("status") or {}
         updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], patch)
-        if _newer(updated, self.tjs.get(meta["uid"])):
-            self.tjs[meta["uid"]] = updated
+        self._saw(state, updated)
         if (before.get("phase"), before.get("reason")) != (outcome.phase, outcome.reason):
             self._transition(tj, before, outcome, updated)
         return updated
 
     def _transition(self, tj: dict[str, Any], before: dict[str, Any], outcome: Outcome, updated: dict) -> None:
-        """A phase or reason changed: an Event, a log line, metrics."""
+        """A phase or reason changed: a log line, an Event, metrics."""
         meta = tj["metadata"]
         log.info("%s/%s: %s (%s): %s", meta["namespace"], meta["name"], outcome.phase, outcome.reason,
                  outcome.message)
@@ -408,19 +484,7 @@ class Controller:
         task = asyncio.get_running_loop().create_task(self._post_event(tj, type_, outcome))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        status = updated.get("status") or {}
-        if outcome.phase == "Running" and before.get("phase") != "Running" and not before.get("startTime"):
-            created = parse_time(meta.get("creationTimestamp"))
-            started = parse_time(status.get("startTime"))
-            if created and started:
-                metrics.TIME_TO_START_SECONDS.observe(max(0.0, (started - created).total_seconds()))
-        if outcome.terminal and before.get("phase") not in TERMINAL_PHASES:
-            metrics.FINISHED_TOTAL.labels(outcome.phase).inc()
-            if outcome.phase == "Failed":
-                metrics.FAILURES_TOTAL.labels(outcome.reason).inc()
-            started, done = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
-            if started and done:
-                metrics.RUN_DURATION_SECONDS.labels(outcome.phase).observe(max(0.0, (done - started).total_seconds()))
+        _count_transition(tj, before, outcome, updated.get("status") or {})
 
     async def _post_event(self, tj: dict[str, Any], type_: str, outcome: Outcome) -> None:
         try:
@@ -431,32 +495,44 @@ class Controller:
 
     # -------------------------------------------------------- after the end
 
-    async def after_finish(self, tj: dict[str, Any]) -> None:
+    async def after_finish(self, state: JobState, tj: dict[str, Any]) -> None:
         """Webhook delivery, then the TTL: delete the TranscriptionJob when it expires."""
-        uid = tj["metadata"]["uid"]
-        await self.deliver_webhook(tj)
-        ttl = (tj.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if self._webhook_in_flight(state, tj):
+            return  # the TTL waits: the delivery pokes the job when it ends
+        ttl = _spec(tj).get("ttlSecondsAfterFinished")
         if ttl is None:
             ttl = self.settings.default_ttl_seconds_after_finished
         done = parse_time((tj.get("status") or {}).get("completionTime"))
-        if ttl is None or done is None:
-            return
+        if ttl is None or done is None or state.expired:
+            return  # kept forever, or already deleted and waiting for the DELETED event
         expiry = done + timedelta(seconds=ttl)
-        if _now() >= expiry:
-            if uid in self._expired:
-                return  # already deleted; waiting for the DELETED event
-            self._expired.add(uid)
-            meta = tj["metadata"]
-            log.info("%s/%s: TTL of %ss after finishing expired; deleting", meta["namespace"], meta["name"], ttl)
-            # The DELETED event then removes the children (cleanup).
-            await self.kube.delete_tj(meta["namespace"], meta["name"], uid)
-        else:
-            self.poke_at(uid, expiry)
+        if _now() < expiry:
+            self.poke_at(state.uid, expiry)
+            return
+        meta = tj["metadata"]
+        log.info("%s/%s: TTL of %ss after finishing expired; deleting", meta["namespace"], meta["name"], ttl)
+        # The DELETED event then removes the children (cleanup).
+        await self.kube.delete_tj(meta["namespace"], meta["name"], meta["uid"])
+        state.expired = True
 
-    async def deliver_webhook(self, tj: dict[str, Any]) -> None:
-        """Overridden by the webhook support (ifw.operator.webhooks); no-op without a webhook."""
+    def _webhook_in_flight(self, state: JobState, tj: dict[str, Any]) -> bool:
+        """Start the job's webhook delivery if one is owed; True while one runs."""
+        if state.webhook is None and not state.webhook_settled and self.webhooks.owed(tj):
+            delivery = self.webhooks.deliver(tj, lambda body: self._saw(state, body))
+            state.webhook = asyncio.get_running_loop().create_task(delivery, name=f"webhook-{state.uid}")
+            state.webhook.add_done_callback(lambda task: self._webhook_ended(state, task))
+        return state.webhook is not None
 
-    async def cleanup(self, tj: dict[str, Any]) -> None:
+    def _webhook_ended(self, state: JobState, task: asyncio.Task) -> None:
+        state.webhook = None
+        if task.cancelled():
+            return  # the operator is stopping: a restart delivers what is still owed
+        if task.exception() is not None:
+            log.error("webhook delivery of %s crashed", self._describe(state), exc_info=task.exception())
+        state.webhook_settled = True
+        self.poke(state.uid)  # the TTL may proceed now
+
+    async def cleanup(self, state: JobState, tj: dict[str, Any]) -> None:
         """The TranscriptionJob is gone (cancel or TTL): stop its runner, remove its children now.
 
         A real cluster's garbage collector would do this through the ownerReferences, but the
@@ -464,9 +540,9 @@ class Controller:
         """
         meta = tj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        timer = self._timers.pop(uid, None)
-        if timer:
-            timer.cancel()
+        if state.timer:
+            state.timer.cancel()
+            state.timer = None
         # By the uid label: a new TranscriptionJob reusing the name keeps its own children.
         selector = f"{LABEL_JOB_UID}={uid}"
         await self.kube.delete_labelled("Job", namespace, selector)  # first, so no new pod is made
@@ -477,11 +553,8 @@ class Controller:
         ref = (tj.get("status") or {}).get("result") or {}
         if ref.get("store") == "s3":  # a Secret result went with the Secrets above
             await self._delete_s3_result(ref, namespace, name)
-        self.created_jobs.pop(uid, None)
-        self._active.pop(uid, None)
-        self.first_seen.pop(uid, None)
-        self._failures.pop(uid, None)
-        self._expired.discard(uid)
+        state.written_job = None
+        state.capacity = None
         log.info("%s/%s deleted: removed its Job, pods, result and runner RBAC", namespace, name)
 
     async def _delete_s3_result(self, ref: dict[str, Any], namespace: str, name: str) -> None:
@@ -492,3 +565,19 @@ class Controller:
             )
         except Exception as error:  # never block the cleanup of the Kubernetes objects on it
             log.warning("%s/%s: could not delete result %s: %s", namespace, name, ref.get("ref"), error)
+
+
+def _count_transition(tj: dict[str, Any], before: dict[str, Any], outcome: Outcome, status: dict[str, Any]) -> None:
+    """Metrics of a transition the operator wrote itself (so a restart never counts one twice)."""
+    if outcome.phase == "Running" and before.get("phase") != "Running" and not before.get("startTime"):
+        created = parse_time(tj["metadata"].get("creationTimestamp"))
+        started = parse_time(status.get("startTime"))
+        if created and started:
+            metrics.TIME_TO_START_SECONDS.observe(max(0.0, (started - created).total_seconds()))
+    if outcome.terminal and before.get("phase") not in TERMINAL_PHASES:
+        metrics.FINISHED_TOTAL.labels(outcome.phase).inc()
+        if outcome.phase == "Failed":
+            metrics.FAILURES_TOTAL.labels(outcome.reason).inc()
+        started, done = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
+        if started and done:
+            metrics.RUN_DURATION_SECONDS.labels(outcome.phase).observe(max(0.0, (done - started).total_seconds()))

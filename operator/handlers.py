@@ -4,7 +4,8 @@
   lists both before calling any handler, so after a restart the operator knows every Job that
   already exists before it decides anything (no second Job, no over-admission);
 - event handlers on TranscriptionJobs, Jobs and Pods that poke the job's reconcile;
-- startup/cleanup: settings, the API client, the resync loop, the metrics server;
+- startup/cleanup: settings, the API client, the Controller with its WebhookSender, the resync
+  loop, the metrics server;
 - a liveness probe.
 
 No on.create/on.update handlers on purpose: those make kopf write its progress and last-handled
@@ -25,6 +26,7 @@ from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings, get_settings
 from ifw.operator.controller import Controller
 from ifw.operator.kube import Kube
+from ifw.operator.webhooks import WebhookSender
 
 log = logging.getLogger("ifw.operator")
 
@@ -44,10 +46,9 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorSettings) ->
 
 
 def make_controller(config: OperatorSettings) -> Controller:
-    from ifw.operator.webhooks import WebhookController
-
     api = kube.api_client(pool_size=config.api_threads, component="operator")
-    return WebhookController(config, Kube(api, config.api_threads))
+    writes = Kube(api, config.api_threads)
+    return Controller(config, writes, WebhookSender(config, writes))
 
 
 @kopf.on.startup()
@@ -134,4 +135,4 @@ def probe_jobs(memo: kopf.Memo, **_: Any) -> dict[str, int]:
     controller: Controller | None = getattr(memo, "controller", None)
     if controller is None:
         return {}
-    return {"known": len(controller.tjs), "waiting": len(controller.queue), "active": len(controller.active())}
+    return {"known": controller.known(), "waiting": len(controller.queue), "active": len(controller.active())}

@@ -21,8 +21,6 @@ from typing import Any
 
 from ifw.core import contract, results
 from ifw.core.contract import (
-    ANNOTATION_RESUMED_AT,
-    LABEL_JOB_UID,
     LABEL_KUEUE_QUEUE,
     RUNNER_CONTAINER,
     child_labels,
@@ -33,8 +31,6 @@ from ifw.core.contract import (
 )
 from ifw.crds.transcriptionjob import GROUP, PLURAL
 from ifw.operator.config import OperatorSettings
-
-__all__ = ["ANNOTATION_RESUMED_AT", "LABEL_JOB_UID", "LABEL_KUEUE_QUEUE", "children", "runner_job"]
 
 # Env the operator always sets; runner.env from config cannot override these.
 RESERVED_ENV = frozenset(
@@ -140,13 +136,8 @@ def _volumes(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dic
     return volumes, mounts
 
 
-def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool = False) -> dict[str, Any]:
-    """The batch/v1 Job that runs the runner for ``tj`` (a TranscriptionJob as a dict)."""
-    namespace, name, uid = job_identity(tj)
-    spec = tj.get("spec") or {}
+def _container(tj: dict[str, Any], settings: OperatorSettings, mounts: list[dict[str, Any]]) -> dict[str, Any]:
     pod = settings.runner
-    volumes, mounts = _volumes(settings)
-
     container: dict[str, Any] = {
         "name": RUNNER_CONTAINER,
         "image": pod.image,
@@ -162,16 +153,20 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
     }
     if pod.s3_credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": pod.s3_credentials_secret}}]
+    return container
 
-    pod_labels = {**pod.labels, **child_labels(tj, "runner")}
+
+def _pod_spec(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    pod = settings.runner
+    volumes, mounts = _volumes(settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; retries are the Job's
-        "serviceAccountName": runner_account_name(name),
+        "serviceAccountName": runner_account_name(tj["metadata"]["name"]),
         "automountServiceAccountToken": True,  # the runner writes its status through the API
         "enableServiceLinks": False,
         "securityContext": dict(pod.pod_security_context),
         "terminationGracePeriodSeconds": pod.termination_grace_period_seconds,
-        "containers": [container],
+        "containers": [_container(tj, settings, mounts)],
         "volumes": volumes,
     }
     if pod.node_selector:
@@ -186,7 +181,27 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
         pod_spec["priorityClassName"] = pod.priority_class_name
     if pod.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in pod.image_pull_secrets]
+    return pod_spec
 
+
+POD_FAILURE_POLICY: dict[str, Any] = {
+    "rules": [
+        # Preemption, eviction, node drain: not the runner's fault, costs no retry.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # Bad input: retrying cannot help.
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": RUNNER_CONTAINER, "operator": "In", "values": [contract.EXIT_BAD_INPUT]},
+        },
+    ]
+}
+
+
+def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool = False) -> dict[str, Any]:
+    """The batch/v1 Job that runs the runner for ``tj`` (a TranscriptionJob as a dict)."""
+    namespace, name, uid = job_identity(tj)
+    spec = tj.get("spec") or {}
+    pod = settings.runner
     job_labels = child_labels(tj, "runner")
     queue_name = spec.get("queueName")
     if queue_name:
@@ -195,30 +210,16 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
         job_labels[LABEL_KUEUE_QUEUE] = queue_name
         suspend = True
 
+    template_meta: dict[str, Any] = {"labels": {**pod.labels, **child_labels(tj, "runner")}}
+    if pod.annotations:
+        template_meta["annotations"] = dict(pod.annotations)
     job_spec: dict[str, Any] = {
         "parallelism": 1,
         "completions": 1,
         "backoffLimit": spec.get("backoffLimit", 2),
         "suspend": suspend,
-        "podFailurePolicy": {
-            "rules": [
-                # Preemption, eviction, node drain: not the runner's fault, costs no retry.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                # Bad input: retrying cannot help.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": RUNNER_CONTAINER,
-                        "operator": "In",
-                        "values": [contract.EXIT_BAD_INPUT],
-                    },
-                },
-            ]
-        },
-        "template": {
-            "metadata": {"labels": pod_labels, **({"annotations": dict(pod.annotations)} if pod.annotations else {})},
-            "spec": pod_spec,
-        },
+        "podFailurePolicy": json.loads(json.dumps(POD_FAILURE_POLICY)),  # a copy per Job
+        "template": {"metadata": template_meta, "spec": _pod_spec(tj, settings)},
     }
     if spec.get("activeDeadlineSeconds"):
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]

@@ -100,11 +100,8 @@ class Kube:
 
     # ------------------------------------------------------------------ delete
 
+    # One at a time only what stop_job removes (a Job the operator failed, its Pods); cleanup goes by label.
     _DELETE = {
-        "Secret": lambda self: self.core.delete_namespaced_secret,
-        "ServiceAccount": lambda self: self.core.delete_namespaced_service_account,
-        "Role": lambda self: self.rbac.delete_namespaced_role,
-        "RoleBinding": lambda self: self.rbac.delete_namespaced_role_binding,
         "Job": lambda self: self.batch.delete_namespaced_job,
         "Pod": lambda self: self.core.delete_namespaced_pod,
     }

@@ -112,13 +112,6 @@ class AdmissionQueue:
         """The job's Job exists now; it is counted from the Jobs, not from the reservation."""
         self._reserved.pop(uid, None)
 
-    def position(self, uid: str) -> int | None:
-        """1-based place in the line, for messages."""
-        cand = self._waiting.get(uid)
-        if cand is None:
-            return None
-        return 1 + sum(1 for other in self._waiting.values() if other < cand)
-
     def admit(self, active: dict[str, str], now: float = float("inf")) -> list[str]:
         """Reserve capacity for the waiting jobs that fit. ``active``: uid -> namespace of running Jobs.
 

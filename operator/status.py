@@ -172,36 +172,13 @@ def derive(
     """
     status = tj.get("status") or {}
     start = parse_time(status.get("startTime"))
-
     if job is None:
-        if waiting:
-            return Outcome("Queued", *waiting)
-        if status.get("jobName"):
-            return Outcome(
-                "Failed", "JobDeleted", f"the runner Job {status['jobName']} was deleted before it finished",
-                start_time=start, completion_time=now,
-            )
-        return Outcome("Pending", "Admitted", "creating the runner Job")
-
-    job_status = job.get("status") or {}
-    complete = _condition(job, "Complete")
-    if complete:
-        done = parse_time(job_status.get("completionTime")) or parse_time(complete.get("lastTransitionTime")) or now
-        start = start or parse_time(job_status.get("startTime")) or done
-        return Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start, completion_time=done)
-    failed = _condition(job, "Failed")
-    if failed:
-        reason, message = failure_cause(job, pods)
-        done = parse_time(failed.get("lastTransitionTime")) or now
-        return Outcome("Failed", reason, message, start_time=start, completion_time=done)
-
+        return _without_job(status, start, now, waiting)
+    done = _job_done(job, pods, start, now)
+    if done is not None:
+        return done
     if job_suspended(job):
-        if waiting:
-            return Outcome("Queued", *waiting)
-        queue = (job["metadata"].get("labels") or {}).get(LABEL_KUEUE_QUEUE)
-        if queue:
-            return Outcome("Queued", "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
-        return Outcome("Queued", "Suspended", "the runner Job is suspended")
+        return _job_held(job, waiting)
 
     live = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
             and not p["metadata"].get("deletionTimestamp")]
@@ -216,47 +193,116 @@ def derive(
     ref = startup_reference(job, pods) or now
     deadline = ref + timedelta(seconds=startup_deadline_seconds)
     if now >= deadline:
-        detail = ""
-        if live:
-            pod = max(live, key=_pod_sort_key)
-            unsched = _unschedulable(pod)
-            wait = _waiting(pod)
-            if unsched:
-                detail = f": {unsched.get('message') or 'unschedulable'}"
-            elif wait.get("reason"):
-                detail = f": {wait['reason']}: {wait.get('message', '')}".rstrip(": ")
-        return Outcome(
-            "Failed", "StartupDeadlineExceeded",
-            clip(f"the runner did not start within {startup_deadline_seconds:g}s{detail}"),
-            start_time=start, completion_time=now, stop_job=True,
-        )
+        return _startup_deadline_passed(live, start, now, startup_deadline_seconds)
+    if live:
+        starting = _Starting(max(live, key=_pod_sort_key), ref, deadline, start, now)
+        return _pod_starting(starting, image_pull_grace_seconds)
+    return _between_attempts(job, pods, start, deadline)
 
+
+def _without_job(
+    status: dict[str, Any], start: datetime | None, now: datetime, waiting: tuple[str, str] | None
+) -> Outcome:
+    if waiting:
+        return Outcome("Queued", *waiting)
+    if status.get("jobName"):
+        return Outcome(
+            "Failed", "JobDeleted", f"the runner Job {status['jobName']} was deleted before it finished",
+            start_time=start, completion_time=now,
+        )
+    return Outcome("Pending", "Admitted", "creating the runner Job")
+
+
+def _job_done(job: dict[str, Any], pods: list[dict[str, Any]], start: datetime | None, now: datetime) -> Outcome | None:
+    """Succeeded or Failed as the Job's conditions say; None while it is not finished."""
+    job_status = job.get("status") or {}
+    complete = _condition(job, "Complete")
+    if complete:
+        done = parse_time(job_status.get("completionTime")) or parse_time(complete.get("lastTransitionTime")) or now
+        start = start or parse_time(job_status.get("startTime")) or done
+        return Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start, completion_time=done)
+    failed = _condition(job, "Failed")
+    if failed:
+        reason, message = failure_cause(job, pods)
+        done = parse_time(failed.get("lastTransitionTime")) or now
+        return Outcome("Failed", reason, message, start_time=start, completion_time=done)
+    return None
+
+
+def _job_held(job: dict[str, Any], waiting: tuple[str, str] | None) -> Outcome:
+    """A suspended Job: by the operator (suspend, cap), by Kueue, or by someone else."""
+    if waiting:
+        return Outcome("Queued", *waiting)
+    queue = (job["metadata"].get("labels") or {}).get(LABEL_KUEUE_QUEUE)
+    if queue:
+        return Outcome("Queued", "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
+    return Outcome("Queued", "Suspended", "the runner Job is suspended")
+
+
+def _startup_deadline_passed(
+    live: list[dict[str, Any]], start: datetime | None, now: datetime, limit: float
+) -> Outcome:
+    detail = ""
     if live:
         pod = max(live, key=_pod_sort_key)
-        name = pod["metadata"]["name"]
-        wait = _waiting(pod)
-        wait_reason = wait.get("reason") or ""
-        if wait_reason in IMAGE_PULL_FATAL or wait_reason in IMAGE_PULL_RETRYABLE:
-            since = max(ref, _created(pod) or ref)
-            give_up = since + timedelta(seconds=image_pull_grace_seconds)
-            image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers", [])), None)
-            message = clip(f"cannot pull image {image}: {wait_reason}: {wait.get('message', '')}".rstrip(": "))
-            if wait_reason in IMAGE_PULL_FATAL or now >= give_up:
-                return Outcome("Failed", "ImagePullFailed", message, start_time=start, completion_time=now,
-                               stop_job=True)
-            return Outcome("Pending", "ImagePullBackOff", message, recheck_at=min(give_up, deadline))
         unsched = _unschedulable(pod)
+        wait = _waiting(pod)
         if unsched:
-            return Outcome(
-                "Queued", "Unschedulable",
-                clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
-                recheck_at=deadline,
-            )
-        if wait_reason:
-            return Outcome("Pending", wait_reason, clip(f"pod {name}: {wait.get('message') or wait_reason}"),
-                           recheck_at=deadline)
-        return Outcome("Pending", "PodStarting", f"pod {name} is starting", recheck_at=deadline)
+            detail = f": {unsched.get('message') or 'unschedulable'}"
+        elif wait.get("reason"):
+            detail = f": {wait['reason']}: {wait.get('message', '')}".rstrip(": ")
+    return Outcome(
+        "Failed", "StartupDeadlineExceeded", clip(f"the runner did not start within {limit:g}s{detail}"),
+        start_time=start, completion_time=now, stop_job=True,
+    )
 
+
+@dataclass(frozen=True)
+class _Starting:
+    """The newest live pod of a Job that is not running yet, and the times that bound its start."""
+
+    pod: dict[str, Any]
+    ref: datetime  # when this attempt to start began (startup_reference)
+    deadline: datetime  # the startup deadline
+    start: datetime | None  # status.startTime
+    now: datetime
+
+
+def _pod_starting(s: _Starting, image_pull_grace_seconds: float) -> Outcome:
+    """Pending, Queued (unschedulable) or an image pull that failed for good."""
+    name = s.pod["metadata"]["name"]
+    wait = _waiting(s.pod)
+    wait_reason = wait.get("reason") or ""
+    if wait_reason in IMAGE_PULL_FATAL or wait_reason in IMAGE_PULL_RETRYABLE:
+        return _image_pull(s, wait, image_pull_grace_seconds)
+    unsched = _unschedulable(s.pod)
+    if unsched:
+        return Outcome(
+            "Queued", "Unschedulable",
+            clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
+            recheck_at=s.deadline,
+        )
+    if wait_reason:
+        return Outcome("Pending", wait_reason, clip(f"pod {name}: {wait.get('message') or wait_reason}"),
+                       recheck_at=s.deadline)
+    return Outcome("Pending", "PodStarting", f"pod {name} is starting", recheck_at=s.deadline)
+
+
+def _image_pull(s: _Starting, wait: dict[str, Any], grace_seconds: float) -> Outcome:
+    """Fatal pull errors fail at once; the others after a grace period (a registry hiccup heals)."""
+    since = max(s.ref, _created(s.pod) or s.ref)
+    give_up = since + timedelta(seconds=grace_seconds)
+    image = next((c.get("image") for c in (s.pod.get("spec") or {}).get("containers", [])), None)
+    message = clip(f"cannot pull image {image}: {wait['reason']}: {wait.get('message', '')}".rstrip(": "))
+    if wait["reason"] in IMAGE_PULL_FATAL or s.now >= give_up:
+        return Outcome("Failed", "ImagePullFailed", message, start_time=s.start, completion_time=s.now, stop_job=True)
+    return Outcome("Pending", "ImagePullBackOff", message, recheck_at=min(give_up, s.deadline))
+
+
+def _between_attempts(
+    job: dict[str, Any], pods: list[dict[str, Any]], start: datetime | None, deadline: datetime
+) -> Outcome:
+    """No live pod: the last attempt failed and the Job controller retries, or the first pod is not made yet."""
     failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     if failed_pods:
         last = max(failed_pods, key=_pod_sort_key)

@@ -13,9 +13,10 @@ backoff (tenacity) on network errors, 408, 429 and 5xx, and every attempt record
 ``status.webhook``. The destination goes through the SSRF guard (ifw.core.netguard): only
 public addresses unless the operator's allowlist says otherwise, checked at connect time.
 
-Delivery runs beside the reconcile (a slow receiver never holds a job up) and survives a
-restart: the attempt count lives in the status, ``delivered`` stops any resend, and the TTL
-deletion waits until delivery has succeeded or given up.
+``WebhookSender`` only delivers; the Controller is handed one and decides when: it runs each
+delivery as a task beside the reconcile (a slow receiver never holds a job up), and its TTL
+deletion waits until delivery has succeeded or given up. Delivery survives a restart: the
+attempt count lives in the status and ``delivered`` stops any resend.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,7 +37,8 @@ from ifw.core import formats, netguard, results
 from ifw.core.contract import format_time
 from ifw.core.kube import api_message
 from ifw.operator import metrics
-from ifw.operator.controller import Controller, _newer
+from ifw.operator.config import OperatorSettings
+from ifw.operator.kube import Kube
 
 log = logging.getLogger("ifw.operator.webhooks")
 
@@ -71,100 +74,80 @@ def _retryable(error: BaseException) -> bool:
     return isinstance(error, DeliveryFailed) and error.retryable
 
 
-class WebhookController(Controller):
-    """The Controller plus webhook delivery after a job finishes."""
+class WebhookSender:
+    """Sends a finished job's webhook. The Controller decides when and keeps the task; this only delivers."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._webhook_done: set[str] = set()  # settled in this process (status may lag behind)
+    def __init__(self, settings: OperatorSettings, kube: Kube):
+        self.config = settings.webhook
+        self.kube = kube
+        self.event_component = settings.event_component
 
-    def webhook_pending(self, tj: dict[str, Any]) -> bool:
-        """Whether a webhook is still owed: the TTL waits for it."""
-        hook = (tj.get("spec") or {}).get("webhook")
-        if not hook or tj["metadata"]["uid"] in self._webhook_done:
+    def owed(self, tj: dict[str, Any]) -> bool:
+        """Whether the job's status still owes a webhook (the attempt count survives restarts)."""
+        if not (tj.get("spec") or {}).get("webhook"):
             return False
         state = (tj.get("status") or {}).get("webhook") or {}
-        return not state.get("delivered") and state.get("attempts", 0) < self.settings.webhook.max_attempts
+        return not state.get("delivered") and state.get("attempts", 0) < self.config.max_attempts
 
-    async def deliver_webhook(self, tj: dict[str, Any]) -> None:
-        uid = tj["metadata"]["uid"]
-        if not self.webhook_pending(tj) or uid in self._webhooks:
-            return
-        task = asyncio.get_running_loop().create_task(self._deliver(tj), name=f"webhook-{uid}")
-        self._webhooks[uid] = task
-
-        def done(_task: asyncio.Task) -> None:
-            self._webhooks.pop(uid, None)
-            if not _task.cancelled():
-                self._webhook_done.add(uid)
-                self.poke(uid)  # the TTL may proceed now
-
-        task.add_done_callback(done)
-
-    async def after_finish(self, tj: dict[str, Any]) -> None:
-        await self.deliver_webhook(tj)
-        if tj["metadata"]["uid"] in self._webhooks:
-            return  # TTL after delivery: the task pokes the job when it ends
-        await super().after_finish(tj)
-
-    async def cleanup(self, tj: dict[str, Any]) -> None:
-        self._webhook_done.discard(tj["metadata"]["uid"])
-        await super().cleanup(tj)
-
-    # ---------------------------------------------------------------- delivery
-
-    async def _deliver(self, tj: dict[str, Any]) -> None:
-        meta, spec, status = tj["metadata"], tj.get("spec") or {}, tj.get("status") or {}
-        hook = spec["webhook"]
-        config = self.settings.webhook
-        state = dict(status.get("webhook") or {})
-        attempts_left = config.max_attempts - state.get("attempts", 0)
+    async def deliver(self, tj: dict[str, Any], on_written: Callable[[dict[str, Any]], None]) -> None:
+        """Send it, retrying what may pass later; each attempt goes to status.webhook, then ``on_written``."""
+        meta = tj["metadata"]
+        state = dict((tj.get("status") or {}).get("webhook") or {})
         try:
             body = json.dumps(await self._payload(tj), ensure_ascii=False, separators=(",", ":"))
-            extra = await self._user_headers(meta["namespace"], hook.get("headersSecretRef"))
+            extra = await self._user_headers(meta["namespace"], tj["spec"]["webhook"].get("headersSecretRef"))
         except DeliveryFailed as error:
-            await self._record(tj, state, delivered=False, error=str(error), final=True)
+            await self._record(tj, state, on_written, delivered=False, error=str(error), final=True)
             return
-        # One id per job and outcome: the same across retries and operator restarts.
-        msg_id = f"{meta['uid']}-{status.get('phase', '').lower()}"
-        secret = config.signing_secret.get_secret_value() if config.signing_secret else None
+        await self._send(tj, body, extra, state, on_written)
 
+    async def _send(
+        self, tj: dict[str, Any], body: str, extra: dict[str, str], state: dict[str, Any],
+        on_written: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """POST until delivered, a final answer, or the attempts left run out (exponential backoff)."""
+        config = self.config
+        # One id per job and outcome: the same across retries and operator restarts.
+        msg_id = f"{tj['metadata']['uid']}-{(tj.get('status') or {}).get('phase', '').lower()}"
+        attempts_left = config.max_attempts - state.get("attempts", 0)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max(1, attempts_left)),
+            wait=wait_exponential_jitter(multiplier=config.backoff_initial_seconds, max=config.backoff_max_seconds),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
         async with netguard.guarded_async_client(
             config.allowlist, timeout=httpx.Timeout(config.timeout_seconds), headers={"user-agent": USER_AGENT}
         ) as client:
-
-            async def attempt() -> None:
-                now = datetime.now(timezone.utc)
-                headers = {**extra, "content-type": "application/json", **sign(secret, msg_id, body, now)}
-                try:
-                    response = await client.post(hook["url"], content=body.encode(), headers=headers)
-                except netguard.DestinationNotAllowed as error:
-                    raise DeliveryFailed(f"refused by the SSRF guard: {error}", retryable=False) from error
-                except httpx.HTTPError as error:
-                    raise DeliveryFailed(f"{type(error).__name__}: {error}", retryable=True) from error
-                if response.is_success:
-                    return
-                retryable = response.status_code in (408, 429) or response.status_code >= 500
-                raise DeliveryFailed(f"the receiver answered HTTP {response.status_code}", retryable=retryable)
-
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(max(1, attempts_left)),
-                wait=wait_exponential_jitter(multiplier=config.backoff_initial_seconds, max=config.backoff_max_seconds),
-                retry=retry_if_exception(_retryable),
-                reraise=True,
-            )
             try:
                 async for try_ in retrying:
                     with try_:
                         try:
-                            await attempt()
+                            await self._post(client, tj["spec"]["webhook"]["url"], body, extra, msg_id)
                         except DeliveryFailed as error:
                             final = not error.retryable or try_.retry_state.attempt_number >= attempts_left
-                            state = await self._record(tj, state, delivered=False, error=str(error), final=final)
+                            state = await self._record(tj, state, on_written, delivered=False, error=str(error),
+                                                       final=final)
                             raise
-                state = await self._record(tj, state, delivered=True, error=None, final=True)
+                await self._record(tj, state, on_written, delivered=True, error=None, final=True)
             except (DeliveryFailed, RetryError):
                 pass
+
+    async def _post(self, client: httpx.AsyncClient, url: str, body: str, extra: dict[str, str], msg_id: str) -> None:
+        """One attempt; DeliveryFailed says whether another one may succeed."""
+        secret = self.config.signing_secret.get_secret_value() if self.config.signing_secret else None
+        now = datetime.now(timezone.utc)
+        headers = {**extra, "content-type": "application/json", **sign(secret, msg_id, body, now)}
+        try:
+            response = await client.post(url, content=body.encode(), headers=headers)
+        except netguard.DestinationNotAllowed as error:
+            raise DeliveryFailed(f"refused by the SSRF guard: {error}", retryable=False) from error
+        except httpx.HTTPError as error:
+            raise DeliveryFailed(f"{type(error).__name__}: {error}", retryable=True) from error
+        if response.is_success:
+            return
+        retryable = response.status_code in (408, 429) or response.status_code >= 500
+        raise DeliveryFailed(f"the receiver answered HTTP {response.status_code}", retryable=retryable)
 
     async def _payload(self, tj: dict[str, Any]) -> dict[str, Any]:
         meta, status = tj["metadata"], tj.get("status") or {}
@@ -199,7 +182,8 @@ class WebhookController(Controller):
         return headers
 
     async def _record(
-        self, tj: dict[str, Any], state: dict[str, Any], *, delivered: bool, error: str | None, final: bool
+        self, tj: dict[str, Any], state: dict[str, Any], on_written: Callable[[dict[str, Any]], None], *,
+        delivered: bool, error: str | None, final: bool,
     ) -> dict[str, Any]:
         """One attempt into status.webhook (and metrics, logs, an Event when it is over)."""
         meta = tj["metadata"]
@@ -211,11 +195,17 @@ class WebhookController(Controller):
         }
         metrics.WEBHOOK_DELIVERIES_TOTAL.labels("delivered" if delivered else "failed").inc()
         try:
-            updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], {"webhook": state})
-            if meta["uid"] in self.tjs and _newer(updated, self.tjs[meta["uid"]]):
-                self.tjs[meta["uid"]] = updated
+            on_written(await self.kube.patch_tj_status(meta["namespace"], meta["name"], {"webhook": state}))
         except Exception as patch_error:  # the job may be gone (cancelled): nothing left to record on
             log.warning("cannot record webhook state on %s: %s", meta["name"], api_message(patch_error))
+        await self._announce(tj, state, delivered=delivered, error=error, final=final)
+        return state
+
+    async def _announce(
+        self, tj: dict[str, Any], state: dict[str, Any], *, delivered: bool, error: str | None, final: bool
+    ) -> None:
+        """A log line when it is over, and an Event when it failed for good."""
+        meta = tj["metadata"]
         if delivered:
             log.info("%s/%s: webhook delivered to %s", meta["namespace"], meta["name"], _host(tj))
         elif final:
@@ -223,10 +213,9 @@ class WebhookController(Controller):
                         meta["name"], _host(tj), state["attempts"], error)
             try:
                 await self.kube.event(tj, type_="Warning", reason="WebhookFailed", message=error or "",
-                                      component=self.settings.event_component)
+                                      component=self.event_component)
             except Exception as event_error:
                 log.warning("could not post an Event on %s: %s", meta["name"], api_message(event_error))
-        return state
 
 
 def _host(tj: dict[str, Any]) -> str:

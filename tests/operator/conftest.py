@@ -40,6 +40,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
 
 
+def wait_reconciled(op: "OperatorThread", *uids: str, passes: int = 2, timeout: float = 10.0) -> None:
+    """Wait until the operator has finished ``passes`` more reconciles of each job.
+
+    Two by default: the first may have begun before this call looked. After the second, whatever
+    a reconcile would do about the state the caller saw has been done, so a test can then assert
+    that something did *not* happen, without sleeping a guessed time.
+    """
+
+    def count(uid: str) -> int:
+        state = op.controller.states.get(uid)
+        return state.reconciles if state else 0
+
+    start = {uid: count(uid) for uid in uids}
+    wait_for(lambda: all(count(uid) >= start[uid] + passes for uid in uids), timeout,
+             what=f"{passes} more reconciles of {len(uids)} job(s)")
+
+
 def operator_settings(**overrides: Any) -> OperatorSettings:
     base: dict[str, Any] = {
         "max_active_jobs": None,

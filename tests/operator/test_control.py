@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.operator.conftest import wait_for
+from tests.operator.conftest import wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -40,11 +39,11 @@ def _none_left(sim, uid):
 
 
 def test_suspend_and_resume(run_operator, sim):
-    run_operator()
+    op = run_operator()
     tj = sim.create_tj("later", suspend=True)
     status = sim.wait_phase("later", "Queued", "Suspended")
     assert "suspend" in status["message"]
-    time.sleep(0.6)
+    wait_reconciled(op, tj["metadata"]["uid"])
     assert sim.jobs(tj["metadata"]["uid"]) == []  # suspended before it started: no Job at all
 
     sim.patch_tj("later", {"spec": {"suspend": False}})
@@ -108,21 +107,23 @@ def test_cancel_deletes_the_job_and_stops_the_pod(run_operator, sim):
 
 
 def test_a_new_job_with_a_reused_name_keeps_its_children(run_operator, sim):
-    run_operator()
+    op = run_operator()
     first = sim.create_tj("again")
     sim.job_of(first)
     sim.delete_tj("again")
     second = sim.create_tj("again")
     job = sim.job_of(second)
     wait_for(lambda: _none_left(sim, first["metadata"]["uid"]), 5, what="the first one's children deleted")
-    time.sleep(0.5)
+    # The first one's record goes only when its cleanup has finished; the second is looked at again after.
+    wait_for(lambda: first["metadata"]["uid"] not in op.controller.states, 5, what="the first one's cleanup done")
+    wait_reconciled(op, second["metadata"]["uid"])
     assert _children(sim, second["metadata"]["uid"])["secrets"] == ["again-result"]
     assert sim.read_job(job["metadata"]["name"])["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
 
 
 def test_concurrency_cap_holds_and_drains_in_creation_order(run_operator, sim):
     cap = 3
-    run_operator(max_active_jobs=cap)
+    op = run_operator(max_active_jobs=cap)
     names = [f"q{i:02d}" for i in range(20)]
     uids = {}
     for name in names:
@@ -134,7 +135,10 @@ def test_concurrency_cap_holds_and_drains_in_creation_order(run_operator, sim):
         return sorted((j.metadata.creation_timestamp, by_uid[j.metadata.labels["ifw.dev/job-uid"]]) for j in jobs)
 
     wait_for(lambda: len(started()) >= cap, 10, what="the first jobs")
-    time.sleep(1.0)
+    # Every other job was held back, and looked at twice more since: none of them may have started.
+    for name in names[cap:]:
+        sim.wait_phase(name, "Queued", "ConcurrencyLimit")
+    wait_reconciled(op, *uids.values())
     assert [n for _, n in started()] == names[:cap]
     status = sim.wait_phase(names[cap], "Queued", "ConcurrencyLimit")
     assert f"{cap}/{cap} runner jobs active" in status["message"]
@@ -208,9 +212,12 @@ def test_operator_killed_mid_job_restarts_without_a_second_job(kube, tj_crd, nam
         status = sim.wait_phase("survivor", "Succeeded", timeout=30)
         assert status["jobName"] == job["metadata"]["name"]
         assert [j["metadata"]["uid"] for j in sim.jobs(tj["metadata"]["uid"])] == [job["metadata"]["uid"]]
-        # Structured logs: one JSON object per line.
-        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
-        assert any(json.loads(ln).get("message", "").startswith(f"{namespace}/survivor: Succeeded") for ln in lines)
+        # Structured logs: one JSON object per line. The line follows the status write, so wait for it.
+        def logged() -> bool:
+            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+            return any(json.loads(ln).get("message", "").startswith(f"{namespace}/survivor: Succeeded") for ln in lines)
+
+        wait_for(logged, 10, what="the Succeeded transition in the JSON log")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -255,7 +262,7 @@ def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):
 
 
 def test_kueue_queue_name_hands_admission_to_kueue(run_operator, sim):
-    run_operator(max_active_jobs=1)
+    op = run_operator(max_active_jobs=1)
     busy = sim.create_tj("busy")
     sim.job_of(busy)  # takes the operator's only slot
     tj = sim.create_tj("kq", queueName="gpu-queue")
@@ -269,7 +276,7 @@ def test_kueue_queue_name_hands_admission_to_kueue(run_operator, sim):
     pod = sim.create_pod(job)
     sim.pod_running(pod)
     sim.wait_phase("kq", "Running")
-    time.sleep(0.6)
+    wait_reconciled(op, tj["metadata"]["uid"])
     assert sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False
 
 
@@ -279,9 +286,9 @@ def test_restarted_operator_counts_existing_jobs_before_admitting(run_operator, 
     job = sim.job_of(first)
     op.stop()
     second = sim.create_tj("second")  # arrives while the operator is down
-    run_operator(max_active_jobs=1)
+    restarted = run_operator(max_active_jobs=1)
     sim.wait_phase("second", "Queued", "ConcurrencyLimit")
-    time.sleep(0.6)
+    wait_reconciled(restarted, second["metadata"]["uid"])
     assert sim.jobs(second["metadata"]["uid"]) == []  # the running Job was counted on start
     sim.set_job_condition(job, "Complete", "CompletionsReached")
     sim.job_of(second)

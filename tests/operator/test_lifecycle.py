@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.operator.conftest import wait_for
+from tests.operator.conftest import wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
 
@@ -38,6 +38,9 @@ def test_success_path(run_operator, sim):
     assert conds["Succeeded"]["status"] == "True" and conds["Running"]["status"] == "False"
     assert all(c["observedGeneration"] == tj["metadata"]["generation"] for c in conds.values())
     assert len(sim.jobs(tj["metadata"]["uid"])) == 1
+    # kopf wrote nothing of its own on the objects: no finalizers, no progress or last-handled annotations.
+    for meta in (sim.tj("hello")["metadata"], sim.read_job(job["metadata"]["name"])["metadata"]):
+        assert not meta.get("finalizers") and not [k for k in meta.get("annotations") or {} if "kopf" in k], meta
 
 
 FAILURES = [
@@ -122,7 +125,7 @@ def test_unschedulable_is_queued_then_startup_deadline_fails_it(run_operator, si
 
 
 def test_runner_written_status_survives_operator_reconciles(run_operator, sim):
-    run_operator()
+    op = run_operator()
     tj = sim.create_tj("fields")
     job = sim.job_of(tj)
     sim.wait_phase("fields", "Pending")
@@ -137,9 +140,7 @@ def test_runner_written_status_survives_operator_reconciles(run_operator, sim):
     sim.pod_terminated(pod, 0, reason="Completed")
     sim.set_job_condition(job, "Complete", "CompletionsReached")
     sim.wait_phase("fields", "Succeeded")
-    import time
-
-    time.sleep(1.2)  # two resync intervals: the operator reconciles the job again
+    wait_reconciled(op, tj["metadata"]["uid"])  # the operator looks at the finished job again
     status = sim.status("fields")
     assert status["progress"]["percent"] == 42.0 and status["audio"]["language"] == "en"
     assert status["speakers"] == 2 and status["result"]["ref"] == "fields-result"

@@ -9,7 +9,6 @@ test's by User-Agent) must be allowed by the rendered rules.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +122,8 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
         sim.wait_phase("paused", "Queued", "Suspended")
         sim.delete_tj("paused")
         wait_for(lambda: not sim.jobs(paused["metadata"]["uid"]), 5, what="cancel")
-        time.sleep(0.5)
+        # Its record goes once the whole cleanup (pods, Secrets, RBAC) is done: all of it in the audit log.
+        wait_for(lambda: paused["metadata"]["uid"] not in op.controller.states, 5, what="the cleanup done")
     finally:
         op.stop()
 

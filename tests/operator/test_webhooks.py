@@ -12,7 +12,7 @@ from standardwebhooks import Webhook
 from ifw.core import results
 from ifw.core.results import ResultSettings
 from ifw.core.transcript import Segment, Transcript
-from tests.operator.conftest import wait_for
+from tests.operator.conftest import wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="
@@ -99,9 +99,13 @@ def test_success_webhook_carries_the_transcript_signed_with_user_headers(run_ope
     assert state["webhook"]["attempts"] == 1 and not state["webhook"].get("lastError")
 
 
+def _no_delivery_in_flight(op, *tjs) -> bool:
+    return all(op.controller.states[tj["metadata"]["uid"]].webhook is None for tj in tjs)
+
+
 def test_failure_webhook_is_retried_with_the_same_id(run_operator, sim, receiver):
     hook = receiver(answers=[503, 500])
-    run_operator(**FAST)
+    op = run_operator(**FAST)
     tj = sim.create_tj("broken", webhook={"url": hook.url})
     _finish(sim, tj, ok=False)
     wait_for(lambda: len(hook.requests) == 3, 10, what="three attempts")
@@ -114,25 +118,24 @@ def test_failure_webhook_is_retried_with_the_same_id(run_operator, sim, receiver
         Webhook(SECRET).verify(r["body"], r["headers"])
     state = wait_for(lambda: (sim.status("broken").get("webhook") or {}).get("delivered") and sim.status("broken"), 5)
     assert state["webhook"]["attempts"] == 3
-    import time
-
-    time.sleep(1.0)  # resyncs must not send it again
+    # Reconciles after the delivery must not send it again (nor have a second delivery running).
+    wait_reconciled(op, tj["metadata"]["uid"])
+    assert _no_delivery_in_flight(op, tj)
     assert len(hook.requests) == 3
 
 
 def test_client_errors_are_not_retried_and_attempts_are_bounded(run_operator, sim, receiver):
     gone = receiver(answers=[404])
     down = receiver(answers=[503] * 10)
-    run_operator(**FAST)
+    op = run_operator(**FAST)
     a = sim.create_tj("gone", webhook={"url": gone.url})
     b = sim.create_tj("down", webhook={"url": down.url})
     _finish(sim, a, ok=False)
     _finish(sim, b, ok=False)
     wait_for(lambda: (sim.status("gone").get("webhook") or {}).get("attempts") == 1, 10)
     wait_for(lambda: (sim.status("down").get("webhook") or {}).get("attempts") == 4, 10)
-    import time
-
-    time.sleep(1.0)
+    wait_reconciled(op, a["metadata"]["uid"], b["metadata"]["uid"])
+    assert _no_delivery_in_flight(op, a, b)
     assert len(gone.requests) == 1 and len(down.requests) == 4  # max_attempts
     assert "HTTP 404" in sim.status("gone")["webhook"]["lastError"]
     assert sim.status("down")["webhook"]["delivered"] is False
