@@ -272,9 +272,15 @@ class WebhookDelivery(_Model):
 class Assignment(_Model):
     """The pool worker the operator gave the job to (pool mode). Written by the operator."""
 
-    worker: str = Field(description="Name of the pool worker (its Lease).", max_length=253)
-    attempt: int = Field(ge=1, description="Which attempt this is; a new one after a worker is lost.")
-    time: datetime | None = Field(None, description="When the job was assigned.")
+    worker: str | None = Field(
+        None, description="Name of the pool worker (its Lease); absent while the job waits for one.", max_length=253
+    )
+    attempt: int = Field(ge=1, description="Which attempt this is; each assignment is a new one.")
+    retries: int = Field(
+        0, ge=0, description="Attempts lost to a failure or a lost worker (hand-backs do not count); "
+        "over spec.backoffLimit the job fails.",
+    )
+    time: datetime | None = Field(None, description="When the job was last assigned.")
 
 
 class Execution(_Model):

@@ -152,6 +152,15 @@ class WebhookSettings(_Section):
     )
 
 
+class PoolSettings(_Section):
+    """The warm pool of runner workers (their Leases tell the operator who is ready for what)."""
+
+    wait_seconds: float = Field(
+        0, ge=0, description="A runtime-Auto job that finds no ready worker for its model waits this long for "
+        "one (a pool scaled to zero is starting) before it runs in its own Job. 0: a Job at once.",
+    )
+
+
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IFW_OPERATOR_", env_nested_delimiter="__", extra="forbid")
 
@@ -194,6 +203,7 @@ class OperatorSettings(BaseSettings):
 
     runner: RunnerPod = Field(default_factory=RunnerPod)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
@@ -40,7 +41,7 @@ from ifw.core.contract import (
 )
 from ifw.core.kube import api_message, status_code
 from ifw.operator import jobs as manifests
-from ifw.operator import metrics
+from ifw.operator import metrics, pool
 from ifw.operator.config import OperatorSettings
 from ifw.operator.jobstate import JobState
 from ifw.operator.kube import Kube
@@ -77,6 +78,10 @@ def _spec(tj: dict[str, Any]) -> dict[str, Any]:
     return tj.get("spec") or {}
 
 
+def _assignment(tj: dict[str, Any]) -> dict[str, Any]:
+    return (tj.get("status") or {}).get("assignment") or {}
+
+
 def _kueue(tj: dict[str, Any]) -> bool:
     """Kueue admits the job (spec.queueName), not the operator's cap."""
     return bool(_spec(tj).get("queueName"))
@@ -100,6 +105,7 @@ class Controller:
         self.states: dict[str, JobState] = {}  # TranscriptionJob uid -> everything known about it
         self.jobs_index: Any = {}  # kopf.Index: tj uid -> Store of Job bodies
         self.pods_index: Any = {}  # kopf.Index: tj uid -> Store of Pod bodies
+        self.leases_index: Any = {}  # kopf.Index: pool worker name -> Store of its Lease
         self.ready = asyncio.Event()
         self._background: set[asyncio.Task] = set()  # Event posts
         # Starts in flight at once. Without a bound, a burst of N jobs queues all N*4 child
@@ -119,9 +125,10 @@ class Controller:
         if state.forgettable and self.states.get(state.uid) is state:
             del self.states[state.uid]
 
-    def bind_indexes(self, jobs_index: Any, pods_index: Any) -> None:
-        """Called from the first handler: kopf has listed every runner Job by then."""
+    def bind_indexes(self, jobs_index: Any, pods_index: Any, leases_index: Any = None) -> None:
+        """Called from the first handler: kopf has listed every runner Job (and worker Lease) by then."""
         self.jobs_index, self.pods_index = jobs_index, pods_index
+        self.leases_index = leases_index if leases_index is not None else {}
         for uid in list(jobs_index):
             for job in jobs_index.get(uid) or []:
                 self.note_job(None, job)
@@ -177,6 +184,48 @@ class Controller:
     def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         self.note_job(event_type, job)
         self.poke(job["metadata"]["labels"][LABEL_JOB_UID])
+
+    # ------------------------------------------------------------------ the pool
+
+    def pool(self) -> dict[str, pool.PoolWorker]:
+        """The pool workers, from their Leases (kopf's index: current without a read)."""
+        leases = [lease for name in list(self.leases_index) for lease in (self.leases_index.get(name) or [])]
+        return pool.workers(leases)
+
+    def _pool_jobs(self) -> list[tuple[JobState, dict[str, Any]]]:
+        """Unfinished jobs that run (or wait to run) in the pool."""
+        return [(state, state.tj) for state in list(self.states.values())
+                if state.tj is not None and not is_terminal(state.tj)
+                and (state.tj.get("status") or {}).get("runtime") == "Pool"]  # fmt: skip
+
+    def pool_load(self) -> Counter[str]:
+        return pool.load(w for _, tj in self._pool_jobs() if (w := _assignment(tj).get("worker")))
+
+    def pool_stats(self) -> dict[str, int]:
+        """For the metrics (and the autoscaler that reads them): demand and supply of the pool."""
+        jobs = self._pool_jobs()
+        now, workers = _now(), self.pool().values()
+        return {
+            "waiting": sum(1 for _, tj in jobs if not _assignment(tj).get("worker")),
+            "assigned": sum(1 for _, tj in jobs if _assignment(tj).get("worker")),
+            "workers_ready": sum(1 for w in workers if w.ready(now)),
+            "workers_draining": sum(1 for w in workers if w.alive(now) and w.draining),
+            "capacity": sum(w.capacity for w in workers if w.ready(now)),
+        }
+
+    def observe_lease(self, event_type: str | None, lease: dict[str, Any]) -> None:
+        """A worker appeared, renewed, drained or vanished: look again at its jobs and at who waits."""
+        name = lease["metadata"]["name"]
+        for state, tj in self._pool_jobs():
+            worker = _assignment(tj).get("worker")
+            if worker == name or worker is None:
+                self.poke(state.uid)
+        if event_type != "DELETED":
+            # Jobs waiting to learn whether the pool serves them (runtime not decided yet).
+            for state in list(self.states.values()):
+                if state.tj is not None and not (state.tj.get("status") or {}).get("runtime") \
+                        and not is_terminal(state.tj):
+                    self.poke(state.uid)
 
     # These three are also read by the liveness probe and the metrics scrape, from other threads:
     # each iterates a snapshot (list() of a dict runs under the GIL in one go).
@@ -324,7 +373,13 @@ class Controller:
         await self.after_finish(state, tj)
 
     async def _drive(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
-        """Bring the runner Job in line with the spec. None: nothing more to do in this pass."""
+        """Bring the runner (a pool worker or a Job) in line with the spec. None: nothing more to do."""
+        runtime = await self._runtime(state, tj)
+        if runtime is None:
+            return None  # waiting to see whether a pool worker comes up; status written
+        if runtime == "Pool":
+            await self._drive_pool(state, tj)
+            return None
         job = self.job_for(state)
         if job is not None:
             self.queue.settle(state.uid)
@@ -371,6 +426,92 @@ class Controller:
         resume = {"metadata": {"annotations": {ANNOTATION_RESUMED_AT: format_time(_now())}}, "spec": {"suspend": False}}
         return Seen(await self._patch_job(state, job, resume))
 
+    # ------------------------------------------------------------------ pool jobs
+
+    async def _runtime(self, state: JobState, tj: dict[str, Any]) -> str | None:
+        """Pool or Job, decided once and kept in status.runtime. None: wait (a cold pool may start)."""
+        status = tj.get("status") or {}
+        if status.get("runtime"):
+            return status["runtime"]
+        if status.get("jobName") or self.job_for(state) is not None:
+            return "Job"  # started before runtimes existed, or by an operator that restarted since
+        now = _now()
+        chosen = pool.runtime(_spec(tj), self.pool(), self._model(tj), now)
+        wait = self.settings.pool.wait_seconds
+        created = parse_time(tj["metadata"].get("creationTimestamp")) or now
+        if chosen == "Job" and (_spec(tj).get("runtime") or "Auto") == "Auto" and not _kueue(tj) \
+                and wait > 0 and now < created + timedelta(seconds=wait):
+            # The pool may be scaled to zero: give the autoscaler the time to start a worker.
+            outcome = Outcome("Queued", "WaitingForWorker",
+                              f"no pool worker serves {self._model(tj)} yet; a Job takes it after {wait:g} s")
+            await self.write_status(state, tj, outcome, job_name=None, now=now)
+            self.poke_at(state.uid, created + timedelta(seconds=wait))
+            return None
+        return chosen
+
+    async def _drive_pool(self, state: JobState, tj: dict[str, Any]) -> None:
+        """A pool job: assign it to a worker, follow the worker's report, give it up or to a Job."""
+        now = _now()
+        workers = self.pool()
+        decision = pool.derive(tj, workers, now=now)
+        outcome = decision.outcome
+        assignment = dict(_assignment(tj))
+        extra: dict[str, Any] = {"runtime": "Pool"}
+        if decision.action == "to_job":
+            extra = {"runtime": "Job", "assignment": None}
+        elif decision.action == "unassign":
+            assignment.pop("worker", None)
+            extra["assignment"] = {**assignment, "worker": None}
+        elif decision.action == "assign":
+            if decision.retry:
+                assignment["retries"] = assignment.get("retries", 0) + 1
+            load = self.pool_load()
+            if _assignment(tj).get("worker"):
+                load[_assignment(tj)["worker"]] -= 1  # this job's own slot is free for its next attempt
+            chosen = pool.choose(workers, load, self._model(tj), now, avoid=decision.avoid)
+            if chosen is None:
+                # Nobody free: wait (the attempt count and retries stay on the assignment).
+                assignment.pop("worker", None)
+                extra["assignment"] = {**assignment, "worker": None} if assignment else None
+                why = f"{outcome.message}; " if decision.retry or outcome.phase == "Pending" else ""
+                outcome = Outcome("Queued", "WaitingForWorker",
+                                  f"{why}waiting for a pool worker serving {self._model(tj)} with a free slot",
+                                  start_time=outcome.start_time)  # fmt: skip
+            else:
+                await self._create_pool_children(state, tj)
+                extra["assignment"] = {"worker": chosen.name, "attempt": assignment.get("attempt", 0) + 1,
+                                       "retries": assignment.get("retries", 0), "time": format_time(now)}  # fmt: skip
+                if outcome.phase == "Queued":
+                    outcome = Outcome("Pending", "Assigned", f"assigned to pool worker {chosen.name}",
+                                      recheck_at=chosen.expires)  # fmt: skip
+                else:  # a retry or a hand-back: say where it went
+                    outcome = Outcome(outcome.phase, outcome.reason,
+                                      f"{outcome.message}: now pool worker {chosen.name}",
+                                      start_time=outcome.start_time, recheck_at=chosen.expires)  # fmt: skip
+        tj = await self.write_status(state, tj, outcome, job_name=None, now=now, extra=extra)
+        if outcome.terminal:
+            await self._finished(state, tj)
+            self._poke_pool_waiters()
+        elif decision.action == "to_job":
+            self.poke(state.uid)  # the next pass takes the Job path
+        elif outcome.recheck_at:
+            self.poke_at(state.uid, outcome.recheck_at)
+
+    async def _create_pool_children(self, state: JobState, tj: dict[str, Any]) -> None:
+        """A pool worker needs only the result Secret: it runs with its own identity, not a per-job one."""
+        for obj in manifests.pool_children(tj):
+            if await self.kube.create(obj) is None:
+                await self._check_ours(obj, state.uid)
+
+    def _poke_pool_waiters(self) -> None:
+        """A slot freed up: the jobs waiting for a worker may go now."""
+        for state, tj in self._pool_jobs():
+            if not _assignment(tj).get("worker"):
+                self.poke(state.uid)
+
+    def _model(self, tj: dict[str, Any]) -> str:
+        return _spec(tj).get("model") or self.settings.default_model
+
     async def _report(self, state: JobState, tj: dict[str, Any], seen: Seen) -> None:
         """Derive the status from what was seen, write what changed, come back when it may change."""
         now = _now()
@@ -383,7 +524,7 @@ class Controller:
         if outcome.stop_job and seen.job is not None:
             await self.stop_job(state, seen.job)
         job_name = seen.job["metadata"]["name"] if seen.job else (tj.get("status") or {}).get("jobName")
-        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now)
+        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now, extra={"runtime": "Job"})
         if outcome.terminal:
             await self._finished(state, tj)
         elif outcome.recheck_at:
@@ -460,12 +601,15 @@ class Controller:
     # ----------------------------------------------------------------- status
 
     async def write_status(
-        self, state: JobState, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime
+        self, state: JobState, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """The outcome (and ``extra`` operator-owned fields: runtime, assignment) as one merge patch."""
         meta = tj["metadata"]
-        model = _spec(tj).get("model") or self.settings.default_model
-        patch = status_patch(tj, outcome, job_name=job_name, model=model, now=now)
-        if patch is None:
+        status = tj.get("status") or {}
+        patch = status_patch(tj, outcome, job_name=job_name, model=self._model(tj), now=now) or {}
+        patch.update({key: value for key, value in (extra or {}).items() if status.get(key) != value})
+        if not patch:
             return tj
         before = tj.get("status") or {}
         updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], patch)

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from ifw.core import kube
-from ifw.core.contract import LABEL_JOB_UID
+from ifw.core.contract import LABEL_JOB_UID, LABEL_POOL_WORKER
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings, get_settings
 from ifw.operator.controller import Controller
@@ -40,6 +40,7 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorSettings) ->
     # Watches are label-filtered client-side by default; filter Jobs and Pods on the server.
     settings.watching.label_selectors["batch", "jobs"] = LABEL_JOB_UID
     settings.watching.label_selectors["v1", "pods"] = LABEL_JOB_UID
+    settings.watching.label_selectors["coordination.k8s.io", "leases"] = f"{LABEL_POOL_WORKER}=true"
     settings.posting.reporting_component = config.event_component
     # One replica (Deployment strategy Recreate): no peering objects needed.
     settings.peering.standalone = True
@@ -66,7 +67,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         from ifw.operator import metrics
 
         memo.collector = metrics.StateCollector(
-            controller.phases, lambda: len(controller.queue), lambda: len(controller.active())
+            controller.phases, lambda: len(controller.queue), lambda: len(controller.active()), controller.pool_stats
         )
         REGISTRY.register(memo.collector)
         memo.metrics_server = metrics.serve(config.metrics_port)
@@ -102,32 +103,49 @@ def runner_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dic
     return {labels[LABEL_JOB_UID]: dict(body)}
 
 
-def _controller(memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index) -> Controller:
+@kopf.index("coordination.k8s.io", "v1", "leases", labels={LABEL_POOL_WORKER: "true"})
+def pool_workers(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
+    return {name: dict(body)}
+
+
+def _controller(memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+                pool_workers: kopf.Index) -> Controller:  # fmt: skip
     controller: Controller = memo.controller
     if not controller.ready.is_set():
-        controller.bind_indexes(runner_jobs, runner_pods)
+        controller.bind_indexes(runner_jobs, runner_pods, pool_workers)
     return controller
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def transcriptionjob_event(
-    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+    pool_workers: kopf.Index, **_: Any,
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods).observe(type, dict(body))
+    _controller(memo, runner_jobs, runner_pods, pool_workers).observe(type, dict(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def job_event(
-    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+    pool_workers: kopf.Index, **_: Any,
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods).observe_job(type, dict(body))
+    _controller(memo, runner_jobs, runner_pods, pool_workers).observe_job(type, dict(body))
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def pod_event(
-    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index, **_: Any
+    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+    pool_workers: kopf.Index, **_: Any,
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods).poke(labels[LABEL_JOB_UID])
+    _controller(memo, runner_jobs, runner_pods, pool_workers).poke(labels[LABEL_JOB_UID])
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={LABEL_POOL_WORKER: "true"})
+async def lease_event(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+    pool_workers: kopf.Index, **_: Any,
+) -> None:
+    _controller(memo, runner_jobs, runner_pods, pool_workers).observe_lease(type, dict(body))
 
 
 @kopf.on.probe(id="jobs")

@@ -237,6 +237,11 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
     }
 
 
+def pool_children(tj: dict[str, Any]) -> list[dict[str, Any]]:
+    """What must exist before a pool worker takes the job: only the result Secret it patches."""
+    return [results.result_secret(tj)]
+
+
 def children(tj: dict[str, Any]) -> list[dict[str, Any]]:
     """What must exist before the Job (its pod needs the account, the runner needs the Secret)."""
     return [runner_service_account(tj), runner_role(tj), runner_role_binding(tj), results.result_secret(tj)]

@@ -41,10 +41,11 @@ WEBHOOK_DELIVERIES_TOTAL = Counter(
 
 
 class StateCollector(Collector):
-    """Jobs by phase, waiting jobs and active runners, read from the controller on scrape."""
+    """Jobs by phase, waiting jobs, active runners and the pool, read from the controller on scrape."""
 
-    def __init__(self, phases: Callable[[], list[str]], queued: Callable[[], int], active: Callable[[], int]):
-        self._phases, self._queued, self._active = phases, queued, active
+    def __init__(self, phases: Callable[[], list[str]], queued: Callable[[], int], active: Callable[[], int],
+                 pool: Callable[[], dict[str, int]] | None = None):  # fmt: skip
+        self._phases, self._queued, self._active, self._pool = phases, queued, active, pool
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = _Counter(self._phases())
@@ -56,6 +57,21 @@ class StateCollector(Collector):
             "ifw_operator_queue_length", "TranscriptionJobs waiting for capacity.", value=self._queued()
         )
         yield GaugeMetricFamily("ifw_operator_active_jobs", "Runner Jobs holding capacity.", value=self._active())
+        if self._pool is None:
+            return
+        stats = self._pool()
+        # The autoscaler's input: pool jobs waiting for a slot plus those being worked on, against
+        # the slots the ready workers offer (desired workers = demand / slots per worker).
+        demand = GaugeMetricFamily("ifw_operator_pool_jobs", "Unfinished pool jobs, by state.", labels=["state"])
+        for state in ("waiting", "assigned"):
+            demand.add_metric([state], stats[state])
+        yield demand
+        workers = GaugeMetricFamily("ifw_operator_pool_workers", "Pool workers holding a Lease.", labels=["state"])
+        workers.add_metric(["ready"], stats["workers_ready"])
+        workers.add_metric(["draining"], stats["workers_draining"])
+        yield workers
+        yield GaugeMetricFamily("ifw_operator_pool_capacity", "Job slots of the ready pool workers.",
+                                value=stats["capacity"])  # fmt: skip
 
 
 def serve(port: int, registry: CollectorRegistry = REGISTRY):

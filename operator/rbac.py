@@ -35,6 +35,8 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "deletecollection"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
      "verbs": ["get", "create", "deletecollection"]},
+    # Pool workers' Leases: who is alive, what it serves, how many jobs it takes.
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["list", "watch"]},
     # Events on TranscriptionJobs (kubectl describe).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf: discovery of the CRD, and namespaces when the configured namespaces are patterns.

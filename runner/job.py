@@ -23,7 +23,7 @@ from ifw.core import contract, kube, results
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, progress_body
+from ifw.runner.progress import ProgressReporter, final_status
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,7 @@ def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultS
     result = results.store_result(
         transcript, job, result_settings or results.ResultSettings(), core_v1=client.CoreV1Api(api)
     )
-    final: dict[str, Any] = {
-        "progress": progress_body(transcript.duration, transcript.duration),
-        "audio": {
-            "durationSeconds": transcript.duration,
-            "language": transcript.language,
-            "languageProbability": transcript.language_probability,
-        },
-        "result": result,
-    }
-    if (speakers := pipeline.speaker_count(transcript)) is not None:
-        final["speakers"] = speakers
+    final = final_status(transcript, result)
     status.patch(final)
     return final
 

@@ -18,6 +18,26 @@ log = logging.getLogger(__name__)
 Sink = Callable[[dict[str, Any]], None]
 
 
+def final_status(transcript: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """The runner's last status write, the same from a Job's pod and from a pool worker."""
+    final: dict[str, Any] = {
+        "progress": progress_body(transcript.duration, transcript.duration),
+        "audio": {
+            "durationSeconds": transcript.duration,
+            "language": transcript.language,
+            "languageProbability": transcript.language_probability,
+            # nothing dropped silently: speech found, speech with text, stretches given up
+            "speechSeconds": transcript.speech_seconds,
+            "textSeconds": transcript.text_seconds,
+            "droppedPieces": transcript.dropped_pieces,
+        },
+        "result": result,
+    }
+    if transcript.speakers is not None:
+        final["speakers"] = len({turn.speaker for turn in transcript.speakers})
+    return final
+
+
 def progress_body(processed: float, total: float) -> dict[str, Any]:
     """status.progress as the CRD spells it."""
     processed = min(max(processed, 0.0), total) if total > 0 else 0.0

@@ -44,7 +44,7 @@ from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSp
 from ifw.runner import errors
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, progress_body
+from ifw.runner.progress import ProgressReporter, final_status
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +344,7 @@ class Worker:
         reporter.flush()
         check()
         ref = results.store_result(transcript, tj, self.result_settings, core_v1=self.core)
-        final: dict[str, Any] = {
-            "progress": progress_body(transcript.duration, transcript.duration),
-            "audio": {"durationSeconds": transcript.duration, "language": transcript.language,
-                      "languageProbability": transcript.language_probability},
-            "result": ref,
-        }  # fmt: skip
-        if (speakers := pipeline.speaker_count(transcript)) is not None:
-            final["speakers"] = speakers
-        return final
+        return final_status(transcript, ref)
 
     # ------------------------------------------------------------------ status writes
 

@@ -1,0 +1,189 @@
+"""The warm pool, as the operator sees it (pure functions, no API calls, no clock reads).
+
+Pool workers (``ifw-runner serve``, runner/worker.py) hold a Lease each; ``workers`` turns the
+Leases into ``PoolWorker`` records. ``runtime`` decides where a job runs (spec.runtime, the
+Kueue rule, whether a ready worker serves its model), ``choose`` picks the least loaded
+ready worker with a free slot, and ``derive`` says what a pool job's status is from its
+assignment, the worker's report (status.execution) and the worker's Lease — and what the
+operator must do about it (assign, give up the attempt, hand the job to a Job).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from ifw.core.contract import (
+    ANNOTATION_WORKER_CAPACITY,
+    ANNOTATION_WORKER_DRAINING,
+    ANNOTATION_WORKER_MODELS,
+    ANNOTATION_WORKER_NODE,
+    REASON_HANDED_BACK_TOO_LONG,
+    parse_time,
+)
+from ifw.operator.status import Outcome
+
+# Hand-backs that mean "not for the pool": an Auto job then runs in its own Job.
+NOT_FOR_THE_POOL = frozenset({REASON_HANDED_BACK_TOO_LONG, "ModelNotServed"})
+
+
+@dataclass(frozen=True)
+class PoolWorker:
+    name: str
+    namespace: str
+    models: tuple[str, ...]
+    capacity: int
+    draining: bool
+    expires: datetime
+    node: str = ""
+
+    def ready(self, now: datetime) -> bool:
+        return not self.draining and now < self.expires
+
+    def alive(self, now: datetime) -> bool:
+        """Still holds its Lease (a draining worker finishes what it has)."""
+        return now < self.expires
+
+
+def worker_of(lease: Mapping[str, Any]) -> PoolWorker | None:
+    """A Lease as a PoolWorker; None for a Lease that is not a well-formed worker's."""
+    meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+    annotations = meta.get("annotations") or {}
+    renewed = parse_time(spec.get("renewTime") or spec.get("acquireTime"))
+    if renewed is None or not meta.get("name"):
+        return None
+    try:
+        models = tuple(json.loads(annotations.get(ANNOTATION_WORKER_MODELS) or "[]"))
+        capacity = max(1, int(annotations.get(ANNOTATION_WORKER_CAPACITY) or 1))
+    except (ValueError, TypeError):
+        return None
+    duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 15))
+    return PoolWorker(
+        name=meta["name"],
+        namespace=meta.get("namespace", ""),
+        models=models,
+        capacity=capacity,
+        draining=annotations.get(ANNOTATION_WORKER_DRAINING) == "true",
+        expires=renewed + duration,
+        node=annotations.get(ANNOTATION_WORKER_NODE) or "",
+    )
+
+
+def workers(leases: Iterable[Mapping[str, Any]]) -> dict[str, PoolWorker]:
+    found = (worker_of(lease) for lease in leases)
+    return {w.name: w for w in found if w is not None}
+
+
+def serves(pool: Mapping[str, PoolWorker], model: str, now: datetime) -> bool:
+    return any(w.ready(now) and model in w.models for w in pool.values())
+
+
+def choose(pool: Mapping[str, PoolWorker], load: Counter[str], model: str, now: datetime,
+           avoid: str | None = None) -> PoolWorker | None:  # fmt: skip
+    """The ready worker serving ``model`` with the most free slots (``avoid``: the one just lost)."""
+    fits = [w for w in pool.values() if w.ready(now) and model in w.models and load[w.name] < w.capacity]
+    if avoid is not None and len(fits) > 1:
+        fits = [w for w in fits if w.name != avoid]
+    return max(fits, key=lambda w: (w.capacity - load[w.name], w.name), default=None)
+
+
+Runtime = Literal["Pool", "Job"]
+
+
+def runtime(spec: Mapping[str, Any], pool: Mapping[str, PoolWorker], model: str, now: datetime) -> Runtime:
+    """Where a new job runs: as its spec says; a Kueue queue needs a Job; Auto: the pool if it serves the model."""
+    wanted = spec.get("runtime") or "Auto"
+    if spec.get("queueName") or wanted == "Job":
+        return "Job"
+    if wanted == "Pool" or serves(pool, model, now):
+        return "Pool"
+    return "Job"
+
+
+# ------------------------------------------------------------------ a pool job's state
+
+Action = Literal["assign", "unassign", "to_job", "none"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A pool job's status, and what the operator does about it in this pass."""
+
+    outcome: Outcome
+    action: Action = "none"
+    retry: bool = False  # with "assign": the last attempt counts against spec.backoffLimit
+    avoid: str | None = None  # with "assign": prefer another worker than this one
+
+
+def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: datetime) -> Decision:
+    """The state of a non-terminal pool job, from its assignment, the worker's report and its Lease."""
+    spec, status = tj.get("spec") or {}, tj.get("status") or {}
+    assignment = status.get("assignment") or {}
+    worker_name, attempt = assignment.get("worker"), assignment.get("attempt") or 0
+    retries, limit = assignment.get("retries") or 0, spec.get("backoffLimit", 2)
+    execution = status.get("execution") or {}
+    mine = worker_name is not None and execution.get("worker") == worker_name and execution.get("attempt") == attempt
+    report = execution if mine else {}
+    start = parse_time(status.get("startTime")) or parse_time(report.get("startTime"))
+
+    if spec.get("suspend"):
+        if worker_name:
+            return Decision(Outcome("Queued", "Suspended", "spec.suspend is true; the worker stops the job"), "unassign")
+        return Decision(Outcome("Queued", "Suspended", "spec.suspend is true; set it to false to run the job"))
+    if not worker_name:
+        return Decision(_waiting(attempt), "assign")
+
+    state = report.get("state")
+    if state == "Succeeded" and status.get("result"):
+        done = parse_time(report.get("finishTime")) or now
+        return Decision(Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start or done,
+                                completion_time=done))  # fmt: skip
+    if state == "Failed":
+        reason, message = report.get("reason") or "RunnerFailed", report.get("message") or "the runner failed"
+        if report.get("badInput") or retries >= limit:
+            if not report.get("badInput"):
+                message = f"{message} (gave up after {retries + 1} attempts)"
+            return Decision(Outcome("Failed", reason, message, start_time=start, completion_time=now), "unassign")
+        return Decision(Outcome("Pending", "Retrying", f"attempt {attempt} failed ({reason}: {message}); retrying",
+                                start_time=start), "assign", retry=True, avoid=worker_name)  # fmt: skip
+    if state == "HandedBack":
+        reason = report.get("reason") or "HandedBack"
+        if reason in NOT_FOR_THE_POOL and spec.get("runtime") != "Pool":
+            return Decision(Outcome("Pending", reason, f"{report.get('message')}; running it in its own Job"), "to_job")
+        return Decision(Outcome("Pending", reason, f"{report.get('message')}; assigning it again"), "assign",
+                        avoid=worker_name)  # fmt: skip
+
+    worker = pool.get(worker_name)
+    if worker is None or not worker.alive(now):
+        lost = f"pool worker {worker_name} stopped renewing its Lease during attempt {attempt}"
+        if retries >= limit:
+            return Decision(Outcome("Failed", "WorkerLost", f"{lost} (gave up after {retries + 1} attempts)",
+                                    start_time=start, completion_time=now), "unassign")  # fmt: skip
+        return Decision(Outcome("Pending", "Retrying", f"{lost}; assigning it again", start_time=start),
+                        "assign", retry=True, avoid=worker_name)  # fmt: skip
+
+    deadline = spec.get("activeDeadlineSeconds")
+    if state == "Running":
+        if deadline and start and now >= start + timedelta(seconds=deadline):
+            return Decision(Outcome("Failed", "DeadlineExceeded",
+                                    f"the job ran longer than activeDeadlineSeconds={deadline} and was stopped",
+                                    start_time=start, completion_time=now), "unassign")  # fmt: skip
+        recheck = min(worker.expires, start + timedelta(seconds=deadline)) if deadline and start else worker.expires
+        return Decision(Outcome("Running", "Running", f"pool worker {worker_name} is working on it",
+                                start_time=start or now, recheck_at=recheck))  # fmt: skip
+    return Decision(Outcome("Pending", "Assigned", f"assigned to pool worker {worker_name}, attempt {attempt}",
+                            recheck_at=worker.expires))  # fmt: skip
+
+
+def _waiting(attempt: int) -> Outcome:
+    after = f" (after attempt {attempt})" if attempt else ""
+    return Outcome("Queued", "WaitingForWorker", f"waiting for a pool worker with a free slot{after}")
+
+
+def load(assigned: Iterable[str]) -> Counter[str]:
+    """Jobs per worker: the names of the workers the unfinished pool jobs are assigned to."""
+    return Counter(assigned)
