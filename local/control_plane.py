@@ -18,6 +18,14 @@ server on free loopback ports in their own process groups, waits for
 ``/readyz`` and writes a kubeconfig. On exit it stops exactly the processes it
 started and removes its temporary directory.
 
+Both enforce RBAC for everyone but system:masters (envtest: the upstream
+authorizer; the project build: local/apiserver/rbac.go). Other identities are
+client certificates signed by the same CA, which the server authenticates
+(``--client-ca-file``): ``kubeconfig_for(user, groups)``, or
+``service_account_kubeconfig(namespace, name)`` for what a pod of that
+ServiceAccount would be. ``audit_log=PATH`` turns the audit log on (every
+request, Metadata level: user, verb, objectRef, response code, decision).
+
 There are no controllers, scheduler or kubelet: tests play their parts (see
 the shared reference test-control-plane.md).
 
@@ -143,29 +151,48 @@ class _PKI:
         self._leaf("admin", "/O=system:masters/CN=ifw-test-admin",
                    "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n")
 
-    def _leaf(self, name: str, subj: str, ext: str) -> None:
+    def _leaf(self, name: str, subj: str, ext: str, env: dict[str, str] | None = None) -> None:
         d = self.dir
         (d / f"{name}.ext").write_text(ext)
         _run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-              "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", subj])
+              "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", subj], env=env)
         _run(["openssl", "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(self.ca_crt),
               "-CAkey", str(self.ca_key), "-CAcreateserial", "-days", "2",
-              "-out", str(d / f"{name}.crt"), "-extfile", str(d / f"{name}.ext")])
+              "-out", str(d / f"{name}.crt"), "-extfile", str(d / f"{name}.ext")], env=env)
+
+    def client(self, name: str, user: str, groups: tuple[str, ...]) -> tuple[Path, Path]:
+        """A client certificate and key for `user` (CN) in `groups` (O, one each)."""
+        for part in (user, *groups):
+            if any(c in part for c in "/=+,\\\n"):  # would change the subject openssl parses
+                raise ControlPlaneError(f"cannot put {part!r} in a certificate subject")
+        subject = "".join(f"/O={group}" for group in groups) + f"/CN={user}"
+        # openssl caps CN and O at X.520's 64 characters; a ServiceAccount's username and group
+        # reach 63 + 63 + 23 (Kubernetes reads any length). Lift the cap for these certificates.
+        conf = self.dir / "long-names.cnf"
+        if not conf.exists():
+            conf.write_text("openssl_conf = init\n[init]\nstbl_section = stbl\n[stbl]\n"
+                            "commonName = min:1,max:1024\norganizationName = min:1,max:1024\n"
+                            "[req]\ndistinguished_name = dn\n[dn]\n")
+        self._leaf(name, subject, "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
+                   env={**os.environ, "OPENSSL_CONF": str(conf)})
+        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
 
     def service_account_keys(self) -> None:
         _run(["openssl", "genrsa", "-out", str(self.sa_key), "2048"])
         _run(["openssl", "rsa", "-in", str(self.sa_key), "-pubout", "-out", str(self.sa_pub)])
 
 
-def write_kubeconfig(path: Path, server: str, pki: _PKI, name: str = "ifw-test") -> None:
+def write_kubeconfig(path: Path, server: str, pki: _PKI, name: str = "ifw-test", user: str = "admin",
+                     cert: Path | None = None, key: Path | None = None) -> None:
+    """A kubeconfig for the admin certificate, or for `cert` and `key` when given."""
     b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_crt)}}],
-        "users": [{"name": "admin", "user": {"client-certificate-data": b64(pki.client_crt),
-                                               "client-key-data": b64(pki.client_key)}}],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": "admin", "namespace": "default"}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert or pki.client_crt),
+                                            "client-key-data": b64(key or pki.client_key)}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": user, "namespace": "default"}}],
         "current-context": name,
         "preferences": {},
     }
@@ -182,9 +209,12 @@ class ControlPlane:
     ``timings`` (seconds: 'build', 'readyz').
     """
 
-    def __init__(self, log=_log, keep_dir: bool = False):
+    def __init__(self, log=_log, keep_dir: bool = False, audit_log: str | Path | None = None):
         self._log = log
         self.keep_dir = keep_dir
+        self.audit_log = Path(audit_log) if audit_log else None
+        self._minted: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._mint_lock = threading.Lock()
         self.kubeconfig: str | None = None
         self.source: str | None = None
         self.server: str | None = None
@@ -209,6 +239,8 @@ class ControlPlane:
         try:
             if existing:
                 self.source = "existing"
+                if self.audit_log:
+                    raise ControlPlaneError("audit_log needs a control plane started here, not IFW_TEST_KUBECONFIG")
                 self.kubeconfig = str(Path(existing).expanduser().resolve())
                 if not os.path.exists(self.kubeconfig):
                     raise ControlPlaneError(f"IFW_TEST_KUBECONFIG={existing} does not exist")
@@ -246,6 +278,37 @@ class ControlPlane:
 
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": self.kubeconfig or ""}
+
+    @property
+    def can_mint(self) -> bool:
+        """Whether kubeconfig_for works: only for a control plane this object started (it holds the CA)."""
+        return self._pki is not None and self.server is not None
+
+    def kubeconfig_for(self, user: str, groups: tuple[str, ...] | list[str] = ()) -> str:
+        """A kubeconfig (path) that authenticates as `user` in `groups` by a client certificate
+        signed by this control plane's CA. Made once per identity; thread-safe."""
+        if not self.can_mint:
+            raise ControlPlaneError(f"cannot mint identities for a {self.source or 'stopped'} control plane "
+                                    "(no CA key here)")
+        assert self._pki is not None and self._tmp is not None and self.server is not None
+        key = (user, tuple(groups))
+        with self._mint_lock:
+            if key not in self._minted:
+                name = f"user-{len(self._minted)}"
+                (self._tmp / "users").mkdir(exist_ok=True)
+                cert, private_key = self._pki.client(f"users/{name}", *key)
+                path = self._tmp / "users" / f"{name}.kubeconfig"
+                write_kubeconfig(path, self.server, self._pki, user=name, cert=cert, key=private_key)
+                self._minted[key] = str(path)
+            return self._minted[key]
+
+    def service_account_kubeconfig(self, namespace: str, name: str) -> str:
+        """What a pod running as ServiceAccount `namespace/name` authenticates as (the user and groups
+        of its token): system:serviceaccount:<ns>:<name>, in system:serviceaccounts,
+        system:serviceaccounts:<ns> and system:authenticated."""
+        return self.kubeconfig_for(service_account_user(namespace, name),
+                                   ("system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                    "system:authenticated"))
 
     # -- internals ---------------------------------------------------------
     def _terminate(self, name: str, proc: subprocess.Popen) -> None:
@@ -319,6 +382,12 @@ class ControlPlane:
             f"--client-ca-file={pki.ca_crt}",
             f"--cert-dir={self._tmp / 'certs'}",
         ]
+        if self.audit_log:
+            policy = self._tmp / "audit-policy.yaml"
+            policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")
+            # blocking: an event is written before its response is sent, so a finished test sees all of them
+            argv += [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                     "--audit-log-mode=blocking"]
         if envtest:
             argv += [
                 "--advertise-address=127.0.0.1", "--authorization-mode=RBAC", "--allow-privileged=true",
@@ -398,6 +467,29 @@ class ControlPlane:
                  "jsonpath={.clusters[0].cluster.server}"], capture_output=True, text=True).stdout
         self._log(f"existing cluster: Kubernetes {self.version.get('gitVersion', '?')} at "
                   f"{self.server or '?'}; KUBECONFIG={self.kubeconfig}")
+
+
+def service_account_user(namespace: str, name: str) -> str:
+    """The username Kubernetes gives a ServiceAccount's tokens."""
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+_covers_binary: str | None = None
+
+
+def covers(owner: list[dict], servant: list[dict]) -> tuple[bool, list[dict]]:
+    """Whether the `owner` PolicyRules allow everything the `servant` rules allow, and the servant's
+    rules (broken down to one verb, resource and name each) that they do not: Kubernetes' own
+    comparison (k8s.io/component-helpers/auth/rbac/validation.Covers), run by the project's
+    apiserver binary (`ifw-test-apiserver covers`)."""
+    global _covers_binary
+    _covers_binary = _covers_binary or build_apiserver()  # once: the build script takes a lock
+    proc = subprocess.run([_covers_binary, "covers"], input=json.dumps({"owner": owner, "servant": servant}),
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ControlPlaneError(f"ifw-test-apiserver covers failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    answer = json.loads(proc.stdout)
+    return answer["covers"], answer["uncovered"]
 
 
 def _kubectl() -> str | None:

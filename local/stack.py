@@ -66,10 +66,14 @@ def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 
 
 
 class LocalStack:
-    def __init__(self, work: Path, model: str, namespace: str = "default"):
+    def __init__(self, work: Path, model: str, namespace: str = "default", gateway_kubeconfig: str | None = None,
+                 gateway_env: dict[str, str] | None = None):
         self.work = work
         self.model = model
         self.namespace = namespace
+        # The gateway's identity (default: the admin kubeconfig) and extra IFW_GATEWAY_* settings.
+        self.gateway_kubeconfig = gateway_kubeconfig
+        self.gateway_env = gateway_env or {}
         self.processes: list[subprocess.Popen] = []
         self.gateway_url = ""
         self.kubeconfig = ""
@@ -123,8 +127,12 @@ class LocalStack:
             "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
             "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "900",
             "IFW_GATEWAY_LOG_FORMAT": "text",
+            **self.gateway_env,
+            **({"KUBECONFIG": self.gateway_kubeconfig} if self.gateway_kubeconfig else {}),
         })
-        self.node = KubeletStandIn(self.kubeconfig, log_dir=self.work / "pods")
+        # Runner processes act as their pod's ServiceAccount (the operator's least-privilege Role).
+        credentials = control_plane.service_account_kubeconfig if control_plane.can_mint else None
+        self.node = KubeletStandIn(self.kubeconfig, log_dir=self.work / "pods", credentials=credentials)
         (self.work / "pods").mkdir(exist_ok=True)
         self.node.start()
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")

@@ -8,6 +8,11 @@ container command as a plain process on this machine (with the container's env,
 kubelet and the Job controller would (exit codes, termination messages,
 podFailurePolicy, backoffLimit, activeDeadlineSeconds, suspend, deletion).
 
+Identity: with ``credentials`` (a callable namespace, account -> kubeconfig path,
+e.g. ``ControlPlane.service_account_kubeconfig``) each process acts as its Pod's
+``serviceAccountName`` (``default`` when unset), as a real kubelet's mounted token
+would make it; without, as the stand-in itself (its own kubeconfig).
+
 What it is not: no images, no isolation, no resource limits, no scheduling, no
 restarts of a process that dies with the machine. On a real cluster none of this
 module runs.
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,9 +70,11 @@ class _Run:
 class KubeletStandIn:
     """Runs the runner Jobs of a cluster as local processes (see the module docstring)."""
 
-    def __init__(self, kubeconfig: str | None = None, interval: float = 0.3, log_dir: Path | None = None):
-        # The runner processes get the same kubeconfig (as a pod gets its service account).
+    def __init__(self, kubeconfig: str | None = None, interval: float = 0.3, log_dir: Path | None = None,
+                 credentials: Callable[[str, str], str] | None = None):
         self.kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube/config")
+        # namespace, ServiceAccount -> the kubeconfig a pod of that account gets; None: our own.
+        self.credentials = credentials
         self.api = kube.api_client(kubeconfig=self.kubeconfig, component="standin")
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
@@ -197,7 +205,8 @@ class KubeletStandIn:
         run.pod_name = pod_name
         run.message_path = self.log_dir / f"{pod_name}.termination"
         env = self._container_env(run.namespace, pod_name, container)
-        env.update(KUBECONFIG=self.kubeconfig, IFW_TERMINATION_MESSAGE_PATH=str(run.message_path))
+        env.update(KUBECONFIG=self._pod_kubeconfig(run.namespace, template.spec),
+                   IFW_TERMINATION_MESSAGE_PATH=str(run.message_path))
         command = [sys.executable if part in ("python", "python3") else part
                    for part in [*(container.command or []), *(container.args or [])]]
         run.log_file = open(self.log_dir / f"{pod_name}.log", "wb")
@@ -211,6 +220,12 @@ class KubeletStandIn:
         if any(c.type == "Suspended" and c.status == "True" for c in (job.status.conditions or [])):
             status["conditions"] = [{**self._condition("Suspended", "JobResumed"), "status": "False"}]
         self._patch_job_status(job, status)
+
+    def _pod_kubeconfig(self, namespace: str, spec: client.V1PodSpec) -> str:
+        """The pod's identity: its ServiceAccount's (as the kubelet mounts its token), else ours."""
+        if self.credentials is None:
+            return self.kubeconfig
+        return self.credentials(namespace, spec.service_account_name or "default")
 
     def _container_env(self, namespace: str, pod_name: str, container: client.V1Container) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("IFW_")}

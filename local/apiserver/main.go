@@ -1,20 +1,22 @@
 // Command ifw-test-apiserver is the ifw project's test control plane: the real
 // apiextensions-apiserver (CRDs, custom resources, schemas, CEL, status,
 // watch, server-side apply) plus etcd-backed storage for the built-in kinds
-// the operator and the Helm chart use. There are no controllers: nothing
-// schedules Pods, runs Jobs, collects garbage or enforces RBAC. Tests play
-// those parts. Built by .ci/build-apiserver.sh from Debian's Go sources.
+// the operator and the Helm chart use, with RBAC enforced for every identity
+// but system:masters (rbac.go). There are no controllers: nothing schedules
+// Pods, runs Jobs or collects garbage. Tests play those parts. Also
+// `ifw-test-apiserver covers` (covers.go), Kubernetes' RBAC rule comparison
+// for tests. Built by .ci/build-apiserver.sh from Debian's Go sources.
 package main
 
 import (
 	"context"
 	"fmt"
 	"net/http"
-	"strings"
 	"os"
 	"reflect"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,6 +36,10 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	"k8s.io/apimachinery/pkg/version"
+	"k8s.io/apiserver/pkg/authentication/user"
+	"k8s.io/apiserver/pkg/authorization/authorizerfactory"
+	"k8s.io/apiserver/pkg/authorization/path"
+	"k8s.io/apiserver/pkg/authorization/union"
 	"k8s.io/apiserver/pkg/registry/generic"
 	genericregistry "k8s.io/apiserver/pkg/registry/generic/registry"
 	"k8s.io/apiserver/pkg/registry/rest"
@@ -281,7 +287,7 @@ func (s strategy) WarningsOnCreate(ctx context.Context, obj runtime.Object) []st
 func (s strategy) WarningsOnUpdate(ctx context.Context, obj, old runtime.Object) []string {
 	return nil
 }
-func (s strategy) Canonicalize(obj runtime.Object)  {}
+func (s strategy) Canonicalize(obj runtime.Object) {}
 func (s strategy) AllowCreateOnUpdate() bool       { return false }
 func (s strategy) AllowUnconditionalUpdate() bool  { return true }
 
@@ -509,6 +515,18 @@ func run(ctx context.Context, o *options.CustomResourceDefinitionsServerOptions)
 	config.GenericConfig.OpenAPIV3Config = genericapiserver.DefaultOpenAPIV3Config(defs, namer)
 	config.GenericConfig.OpenAPIV3Config.Info.Title = "ifw-test-apiserver"
 
+	// Authorization as kube-apiserver's --authorization-mode=RBAC: system:masters
+	// may do anything, health checks are open, everyone else gets what RBAC
+	// objects grant (instead of the delegating authorizer, which would ask
+	// this very server for SubjectAccessReviews it does not serve).
+	health, err := path.NewAuthorizer([]string{"/healthz", "/readyz", "/livez"})
+	if err != nil {
+		return err
+	}
+	rbac := &rbacAuthorizer{}
+	config.GenericConfig.Authorization.Authorizer = union.New(
+		authorizerfactory.NewPrivilegedGroups(user.SystemPrivilegedGroup), health, rbac)
+
 	// Debian ships go-restful 3.10, whose routes do not match a trailing
 	// slash ("/version/", which the Python client asks for, would 404);
 	// Kubernetes builds with a go-restful that accepts both.
@@ -527,6 +545,9 @@ func run(ctx context.Context, o *options.CustomResourceDefinitionsServerOptions)
 		return err
 	}
 	mirrorCRDGroups(server)
+	server.GenericAPIServer.AddPostStartHookOrDie("ifw-rbac-caches", func(hc genericapiserver.PostStartHookContext) error {
+		return rbac.start(hc.Context, hc.LoopbackClientConfig)
+	})
 	server.GenericAPIServer.AddPostStartHookOrDie("ifw-bootstrap-namespaces", func(hc genericapiserver.PostStartHookContext) error {
 		client, err := kubernetes.NewForConfig(hc.LoopbackClientConfig)
 		if err != nil {
@@ -587,6 +608,7 @@ func main() {
 			return run(c.Context(), o)
 		},
 	}
+	cmd.AddCommand(coversCommand())
 	cmd.SetContext(ctx)
 	o.AddFlags(cmd.Flags())
 	os.Exit(cli.Run(cmd))

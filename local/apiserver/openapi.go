@@ -24,7 +24,6 @@ import (
 	"k8s.io/kube-openapi/pkg/validation/spec"
 )
 
-
 func openAPINamer() *openapinamer.DefinitionNamer {
 	return openapinamer.NewDefinitionNamer(extapiserver.Scheme, namerScheme)
 }

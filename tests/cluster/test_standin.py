@@ -91,3 +91,38 @@ def test_deleting_the_job_stops_its_process(kube, namespace, node):
         batch.delete_namespaced_job(name, namespace)
         process.wait(timeout=30)
         assert process.returncode == -15  # SIGTERM, like a kubelet stopping the container
+
+
+# Lists Secrets as whoever KUBECONFIG says; writes the refusal to the termination message.
+LIST_SECRETS_AND_REPORT = """
+import os
+from kubernetes import client, config
+api = client.CoreV1Api(config.new_client_from_config(config_file=os.environ["KUBECONFIG"]))
+try:
+    api.list_namespaced_secret(os.environ["NS"])
+except client.ApiException as error:
+    open(os.environ["IFW_TERMINATION_MESSAGE_PATH"], "w").write(error.body)
+"""
+
+
+def test_each_pod_acts_as_its_service_account(kube, namespace, tmp_path):
+    """With credentials, a pod's process gets its ServiceAccount's identity (as a kubelet mounts
+    its token): the server then knows it by that account's username."""
+    with KubeletStandIn(kube.kubeconfig, interval=0.1, log_dir=tmp_path,
+                        credentials=kube.cp.service_account_kubeconfig) as node, kube.api_client() as api:
+        batch = client.BatchV1Api(api)
+        names = {}
+        for account in ("worker", None):
+            body = job_body(0)
+            pod = body["spec"]["template"]["spec"]
+            if account:
+                pod["serviceAccountName"] = account
+            pod["containers"][0]["command"] = ["python", "-c", LIST_SECRETS_AND_REPORT]
+            pod["containers"][0]["env"] = [{"name": "NS", "value": namespace}]
+            names[account or "default"] = batch.create_namespaced_job(namespace, body).metadata.name
+        for account, name in names.items():
+            finished(batch, namespace, name)
+            run = next(r for r in node.runs.values() if r.name == name)
+            # Nothing is bound to the account: the server refuses it, by its name.
+            refusal = run.message_path.read_text()
+            assert f'User \\"system:serviceaccount:{namespace}:{account}\\" cannot list' in refusal, refusal
