@@ -1,13 +1,16 @@
 """The one place a stored Transcript (ifw.core.transcript) becomes what a client asked for.
 
-- json: the original Insanely Fast Whisper API's `output` object, exactly:
-  {"text", "chunks": [{"timestamp": [start, end], "text"}], "speakers"?: [...]}
-  (chunks are words when word timestamps were asked for; `speakers` only when
-  diarization ran).
+- json: the original Insanely Fast Whisper API's `output` object:
+  {"text", "chunks": [{"timestamp": [start, end], "text"}], "speakers"?: [...], "speaker_turns"?: [...]}
+  Chunks are words when word timestamps were asked for. Texts are Whisper's, passed through
+  unchanged (leading spaces included), so "".join(chunk texts) rebuilds the text. When
+  diarization ran, `speakers` has one entry per chunk (the original's
+  group_by_speaker=False shape, so clients zip chunks with speakers) and `speaker_turns`
+  the merged turns.
 - text, srt, vtt: plain text and subtitles (speaker names as a prefix / a <v> tag).
-- verbose_json / openai json: OpenAI's /v1/audio/transcriptions shapes.
+- verbose_json, openai json, diarized_json: OpenAI's /v1/audio/transcriptions shapes.
 
-The gateway and the CLI both call `render`, so every surface shows the same thing.
+The gateway, the operator's webhooks and the CLI all call these, so every surface shows the same thing.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ import json
 import zlib
 from typing import Any, get_args
 
-from ifw.core.languages import WHISPER_LANGUAGES
-from ifw.core.transcript import Transcript
+from ifw.core.languages import NO_SPACE_LANGUAGES, WHISPER_LANGUAGES
+from ifw.core.transcript import Segment, Transcript, Word
 from ifw.crds.transcriptionjob import ResultFormat
 
 FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
 assert FORMATS == get_args(ResultFormat), "FORMATS and the CRD's ResultFormat must list the same formats"
+# What /v1/audio/* answers: OpenAI's json ({"text", "usage"}) instead of the original's, plus diarized_json.
+OPENAI_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 
 MEDIA_TYPES: dict[str, str] = {
     "json": "application/json",
     "verbose_json": "application/json",
+    "diarized_json": "application/json",
     "text": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
@@ -37,22 +43,40 @@ def _t(seconds: float) -> float:
     return round(float(seconds), 3)
 
 
+def processed_by(transcript: Transcript) -> dict[str, str] | None:
+    """Who did the work ({pod, node, runtime}, unknown ones left out), for answers and webhooks
+    (the original API's fly_machine_id); None when the runner did not say."""
+    if transcript.processed_by is None:
+        return None
+    found = transcript.processed_by.model_dump(exclude_none=True)
+    return found or None
+
+
+def usage(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's usage for models billed by audio duration (whisper-1)."""
+    return {"type": "duration", "seconds": _t(transcript.duration)}
+
+
 # --------------------------------------------------------------- original API
 
 
-def to_original_json(transcript: Transcript) -> dict[str, Any]:
-    """The original API's `output`: word chunks when timestamp == "word", else segment chunks."""
+def _units(transcript: Transcript) -> list[tuple[Segment | Word, str | None]]:
+    """The chunks of the original API, each with its speaker: words when timestamp == "word"
+    (a word without a speaker of its own takes its segment's), else segments."""
     if transcript.timestamp == "word":
-        chunks = [
-            {"timestamp": [_t(w.start), _t(w.end)], "text": w.text}
-            for seg in transcript.segments
-            for w in (seg.words or [])
-        ]
-    else:
-        chunks = [{"timestamp": [_t(s.start), _t(s.end)], "text": s.text} for s in transcript.segments]
+        return [(w, w.speaker or seg.speaker) for seg in transcript.segments for w in (seg.words or [])]
+    return [(seg, seg.speaker) for seg in transcript.segments]
+
+
+def to_original_json(transcript: Transcript) -> dict[str, Any]:
+    """The original API's `output`."""
+    units = _units(transcript)
+    chunks = [{"timestamp": [_t(u.start), _t(u.end)], "text": u.text} for u, _ in units]
     output: dict[str, Any] = {"text": transcript.text, "chunks": chunks}
     if transcript.speakers is not None:
-        output["speakers"] = [
+        # One entry per chunk, in chunk order: speaker is null only when diarization found no one at all.
+        output["speakers"] = [{"speaker": speaker, **chunk} for chunk, (_, speaker) in zip(chunks, units, strict=True)]
+        output["speaker_turns"] = [
             {"speaker": turn.speaker, "timestamp": [_t(turn.start), _t(turn.end)], "text": turn.text}
             for turn in transcript.speakers
         ]
@@ -62,8 +86,30 @@ def to_original_json(transcript: Transcript) -> dict[str, Any]:
 # --------------------------------------------------------------- OpenAI shapes
 
 
-def to_openai_json(transcript: Transcript) -> dict[str, Any]:
-    return {"text": transcript.text}
+def to_openai_json(transcript: Transcript, logprobs: bool = False) -> dict[str, Any]:
+    """OpenAI's json: {"text", "usage"}, and "logprobs" when include[]=logprobs asked for them."""
+    out: dict[str, Any] = {"text": transcript.text}
+    if logprobs:
+        out["logprobs"] = to_logprobs(transcript)
+    out["usage"] = usage(transcript)
+    return out
+
+
+def to_logprobs(transcript: Transcript) -> list[dict[str, Any]]:
+    """Every stored token's log-probability, in order, in OpenAI's {token, logprob, bytes}.
+
+    The transcript keeps token ids, not their texts, and the gateway has no tokenizer: `token`
+    and `bytes` are null and `token_id` (ifw's addition) names the Whisper token. Segments
+    stored without scores contribute nothing.
+    """
+    out = []
+    for seg in transcript.segments:
+        if seg.tokens and seg.logprobs and len(seg.tokens) == len(seg.logprobs):
+            out.extend(
+                {"token": None, "logprob": lp, "bytes": None, "token_id": tid}
+                for tid, lp in zip(seg.tokens, seg.logprobs, strict=True)
+            )
+    return out
 
 
 def _compression_ratio(text: str) -> float:
@@ -72,9 +118,17 @@ def _compression_ratio(text: str) -> float:
     return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
 
 
+def _avg_logprob(seg: Segment) -> float:
+    if seg.avg_logprob is not None:
+        return seg.avg_logprob
+    if seg.logprobs:
+        return sum(seg.logprobs) / len(seg.logprobs)
+    return 0.0  # not measured: OpenAI's type, a neutral value
+
+
 def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
-    """OpenAI's verbose_json. Fields this runner does not measure (tokens, logprobs)
-    keep OpenAI's types with neutral values so strict clients still parse them."""
+    """OpenAI's verbose_json, with the scores the runner stored for each segment; a score it
+    did not store keeps OpenAI's type with a neutral value so strict clients still parse it."""
     segments = []
     for i, seg in enumerate(transcript.segments):
         item: dict[str, Any] = {
@@ -83,11 +137,13 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
             "start": _t(seg.start),
             "end": _t(seg.end),
             "text": seg.text,
-            "tokens": [],
-            "temperature": 0.0,
-            "avg_logprob": 0.0,
-            "compression_ratio": _compression_ratio(seg.text),
-            "no_speech_prob": 0.0,
+            "tokens": list(seg.tokens or []),
+            "temperature": seg.temperature if seg.temperature is not None else 0.0,
+            "avg_logprob": _avg_logprob(seg),
+            "compression_ratio": (
+                seg.compression_ratio if seg.compression_ratio is not None else _compression_ratio(seg.text)
+            ),
+            "no_speech_prob": seg.no_speech_prob if seg.no_speech_prob is not None else 0.0,
         }
         if seg.speaker is not None:
             item["speaker"] = seg.speaker
@@ -103,11 +159,72 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
     words = [w for seg in transcript.segments for w in (seg.words or [])]
     if words:
         out["words"] = [
+            # OpenAI's words carry no leading space.
             {"word": w.text.strip(), "start": _t(w.start), "end": _t(w.end)}
             | ({"speaker": w.speaker} if w.speaker is not None else {})
             for w in words
         ]
+    out["usage"] = usage(transcript)
     return out
+
+
+UNKNOWN_SPEAKER = "unknown"
+
+
+def _join(texts: list[str], language: str | None) -> str:
+    """Word texts as one text: as stored when they carry their own spaces (" Hello"), else spaced."""
+    if language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts):
+        return "".join(texts)
+    return " ".join(t.strip() for t in texts if t.strip())
+
+
+def _speaker_pieces(transcript: Transcript) -> list[tuple[float, float, str, str | None]]:
+    """(start, end, text, speaker) per segment; a segment whose words have several speakers
+    is cut where the speaker changes."""
+    pieces = []
+    for seg in transcript.segments:
+        words = seg.words or []
+        if not words or len({w.speaker or seg.speaker for w in words}) <= 1:
+            pieces.append((seg.start, seg.end, seg.text, seg.speaker or (words[0].speaker if words else None)))
+            continue
+        run: list[Word] = []
+        for word in words:
+            if run and (word.speaker or seg.speaker) != (run[-1].speaker or seg.speaker):
+                pieces.append((run[0].start, run[-1].end, _join([w.text for w in run], transcript.language),
+                               run[0].speaker or seg.speaker))  # fmt: skip
+                run = []
+            run.append(word)
+        pieces.append((run[0].start, run[-1].end, _join([w.text for w in run], transcript.language),
+                       run[0].speaker or seg.speaker))  # fmt: skip
+    return pieces
+
+
+def to_diarized_segments(transcript: Transcript) -> list[dict[str, Any]]:
+    """OpenAI's diarized segments (gpt-4o-transcribe-diarize): one per stretch of one speaker
+    within a segment. Speakers keep ifw's names (SPEAKER_00, ...); "unknown" when diarization
+    found no one."""
+    return [
+        {
+            "id": f"seg_{i}",
+            "type": "transcript.text.segment",
+            "speaker": speaker or UNKNOWN_SPEAKER,
+            "start": _t(start),
+            "end": _t(end),
+            "text": text,
+        }
+        for i, (start, end, text, speaker) in enumerate(_speaker_pieces(transcript))
+    ]
+
+
+def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's diarized_json: task, duration, text, speaker segments, usage."""
+    return {
+        "task": "transcribe",
+        "duration": _t(transcript.duration),
+        "text": transcript.text,
+        "segments": to_diarized_segments(transcript),
+        "usage": usage(transcript),
+    }
 
 
 # --------------------------------------------------------------- text and subtitles
@@ -175,6 +292,15 @@ def render_object(transcript: Transcript, fmt: str) -> dict[str, Any] | str:
     return renderers[fmt](transcript)
 
 
+def render_openai(transcript: Transcript, fmt: str, logprobs: bool = False) -> dict[str, Any] | str:
+    """The body of an OpenAI /v1/audio answer in `fmt` (one of OPENAI_FORMATS)."""
+    if fmt == "json":
+        return to_openai_json(transcript, logprobs)
+    if fmt == "diarized_json":
+        return to_diarized_json(transcript)
+    return render_object(transcript, fmt)
+
+
 def render(transcript: Transcript, fmt: str) -> str:
     """The transcript as the body of a response in format `fmt` (one of FORMATS)."""
     out = render_object(transcript, fmt)
@@ -184,12 +310,19 @@ def render(transcript: Transcript, fmt: str) -> str:
 __all__ = [
     "FORMATS",
     "MEDIA_TYPES",
+    "OPENAI_FORMATS",
+    "processed_by",
     "render",
     "render_object",
+    "render_openai",
+    "to_diarized_json",
+    "to_diarized_segments",
+    "to_logprobs",
     "to_openai_json",
     "to_original_json",
     "to_srt",
     "to_text",
     "to_verbose_json",
     "to_vtt",
+    "usage",
 ]

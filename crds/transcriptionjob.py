@@ -156,7 +156,13 @@ class TranscriptionJobSpec(_Model):
         max_length=256,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
     )
-    batch_size: int = Field(24, ge=1, le=256, description="How many ≤30 s audio pieces Whisper decodes at once.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=256,
+        description="How many ≤30 s audio pieces Whisper decodes at once (64: the REST API's default, the "
+        "original API's).",
+    )
     timestamp: Timestamp = Field("chunk", description="chunk: one timestamp per segment; word: one per word.")
     prompt: str | None = Field(
         None,

@@ -28,9 +28,10 @@ DESCRIPTION = """\
 The Insanely Fast Whisper API, backed by Kubernetes `TranscriptionJob`s.
 
 `POST /` keeps the original API's fields, defaults and response shapes and
-checks every field; `GET /status/{task_id}` keeps the output until the task's
-TTL. Send `x-admin-api-key` when the server has a key. OpenAI-compatible
-routes live under `/v1/audio`.
+checks every field (unknown ones are ignored, as the original ignores them, and
+named in the `X-Ignored-Fields` header); `GET /status/{task_id}` keeps the output
+until the task's TTL. Send `x-admin-api-key` when the server has a key.
+OpenAI-compatible routes live under `/v1/audio` and `/v1/models`.
 """
 
 

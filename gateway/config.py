@@ -1,7 +1,8 @@
 """Gateway configuration, from the environment (env prefix IFW_GATEWAY_).
 
-`ADMIN_KEY` (the original API's variable) is accepted as well as
-IFW_GATEWAY_ADMIN_KEY so existing deployments keep working.
+The original API's variables work as they did: `ADMIN_KEY` as IFW_GATEWAY_ADMIN_KEY, and
+`HF_TOKEN` turns diarization on (on one machine the gateway and the runner share the env);
+IFW_GATEWAY_DIARIZATION_AVAILABLE, when set, decides instead (the Helm chart sets it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,13 +49,25 @@ class GatewaySettings(BaseSettings):
     )
 
     # --- TranscriptionJob defaults ---
-    diarization_available: bool = Field(
-        False, description="The runners have diarization configured (HF_TOKEN or packaged weights)."
+    diarization_available: bool | None = Field(
+        None,
+        description="The runners have diarization configured (the chart's diarization.enabled). "
+        "Unset: true exactly when HF_TOKEN is set, as in the original API.",
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("IFW_GATEWAY_HF_TOKEN", "HF_TOKEN"),
+        description="Only its presence counts (diarization_available); the gateway never uses the token.",
     )
     default_model: str | None = Field(None, description="spec.model when the request names none.")
+    allowed_models: list[str] = Field(
+        default_factory=list,
+        description="The models jobs may name (the operator's default model and the runners' allowed ones); "
+        "listed by GET /v1/models. Empty: not known here, any model is passed on to the runner to judge.",
+    )
     model_aliases: dict[str, str | None] = Field(
-        default_factory=lambda: {"whisper-1": None},
-        description="OpenAI model names mapped to a spec.model (null: the operator's default).",
+        default_factory=lambda: {"whisper-1": None, "gpt-4o-transcribe-diarize": None},
+        description="OpenAI model names mapped to a spec.model (null: the default model).",
     )
     queue_name: str | None = Field(None, description="Kueue LocalQueue put on every TranscriptionJob.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="spec.activeDeadlineSeconds of every TranscriptionJob.")
@@ -68,8 +81,17 @@ class GatewaySettings(BaseSettings):
     )
 
     # --- sync requests ---
-    sync_timeout_seconds: float = Field(
-        3600.0, gt=0, description="A sync request waits this long, then answers 504 with the task_id to poll."
+    sync_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Cap on how long a sync request waits (then 504 with the task_id to poll). Unset: as long "
+        "as the job runs, like the original API (the job's activeDeadlineSeconds bounds it).",
+    )
+    keepalive_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A sync JSON answer not ready after this long starts as 200 and sends a space every "
+        "keepalive_seconds until the JSON body, so proxies keep the connection; 0: never.",
     )
     cancel_on_disconnect: bool = Field(
         False, description="Delete the TranscriptionJob when a sync client disconnects before the result is ready."
@@ -88,6 +110,12 @@ class GatewaySettings(BaseSettings):
         "Unset: uploads are refused with 503.",
     )
     upload_dir: Path = Field(Path("/tmp/ifw-uploads"), description="Volume where uploads wait for their runner.")
+
+    @model_validator(mode="after")
+    def _diarization(self) -> GatewaySettings:
+        if self.diarization_available is None:
+            self.diarization_available = self.hf_token is not None
+        return self
 
     @field_validator("internal_url")
     @classmethod

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from ifw.gateway.errors import TaskNotFound
-from ifw.gateway.models import is_task_id
 from ifw.gateway.service import Service
+from ifw.gateway.taskids import is_task_id
 
 
 def _service(request: Request) -> Service:
@@ -20,9 +20,13 @@ def _namespace(request: Request) -> str:
 
 
 def _task_id(
-    task_id: Annotated[str, Path(description="The task's id (managed_task_id or the uuid4 it was given).")],
+    task_id: Annotated[
+        str,
+        Path(description="The task's id (managed_task_id, URL-encoded: crm%3Acall%2F8812, or the uuid4 it was given)."),
+    ],
 ) -> str:
-    # A task is a TranscriptionJob, named by a DNS-1123 label: any other id names no task.
+    # The route's {task_id:path} takes the decoded id, slashes included; an id that no
+    # request could have given names no task.
     if not is_task_id(task_id):
         raise TaskNotFound()
     return task_id

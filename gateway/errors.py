@@ -65,14 +65,23 @@ class UploadTooLarge(ApiError):
         super().__init__(413, f"file: file is larger than {limit} bytes")
 
 
+class InvalidUrl(ApiError):
+    """The original API's answer to a url that does not start with "http"."""
+
+    def __init__(self) -> None:
+        super().__init__(400, "Invalid URL")
+
+
 class WebhookRequired(ApiError):
     def __init__(self) -> None:
         super().__init__(400, "Webhook is required for async tasks")
 
 
 class DiarizationUnavailable(ApiError):
-    def __init__(self) -> None:
-        super().__init__(400, "diarise_audio: diarization is not configured on this server (no HF_TOKEN or weights)")
+    """The original answered 500 "Missing Hugging Face Token"; a request this server cannot serve is a 400."""
+
+    def __init__(self, field: str = "diarise_audio") -> None:
+        super().__init__(400, f"{field}: diarization is not configured on this server (no HF_TOKEN or weights)")
 
 
 class UploadsDisabled(ApiError):
@@ -95,6 +104,13 @@ class UploadNotFound(ApiError):
 class TaskNotFound(ApiError):
     def __init__(self) -> None:
         super().__init__(404, "Task not found")
+
+
+class ModelNotFound(ApiError):
+    """GET /v1/models/{id} of a model this server does not offer (OpenAI's code: model_not_found)."""
+
+    def __init__(self, model: str):
+        super().__init__(404, f"The model '{model}' does not exist", reason="model_not_found", param="model")
 
 
 class TaskExists(ApiError):
@@ -221,7 +237,7 @@ def openai_body(status_code: int, body: dict[str, Any]) -> dict[str, Any]:
     else:
         message = str(detail)
     kind = "invalid_request_error" if status_code < 500 else "server_error"
-    error = {"message": message, "type": kind, "param": param, "code": body.get("reason")}
+    error = {"message": message, "type": kind, "param": param or body.get("param"), "code": body.get("reason")}
     if body.get("task_id"):
         error["task_id"] = body["task_id"]
     return {"error": error}
@@ -232,6 +248,24 @@ def respond(path: str, status_code: int, body: dict[str, Any], headers: dict[str
     if path.startswith(OPENAI_PREFIX):
         body = openai_body(status_code, body)
     return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def late_body(path: str, exc: BaseException) -> dict[str, Any]:
+    """The body of an error found after a 200 has started (keep-alive whitespace, a stream):
+    the answer it would have been, shaped by path. `status` says it is no success."""
+    if isinstance(exc, ApiError):
+        body = exc.body()
+        code = exc.status_code
+    elif isinstance(exc, KubeError):
+        error = KubernetesError.of(exc)
+        body, code = error.body(), error.status_code
+    else:
+        log.error("unexpected error on %s after the answer started", path, exc_info=exc)
+        body, code = {"detail": "internal error"}, 500
+    body.setdefault("status", "error")
+    if path.startswith(OPENAI_PREFIX):
+        return openai_body(code, body)
+    return body
 
 
 def early_response(path: str, exc: ApiError) -> JSONResponse:

@@ -70,17 +70,15 @@ class Kube:
             self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
         )
 
-    async def delete_tj(self, namespace: str, name: str, propagation: str) -> bool:
-        """False when there was no such TranscriptionJob."""
+    async def delete_tj(self, namespace: str, name: str, propagation: str, resource_version: str | None = None) -> bool:
+        """False when there was no such TranscriptionJob. With `resource_version`, only that
+        version is deleted: a changed one raises KubeError 409."""
+        body: dict[str, Any] = {"propagationPolicy": propagation}
+        if resource_version:
+            body["preconditions"] = {"resourceVersion": resource_version}
         try:
             await self.call(
-                self.custom.delete_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                propagation_policy=propagation,
+                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, body=body
             )
         except KubeError as exc:
             if exc.status == 404:

@@ -4,45 +4,31 @@ Field names and defaults are the original Insanely Fast Whisper API's
 (url, task, language="None", batch_size=64, timestamp, diarise_audio,
 webhook{url, header}, is_async, managed_task_id); what it accepted but never
 checked (enums, ranges, URL form, language) is enforced here, and each error
-names its field.
+names its field. Fields it does not know are ignored as the original ignores
+them, and reported (routes_api strips them before these models see the body).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ifw.core.languages import normalize_language
 from ifw.core.validators import MAX_URL_LENGTH, check_http_url, check_speaker_hints
-from ifw.crds.transcriptionjob import Task, Timestamp
+from ifw.crds.transcriptionjob import MAX_PROMPT_LENGTH, Task, Timestamp
+from ifw.gateway.taskids import MAX_TASK_ID, check_task_id
 
-# A TranscriptionJob name doubles as the batch/v1 Job name and pod label
-# value, so it must be a DNS-1123 label (63 characters at most).
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Webhook header names become Secret keys: both rules must hold.
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 SPEAKER_HINTS = ("num_speakers", "min_speakers", "max_speakers")
-ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]
 
 
 def check_url(value: str, field: str) -> str:
     return check_http_url(value.strip(), field)
-
-
-def is_task_id(value: str) -> bool:
-    return len(value) <= 63 and DNS1123_LABEL.match(value) is not None
-
-
-def check_task_id(value: str) -> str:
-    if not is_task_id(value):
-        raise ValueError(
-            "managed_task_id must be a Kubernetes name: at most 63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return value
 
 
 def check_language(value: str | None) -> str | None:
@@ -94,7 +80,10 @@ class TranscribeFields(BaseModel):
     webhook: WebhookBody | None = Field(None, description="Required when is_async is true.")
     is_async: bool = Field(False, description="Answer at once and deliver the result to the webhook.")
     managed_task_id: str | None = Field(
-        None, max_length=63, description="Your id for the task (a Kubernetes name); default: a new uuid4."
+        None,
+        max_length=MAX_TASK_ID,
+        description="Your id for the task, any printable text (e.g. crm:call/8812); default: a new uuid4. "
+        "Use it URL-encoded in /status and /cancel.",
     )
     # Beyond the original API.
     model: str | None = Field(
@@ -103,6 +92,14 @@ class TranscribeFields(BaseModel):
     num_speakers: int | None = Field(None, ge=1, le=64, description="Exact number of speakers, when known.")
     min_speakers: int | None = Field(None, ge=1, le=64, description="Lower bound on the number of speakers.")
     max_speakers: int | None = Field(None, ge=1, le=64, description="Upper bound on the number of speakers.")
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_LENGTH,
+        description="Vocabulary, names and spellings to prefer, or the style of the text (Whisper's initial prompt).",
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=1, description="Sampling temperature of the first decode (absent: 0, greedy, then Whisper's fallback)."
+    )
 
     @field_validator("language")
     @classmethod
@@ -146,29 +143,43 @@ class TranscribeRequest(TranscribeFields):
 
 class Chunk(BaseModel):
     timestamp: tuple[float, float | None]
-    text: str
+    text: str = Field(description='As Whisper wrote it, leading space included (" Hello"): the chunks join into the text.')
 
 
 class SpeakerChunk(BaseModel):
-    speaker: str
+    speaker: str | None = Field(description="SPEAKER_00, ...; null only when diarization found no speaker at all.")
     timestamp: tuple[float, float | None]
     text: str
 
 
 class Output(BaseModel):
-    """The original API's output: text, chunks and (when diarized) speakers."""
+    """The original API's output: text, chunks and (when diarized) speakers, one per chunk."""
 
     model_config = ConfigDict(extra="allow")
 
     text: str
     chunks: list[Chunk]
-    speakers: list[SpeakerChunk] | None = None
+    speakers: list[SpeakerChunk] | None = Field(
+        None, description="When diarized: each chunk's speaker, in chunk order (zip it with chunks)."
+    )
+    speaker_turns: list[SpeakerChunk] | None = Field(
+        None, description="When diarized: the speaker turns, consecutive chunks of one speaker merged (ifw's addition)."
+    )
+
+
+class ProcessedBy(BaseModel):
+    """The machine that did the work (the original reported fly_machine_id)."""
+
+    pod: str | None = None
+    node: str | None = None
+    runtime: str | None = Field(None, description="Pool (a warm worker), Job (its own batch/v1 Job) or Local.")
 
 
 class CompletedResponse(BaseModel):
     output: Output
     status: Literal["completed"] = "completed"
     task_id: str
+    processed_by: ProcessedBy | None = None
 
 
 class ProcessingResponse(BaseModel):
@@ -185,6 +196,7 @@ class ProgressOut(BaseModel):
     percent: float | None = None
     processed_seconds: float | None = None
     total_seconds: float | None = None
+    text: str | None = Field(None, description="Streaming tasks only: the text transcribed so far.")
 
 
 class StatusResponse(BaseModel):
@@ -197,6 +209,7 @@ class StatusResponse(BaseModel):
     reason: str | None = None
     message: str | None = None
     output: Output | None = Field(None, description="Present once completed, until the TranscriptionJob's TTL removes it.")
+    processed_by: ProcessedBy | None = Field(None, description="Once completed: the pod and node that did the work.")
 
 
 class ReadyResponse(BaseModel):
@@ -241,3 +254,18 @@ class OpenAIError(BaseModel):
 
 class OpenAIText(BaseModel):
     text: str
+    usage: dict[str, Any] | None = None
+
+
+class ModelObject(BaseModel):
+    """One model, in OpenAI's shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ifw"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -1,4 +1,4 @@
-"""Read a finished TranscriptionJob's stored transcript and render it (ifw.core.results and ifw.core.formats)."""
+"""Read a finished TranscriptionJob's stored transcript (ifw.core.results); the routes render it (ifw.core.formats)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import functools
 import logging
 from typing import Any
 
-from ifw.core import formats, results
+from ifw.core import results
 from ifw.core.transcript import Transcript
 from ifw.gateway.errors import ResultUnavailable
 from ifw.gateway.kube import Kube
+from ifw.gateway.taskids import task_id_of
 
 log = logging.getLogger("ifw.gateway")
 
@@ -23,7 +24,7 @@ def _s3() -> Any:
 
 async def load(kube: Kube, namespace: str, tj: dict[str, Any]) -> Transcript:
     """The TranscriptionJob's stored transcript. Raises ResultUnavailable."""
-    name = tj["metadata"]["name"]
+    name = task_id_of(tj)
     ref = (tj.get("status") or {}).get("result")
     if not ref:
         raise ResultUnavailable(name, "the job succeeded but reports no result")
@@ -38,30 +39,25 @@ async def load(kube: Kube, namespace: str, tj: dict[str, Any]) -> Transcript:
         raise ResultUnavailable(name, exc.message, 502) from exc
 
 
-async def render(
-    kube: Kube, namespace: str, tj: dict[str, Any], fmt: str, prefetched: asyncio.Future[Transcript] | None = None
-) -> Any:
-    """The TranscriptionJob's result as `fmt` (json/verbose_json as objects, others as text).
+async def read(
+    kube: Kube, namespace: str, tj: dict[str, Any], prefetched: asyncio.Future[Transcript] | None = None
+) -> Transcript:
+    """The TranscriptionJob's stored transcript, for the routes to render (ifw.core.formats).
 
     `prefetched`: the same result already being read (see Prefetcher); used when it succeeded.
     Raises ResultUnavailable.
     """
-    transcript = None
     if prefetched is not None:
         try:
-            transcript = await prefetched
+            return await prefetched
         except Exception:  # noqa: BLE001 - read it again below, with the final ref
-            transcript = None
-    if transcript is None:
-        try:
-            transcript = await load(kube, namespace, tj)
-        except ResultUnavailable as exc:
-            name = tj["metadata"]["name"]
-            log.warning("result of %s/%s unavailable: %s", namespace, name, exc.why, extra={"task_id": name})
-            raise
-    if fmt == "openai_json":
-        return formats.to_openai_json(transcript)
-    return formats.render_object(transcript, fmt)
+            pass
+    try:
+        return await load(kube, namespace, tj)
+    except ResultUnavailable as exc:
+        name = task_id_of(tj)
+        log.warning("result of %s/%s unavailable: %s", namespace, name, exc.why, extra={"task_id": name})
+        raise
 
 
 class Prefetcher:

@@ -1,35 +1,51 @@
-"""The original API: POST /, GET /tasks, GET /status/{id}, DELETE /cancel/{id}."""
+"""The original API: POST /, GET /tasks, GET /status/{id}, DELETE /cancel/{id}.
+
+As in the original, fields of the JSON body that the API does not know are ignored (it used
+FastAPI Body() fields); here they are also logged and named in the response header
+X-Ignored-Fields, so a misspelt field can be found. Multipart uploads (ifw's own) refuse them.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import quote
 
+import pydantic_core
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from ifw.core import formats
 from ifw.core.contract import phase_of
 from ifw.gateway import results
 from ifw.gateway.deps import Namespace, ServiceDep, TaskId
-from ifw.gateway.errors import ERROR_RESPONSES, field_error, invalid
+from ifw.gateway.errors import ERROR_RESPONSES, InvalidUrl, field_error, invalid
 from ifw.gateway.models import (
     CancelResponse,
     CompletedResponse,
     Detail,
-    Output,
     ProcessingResponse,
     ProgressOut,
     StatusResponse,
     TasksResponse,
     TranscribeFields,
     TranscribeRequest,
+    WebhookBody,
 )
+from ifw.gateway.pushing import json_answer
+from ifw.gateway.service import Created, Service
 
+log = logging.getLogger("ifw.gateway")
 router = APIRouter()
 
+IGNORED_HEADER = "X-Ignored-Fields"
+MAX_IGNORED_LISTED = 20
+BODY_FIELDS = frozenset(TranscribeRequest.model_fields)
+WEBHOOK_FIELDS = frozenset(WebhookBody.model_fields)
 FORM_FIELDS = set(TranscribeRequest.model_fields) | {"file"}
 POST_BODY = {
     "requestBody": {
@@ -41,6 +57,13 @@ POST_BODY = {
     }
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "description": "Task not found"}}
+IGNORED_DOC = {
+    IGNORED_HEADER: {
+        "description": "Body fields the API does not know and ignored (comma-separated), as the original "
+        "API ignored them; absent when there were none.",
+        "schema": {"type": "string"},
+    }
+}
 
 
 # ------------------------------------------------------------------ parsing
@@ -48,11 +71,49 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "descriptio
 
 @dataclass
 class Submission:
-    """POST /'s body: the fields, and the audio as a url or an uploaded file."""
+    """POST /'s body: the fields, the audio as a url or an uploaded file, and what was ignored."""
 
     req: TranscribeFields
     url: str | None
     upload: UploadFile | None
+    ignored: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        if not self.ignored:
+            return {}
+        # Names are the client's: percent-encode anything odd (a header is one line of ASCII) and
+        # keep the header short, as proxies limit header sizes.
+        names = [quote(name, safe="[]._-") for name in self.ignored[:MAX_IGNORED_LISTED]]
+        more = len(self.ignored) - len(names)
+        return {IGNORED_HEADER: ", ".join(names)[:1024] + (f", ... ({more} more)" if more else "")}
+
+
+def _drop_unknown(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The body without the fields the original API would ignore, and their names."""
+    ignored = [name for name in body if name not in BODY_FIELDS]
+    kept = {k: v for k, v in body.items() if k in BODY_FIELDS}
+    hook = kept.get("webhook")
+    if isinstance(hook, dict):  # the original's WebhookBody ignored unknown keys too
+        ignored += [f"webhook.{name}" for name in hook if name not in WEBHOOK_FIELDS]
+        kept["webhook"] = {k: v for k, v in hook.items() if k in WEBHOOK_FIELDS}
+    return kept, ignored
+
+
+def _not_http(url: Any) -> bool:
+    """The original's URL check, `url.lower().startswith("http")`, failed."""
+    return isinstance(url, str) and not url.strip().lower().startswith("http")
+
+
+def _validate(model: type[TranscribeFields], values: dict[str, Any]) -> TranscribeFields:
+    """The model, or the original API's 400 Invalid URL when a url not starting with http is
+    all that is wrong, or a 422 naming every bad field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        url_only = all(tuple(e["loc"][:1]) == ("url",) for e in exc.errors())
+        if url_only and _not_http(values.get("url")):
+            raise InvalidUrl() from None
+        raise invalid(exc) from None
 
 
 async def parse_submission(request: Request) -> Submission:
@@ -62,12 +123,19 @@ async def parse_submission(request: Request) -> Submission:
         return await _parse_form(request)
     if content_type not in ("", "application/json") and not content_type.endswith("+json"):
         raise field_error("content-type", "send application/json, or multipart/form-data with a file")
-    body = await request.body()
     try:
-        req = TranscribeRequest.model_validate_json(body or b"null")
-    except ValidationError as exc:
-        raise invalid(exc) from None
-    return Submission(req, req.url, None)
+        # pydantic's parser, as FastAPI's: it refuses what JSON forbids (lone surrogates, ...).
+        body = pydantic_core.from_json(await request.body() or b"null")
+    except ValueError as exc:
+        raise field_error("body", f"not valid JSON: {exc}", "json_invalid") from None
+    if not isinstance(body, dict):
+        raise field_error("body", "must be a JSON object such as {\"url\": \"https://...\"}", "model_attributes_type")
+    kept, ignored = _drop_unknown(body)
+    if ignored:
+        log.info("POST / ignored unknown fields: %s", ", ".join(repr(name) for name in ignored[:MAX_IGNORED_LISTED]))
+    req = _validate(TranscribeRequest, kept)
+    assert isinstance(req, TranscribeRequest)
+    return Submission(req, req.url, None, ignored)
 
 
 async def _parse_form(request: Request) -> Submission:
@@ -89,10 +157,7 @@ async def _parse_form(request: Request) -> Submission:
     url = values.pop("url", None)
     if (url is None) == (upload is None):
         raise field_error("file", "send either a file or a url")
-    try:
-        req = TranscribeRequest.model_validate({**values, "url": url}) if url else TranscribeFields.model_validate(values)
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    req = _validate(TranscribeRequest, {**values, "url": url}) if url else _validate(TranscribeFields, values)
     return Submission(req, url, upload)
 
 
@@ -113,6 +178,7 @@ def status_answer(task_id: str, tj: dict[str, Any]) -> StatusResponse:
             percent=progress.get("percent"),
             processed_seconds=progress.get("processedSeconds"),
             total_seconds=progress.get("totalSeconds"),
+            text=progress.get("text"),
         )
         if progress
         else None,
@@ -123,6 +189,28 @@ def status_answer(task_id: str, tj: dict[str, Any]) -> StatusResponse:
     )
 
 
+async def full_status(svc: Service, namespace: str, task_id: str, tj: dict[str, Any]) -> JSONResponse:
+    """The status, and once completed the output and who made it: the sync answer's shapes."""
+    answer = status_answer(task_id, tj).model_dump(exclude_none=True)
+    if answer["phase"] == "Succeeded":
+        transcript = await results.read(svc.kube, namespace, tj)
+        # As rendered, not through the model: a speaker entry keeps "speaker": null when no one was heard.
+        answer["output"] = formats.to_original_json(transcript)
+        if (machine := formats.processed_by(transcript)) is not None:
+            answer["processed_by"] = machine
+    return JSONResponse(answer)
+
+
+async def completed(svc: Service, created: Created, request: Request) -> dict[str, Any]:
+    """The sync answer: {"output", "status": "completed", "task_id"} (+ processed_by)."""
+    transcript = await svc.transcript(created, request)  # request: to notice the client leaving
+    answer: dict[str, Any] = {"output": formats.to_original_json(transcript), "status": "completed",
+                              "task_id": created.task_id}  # fmt: skip
+    if (machine := formats.processed_by(transcript)) is not None:
+        answer["processed_by"] = machine
+    return answer
+
+
 # ------------------------------------------------------------------ routes
 
 
@@ -130,17 +218,18 @@ def status_answer(task_id: str, tj: dict[str, Any]) -> StatusResponse:
     "/",
     summary="Transcribe audio from a URL or an upload",
     response_model=CompletedResponse | ProcessingResponse,
-    responses=ERROR_RESPONSES,
+    responses={200: {"headers": IGNORED_DOC}, **ERROR_RESPONSES},
     openapi_extra=POST_BODY,
 )
 async def transcribe(body: Submitted, svc: ServiceDep, namespace: Namespace, request: Request) -> Any:
     req = body.req
     created = await svc.submit(namespace, req, body.url, body.upload, "async" if req.is_async else "sync")
     if req.is_async:
-        return ProcessingResponse(task_id=created.name)
-    output = await svc.result(created, request, "json")  # request: to notice the client leaving
+        return JSONResponse(ProcessingResponse(task_id=created.task_id).model_dump(), headers=body.headers())
     # Straight to JSON: the rendered output is already the original's shape, no need to validate it again.
-    return JSONResponse({"output": output, "status": "completed", "task_id": created.name})
+    return await json_answer(
+        request.url.path, completed(svc, created, request), svc.settings.keepalive_seconds, body.headers()
+    )
 
 
 @router.get("/tasks", response_model=TasksResponse, summary="Tasks that have not finished", responses=ERROR_RESPONSES)
@@ -149,26 +238,27 @@ async def tasks(svc: ServiceDep, namespace: Namespace) -> TasksResponse:
 
 
 @router.get(
-    "/status/{task_id}",
+    "/status/{task_id:path}",
     response_model=StatusResponse,
     response_model_exclude_none=True,
     summary="Status, progress and (once completed) the output",
     responses={**NOT_FOUND, **ERROR_RESPONSES},
 )
-async def task_status(task_id: TaskId, svc: ServiceDep, namespace: Namespace) -> StatusResponse:
-    tj = await svc.get(namespace, task_id)
-    answer = status_answer(task_id, tj)
-    if answer.phase == "Succeeded":
-        answer.output = Output.model_validate(await results.render(svc.kube, namespace, tj, "json"))
-    return answer
+async def task_status(task_id: TaskId, svc: ServiceDep, namespace: Namespace) -> JSONResponse:
+    return await full_status(svc, namespace, task_id, await svc.get(namespace, task_id))
 
 
 @router.delete(
-    "/cancel/{task_id}",
-    response_model=CancelResponse,
-    summary="Cancel a task (deletes its TranscriptionJob; the runner pod stops)",
+    "/cancel/{task_id:path}",
+    response_model=CancelResponse | StatusResponse,
+    response_model_exclude_none=True,
+    summary="Cancel a task that has not finished (deletes its TranscriptionJob; the runner pod stops); "
+    "a finished one is kept and answered as /status answers it",
     responses={**NOT_FOUND, **ERROR_RESPONSES},
 )
-async def cancel(task_id: TaskId, svc: ServiceDep, namespace: Namespace) -> CancelResponse:
-    await svc.cancel(namespace, task_id)
-    return CancelResponse()
+async def cancel(task_id: TaskId, svc: ServiceDep, namespace: Namespace) -> CancelResponse | JSONResponse:
+    finished = await svc.cancel(namespace, task_id)
+    if finished is None:
+        return CancelResponse()
+    # As the original answers a done task: {"status": "completed", "output": ...}, the job kept.
+    return await full_status(svc, namespace, task_id, finished)

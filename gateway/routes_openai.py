@@ -1,45 +1,95 @@
-"""OpenAI-compatible audio routes: POST /v1/audio/transcriptions and /v1/audio/translations.
+"""OpenAI-compatible routes: POST /v1/audio/transcriptions, /v1/audio/translations, GET /v1/models.
 
-Same multipart fields as OpenAI's API, so the official SDKs work when pointed
-at the gateway. Each request becomes a sync TranscriptionJob on the uploaded
-file. The runner decodes greedily and has no prompt input yet, so a `prompt` or a
-`temperature` above 0 is refused with a 422 naming the field rather than ignored.
-Errors come in OpenAI's shape (ifw.gateway.errors does that for every /v1/ path).
+The same multipart fields as OpenAI's API, so the official SDKs work when pointed at the
+gateway. Each request becomes a TranscriptionJob on the uploaded file:
+
+- `prompt` and `temperature` become spec.prompt and spec.temperature (Whisper's temperature
+  fallback starts there); `chunking_strategy=auto` is what ifw always does (VAD pieces).
+- response_format json ({text, usage}), text, srt, vtt, verbose_json (the stored per-segment
+  scores), diarized_json (speaker segments, as gpt-4o-transcribe-diarize answers).
+- Diarization: response_format=diarized_json turns it on; `diarize=true` (ifw's field) turns it
+  on for the other formats (speaker names in srt/vtt cues and verbose_json segments).
+- `include[]=logprobs` (json only): each stored token's log-probability; the gateway has no
+  tokenizer, so `token` and `bytes` are null and `token_id` names the Whisper token.
+- `stream=true` (json, text, diarized_json): server-sent events, transcript.text.delta as the
+  runner's status.progress.text grows, then (diarized_json) transcript.text.segment events, then
+  transcript.text.done with the whole text and usage. An error after the stream started comes
+  as an event {"error": {...}}, which the SDKs raise.
+
+Any other field (known_speaker_names[], chunking_strategy objects, an SDK's extra_body, ...)
+is refused with a 422 naming it, never ignored. Errors come in OpenAI's shape (errors.py does
+that for every /v1/ path).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
+from ifw.core import formats
 from ifw.core.formats import MEDIA_TYPES
-from ifw.gateway.config import GatewaySettings
+from ifw.crds.transcriptionjob import MAX_PROMPT_LENGTH
 from ifw.gateway.deps import Namespace, ServiceDep
-from ifw.gateway.errors import ERROR_RESPONSES, field_error, invalid
-from ifw.gateway.models import OpenAIError, OpenAIText, ResponseFormat, TranscribeFields, check_language
-from ifw.gateway.service import Service
+from ifw.gateway.errors import ERROR_RESPONSES, DiarizationUnavailable, ModelNotFound, field_error, invalid, late_body
+from ifw.gateway.models import ModelList, ModelObject, OpenAIError, OpenAIText, check_language
+from ifw.gateway.models import TranscribeFields as Fields
+from ifw.gateway.pushing import SSE_KEEPALIVE, PushedResponse, json_answer, sse
+from ifw.gateway.service import Created, Service
 
-router = APIRouter(prefix="/v1/audio", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 Granularity = Literal["word", "segment"]
+TranscriptionFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]
+TranslationFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+JSON_FORMATS = frozenset({"json", "verbose_json", "diarized_json"})
+STREAM_FORMATS = frozenset({"json", "text", "diarized_json"})
+TRANSCRIPTION_FIELDS = frozenset({
+    "file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
+    "include[]", "stream", "chunking_strategy", "diarize",
+})  # fmt: skip
+TRANSLATION_FIELDS = frozenset({"file", "model", "prompt", "response_format", "temperature"})
+
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIText"}},
             "text/plain": {"schema": {"type": "string"}},
+            "application/x-subrip": {"schema": {"type": "string"}},
+            "text/vtt": {"schema": {"type": "string"}},
+            "text/event-stream": {"schema": {"type": "string"}},
         },
-        "description": "json: {text}; verbose_json: task, language, duration, text, segments (words); "
-        "text, srt, vtt: plain text",
+        "description": "json: {text, usage}; verbose_json: task, language, duration, text, segments (words), usage; "
+        "diarized_json: task, duration, text, segments (speaker, start, end, text), usage; text, srt, vtt: "
+        "plain text; stream=true: server-sent events. A JSON answer that takes longer than the keep-alive "
+        "interval starts with spaces, and an error after that point is its body ({error}).",
     },
     **{code: {**spec, "model": OpenAIError} for code, spec in ERROR_RESPONSES.items()},
 }
 
 
+# ------------------------------------------------------------------ the request
+
+
+async def _refuse_unknown(request: Request, known: frozenset[str]) -> None:
+    """FastAPI's Form() ignores fields it has no parameter for: refuse them instead, by name."""
+    form = await request.form()  # the form FastAPI already parsed (cached on the request)
+    for key in form:
+        if key not in known:
+            name = key.split("[", 1)[0] if key.startswith("chunking_strategy[") else key
+            why = (
+                'only "auto" is supported: ifw always cuts the audio at voice-activity pauses'
+                if name == "chunking_strategy"
+                else "not supported by this server"
+            )
+            raise field_error(name, why, "extra_forbidden")
+
+
 def _fields(
-    settings: GatewaySettings,
+    svc: Service,
     task: str,
     model: str,
     language: str | None,
@@ -47,50 +97,107 @@ def _fields(
     granularities: list[str],
     prompt: str | None,
     temperature: float | None,
-) -> TranscribeFields:
+    diarize: bool,
+) -> Fields:
     """OpenAI's form as our request; what the runner cannot honour is refused, naming the field."""
-    if prompt:
-        raise field_error("prompt", "prompts are not supported by this server yet; send the request without one")
-    if temperature:
-        raise field_error("temperature", "only 0 is supported (the runner decodes greedily)")
     try:
         language = check_language(language)
     except ValueError as exc:
         raise field_error("language", str(exc)) from None
     if "word" in granularities and response_format != "verbose_json":
         raise field_error("timestamp_granularities[]", "word timestamps need response_format=verbose_json")
+    if diarize and not svc.settings.diarization_available:
+        raise DiarizationUnavailable("response_format=diarized_json" if response_format == "diarized_json" else "diarize")
     try:
-        return TranscribeFields(
+        return Fields(
             task=task,
             language=language,
             # OpenAI names (whisper-1) mean the default model; anything else is a spec.model.
-            model=settings.model_aliases.get(model, model),
+            model=svc.settings.model_aliases.get(model, model),
             timestamp="word" if "word" in granularities else "chunk",
+            diarise_audio=diarize,
+            prompt=prompt or None,
+            temperature=temperature,
         )
     except ValidationError as exc:
         raise invalid(exc) from None
 
 
-async def _transcribe(
-    svc: Service, namespace: str, request: Request, req: TranscribeFields, file: UploadFile, response_format: str
-) -> Response:
-    created = await svc.submit(namespace, req, None, file, "openai")
-    output = await svc.result(created, request, "openai_json" if response_format == "json" else response_format)
-    if isinstance(output, str):
-        return PlainTextResponse(output, media_type=MEDIA_TYPES[response_format])
-    return JSONResponse(output)
+# ------------------------------------------------------------------ the answer
 
+
+async def _answer(
+    svc: Service,
+    namespace: str,
+    request: Request,
+    req: Fields,
+    file: UploadFile,
+    response_format: str,
+    logprobs: bool = False,
+    stream: bool = False,
+) -> Response:
+    created = await svc.submit(namespace, req, None, file, "openai", stream=stream)
+    path = request.url.path
+    if stream:
+        return PushedResponse(_events(svc, created, request, response_format, logprobs), "text/event-stream",
+                              {"Cache-Control": "no-cache"})  # fmt: skip
+
+    async def rendered() -> Any:
+        return formats.render_openai(await svc.transcript(created, request), response_format, logprobs)
+
+    if response_format in JSON_FORMATS:
+        return await json_answer(path, rendered(), svc.settings.keepalive_seconds)
+    # Text formats cannot take leading whitespace: they wait without keep-alive.
+    return PlainTextResponse(await rendered(), media_type=MEDIA_TYPES[response_format])
+
+
+async def _events(
+    svc: Service, created: Created, request: Request, response_format: str, logprobs: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI's transcription stream, fed by the job's real progress."""
+    sent = ""
+    try:
+        finished = None
+        async for kind, value in svc.progress(created, request):
+            if kind == "idle":
+                yield SSE_KEEPALIVE
+            elif kind == "delta":
+                sent += value
+                yield sse({"type": "transcript.text.delta", "delta": value})
+            else:
+                finished = value
+        assert finished is not None
+        transcript = await svc.finished(created, finished)
+        # The rest of the text (status.progress.text is capped; the last piece may not be in it).
+        if transcript.text.startswith(sent) and len(transcript.text) > len(sent):
+            yield sse({"type": "transcript.text.delta", "delta": transcript.text[len(sent):]})
+        if response_format == "diarized_json":
+            for segment in formats.to_diarized_segments(transcript):
+                yield sse(segment)
+        done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
+        if logprobs:
+            done["logprobs"] = formats.to_logprobs(transcript)
+        done["usage"] = formats.usage(transcript)
+        yield sse(done)
+    except Exception as exc:  # noqa: BLE001 - the 200 is sent: the error is the last event
+        yield sse(late_body(request.url.path, exc))
+
+
+# ------------------------------------------------------------------ routes
 
 FileField = Annotated[UploadFile, File(description="The audio file")]
 ModelField = Annotated[
-    str, Form(max_length=256, description="whisper-1 (the default model) or a checkpoint the operator allows")
+    str, Form(max_length=256, description="whisper-1 (the default model) or a model GET /v1/models lists")
 ]
-FormatField = Annotated[ResponseFormat, Form(description="json, text, srt, vtt or verbose_json")]
-PromptField = Annotated[str | None, Form(max_length=4096, description="Not supported yet: must be empty")]
-TemperatureField = Annotated[float | None, Form(ge=0, le=1, description="Only 0 (greedy decoding) is supported")]
+PromptField = Annotated[
+    str | None, Form(max_length=MAX_PROMPT_LENGTH, description="Vocabulary, names or style to prefer (spec.prompt)")
+]
+TemperatureField = Annotated[
+    float | None, Form(ge=0, le=1, description="Temperature of the first decode; Whisper's fallback goes up from it")
+]
 
 
-@router.post("/transcriptions", summary="OpenAI-compatible transcription", responses=RESPONSES, response_model=None)
+@router.post("/audio/transcriptions", summary="OpenAI-compatible transcription", responses=RESPONSES, response_model=None)
 async def transcriptions(
     request: Request,
     svc: ServiceDep,
@@ -99,19 +206,35 @@ async def transcriptions(
     model: ModelField = "whisper-1",
     language: Annotated[str | None, Form(max_length=32, description="ISO code; empty detects")] = None,
     prompt: PromptField = None,
-    response_format: FormatField = "json",
+    response_format: Annotated[TranscriptionFormat, Form(description="json, text, srt, vtt, verbose_json or diarized_json")] = "json",
     temperature: TemperatureField = None,
     timestamp_granularities: Annotated[
         list[Granularity], Form(alias="timestamp_granularities[]", description="word and/or segment")
     ] = [],  # noqa: B006 - FastAPI copies defaults
+    include: Annotated[
+        list[Literal["logprobs"]], Form(alias="include[]", description="logprobs (response_format json only)")
+    ] = [],  # noqa: B006
+    stream: Annotated[bool, Form(description="Server-sent events as the text arrives (json, text, diarized_json)")] = False,
+    chunking_strategy: Annotated[
+        Literal["auto"] | None, Form(description="auto: ifw always cuts the audio at voice-activity pauses")
+    ] = None,
+    diarize: Annotated[
+        bool, Form(description="ifw's field: split by speaker (implied by response_format=diarized_json)")
+    ] = False,
 ) -> Response:
-    req = _fields(
-        svc.settings, "transcribe", model, language, response_format, timestamp_granularities, prompt, temperature
-    )
-    return await _transcribe(svc, namespace, request, req, file, response_format)
+    await _refuse_unknown(request, TRANSCRIPTION_FIELDS)
+    if include and response_format != "json":
+        raise field_error("include[]", "logprobs come with response_format=json only")
+    if stream and response_format not in STREAM_FORMATS:
+        raise field_error("stream", "streaming is offered for response_format json, text and diarized_json")
+    diarize = diarize or response_format == "diarized_json"
+    req = _fields(svc, "transcribe", model, language, response_format, timestamp_granularities, prompt, temperature,
+                  diarize)  # fmt: skip
+    return await _answer(svc, namespace, request, req, file, response_format, bool(include), stream)
 
 
-@router.post("/translations", summary="OpenAI-compatible translation to English", responses=RESPONSES, response_model=None)
+@router.post("/audio/translations", summary="OpenAI-compatible translation to English", responses=RESPONSES,
+             response_model=None)  # fmt: skip
 async def translations(
     request: Request,
     svc: ServiceDep,
@@ -119,11 +242,38 @@ async def translations(
     file: FileField,
     model: ModelField = "whisper-1",
     prompt: PromptField = None,
-    response_format: FormatField = "json",
+    response_format: Annotated[TranslationFormat, Form(description="json, text, srt, vtt or verbose_json")] = "json",
     temperature: TemperatureField = None,
 ) -> Response:
-    req = _fields(svc.settings, "translate", model, None, response_format, [], prompt, temperature)
-    return await _transcribe(svc, namespace, request, req, file, response_format)
+    await _refuse_unknown(request, TRANSLATION_FIELDS)
+    req = _fields(svc, "translate", model, None, response_format, [], prompt, temperature, False)
+    return await _answer(svc, namespace, request, req, file, response_format)
+
+
+def _models(svc: Service) -> list[str]:
+    """OpenAI names first (whisper-1), then the models this server allows (or its default)."""
+    s = svc.settings
+    offered = s.allowed_models or ([s.default_model] if s.default_model else [])
+    return list(dict.fromkeys([*s.model_aliases, *offered]))
+
+
+@router.get("/models", summary="The models this server offers (OpenAI's list)", response_model=ModelList,
+            responses={code: {**spec, "model": OpenAIError} for code, spec in ERROR_RESPONSES.items()})  # fmt: skip
+async def models(svc: ServiceDep) -> ModelList:
+    return ModelList(data=[ModelObject(id=name) for name in _models(svc)])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    summary="One model (ids may hold slashes: openai/whisper-large-v3)",
+    response_model=ModelObject,
+    responses={404: {"model": OpenAIError, "description": "No such model"},
+               **{code: {**spec, "model": OpenAIError} for code, spec in ERROR_RESPONSES.items()}},
+)  # fmt: skip
+async def model(model_id: str, svc: ServiceDep) -> ModelObject:
+    if model_id not in _models(svc):
+        raise ModelNotFound(model_id)
+    return ModelObject(id=model_id)
 
 
 __all__ = ["OpenAIText", "router"]

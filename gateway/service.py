@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.datastructures import UploadFile
 
 from ifw.core import contract
 from ifw.core.netguard import Allowlist
+from ifw.core.transcript import Transcript
 from ifw.crds.transcriptionjob import (
     API_VERSION,
     KIND,
@@ -46,6 +48,7 @@ from ifw.gateway.errors import (
 )
 from ifw.gateway.kube import Kube, KubeError
 from ifw.gateway.models import TranscribeFields
+from ifw.gateway.taskids import annotations_for, object_name, task_id_of
 from ifw.gateway.uploads import Staged, Uploads
 from ifw.gateway.urlcheck import url_problem
 from ifw.gateway.watch import TjGone, TjWatch
@@ -56,9 +59,10 @@ log = logging.getLogger("ifw.gateway")
 @dataclass
 class Created:
     namespace: str
-    name: str
+    name: str  # the TranscriptionJob's
     uid: str
     tj: dict[str, Any]
+    task_id: str  # the client's (managed_task_id or a uuid4)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -87,12 +91,17 @@ class Service:
             raise WebhookRequired()
         if req.diarise_audio and not self.settings.diarization_available:
             raise DiarizationUnavailable()
+        allowed = self.settings.allowed_models
+        if req.model and allowed and req.model not in allowed:
+            raise field_error("model", f"model {req.model!r} is not offered here; offered: {', '.join(allowed)}")
         if with_file and not self.uploads.enabled:
             raise UploadsDisabled()
 
     # -------------------------------------------------------------- create
 
-    def build_tj(self, req: TranscribeFields, name: str, audio_url: str, secret: str | None) -> dict[str, Any]:
+    def build_tj(
+        self, req: TranscribeFields, task_id: str, audio_url: str, secret: str | None, stream: bool = False
+    ) -> dict[str, Any]:
         s = self.settings
         webhook = None
         if req.webhook is not None:
@@ -105,6 +114,8 @@ class Service:
             model=req.model or s.default_model,
             batch_size=req.batch_size,
             timestamp=req.timestamp,
+            prompt=req.prompt or None,
+            temperature=req.temperature,
             diarization=Diarization(
                 enabled=req.diarise_audio,
                 num_speakers=req.num_speakers,
@@ -116,22 +127,37 @@ class Service:
             ttl_seconds_after_finished=s.ttl_seconds_after_finished,
             queue_name=s.queue_name,
         )
+        metadata: dict[str, Any] = {
+            "name": object_name(task_id),
+            "labels": {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY},
+        }
+        annotations = annotations_for(task_id)
+        if stream:  # the runner then reports the text so far in status.progress.text
+            annotations[contract.ANNOTATION_STREAM] = "true"
+        if annotations:
+            metadata["annotations"] = annotations
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
-            "metadata": {"name": name, "labels": {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY}},
+            "metadata": metadata,
             "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
 
     async def submit(
-        self, namespace: str, req: TranscribeFields, url: str | None, upload: UploadFile | None, mode: str
+        self,
+        namespace: str,
+        req: TranscribeFields,
+        url: str | None,
+        upload: UploadFile | None,
+        mode: str,
+        stream: bool = False,
     ) -> Created:
         """Check the request, stage its file (if any), create its TranscriptionJob."""
         self.check(req, url, upload is not None)
         staged = None
         if upload is not None:
             staged = await self.uploads.stage(upload.file, upload.filename or "audio", self.settings.max_upload_bytes)
-        return await self.create(namespace, req, audio_url=url, staged=staged, mode=mode)
+        return await self.create(namespace, req, audio_url=url, staged=staged, mode=mode, stream=stream)
 
     async def create(
         self,
@@ -140,9 +166,11 @@ class Service:
         audio_url: str | None = None,
         staged: Staged | None = None,
         mode: str = "sync",
+        stream: bool = False,
     ) -> Created:
         """Create the TranscriptionJob (and its webhook-headers Secret); undo everything on failure."""
-        name = req.managed_task_id or str(uuid.uuid4())
+        task_id = req.managed_task_id or str(uuid.uuid4())
+        name = object_name(task_id)
         if staged is not None:
             audio_url = self.uploads.url_for(namespace, name, staged)
         assert audio_url is not None
@@ -155,7 +183,7 @@ class Service:
                 secret = f"{name}-webhook-{secrets.token_hex(3)}"
                 labels = {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY, contract.LABEL_TASK_ID: name}
                 await self.kube.create_secret(namespace, secret, headers, labels)
-            tj = await self._create_tj(namespace, self.build_tj(req, name, audio_url, secret))
+            tj = await self._create_tj(namespace, task_id, self.build_tj(req, task_id, audio_url, secret, stream))
             uid = tj["metadata"]["uid"]
             if secret:
                 await self.kube.own_secret(namespace, secret, tj)
@@ -165,15 +193,15 @@ class Service:
             await self._undo(namespace, name, secret, staged, tj)
             raise
         metrics.TJS_CREATED.labels(mode).inc()
-        log.info("created task %s/%s (%s)", namespace, name, mode, extra={"task_id": name})
-        return Created(namespace, name, uid, tj)
+        log.info("created task %s as %s/%s (%s)", task_id, namespace, name, mode, extra={"task_id": task_id})
+        return Created(namespace, name, uid, tj, task_id)
 
-    async def _create_tj(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _create_tj(self, namespace: str, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.kube.create_tj(namespace, body)
         except KubeError as exc:
             if exc.status == 409:  # never overwrite: the original API silently did
-                raise TaskExists(body["metadata"]["name"]) from exc
+                raise TaskExists(task_id) from exc
             raise
 
     async def _undo(
@@ -192,24 +220,28 @@ class Service:
 
     # ---------------------------------------------------------------- wait
 
-    async def result(self, created: Created, request: Request | None, fmt: str) -> Any:
-        """The rendered result of a sync task. Raises TaskFailed, ResultUnavailable and what `wait` raises."""
-        tj = await self.wait(created, request)
+    async def transcript(self, created: Created, request: Request | None) -> Transcript:
+        """The stored transcript of a sync task once it is done. Raises TaskFailed, ResultUnavailable
+        and what `wait` raises."""
+        return await self.finished(created, await self.wait(created, request))
+
+    async def finished(self, created: Created, tj: dict[str, Any]) -> Transcript:
+        """The transcript of a finished TranscriptionJob. Raises TaskFailed, ResultUnavailable."""
         status = tj.get("status") or {}
         if status.get("phase") == "Failed":
-            raise TaskFailed(created.name, status.get("reason"), status.get("message"))
-        output = await results.render(self.kube, created.namespace, tj, fmt, self.prefetcher.take(created.key, tj))
+            raise TaskFailed(created.task_id, status.get("reason"), status.get("message"))
+        transcript = await results.read(self.kube, created.namespace, tj, self.prefetcher.take(created.key, tj))
         seen = self.watch.finished_at.pop(created.key, None)
         if seen is not None:
             metrics.COMPLETION_TO_RESPONSE.observe(time.monotonic() - seen)
-        return output
+        return transcript
 
     async def wait(self, created: Created, request: Request | None) -> dict[str, Any]:
-        """The finished TranscriptionJob. Raises TaskStillRunning, TaskCancelled or ClientDisconnected."""
+        """The finished TranscriptionJob. Raises TaskStillRunning (only with a cap configured),
+        TaskCancelled or ClientDisconnected."""
+        cap = self.settings.sync_timeout_seconds
         started = asyncio.get_running_loop().time()
-        waiter = asyncio.ensure_future(
-            self.watch.wait_terminal(created.namespace, created.name, created.uid, self.settings.sync_timeout_seconds)
-        )
+        waiter = asyncio.ensure_future(self.watch.wait_terminal(created.namespace, created.name, created.uid, cap))
         disconnect = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         outcome = "error"
         try:
@@ -223,10 +255,10 @@ class Service:
             return tj
         except TimeoutError:
             outcome = "timeout"
-            raise TaskStillRunning(created.name, self.settings.sync_timeout_seconds) from None
+            raise TaskStillRunning(created.task_id, cap or 0) from None
         except TjGone:
             outcome = "cancelled"
-            raise TaskCancelled(created.name) from None
+            raise TaskCancelled(created.task_id) from None
         finally:
             if outcome != "succeeded":  # only a succeeded task's waiter takes the read
                 self.prefetcher.drop(created.key)
@@ -235,33 +267,95 @@ class Service:
                     fut.cancel()
             metrics.SYNC_WAIT_SECONDS.labels(outcome).observe(asyncio.get_running_loop().time() - started)
 
+    async def progress(self, created: Created, request: Request | None) -> AsyncIterator[tuple[str, Any]]:
+        """A streaming task as it runs: ("delta", text) each time status.progress.text grows,
+        ("idle", None) after keepalive_seconds without news, and last ("end", the finished
+        TranscriptionJob). Raises TaskCancelled, TaskStillRunning (with a cap), ClientDisconnected."""
+        loop = asyncio.get_running_loop()
+        cap = self.settings.sync_timeout_seconds
+        deadline = loop.time() + cap if cap else None
+        queue = self.watch.subscribe(created.namespace, created.name, created.uid)
+        disconnect = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        sent = ""
+        try:
+            while True:
+                timeouts = [self.settings.keepalive_seconds or None, deadline and max(deadline - loop.time(), 0.0)]
+                timeout = min((t for t in timeouts if t is not None), default=None)
+                event = asyncio.ensure_future(queue.get())
+                waits = {event} | ({disconnect} if disconnect else set())
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if event not in done:
+                    event.cancel()
+                    if disconnect is not None and disconnect in done:
+                        await self._client_left(created)
+                        raise ClientDisconnected()
+                    if deadline is not None and loop.time() >= deadline:
+                        raise TaskStillRunning(created.task_id, cap or 0)
+                    yield "idle", None
+                    continue
+                kind, tj = event.result()
+                if kind == "DELETED":
+                    raise TaskCancelled(created.task_id)
+                # The text of the audio so far; a runner retry that starts over is not news until
+                # it has passed what was sent (a delta is never taken back).
+                text = ((tj.get("status") or {}).get("progress") or {}).get("text") or ""
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield "delta", text[len(sent):]
+                    sent = text
+                if contract.is_terminal(tj):
+                    yield "end", tj
+                    return
+        finally:
+            self.watch.unsubscribe(created.namespace, created.name, queue)
+            if disconnect is not None and not disconnect.done():
+                disconnect.cancel()
+
     async def _client_left(self, created: Created) -> None:
         if self.settings.cancel_on_disconnect:
             await self.kube.delete_tj(created.namespace, created.name, self.settings.delete_propagation)
-            log.info("client left: cancelled %s/%s", created.namespace, created.name, extra={"task_id": created.name})
+            log.info("client left: cancelled %s/%s", created.namespace, created.name, extra={"task_id": created.task_id})
 
     # --------------------------------------------------------------- tasks
 
     async def active(self, namespace: str) -> list[str]:
-        """Names of the tasks not finished, oldest first: from the watch's cache once it has synced."""
+        """Ids of the tasks not finished, oldest first: from the watch's cache once it has synced."""
         if self.watch.synced and namespace in self.watch.namespaces:
             return self.watch.active(namespace)
         listed = await self.kube.list_tjs(namespace)
         items = sorted(listed["items"], key=lambda o: o["metadata"].get("creationTimestamp") or "")
-        return [o["metadata"]["name"] for o in items if not contract.is_terminal(o)]
+        return [task_id_of(o) for o in items if not contract.is_terminal(o)]
 
     async def get(self, namespace: str, task_id: str) -> dict[str, Any]:
         """The task's TranscriptionJob. Raises TaskNotFound."""
-        tj = await self.kube.get_tj(namespace, task_id)
-        if tj is None:
+        tj = await self.kube.get_tj(namespace, object_name(task_id))
+        # A name is shared by one id only: another id's object (or a kubectl one) is not this task.
+        if tj is None or task_id_of(tj) != task_id:
             raise TaskNotFound()
         return tj
 
-    async def cancel(self, namespace: str, task_id: str) -> None:
-        """Delete the task's TranscriptionJob (the operator's batch/v1 Job and pod go with it). Raises TaskNotFound."""
-        if not await self.kube.delete_tj(namespace, task_id, self.settings.delete_propagation):
-            raise TaskNotFound()
-        log.info("cancelled task %s/%s", namespace, task_id, extra={"task_id": task_id})
+    async def cancel(self, namespace: str, task_id: str) -> dict[str, Any] | None:
+        """Delete the task's TranscriptionJob if it has not finished (its batch/v1 Job and pod go
+        with it) and return None; a finished one is kept, its transcript with it, and returned.
+        Raises TaskNotFound."""
+        for _ in range(5):
+            tj = await self.get(namespace, task_id)
+            if contract.is_terminal(tj):
+                return tj
+            try:
+                # Only the version just read: a task finishing meanwhile is kept and answered.
+                deleted = await self.kube.delete_tj(
+                    namespace, tj["metadata"]["name"], self.settings.delete_propagation,
+                    tj["metadata"].get("resourceVersion"),
+                )  # fmt: skip
+            except KubeError as exc:
+                if exc.status == 409:
+                    continue
+                raise
+            if not deleted:
+                raise TaskNotFound()
+            log.info("cancelled task %s in %s", task_id, namespace, extra={"task_id": task_id})
+            return None
+        raise KubeError(409, f"task {task_id} kept changing while it was being cancelled; try again")
 
 
 async def _disconnected(request: Request) -> None:

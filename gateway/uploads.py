@@ -24,7 +24,7 @@ import anyio
 from ifw.core.contract import is_terminal
 from ifw.gateway import metrics
 from ifw.gateway.errors import UploadTooLarge
-from ifw.gateway.models import DNS1123_LABEL
+from ifw.gateway.taskids import DNS1123_LABEL
 
 log = logging.getLogger("ifw.gateway.uploads")
 

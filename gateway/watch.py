@@ -5,7 +5,8 @@ resourceVersion, resuming from the last seen version (bookmarks included)
 whenever the apiserver ends the watch, and relisting on 410 Gone. Every event
 is handed to the event loop, which updates the cache and wakes the requests
 waiting on that TranscriptionJob. A thousand sync requests therefore cost a thousand
-futures, not a thousand watches or polls.
+futures, not a thousand watches or polls. A streaming request subscribes instead and gets
+every change of its TranscriptionJob (status.progress.text grows as the runner works).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ifw.core.contract import is_terminal
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.gateway import metrics
 from ifw.gateway.kube import Kube
+from ifw.gateway.taskids import task_id_of
 
 log = logging.getLogger("ifw.gateway.watch")
 
@@ -51,6 +53,8 @@ class TjWatch:
         self.objects: dict[Key, dict[str, Any]] = {}
         self.listeners: list[Listener] = []
         self._waiters: dict[Key, list[tuple[str, asyncio.Future[dict[str, Any]]]]] = {}
+        # Streaming requests: every (kind, object) of their TranscriptionJob, in order.
+        self._subscribers: dict[Key, list[tuple[str, asyncio.Queue[tuple[str, dict[str, Any]]]]]] = {}
         self._synced: set[str] = set()
         self._synced_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,10 +107,25 @@ class TjWatch:
         return (namespace, name) in self._waiters
 
     def active(self, namespace: str) -> list[str]:
-        """Names of the namespace's TranscriptionJobs that have not finished, oldest first."""
+        """Task ids of the namespace's TranscriptionJobs that have not finished, oldest first."""
         tjs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
         tjs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
-        return [o["metadata"]["name"] for o in tjs]
+        return [task_id_of(o) for o in tjs]
+
+    def subscribe(self, namespace: str, name: str, uid: str) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
+        """A queue of every event of this TranscriptionJob from now on, starting with its cached state."""
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        current = self.objects.get((namespace, name))
+        if current is not None and current["metadata"].get("uid") == uid:
+            queue.put_nowait(("MODIFIED", current))
+        self._subscribers.setdefault((namespace, name), []).append((uid, queue))
+        return queue
+
+    def unsubscribe(self, namespace: str, name: str, queue: asyncio.Queue[Any]) -> None:
+        entries = self._subscribers.get((namespace, name), [])
+        entries[:] = [e for e in entries if e[1] is not queue]
+        if not entries:
+            self._subscribers.pop((namespace, name), None)
 
     async def wait_terminal(self, namespace: str, name: str, uid: str, timeout: float) -> dict[str, Any]:
         """The TranscriptionJob once Succeeded or Failed. Raises TimeoutError, or TjGone if it was deleted."""
@@ -163,6 +182,9 @@ class TjWatch:
                 fut.set_exception(TjGone(key[1]))
             elif is_terminal(obj):
                 fut.set_result(obj)
+        for subscriber_uid, queue in self._subscribers.get(key, ()):
+            if subscriber_uid == uid:
+                queue.put_nowait((kind, obj))
         for listener in self.listeners:
             try:
                 listener(kind, obj)

@@ -123,7 +123,7 @@ def test_defaults_are_applied_on_create(api, namespace):
     assert created["spec"] == {
         "audio": {"url": URL},
         "task": "transcribe",
-        "batchSize": 24,
+        "batchSize": 64,
         "timestamp": "chunk",
         "diarization": {"enabled": False},
         "suspend": False,

@@ -22,7 +22,7 @@ def test_drift_check_notices_a_change_on_either_side(monkeypatch, tmp_path):
     """A changed model (or a hand edit of the YAML) must make the comparison above fail."""
     baseline = generate.render()
     hand_edited = tmp_path / "transcriptionjob.yaml"
-    hand_edited.write_text(baseline.replace("default: 24", "default: 25"))
+    hand_edited.write_text(baseline.replace("default: 64", "default: 65"))
     monkeypatch.setattr(generate, "CRD_PATH", hand_edited)
     with pytest.raises(AssertionError, match="stale"):
         test_committed_crd_equals_the_one_generated_from_the_types()
@@ -94,7 +94,7 @@ def test_defaults_match_the_types():
     spec = _spec_schema()["properties"]
     parsed = tj.TranscriptionJobSpec.model_validate({"audio": {"url": "https://example.com/a.mp3"}})
     assert parsed.task == spec["task"]["default"] == "transcribe"
-    assert parsed.batch_size == spec["batchSize"]["default"] == 24
+    assert parsed.batch_size == spec["batchSize"]["default"] == 64  # the REST API's, the original's
     assert parsed.timestamp == spec["timestamp"]["default"] == "chunk"
     assert parsed.diarization.enabled is spec["diarization"]["properties"]["enabled"]["default"] is False
     assert parsed.backoff_limit == spec["backoffLimit"]["default"]

@@ -7,7 +7,9 @@ created, patches their /status and stores results with ifw.core.results.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
+from ifw.core.transcript import ProcessedBy, Segment, SpeakerTurn, Transcript, Word
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +94,16 @@ def gateway_factory(kube, crd, namespace, tmp_path) -> Iterator[Callable[..., Se
         yield start
 
 
+@pytest.fixture(scope="session")
+def wav(tmp_path_factory) -> Path:
+    """Real speech (espeak-ng) to upload: "Hello world. How are you?"."""
+    if not shutil.which("espeak-ng"):
+        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
+    path = tmp_path_factory.mktemp("speech") / "hello.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), "Hello world. How are you?"], check=True)
+    return path
+
+
 @pytest.fixture
 def gateway(gateway_factory) -> Server:
     return gateway_factory()
@@ -107,34 +119,59 @@ def http(gateway) -> Iterator[httpx.Client]:
 
 
 def transcript(timestamp: str = "chunk", speakers: bool = False) -> Transcript:
-    """What a runner would store for "Hello world. How are you?" spoken over 3 s."""
-    words1 = [Word(start=0.2, end=0.6, text=" Hello"), Word(start=0.6, end=1.1, text=" world.")]
-    words2 = [
-        Word(start=1.6, end=1.9, text=" How"),
-        Word(start=1.9, end=2.1, text=" are"),
-        Word(start=2.1, end=2.6, text=" you?"),
-    ]
+    """What a runner stores for a short exchange, as Whisper writes it: every chunk and word
+    text has its leading space, so the chunks join into the text; per-segment scores; the pod
+    that did it. Diarized: SPEAKER_00 says the first two segments, SPEAKER_01 the third but
+    for its last word, which SPEAKER_00 says (a turn of several chunks, and a change of
+    speaker inside a segment: the merged turns are not the chunks)."""
+    w = [
+        [(0.2, 0.6, " Hello", "SPEAKER_00"), (0.6, 1.1, " world.", "SPEAKER_00")],
+        [(1.3, 1.7, " Thanks", "SPEAKER_00"), (1.7, 1.9, " for", "SPEAKER_00"), (1.9, 2.4, " coming.", "SPEAKER_00")],
+        [(2.9, 3.1, " How", "SPEAKER_01"), (3.1, 3.3, " are", "SPEAKER_01"), (3.3, 3.6, " you?", "SPEAKER_01"),
+         (3.7, 4.0, " Fine.", "SPEAKER_00")],
+    ]  # fmt: skip
+    seg_speakers = ["SPEAKER_00", "SPEAKER_00", "SPEAKER_01"]
+    scores = [
+        dict(tokens=[2425, 1002, 13], logprobs=[-0.11, -0.2, -0.05], avg_logprob=-0.12, temperature=0.0,
+             compression_ratio=0.93, no_speech_prob=0.01),
+        dict(tokens=[6952, 337, 1348, 13], logprobs=[-0.3, -0.1, -0.4, -0.02], avg_logprob=-0.205, temperature=0.0,
+             compression_ratio=0.95, no_speech_prob=0.02),
+        dict(tokens=[1012, 366, 291, 30, 12883, 13], logprobs=[-0.2, -0.1, -0.1, -0.3, -0.9, -0.1],
+             avg_logprob=-0.283, temperature=0.2, compression_ratio=1.04, no_speech_prob=0.05),
+    ]  # fmt: skip
     word = timestamp == "word"
-    segs = [
-        Segment(start=0.2, end=1.1, text=" Hello world.", words=words1 if word else None),
-        Segment(start=1.6, end=2.6, text=" How are you?", words=words2 if word else None),
-    ]
+    segs = []
+    for i, words in enumerate(w):
+        segs.append(
+            Segment(
+                start=words[0][0],
+                end=words[-1][1],
+                text="".join(t for _, _, t, _ in words),
+                speaker=seg_speakers[i] if speakers else None,
+                words=[Word(start=s, end=e, text=t, speaker=spk if speakers else None, probability=0.9)
+                       for s, e, t, spk in words] if word else None,
+                language="en",
+                **scores[i],
+            )
+        )  # fmt: skip
     turns = None
     if speakers:
-        segs[0].speaker, segs[1].speaker = "SPEAKER_00", "SPEAKER_01"
-        turns = [
-            SpeakerTurn(speaker="SPEAKER_00", start=0.2, end=1.1, text=" Hello world."),
-            SpeakerTurn(speaker="SPEAKER_01", start=1.6, end=2.6, text=" How are you?"),
-        ]
+        turns = [SpeakerTurn(speaker="SPEAKER_00", start=0.2, end=2.4, text=" Hello world. Thanks for coming.")]
+        if word:  # words are the unit: the change inside the third segment makes its own turn
+            turns += [SpeakerTurn(speaker="SPEAKER_01", start=2.9, end=3.6, text=" How are you?"),
+                      SpeakerTurn(speaker="SPEAKER_00", start=3.7, end=4.0, text=" Fine.")]  # fmt: skip
+        else:
+            turns += [SpeakerTurn(speaker="SPEAKER_01", start=2.9, end=4.0, text=" How are you? Fine.")]
     return Transcript(
-        text=" Hello world. How are you?",
+        text=" Hello world. Thanks for coming. How are you? Fine.",
         segments=segs,
         timestamp=timestamp,
         language="en",
         language_probability=0.98,
-        duration=3.0,
+        duration=4.5,
         model="openai/whisper-tiny",
         speakers=turns,
+        processed_by=ProcessedBy(pod="tj-talk-runner-x7k2p", node="gpu-node-3", runtime="Job"),
     )
 
 
@@ -191,6 +228,10 @@ class Driver:
                 "audio": {"durationSeconds": 3.0, "language": "en"},
             },
         )
+
+    def progress_text(self, name: str, text: str, percent: float = 50.0) -> None:
+        """The runner of a streaming job: the text of the audio so far, as pieces finish."""
+        self.patch_status(name, {"phase": "Running", "progress": {"percent": percent, "text": text}})
 
     def store(self, name: str, result: Transcript | None = None) -> dict[str, Any]:
         """The operator's part (the empty result Secret), then the runner's (its data); returns the ref."""

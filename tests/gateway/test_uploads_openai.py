@@ -1,15 +1,11 @@
-"""Uploads (POST / multipart) and the OpenAI-compatible routes, driven by the official `openai` SDK.
-
-The upload is real speech made with espeak-ng; the test, playing the runner,
-fetches it from the URL the gateway put in spec.audio.url (with its per-upload
-token), checks the bytes, and completes the task.
+"""Uploads (POST / multipart): the upload is real speech made with espeak-ng; the test, playing
+the runner, fetches it from the URL the gateway put in spec.audio.url (with its per-upload
+token), checks the bytes, and completes the task. The OpenAI routes are in test_openai.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,17 +16,6 @@ import pytest
 from tests.gateway.conftest import transcript
 
 pytestmark = pytest.mark.cluster
-
-KEY = "openai-compatible-key"
-
-
-@pytest.fixture(scope="module")
-def wav(tmp_path_factory) -> Path:
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
-    path = tmp_path_factory.mktemp("speech") / "hello.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), "Hello world. How are you?"], check=True)
-    return path
 
 
 @pytest.fixture
@@ -129,106 +114,3 @@ def test_uploads_disabled_without_internal_url_is_503(gateway, driver, wav):
         response = http.post("/", files={"file": ("hello.wav", wav.read_bytes(), "audio/wav")})
     assert response.status_code == 503 and "file" in response.json()["detail"]
     assert driver.tjs() == []
-
-
-# ------------------------------------------------------------------ OpenAI SDK
-
-
-def openai_client(gw):
-    import openai
-
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
-
-
-def complete_when_created(driver, result) -> str:
-    tj = driver.wait_tj()
-    assert fetch_as_runner(tj).status_code == 200
-    driver.succeed(tj["metadata"]["name"], result)
-    return tj["metadata"]["name"]
-
-
-def test_openai_sdk_transcriptions_in_every_format(gateway_factory, driver, pool, wav):
-    import srt
-    import webvtt
-
-    gw = gateway_factory(uploads=True, admin_key=KEY)
-    client = openai_client(gw)
-
-    def ask(**kwargs):
-        with wav.open("rb") as f:
-            return client.audio.transcriptions.create(model="whisper-1", file=f, **kwargs)
-
-    # json (the default): {"text"}
-    pending = pool.submit(ask)
-    name = complete_when_created(driver, transcript())
-    assert pending.result(timeout=15).text == " Hello world. How are you?"
-    tj = driver.get(name)
-    assert "model" not in tj["spec"]  # whisper-1 = the operator's default model
-    driver.custom.delete_namespaced_custom_object("ifw.dev", "v1alpha1", driver.namespace, "transcriptionjobs", name)
-
-    # srt and vtt: plain text the subtitle libraries parse, with the segment times
-    pending = pool.submit(ask, response_format="srt", language="en")
-    name = complete_when_created(driver, transcript())
-    cues = list(srt.parse(pending.result(timeout=15)))
-    assert [(c.start.total_seconds(), c.end.total_seconds(), c.content) for c in cues] == [
-        (0.2, 1.1, "Hello world."),
-        (1.6, 2.6, "How are you?"),
-    ]
-    assert driver.get(name)["spec"]["language"] == "en"
-    driver.custom.delete_namespaced_custom_object("ifw.dev", "v1alpha1", driver.namespace, "transcriptionjobs", name)
-
-    pending = pool.submit(ask, response_format="vtt")
-    name = complete_when_created(driver, transcript())
-    vtt = webvtt.from_string(pending.result(timeout=15))
-    assert [(c.start, c.end, c.text) for c in vtt] == [
-        ("00:00:00.200", "00:00:01.100", "Hello world."),
-        ("00:00:01.600", "00:00:02.600", "How are you?"),
-    ]
-    driver.custom.delete_namespaced_custom_object("ifw.dev", "v1alpha1", driver.namespace, "transcriptionjobs", name)
-
-    # verbose_json with word timestamps: language, duration, segments and words
-    pending = pool.submit(ask, response_format="verbose_json", timestamp_granularities=["word", "segment"])
-    name = complete_when_created(driver, transcript("word"))
-    verbose = pending.result(timeout=15)
-    assert driver.get(name)["spec"]["timestamp"] == "word"
-    assert verbose.language == "english" and verbose.duration == 3.0
-    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.2, 1.1, " Hello world."), (1.6, 2.6, " How are you?")]
-    assert [(w.word, w.start, w.end) for w in verbose.words][:2] == [("Hello", 0.2, 0.6), ("world.", 0.6, 1.1)]
-
-
-def test_openai_sdk_translation_and_errors(gateway_factory, driver, pool, wav):
-    import openai
-
-    gw = gateway_factory(uploads=True, admin_key=KEY)
-    client = openai_client(gw)
-    with wav.open("rb") as f:
-        pending = pool.submit(client.audio.translations.create, model="whisper-1", file=f)
-        name = complete_when_created(driver, transcript())
-        assert pending.result(timeout=15).text == " Hello world. How are you?"
-    assert driver.get(name)["spec"]["task"] == "translate"
-
-    with wav.open("rb") as f, pytest.raises(openai.UnprocessableEntityError) as bad:
-        client.audio.transcriptions.create(model="whisper-1", file=f, language="klingon")
-    assert "language" in str(bad.value)
-    # What the runner cannot honour is refused, naming the field, not silently ignored.
-    for extra, field in (({"prompt": "Kubernetes, kopf"}, "prompt"), ({"temperature": 0.4}, "temperature")):
-        with wav.open("rb") as f, pytest.raises(openai.UnprocessableEntityError) as bad:
-            client.audio.transcriptions.create(model="whisper-1", file=f, **extra)
-        assert field in str(bad.value)
-    assert len(driver.tjs()) == 1  # only the translation above created a TranscriptionJob
-    with wav.open("rb") as f, pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{gw.url}/v1", api_key="wrong", max_retries=0).audio.transcriptions.create(
-            model="whisper-1", file=f
-        )
-    # A failed task surfaces its reason through the SDK's error.
-    with wav.open("rb") as f:
-        pending = pool.submit(client.audio.transcriptions.create, model="whisper-1", file=f)
-        tj = None
-        deadline = time.monotonic() + 10
-        while tj is None and time.monotonic() < deadline:
-            tj = next((j for j in driver.tjs() if j["metadata"]["name"] != name), None)
-            time.sleep(0.05)
-        driver.fail(tj["metadata"]["name"], "InvalidAudio", "ffmpeg could not decode the file")
-        with pytest.raises(openai.UnprocessableEntityError) as failed:
-            pending.result(timeout=15)
-    assert "InvalidAudio" in str(failed.value)

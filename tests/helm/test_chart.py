@@ -6,6 +6,7 @@ settings, the runner Job the operator builds from the chart's values).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -609,3 +610,123 @@ def test_values_schema_requires_the_image_fields(helm, tmp_path):
     values.write_text(yaml.safe_dump({"runner": {"image": {"repository": None}}}))  # null removes the key
     proc = helm.run("template", "x", str(CHART), "-f", str(values), check=False)
     assert proc.returncode != 0 and "repository is required" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------- one source for gateway and runner
+
+
+def gateway_settings(objects, monkeypatch) -> GatewaySettings:
+    """GatewaySettings as the gateway pod reads them: exactly its rendered env (Secrets as placeholders)."""
+    env = {e["name"]: e.get("value", "from-a-secret") for e in container(objects, "Deployment", f"{RELEASE}-gateway")["env"]}
+    with monkeypatch.context() as m:
+        for key in list(os.environ):
+            if key.upper().startswith("IFW_GATEWAY_") or key.upper() in ("ADMIN_KEY", "HF_TOKEN"):
+                m.delenv(key)
+        for name, value in env.items():
+            m.setenv(name, value)
+        return GatewaySettings()
+
+
+def runner_settings(objects, tmp_path, monkeypatch):
+    """The runner's settings as its pod reads them: the env of the Job the operator builds."""
+    from ifw.runner.config import RunnerSettings
+
+    job = runner_job(GPU_TJ, load_operator_settings(tmp_path, monkeypatch, objects))
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    with monkeypatch.context() as m:
+        for key in list(os.environ):
+            if key.upper().startswith("IFW_") or key.upper() == "HF_TOKEN":
+                m.delenv(key)
+        for e in c["env"]:
+            m.setenv(e["name"], e.get("value", "from-a-secret"))
+        return RunnerSettings(), {e["name"]: e for e in c["env"]}
+
+
+@pytest.mark.parametrize(
+    "args, pipeline, token",
+    [
+        ((), None, None),
+        (("--set", "diarization.enabled=true", "--set", "diarization.hfTokenSecret.name=hf"),
+         "pyannote/speaker-diarization-3.1", {"name": "hf", "key": "token", "optional": False}),
+        (("--set", "diarization.enabled=true", "--set", "diarization.pipeline=packaged"), "packaged", None),
+        # A token Secret while diarization is off: nobody needs it, nobody gets it.
+        (("--set", "diarization.hfTokenSecret.name=hf",), None, None),
+        (GPU, "pyannote/speaker-diarization-3.1", {"name": "hf-token", "key": "token", "optional": False}),
+    ],
+    ids=["off", "hub-with-token", "packaged", "token-but-off", "gpu-production"],
+)
+def test_one_diarization_switch_makes_gateway_and_runner_agree(helm, tmp_path, monkeypatch, args, pipeline, token):
+    objects = helm.template(*args)
+    gateway = gateway_settings(objects, monkeypatch)
+    runner, env = runner_settings(objects, tmp_path, monkeypatch)
+    # The gateway offers diarise_audio exactly when the runner has a pipeline to run it with.
+    assert gateway.diarization_available is (runner.diarization_pipeline is not None)
+    assert runner.diarization_pipeline == pipeline
+    assert env.get("HF_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef") == token
+    for name in ("IFW_DIARIZATION_PIPELINE", "HF_TOKEN"):  # the runner's only
+        assert name not in {e["name"] for e in container(objects, "Deployment", f"{RELEASE}-gateway")["env"]}
+
+
+@pytest.mark.parametrize("args", [(), ("--set-json", 'operator.allowedModels=["openai/whisper-large-v3-turbo","base"]'), GPU],
+                         ids=["default", "allowed", "gpu-production"])
+def test_gateway_offers_the_models_the_runner_allows(helm, tmp_path, monkeypatch, args):
+    objects = helm.template(*args)
+    gateway = gateway_settings(objects, monkeypatch)
+    runner, _ = runner_settings(objects, tmp_path, monkeypatch)
+    assert gateway.allowed_models == [runner.default_model, *runner.allowed_models]
+
+
+def test_gateway_waits_without_a_cap_and_keeps_the_connection_alive(helm, monkeypatch):
+    settings = gateway_settings(helm.template(), monkeypatch)
+    assert settings.sync_timeout_seconds is None and settings.keepalive_seconds == 30
+    capped = gateway_settings(helm.template("--set", "gateway.syncTimeoutSeconds=7200",
+                                            "--set", "gateway.keepaliveSeconds=0"), monkeypatch)
+    assert capped.sync_timeout_seconds == 7200 and capped.keepalive_seconds == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "runner.env.IFW_DIARIZATION_PIPELINE=packaged"], "runner.env sets IFW_DIARIZATION_PIPELINE"),
+        (["--set", "runner.env.ifw_allowed_models=[]"], "runner.env sets ifw_allowed_models"),
+        (["--set", "operator.extraConfig.runner.env.HF_TOKEN=x"], "operator.extraConfig.runner.env sets HF_TOKEN"),
+        (["--set-json", 'gateway.extraEnv=[{"name":"IFW_GATEWAY_DIARIZATION_AVAILABLE","value":"true"}]'],
+         "gateway.extraEnv sets IFW_GATEWAY_DIARIZATION_AVAILABLE"),
+        (["--set-json", 'gateway.extraEnv=[{"name":"HF_TOKEN","value":"x"}]'], "gateway.extraEnv sets HF_TOKEN"),
+        (["--set", "operator.extraConfig.runner.hf_token_secret.name=x"], "use diarization.hfTokenSecret"),
+        (["--set", "operator.extraConfig.default_model=base"], "use operator.defaultModel"),
+        (["--set", "gateway.defaultModel=base"], "gateway.defaultModel base is neither"),
+        # The values this section replaced are refused by the schema, so an old values file says so.
+        (["--set", "runner.hfToken.secretName=hf"], "Additional property hfToken is not allowed"),
+        (["--set", "gateway.diarizationAvailable=true"], "Additional property diarizationAvailable is not allowed"),
+    ],
+)
+def test_diarization_and_models_set_elsewhere_are_refused(helm, args, message):
+    proc = helm.run("template", "x", str(CHART), *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_gateway_default_model_may_be_an_allowed_one(helm, monkeypatch):
+    objects = helm.template("--set-json", 'operator.allowedModels=["base"]', "--set", "gateway.defaultModel=base")
+    assert gateway_settings(objects, monkeypatch).default_model == "base"
+
+
+@pytest.mark.parametrize("values", [("--set", "gateway.auth.adminKey=k"), ()], ids=["with-key", "open"])
+def test_notes_curl_examples_are_requests_the_gateway_accepts(helm, tmp_path, values):
+    """NOTES.txt is not rendered by `helm template`: render a copy of the chart where it is a template."""
+    import shutil
+
+    from ifw.gateway.models import TranscribeRequest
+
+    chart = tmp_path / "ifw"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "templates" / "notes.txt")
+    notes = helm.run("template", RELEASE, str(chart), "--show-only", "templates/notes.txt", "--debug", *values,
+                     check=False).stdout  # --debug: print it although it is no YAML
+    bodies = [json.loads(m) for m in re.findall(r"-d '(\{.*?\})'", notes, re.S)]
+    assert len(bodies) == 2
+    for body in bodies:
+        request = TranscribeRequest.model_validate(body)
+        # The gateway answers an async request without a webhook with 400: the examples have one.
+        assert not request.is_async or request.webhook is not None
+    assert any(b.get("is_async") for b in bodies)

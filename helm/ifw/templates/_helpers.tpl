@@ -275,3 +275,50 @@ ResultSettings reads env names case-insensitively, so the check does too.
 {{- fail "operator.extraConfig.runner.s3_credentials_secret is set: use results.s3.credentialsSecret, which the operator and the gateway get too" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The models jobs may name: operator.defaultModel, then operator.allowedModels. The runners get
+the latter as IFW_ALLOWED_MODELS (the default comes from the operator), the gateway both, to list
+at /v1/models and to refuse any other by name before a job exists.
+*/}}
+{{- define "ifw.models.offered" -}}
+{{- toJson (prepend (default list .Values.operator.allowedModels) .Values.operator.defaultModel | uniq) }}
+{{- end }}
+
+{{/*
+Diarization and models are each set in one place (diarization.*, operator.defaultModel and
+allowedModels) and given from there to the gateway and the runners: the same settings given
+anywhere else would reach one of them only (a gateway offering diarization to runners without a
+pipeline). Refuse them, naming the value to use. Settings read env names case-insensitively.
+*/}}
+{{- define "ifw.oneSource.check" -}}
+{{- $runnerNames := list "IFW_DIARIZATION_PIPELINE" "HF_TOKEN" "IFW_HF_TOKEN" "IFW_ALLOWED_MODELS" }}
+{{- $gatewayNames := list "IFW_GATEWAY_DIARIZATION_AVAILABLE" "HF_TOKEN" "IFW_GATEWAY_HF_TOKEN" "IFW_GATEWAY_ALLOWED_MODELS" }}
+{{- $found := list }}
+{{- range $name, $_ := .Values.runner.env }}
+{{- $found = append $found (list "runner.env" $name $runnerNames) }}
+{{- end }}
+{{- range $name, $_ := dig "runner" "env" dict (default dict .Values.operator.extraConfig) }}
+{{- $found = append $found (list "operator.extraConfig.runner.env" $name $runnerNames) }}
+{{- end }}
+{{- range (default list .Values.gateway.extraEnv) }}
+{{- $found = append $found (list "gateway.extraEnv" .name $gatewayNames) }}
+{{- end }}
+{{- range $found }}
+{{- if has (upper (index . 1)) (index . 2) }}
+{{- fail (printf "%s sets %s: diarization is configured only by diarization.enabled, diarization.pipeline and diarization.hfTokenSecret, and models only by operator.defaultModel and operator.allowedModels, which the gateway and the runners both get; set it there" (index . 0) (index . 1)) }}
+{{- end }}
+{{- end }}
+{{- $extraRunner := dig "runner" dict (default dict .Values.operator.extraConfig) }}
+{{- if hasKey $extraRunner "hf_token_secret" }}
+{{- fail "operator.extraConfig.runner.hf_token_secret is set: use diarization.hfTokenSecret" }}
+{{- end }}
+{{- if hasKey (default dict .Values.operator.extraConfig) "default_model" }}
+{{- fail "operator.extraConfig.default_model is set: use operator.defaultModel, which the gateway gets too" }}
+{{- end }}
+{{- with .Values.gateway.defaultModel }}
+{{- if not (has . (include "ifw.models.offered" $ | fromJsonArray)) }}
+{{- fail (printf "gateway.defaultModel %s is neither operator.defaultModel nor in operator.allowedModels: the runners would refuse every job" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
