@@ -66,14 +66,28 @@ def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 
 
 
 class LocalStack:
+    """The processes of ifw on one machine, configured like the chart configures a cluster.
+
+    ``pool_workers``: warm runner workers (pool mode, the default: one, as a single GPU
+    serves); 0 runs every job in its own Job through the kubelet stand-in. ``device``: what the
+    runners use (auto: CUDA when visible). ``host``/``port``: where the gateway listens
+    (0.0.0.0:8000 is the original API's). ADMIN_KEY and HF_TOKEN in the environment work as
+    for the original: the API key, and diarization with pyannote's hub pipeline.
+    """
+
     def __init__(self, work: Path, model: str, namespace: str = "default", gateway_kubeconfig: str | None = None,
-                 gateway_env: dict[str, str] | None = None):
+                 gateway_env: dict[str, str] | None = None, *, pool_workers: int = 1, device: str = "cpu",
+                 host: str = "127.0.0.1", port: int | None = None):  # fmt: skip
         self.work = work
         self.model = model
         self.namespace = namespace
         # The gateway's identity (default: the admin kubeconfig) and extra IFW_GATEWAY_* settings.
         self.gateway_kubeconfig = gateway_kubeconfig
         self.gateway_env = gateway_env or {}
+        self.pool_workers = pool_workers
+        self.device = device
+        self.host = host
+        self.port = port
         self.processes: list[subprocess.Popen] = []
         self.gateway_url = ""
         self.kubeconfig = ""
@@ -88,24 +102,30 @@ class LocalStack:
         self.processes.append(process)
         return process
 
-    def start(self, control_plane: ControlPlane) -> None:
-        self.kubeconfig = control_plane.kubeconfig
-        install_crd(control_plane_client(self.kubeconfig))
-        runner_env = {
-            "IFW_DEVICE": "cpu",
-            "IFW_CPU_THREADS": "2",
-            "OMP_NUM_THREADS": "2",
+    def runner_env(self) -> dict[str, str]:
+        """The runner's settings, the same for a Job's pod and a pool worker."""
+        env = {
+            "IFW_DEVICE": self.device,
             "IFW_DEFAULT_MODEL": self.model,
-            "IFW_DIARIZATION_PIPELINE": "packaged",
+            # HF_TOKEN alone turns diarization on, as in the original; else the packaged weights.
+            "IFW_DIARIZATION_PIPELINE": "pyannote/speaker-diarization-3.1" if os.environ.get("HF_TOKEN") else "packaged",
             "PYANNOTE_METRICS_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             # The gateway serves uploads to the runner on loopback here.
             "IFW_FETCH_ALLOWLIST": '["127.0.0.1"]',
         }
+        if self.device == "cpu":  # two shared cores: pinned threads, or some ops run 10x slower
+            env |= {"IFW_CPU_THREADS": "2", "OMP_NUM_THREADS": "2"}
+        return env
+
+    def start(self, control_plane: ControlPlane) -> None:
+        self.kubeconfig = control_plane.kubeconfig
+        install_crd(control_plane_client(self.kubeconfig))
+        runner_env = self.runner_env()
         operator_config = {
             "namespaces": [self.namespace],
             "default_model": self.model,
-            "max_active_jobs": 1,  # one CPU "GPU"
+            "max_active_jobs": 1,  # one machine, one model at a time in Job mode
             "liveness_port": _free_port(),
             "metrics_port": _free_port(),
             "log_format": "plain",
@@ -116,16 +136,16 @@ class LocalStack:
         config_path.write_text(yaml.safe_dump(operator_config))
         operator = self._spawn("operator", "ifw.operator", {"IFW_OPERATOR_CONFIG_FILE": str(config_path)})
 
-        port = _free_port()
-        self.gateway_url = f"http://127.0.0.1:{port}"
+        port = self.port or _free_port()
+        reach = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        self.gateway_url = f"http://{reach}:{port}"
         gateway = self._spawn("gateway", "ifw.gateway", {
-            "IFW_GATEWAY_HOST": "127.0.0.1",
+            "IFW_GATEWAY_HOST": self.host,
             "IFW_GATEWAY_PORT": str(port),
             "IFW_GATEWAY_NAMESPACE": self.namespace,
-            "IFW_GATEWAY_INTERNAL_URL": self.gateway_url,
+            "IFW_GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{port}",
             "IFW_GATEWAY_UPLOAD_DIR": str(self.work / "uploads"),
             "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
-            "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "900",
             "IFW_GATEWAY_LOG_FORMAT": "text",
             **self.gateway_env,
             **({"KUBECONFIG": self.gateway_kubeconfig} if self.gateway_kubeconfig else {}),
@@ -135,8 +155,24 @@ class LocalStack:
         self.node = KubeletStandIn(self.kubeconfig, log_dir=self.work / "pods", credentials=credentials)
         (self.work / "pods").mkdir(exist_ok=True)
         self.node.start()
+        workers = [self._start_worker(i, runner_env) for i in range(self.pool_workers)]
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
         _wait_http(f"{self.gateway_url}/readyz", gateway, "gateway")
+        for process, health in workers:  # warm: the model is loaded before the first job comes
+            _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=600)
+
+    def _start_worker(self, index: int, runner_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+        """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""
+        health = _free_port()
+        process = self._spawn(f"worker-{index}", "ifw.runner.worker", {
+            **runner_env,
+            "IFW_WORKER_NAME": f"local-worker-{index}",
+            "IFW_WORKER_NAMESPACE": self.namespace,
+            "IFW_WORKER_WATCH_NAMESPACES": json.dumps([self.namespace]),
+            "IFW_WORKER_HEALTH_PORT": str(health),
+            "IFW_WORKER_NODE_NAME": socket.gethostname(),
+        })
+        return process, health
 
     def stop(self) -> None:
         if getattr(self, "node", None):
@@ -184,10 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="base", help="runner model: packaged 'base' or 'tiny.en', or a path")
     parser.add_argument("--timestamp", choices=["chunk", "word"], default="chunk")
     parser.add_argument("--diarize", action="store_true", help="split by speaker (packaged pyannote weights)")
+    parser.add_argument("--runtime", choices=["pool", "job"], default="pool",
+                        help="pool: one warm worker holds the model (default); job: a runner process per job")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                        help="what the runners use (auto: CUDA when visible)")
+    parser.add_argument("--host", default="127.0.0.1", help="where the gateway listens (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, help="the gateway's port (default: a free one; the original's is 8000)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
-    stack = LocalStack(work, args.model)
+    stack = LocalStack(work, args.model, pool_workers=1 if args.runtime == "pool" else 0, device=args.device,
+                       host=args.host, port=args.port)
     print(f"local stack: logs in {work}", flush=True)
     code = 1
     try:

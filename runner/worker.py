@@ -445,3 +445,9 @@ def main(settings: WorkerSettings | None = None) -> int:
     stop.wait()
     worker.drain()
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -178,7 +178,7 @@ def recorded(tmp_path_factory) -> Recorded:
         gateway_user, gateway_role = _apply_chart_gateway_rbac(admin, work / "helm")
         gateway_account = gateway_user.rsplit(":", 1)[1]
         stack = LocalStack(
-            work, "tiny.en", namespace=NAMESPACE,
+            work, "tiny.en", namespace=NAMESPACE, pool_workers=0,  # Job mode: the runner identities are under test
             gateway_kubeconfig=cp.service_account_kubeconfig(NAMESPACE, gateway_account),
             gateway_env={"IFW_GATEWAY_URL_ALLOWLIST": '["127.0.0.1"]', "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "300"},
         )
