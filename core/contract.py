@@ -132,6 +132,8 @@ MANAGED_BY_OPERATOR = "ifw-operator"
 CREATED_BY_GATEWAY = "ifw-gateway"
 ANNOTATION_RESUMED_AT = f"{GROUP}/resumed-at"  # when the operator last unsuspended a runner Job
 ANNOTATION_RESULT_SHA256 = f"{GROUP}/sha256"  # on the result Secret, written with its data
+# The operator's finalizer, on jobs it must clean up after (S3 result, a cancelled webhook owed).
+FINALIZER = f"{GROUP}/cleanup"
 # "true" on a TranscriptionJob whose client streams it: the runner reports the text so far in
 # status.progress.text as pieces finish (the gateway's server-sent events are fed from it).
 ANNOTATION_STREAM = f"{GROUP}/stream"
