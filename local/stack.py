@@ -89,6 +89,7 @@ class LocalStack:
         self.host = host
         self.port = port
         self.processes: list[subprocess.Popen] = []
+        self.worker_health_ports: list[int] = []  # each pool worker's /healthz, /readyz, /metrics
         self.gateway_url = ""
         self.kubeconfig = ""
 
@@ -164,6 +165,7 @@ class LocalStack:
     def _start_worker(self, index: int, runner_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
         """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""
         health = _free_port()
+        self.worker_health_ports.append(health)
         process = self._spawn(f"worker-{index}", "ifw.runner.worker", {
             **runner_env,
             "IFW_WORKER_NAME": f"local-worker-{index}",
