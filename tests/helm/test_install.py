@@ -1,5 +1,5 @@
 """helm install / upgrade / uninstall against the real test kube-apiserver, and the pre-delete
-hook's script against real TranscriptionJobs.
+hook's script against real TranscriptionJobs (ifw's finalizer removed, another tool's kept).
 
 The test server has no controllers: nothing runs the pods, so no --wait, and uninstall runs
 with --no-hooks (the hook Job would never complete); the hook's manifest is checked by
@@ -25,6 +25,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ifw.core.contract import FINALIZER
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from tests.helm.conftest import CHART, GPU_VALUES, one
 
@@ -127,6 +128,43 @@ def test_two_releases_do_not_collide(helm, kube, namespace):
         helm.run("uninstall", release, "-n", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)
 
 
+def test_install_with_the_pool(helm, kube, namespace):
+    """The pool on the real apiserver: the worker Deployment, its Roles in the served namespaces
+    and its own, the HPA (autoscaling/v2 is served; KEDA's CRD is not, see test_pool.py), and the
+    operator watching the release namespace for the workers' Leases."""
+    release = _release()
+    api = kube.api_client()
+    apps, core, rbac_api = client.AppsV1Api(api), client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    jobs_ns = f"{namespace[:50]}-jobs"
+    core.create_namespace({"metadata": {"name": jobs_ns}})
+    pool = f"{release}-ifw-pool"
+    try:
+        helm.run("install", release, str(CHART), "-n", namespace, "--set", "pool.enabled=true",
+                 "--set-json", f'operator.watchNamespaces=["{jobs_ns}"]', "--set", "pool.autoscaling.enabled=true",
+                 "--set", "pool.autoscaling.kind=hpa", "--set", "pool.autoscaling.minReplicas=1",
+                 kubeconfig=kube.kubeconfig)
+        deployment = apps.read_namespaced_deployment(pool, namespace)
+        c = deployment.spec.template.spec.containers[0]
+        assert c.command == ["python", "-m", "ifw.runner.worker"]
+        assert deployment.spec.template.spec.service_account_name == pool
+        assert core.read_namespaced_service_account(pool, namespace)
+        for ns in (jobs_ns, namespace):
+            assert rbac_api.read_namespaced_role_binding(pool, ns).subjects[0].name == pool
+        assert rbac_api.read_namespaced_role(f"{pool}-leases", namespace).rules[0].resources == ["leases"]
+        assert _read(rbac_api.read_namespaced_role, f"{pool}-leases", jobs_ns) is None
+        hpa = client.AutoscalingV2Api(api).read_namespaced_horizontal_pod_autoscaler(pool, namespace)
+        assert hpa.spec.scale_target_ref.name == pool and hpa.spec.metrics[0].external.metric.name == \
+            "ifw_operator_pool_demand"
+        config = yaml.safe_load(core.read_namespaced_config_map(f"{release}-ifw-operator", namespace)
+                                .data["operator.yaml"])
+        assert config["namespaces"] == [jobs_ns, namespace] and config["pool"] == {"wait_seconds": 0}
+        helm.run("uninstall", release, "-n", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)
+        assert _read(apps.read_namespaced_deployment, pool, namespace) is None
+        assert _read(rbac_api.read_namespaced_role, pool, jobs_ns) is None
+    finally:
+        core.delete_namespace(jobs_ns)
+
+
 def _cleanup(kube, namespaces: list[str], delete: bool) -> subprocess.CompletedProcess:
     """The hook's script, as the hook pod runs it (python -c <files/cleanup.py>), with $KUBECONFIG."""
     env = {**os.environ, "KUBECONFIG": kube.kubeconfig,
@@ -137,11 +175,12 @@ def _cleanup(kube, namespaces: list[str], delete: bool) -> subprocess.CompletedP
     return proc
 
 
-def test_pre_delete_hook_script_unblocks_transcriptionjobs(kube, namespace, tj_crd):
+def test_pre_delete_hook_script_strips_only_ifws_finalizer(kube, namespace, tj_crd):
     api = kube.api_client()
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     other = f"{namespace[:50]}-other"
     core.create_namespace({"metadata": {"name": other}})
+    theirs = "example.com/keep"  # another tool's finalizer: its promise, not ours to break
 
     def create(ns: str, name: str, finalizers: list[str]) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob",
@@ -153,30 +192,70 @@ def test_pre_delete_hook_script_unblocks_transcriptionjobs(kube, namespace, tj_c
         return _read(custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name)
 
     try:
-        create(namespace, "stuck", ["kopf.zalando.org/KopfFinalizerMarker"])
-        create(namespace, "kept", ["example.com/keep"])
+        create(namespace, "stuck", [FINALIZER])
+        create(namespace, "shared", [theirs, FINALIZER])
+        create(namespace, "shared-deleting", [FINALIZER, theirs])
+        create(namespace, "theirs", [theirs])
         create(namespace, "plain", [])
-        create(other, "elsewhere", ["example.com/keep"])
-        # A deletion that hangs on its finalizer, as after the operator is gone.
-        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "stuck")
-        assert get(namespace, "stuck")["metadata"]["deletionTimestamp"]
+        create(other, "elsewhere", [FINALIZER])
+        # Deletions that hang on the finalizers, as after the operator is gone.
+        for name in ("stuck", "shared-deleting"):
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            assert get(namespace, name)["metadata"]["deletionTimestamp"]
 
         out = _cleanup(kube, [namespace], delete=False).stdout
-        assert "3 TranscriptionJob(s) seen, 0 failure(s)" in out
+        assert "5 TranscriptionJob(s) seen, 0 failure(s)" in out
         assert get(namespace, "stuck") is None  # its deletion completed
-        assert get(namespace, "kept")["metadata"].get("finalizers") is None
+        assert get(namespace, "shared")["metadata"]["finalizers"] == [theirs]
+        # Still deleting: the other tool's finalizer holds it, as that tool intends.
+        assert get(namespace, "shared-deleting")["metadata"]["finalizers"] == [theirs]
+        assert get(namespace, "theirs")["metadata"]["finalizers"] == [theirs]
+        assert f"removed {FINALIZER} from {namespace}/theirs" not in out
         assert get(namespace, "plain") is not None  # not deleted without IFW_CLEANUP_DELETE
-        assert get(other, "elsewhere")["metadata"]["finalizers"] == ["example.com/keep"]  # out of scope
+        assert get(other, "elsewhere")["metadata"]["finalizers"] == [FINALIZER]  # out of scope
 
         out = _cleanup(kube, [namespace], delete=True).stdout
-        assert f"deleted {namespace}/plain" in out and f"deleted {namespace}/kept" in out
-        assert not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        assert f"deleted {namespace}/plain" in out and f"deleted {namespace}/shared" in out
+        left = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        # What another tool's finalizer holds stays, deleting, until that tool lets it go.
+        assert {o["metadata"]["name"] for o in left} == {"shared", "shared-deleting", "theirs"}
+        assert all(o["metadata"]["finalizers"] == [theirs] and o["metadata"]["deletionTimestamp"] for o in left)
         assert get(other, "elsewhere") is not None
     finally:
-        custom.patch_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "elsewhere",
-                                              {"metadata": {"finalizers": None}})
-        custom.delete_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "elsewhere")
+        for ns in (namespace, other):
+            for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+                custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, o["metadata"]["name"],
+                                                      {"metadata": {"finalizers": None}})
+                _read(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, o["metadata"]["name"])
         core.delete_namespace(other)
+
+
+def test_pre_delete_hook_rereads_finalizers_that_changed_under_it(kube, namespace, tj_crd):
+    """The hook's patch tests that the entry it removes is still ifw's: from a stale copy (another
+    tool added its finalizer in front since the list was read) it reads the job again instead of
+    removing the other tool's entry."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ifw_chart_cleanup", CHART / "files" / "cleanup.py")
+    cleanup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cleanup)
+    custom = client.CustomObjectsApi(kube.api_client())
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob",
+        "metadata": {"name": "raced", "finalizers": [FINALIZER]},
+        "spec": {"audio": {"url": "https://media.example.com/a.mp3"}}})
+    stale = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "raced")
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "raced",
+                                          {"metadata": {"finalizers": ["example.com/first", FINALIZER]}})
+    assert stale["metadata"]["finalizers"] == [FINALIZER]  # index 0 is no longer ours
+    try:
+        assert cleanup.strip_finalizer(custom, stale) is True
+        now = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "raced")
+        assert now["metadata"]["finalizers"] == ["example.com/first"]
+        assert cleanup.strip_finalizer(custom, now) is False  # nothing of ours left
+    finally:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "raced",
+                                              {"metadata": {"finalizers": None}})
 
 
 def test_uninstall_runs_the_pre_delete_hook(helm, kube, namespace, tj_crd):
@@ -193,7 +272,7 @@ def test_uninstall_runs_the_pre_delete_hook(helm, kube, namespace, tj_crd):
              "--set-json", f'operator.watchNamespaces=["{namespace}"]', kubeconfig=kube.kubeconfig)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob",
-        "metadata": {"name": "stuck", "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+        "metadata": {"name": "stuck", "finalizers": [FINALIZER]},
         "spec": {"audio": {"url": "https://media.example.com/a.mp3"}}})
 
     uninstall = subprocess.Popen([helm.binary, "uninstall", release, "-n", namespace, "--timeout", "60s"],
@@ -204,7 +283,7 @@ def test_uninstall_runs_the_pre_delete_hook(helm, kube, namespace, tj_crd):
         # Its account and RBAC came first (lower weight), limited to the watched namespace.
         assert core.read_namespaced_service_account(name, namespace)
         role = rbac_api.read_namespaced_role(name, namespace)
-        assert role.rules[0].verbs == ["list", "patch", "delete"]
+        assert role.rules[0].verbs == ["get", "list", "patch", "delete"]
         assert rbac_api.read_namespaced_role_binding(name, namespace).subjects[0].name == name
         # The kubelet's part: run the Job's container as specified.
         c = job.spec.template.spec.containers[0]

@@ -67,6 +67,10 @@ app.kubernetes.io/part-of: ifw
 {{ include "ifw.fullname" . }}-cleanup
 {{- end }}
 
+{{- define "ifw.pool.fullname" -}}
+{{ include "ifw.fullname" . }}-pool
+{{- end }}
+
 {{- define "ifw.operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- include "ifw.operator.fullname" . }}
@@ -81,6 +85,27 @@ app.kubernetes.io/part-of: ifw
 {{- else }}
 {{- default (include "ifw.gateway.fullname" .) .Values.serviceAccount.gatewayName }}
 {{- end }}
+{{- end }}
+
+{{- define "ifw.pool.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- include "ifw.pool.fullname" . }}
+{{- else }}
+{{- default (include "ifw.pool.fullname" .) .Values.serviceAccount.poolName }}
+{{- end }}
+{{- end }}
+
+{{/*
+The namespaces the operator watches (JSON list; empty: every namespace): operator.watchNamespaces,
+plus the release namespace when the pool is on, because the workers' Leases live there and kopf
+sees Leases only in the namespaces it watches. Its Roles, the hook's and the pool's follow it.
+*/}}
+{{- define "ifw.operator.namespaces" -}}
+{{- $namespaces := default list .Values.operator.watchNamespaces }}
+{{- if and .Values.pool.enabled $namespaces }}
+{{- $namespaces = append $namespaces .Release.Namespace | uniq }}
+{{- end }}
+{{- toJson $namespaces }}
 {{- end }}
 
 {{/* Where the gateway creates jobs. */}}
