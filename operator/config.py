@@ -34,6 +34,10 @@ are written verbatim in Kubernetes' own camelCase. Example::
     webhook:
       timeout_seconds: 10
       max_attempts: 5
+      allowlist: [10.0.0.0/8]          # private receivers webhooks may reach (SSRF guard)
+    gitops:                            # how a job kept in the cluster by Argo CD / Flux is recognised
+      labels: [app.kubernetes.io/instance, kustomize.toolkit.fluxcd.io/name, helm.toolkit.fluxcd.io/name]
+      annotations: [argocd.argoproj.io/tracking-id]
 """
 
 from __future__ import annotations
@@ -148,7 +152,29 @@ class WebhookSettings(_Section):
     backoff_initial_seconds: float = Field(1.0, ge=0)
     backoff_max_seconds: float = Field(30.0, ge=0)
     allowlist: list[str] = Field(
-        default_factory=list, description="Hosts or CIDRs allowed although private (the SSRF guard refuses them)."
+        default_factory=list,
+        description="Hosts or CIDRs webhooks may reach although private (the SSRF guard refuses them). "
+        "Helm: operator.webhook.allowlist.",
+    )
+
+
+class GitOpsSettings(_Section):
+    """How the operator recognises a TranscriptionJob that a GitOps tool keeps in the cluster.
+
+    Such a tool re-creates a deleted object (self-heal), so deleting a finished job at its TTL
+    would only run it again. A job carrying any of these labels or annotations (with a value) is
+    never deleted by its TTL: only its runner Job, pods and runner account are removed.
+    """
+
+    labels: list[str] = Field(
+        default_factory=lambda: ["app.kubernetes.io/instance", "kustomize.toolkit.fluxcd.io/name",
+                                 "helm.toolkit.fluxcd.io/name"],
+        description="Label keys of GitOps tracking: Argo CD's label tracking (its application.instanceLabelKey, "
+        "also what Helm puts on a chart's objects), Flux's Kustomization and HelmRelease.",
+    )
+    annotations: list[str] = Field(
+        default_factory=lambda: ["argocd.argoproj.io/tracking-id"],
+        description="Annotation keys of GitOps tracking: Argo CD's annotation tracking.",
     )
 
 
@@ -173,7 +199,8 @@ class OperatorSettings(BaseSettings):
 
     # --- lifecycle ---
     default_ttl_seconds_after_finished: int | None = Field(
-        86400, ge=0, description="TTL when spec.ttlSecondsAfterFinished is absent. None: keep forever."
+        86400, ge=0, description="TTL when spec.ttlSecondsAfterFinished is absent. None: keep forever. "
+        "A job managed by GitOps (see gitops) is kept at its TTL; only its runner is removed.",
     )
     startup_deadline_seconds: float = Field(
         900, gt=0, description="Fail with StartupDeadlineExceeded when the pod is not running this long after the Job."
@@ -204,6 +231,7 @@ class OperatorSettings(BaseSettings):
     runner: RunnerPod = Field(default_factory=RunnerPod)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    gitops: GitOpsSettings = Field(default_factory=GitOpsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,16 +7,19 @@ that uid, or marks it dirty if one is already running so that it runs once more 
 (the last TranscriptionJob seen, its Job and Pods from kopf's indexes) and does what is missing;
 it never depends on which event woke it, so bursts, lost events and restarts are harmless.
 
-A pass is a few named steps, one per situation: deleted -> clean up; finished -> webhook and
-TTL; not started -> admission, then children and Job; started -> suspend or resume; then derive
-the status, write what changed, and set a timer for when it may change without an event.
+A pass is a few named steps, one per situation: being deleted -> stop the runner, send the
+cancel webhook, clean up, let go; gone -> clean up; finished -> webhook and TTL; not started ->
+admission, then children and Job; started -> suspend or resume; then derive the status, write
+what changed, and set a timer for when it may change without an event.
 
 What the controller knows about a job lives in one ``JobState`` record per uid (jobstate.py).
 Webhook delivery is a collaborator it is handed (``WebhookSender``), not a subclass.
 
-The operator writes nothing to the TranscriptionJob except its own status fields: no kopf
-annotations or finalizers (kopf's on.event/index handlers need none), so a spec stays small
-and a deletion is never blocked by the operator being down.
+Besides its own status fields the operator writes only two things into a TranscriptionJob:
+its finalizer, on the jobs whose deletion still needs it (an S3 result, a webhook), and, under
+a cap, the queue-order annotation (objectmeta.py). kopf writes nothing (its on.event/index
+handlers need no annotations or finalizers), so a job without S3 or a webhook is never held
+up by the operator being down.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ifw.core.contract import (
 )
 from ifw.core.kube import api_message, status_code
 from ifw.operator import jobs as manifests
-from ifw.operator import metrics, pool
+from ifw.operator import metrics, objectmeta, pool
 from ifw.operator.config import OperatorSettings
 from ifw.operator.jobstate import JobState
 from ifw.operator.kube import Kube
@@ -103,6 +106,8 @@ class Controller:
             settings.max_active_jobs, settings.max_active_jobs_per_namespace, settings.admission_settle_seconds
         )
         self.states: dict[str, JobState] = {}  # TranscriptionJob uid -> everything known about it
+        # The result store, from the same IFW_* env the runner gets: S3 results need the finalizer.
+        self.result_settings = results.ResultSettings()
         self.jobs_index: Any = {}  # kopf.Index: tj uid -> Store of Job bodies
         self.pods_index: Any = {}  # kopf.Index: tj uid -> Store of Pod bodies
         self.leases_index: Any = {}  # kopf.Index: pool worker name -> Store of its Lease
@@ -142,6 +147,7 @@ class Controller:
             state.tj = body
             if state.first_seen is None:
                 state.first_seen = time.monotonic()
+                state.order = objectmeta.queue_order(body)
         self.poke(state.uid)
 
     def _saw(self, state: JobState, body: dict[str, Any]) -> None:
@@ -184,6 +190,19 @@ class Controller:
     def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         self.note_job(event_type, job)
         self.poke(job["metadata"]["labels"][LABEL_JOB_UID])
+
+    def observe_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
+        """Remember a pod deleted before it ended (its node lost, or by hand): once gone from the index,
+        only this says what happened to the attempt, until the next pod shows up."""
+        state = self._state(pod["metadata"]["labels"][LABEL_JOB_UID])
+        name = pod["metadata"]["name"]
+        if event_type == "DELETED":
+            if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                state.pod_lost = pod
+        elif name not in state.pods_seen:
+            state.pods_seen.add(name)
+            state.pod_lost = None
+        self.poke(state.uid)
 
     # ------------------------------------------------------------------ the pool
 
@@ -325,9 +344,10 @@ class Controller:
             if uid != current:
                 self.poke(uid)
 
-    def _enqueue(self, tj: dict[str, Any]) -> None:
+    def _enqueue(self, state: JobState, tj: dict[str, Any]) -> None:
         meta = tj["metadata"]
-        revision = int(meta.get("resourceVersion") or 0)
+        # The revision first seen, not the current one: the operator's own writes move that.
+        revision = state.order if state.order is not None else objectmeta.queue_order(tj)
         self.queue.enqueue(meta["uid"], meta["namespace"], meta.get("creationTimestamp") or "", revision,
                            time.monotonic())
 
@@ -351,26 +371,96 @@ class Controller:
         tj = state.tj
         if tj is None:
             await self._deleted(state)
-        elif is_terminal(tj):
-            await self._finished(state, tj)
+        elif tj["metadata"].get("deletionTimestamp"):
+            await self._deleting(state, tj)
         else:
-            seen = await self._drive(state, tj)
-            if seen is not None:
-                await self._report(state, tj, seen)
+            tj = await self._mark(state, tj)
+            if tj is None:
+                return  # deleted meanwhile: its events follow
+            if is_terminal(tj):
+                await self._finished(state, tj)
+            else:
+                seen = await self._drive(state, tj)
+                if seen is not None:
+                    await self._report(state, tj, seen)
+
+    def _needs_finalizer(self, tj: dict[str, Any]) -> bool:
+        """Whether deleting the job still needs the operator: an S3 result, or a cancel webhook owed."""
+        ref = (tj.get("status") or {}).get("result") or {}
+        s3 = self.result_settings.result_store == "s3" or ref.get("store") == "s3"
+        return s3 or (bool(_spec(tj).get("webhook")) and not is_terminal(tj))
+
+    async def _mark(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
+        """Put the finalizer on (or take it off) as the job needs; the queue order before it first waits."""
+        annotations = {}
+        capped = self.queue.max_total is not None or self.queue.max_per_namespace is not None
+        if capped and state.order is not None and not is_terminal(tj) and not _kueue(tj) \
+                and not (tj.get("status") or {}).get("jobName") and self.job_for(state) is None:
+            annotations[objectmeta.ANNOTATION_QUEUE_ORDER] = str(state.order)
+        needed = self._needs_finalizer(tj)
+        if objectmeta.metadata_patch(tj, finalizer=needed, annotations=annotations) is None:
+            return tj
+        updated = await self.kube.patch_tj_metadata(
+            tj, lambda body: objectmeta.metadata_patch(body, finalizer=needed, annotations=annotations))
+        if updated is not None:
+            self._saw(state, updated)
+        return updated
 
     async def _deleted(self, state: JobState) -> None:
         """Gone (or never seen: only its Job or Pods were): clean up after it, let the next one in."""
         self.queue.forget(state.uid)
         if state.tombstone is not None:
-            await self.cleanup(state, state.tombstone)
+            if not state.cleaned:  # (a job that had our finalizer was cleaned up before it went)
+                await self.cleanup(state, state.tombstone)
             state.tombstone = None  # only now: a failed cleanup is retried
         self._admit_waiting()
+
+    async def _deleting(self, state: JobState, tj: dict[str, Any]) -> None:
+        """Being deleted (cancel, TTL, a GitOps prune; held by our finalizer or another tool's).
+
+        At once: stop the runner (the GPU is free) and let the next job in. Then, with our
+        finalizer: the cancel webhook if the job had not finished (or a completion webhook still
+        owed), bounded by its attempts; then the children and the result; then our finalizer goes.
+        """
+        self.queue.forget(state.uid)
+        if state.timer:
+            state.timer.cancel()
+            state.timer = None
+        if not state.stopped:
+            await self._unassign(state, tj)
+            await self.stop_runner(state, tj)
+            self._admit_waiting()
+        if not objectmeta.has_finalizer(tj):
+            if not state.cleaned:
+                await self.remove_children(state, tj)
+            return  # another tool's finalizer holds it; ours was never put on
+        if self._webhook_in_flight(state, tj):
+            return  # the delivery pokes the job when it is over
+        if not state.cleaned:
+            await self.remove_children(state, tj)
+        await self.kube.patch_tj_metadata(tj, lambda body: objectmeta.metadata_patch(body, finalizer=False))
+        meta = tj["metadata"]
+        log.info("%s/%s: cleaned up; finalizer %s removed", meta["namespace"], meta["name"], objectmeta.FINALIZER)
 
     async def _finished(self, state: JobState, tj: dict[str, Any]) -> None:
         """Succeeded or Failed: its place goes to the next one; then the webhook and the TTL."""
         self.queue.forget(state.uid)
         self._admit_waiting()
+        tj = await self._observe_generation(state, tj)
         await self.after_finish(state, tj)
+
+    async def _observe_generation(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any]:
+        """A finished job whose mutable spec changed (its TTL, say, edited in Git) has seen it: kstatus
+        reads an old observedGeneration as a change still in progress."""
+        generation, status = tj["metadata"].get("generation"), tj.get("status") or {}
+        if generation is None or status.get("observedGeneration") == generation:
+            return tj
+        conditions = [{**cond, "observedGeneration": generation} for cond in status.get("conditions") or []]
+        meta = tj["metadata"]
+        updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"],
+                                                  {"observedGeneration": generation, "conditions": conditions})
+        self._saw(state, updated)
+        return updated
 
     async def _drive(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
         """Bring the runner (a pool worker or a Job) in line with the spec. None: nothing more to do."""
@@ -396,7 +486,7 @@ class Controller:
             self.queue.forget(uid)
             return Seen(None, SUSPENDED)
         if not _kueue(tj):
-            self._enqueue(tj)
+            self._enqueue(state, tj)
             self._admit_waiting(current=uid)
         if _kueue(tj) or self.queue.is_reserved(uid):
             job = await self.start(state, tj)
@@ -417,7 +507,7 @@ class Controller:
         if not job_suspended(job):
             return Seen(job)
         # Resuming takes capacity again: it waits its turn like a new job.
-        self._enqueue(tj)
+        self._enqueue(state, tj)
         self._admit_waiting(current=state.uid)
         if self._settling(state.uid):
             return None
@@ -519,7 +609,7 @@ class Controller:
             tj, seen.job, self.pods_for(state.uid), now=now,
             startup_deadline_seconds=self.settings.startup_deadline_seconds,
             image_pull_grace_seconds=self.settings.image_pull_grace_seconds,
-            waiting=seen.waiting,
+            waiting=seen.waiting, lost_pod=state.pod_lost,
         )
         if outcome.stop_job and seen.job is not None:
             await self.stop_job(state, seen.job)
@@ -624,11 +714,14 @@ class Controller:
         log.info("%s/%s: %s (%s): %s", meta["namespace"], meta["name"], outcome.phase, outcome.reason,
                  outcome.message)
         type_ = "Warning" if outcome.phase == "Failed" else "Normal"
-        # Events are for people: posting one must never hold up or break a reconcile.
-        task = asyncio.get_running_loop().create_task(self._post_event(tj, type_, outcome))
+        self._background_task(self._post_event(tj, type_, outcome))
+        _count_transition(tj, before, outcome, updated.get("status") or {})
+
+    def _background_task(self, work: Any) -> None:
+        """Events are for people: posting one must never hold up or break a reconcile."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        _count_transition(tj, before, outcome, updated.get("status") or {})
 
     async def _post_event(self, tj: dict[str, Any], type_: str, outcome: Outcome) -> None:
         try:
@@ -640,7 +733,8 @@ class Controller:
     # -------------------------------------------------------- after the end
 
     async def after_finish(self, state: JobState, tj: dict[str, Any]) -> None:
-        """Webhook delivery, then the TTL: delete the TranscriptionJob when it expires."""
+        """Webhook delivery, then the TTL: delete the TranscriptionJob when it expires (a GitOps-managed
+        one is kept: only its runner goes)."""
         if self._webhook_in_flight(state, tj):
             return  # the TTL waits: the delivery pokes the job when it ends
         ttl = _spec(tj).get("ttlSecondsAfterFinished")
@@ -648,16 +742,37 @@ class Controller:
             ttl = self.settings.default_ttl_seconds_after_finished
         done = parse_time((tj.get("status") or {}).get("completionTime"))
         if ttl is None or done is None or state.expired:
-            return  # kept forever, or already deleted and waiting for the DELETED event
+            return  # kept forever, or expired already (deletion accepted, or the runner removed)
         expiry = done + timedelta(seconds=ttl)
         if _now() < expiry:
             self.poke_at(state.uid, expiry)
             return
         meta = tj["metadata"]
+        marker = objectmeta.gitops_marker(tj, self.settings.gitops)
+        if marker:
+            await self._expire_in_place(state, tj, marker, ttl)
+            state.expired = True
+            return
         log.info("%s/%s: TTL of %ss after finishing expired; deleting", meta["namespace"], meta["name"], ttl)
-        # The DELETED event then removes the children (cleanup).
+        # The deletion (or the DELETED event) then removes the children.
         await self.kube.delete_tj(meta["namespace"], meta["name"], meta["uid"])
         state.expired = True
+
+    async def _expire_in_place(self, state: JobState, tj: dict[str, Any], marker: str, ttl: int) -> None:
+        """A GitOps tool keeps this job in the cluster: deleting it would only have it re-created and
+        run again. Remove the heavy part (runner Job, pods, runner account); keep the job and its result."""
+        if self.job_for(state) is None and not self.pods_for(state.uid):
+            return  # done before (this process, or one before a restart)
+        meta = tj["metadata"]
+        namespace, selector = meta["namespace"], f"{LABEL_JOB_UID}={meta['uid']}"
+        # The account first: a retry after a failure still finds the Job and does it all again.
+        await asyncio.gather(*(self.kube.delete_labelled(kind, namespace, selector)
+                               for kind in ("RoleBinding", "Role", "ServiceAccount")))
+        await self.stop_runner(state, tj)
+        message = (f"TTL of {ttl}s expired; kept because {marker} says a GitOps tool manages it (deleting it would "
+                   "re-create and re-run it): its runner Job and pods were removed, its result is kept")
+        log.info("%s/%s: %s", namespace, meta["name"], message)
+        self._background_task(self._post_event(tj, "Normal", Outcome("Succeeded", "TTLExpired", message)))
 
     def _webhook_in_flight(self, state: JobState, tj: dict[str, Any]) -> bool:
         """Start the job's webhook delivery if one is owed; True while one runs."""
@@ -682,33 +797,74 @@ class Controller:
         A real cluster's garbage collector would do this through the ownerReferences, but the
         Pod must stop at once and the operator must not depend on a collector being present.
         """
+        await self.stop_runner(state, tj)
+        await self.remove_children(state, tj)
+
+    async def _unassign(self, state: JobState, tj: dict[str, Any]) -> None:
+        """A pool worker stops an attempt that is no longer assigned to it (the job lingers while its
+        finalizer is held, so the worker would not see it vanish yet)."""
+        assignment = _assignment(tj)
+        if not assignment.get("worker"):
+            return
+        meta = tj["metadata"]
+        try:
+            self._saw(state, await self.kube.patch_tj_status(meta["namespace"], meta["name"],
+                                                             {"assignment": {**assignment, "worker": None}}))
+        except Exception as error:
+            if status_code(error) != 404:
+                raise
+
+    async def stop_runner(self, state: JobState, tj: dict[str, Any]) -> None:
+        """Delete the job's runner Job, then its Pods: by the uid label, so a namesake keeps its own."""
+        meta = tj["metadata"]
+        selector = f"{LABEL_JOB_UID}={meta['uid']}"
+        await self.kube.delete_labelled("Job", meta["namespace"], selector)  # first, so no new pod is made
+        await self.kube.delete_labelled("Pod", meta["namespace"], selector)
+        state.written_job = None
+        state.capacity = None
+        state.stopped = True
+
+    async def remove_children(self, state: JobState, tj: dict[str, Any]) -> None:
+        """The result Secret, the runner's account, role and binding, and an S3 result."""
         meta = tj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         if state.timer:
             state.timer.cancel()
             state.timer = None
-        # By the uid label: a new TranscriptionJob reusing the name keeps its own children.
         selector = f"{LABEL_JOB_UID}={uid}"
-        await self.kube.delete_labelled("Job", namespace, selector)  # first, so no new pod is made
-        await asyncio.gather(
-            *(self.kube.delete_labelled(kind, namespace, selector)
-              for kind in ("Pod", "Secret", "RoleBinding", "Role", "ServiceAccount"))
-        )
-        ref = (tj.get("status") or {}).get("result") or {}
-        if ref.get("store") == "s3":  # a Secret result went with the Secrets above
-            await self._delete_s3_result(ref, namespace, name)
-        state.written_job = None
-        state.capacity = None
+        await asyncio.gather(*(self.kube.delete_labelled(kind, namespace, selector)
+                               for kind in ("Secret", "RoleBinding", "Role", "ServiceAccount")))
+        ref = self._s3_ref(tj)
+        if ref:  # a Secret result went with the Secrets above
+            await self._delete_s3_result(tj, ref)
+        state.cleaned = True
         log.info("%s/%s deleted: removed its Job, pods, result and runner RBAC", namespace, name)
 
-    async def _delete_s3_result(self, ref: dict[str, Any], namespace: str, name: str) -> None:
-        """S3 objects have no owner references: the operator deletes them (same IFW_S3_* env as the runner)."""
+    def _s3_ref(self, tj: dict[str, Any]) -> dict[str, Any] | None:
+        """Where an S3 result is, or would be: the runner may have stored it without saying so yet."""
+        ref = (tj.get("status") or {}).get("result") or {}
+        if ref.get("store") == "s3":
+            return ref
+        settings = self.result_settings
+        if settings.result_store == "s3" and settings.s3_bucket:
+            key = results.s3_key(settings, results.JobRef.of(tj))
+            return {"store": "s3", "ref": f"s3://{settings.s3_bucket}/{key}"}
+        return None
+
+    async def _delete_s3_result(self, tj: dict[str, Any], ref: dict[str, Any]) -> None:
+        """S3 objects have no owner references: the operator deletes them (same IFW_S3_* env as the runner).
+
+        boto3 retries on its own; a store that still fails is reported, and the deletion goes on.
+        """
+        meta = tj["metadata"]
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: results.delete_result(ref, namespace, settings=results.ResultSettings())
+                None, lambda: results.delete_result(ref, meta["namespace"], settings=self.result_settings)
             )
         except Exception as error:  # never block the cleanup of the Kubernetes objects on it
-            log.warning("%s/%s: could not delete result %s: %s", namespace, name, ref.get("ref"), error)
+            message = f"could not delete the result {ref.get('ref')}: {error}"
+            log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+            self._background_task(self._post_event(tj, "Warning", Outcome("Failed", "ResultNotDeleted", message)))
 
 
 def _count_transition(tj: dict[str, Any], before: dict[str, Any], outcome: Outcome, status: dict[str, Any]) -> None:

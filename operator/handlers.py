@@ -3,7 +3,8 @@
 - indexes of the runner Jobs and their Pods, keyed by the TranscriptionJob uid label: kopf
   lists both before calling any handler, so after a restart the operator knows every Job that
   already exists before it decides anything (no second Job, no over-admission);
-- event handlers on TranscriptionJobs, Jobs and Pods that poke the job's reconcile;
+- event handlers on TranscriptionJobs, Jobs and Pods that poke the job's reconcile (a Pod
+  deleted before it ended is remembered: the index forgets it);
 - startup/cleanup: settings, the API client, the Controller with its WebhookSender, the resync
   loop, the metrics server;
 - a liveness probe.
@@ -90,6 +91,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         from prometheus_client import REGISTRY
 
         memo.metrics_server.shutdown()
+        memo.metrics_server.server_close()  # free the port: kopf may be started again in this process
         REGISTRY.unregister(memo.collector)
 
 
@@ -134,10 +136,10 @@ async def job_event(
 
 @kopf.on.event("v1", "pods", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def pod_event(
-    labels: kopf.Labels, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
+    type: str | None, body: kopf.Body, memo: kopf.Memo, runner_jobs: kopf.Index, runner_pods: kopf.Index,
     pool_workers: kopf.Index, **_: Any,
 ) -> None:
-    _controller(memo, runner_jobs, runner_pods, pool_workers).poke(labels[LABEL_JOB_UID])
+    _controller(memo, runner_jobs, runner_pods, pool_workers).observe_pod(type, dict(body))
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={LABEL_POOL_WORKER: "true"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import uuid4
@@ -22,6 +23,7 @@ from ifw.core.contract import now_string
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class Kube:
@@ -85,6 +87,14 @@ class Kube:
                 return None
             raise
 
+    async def read_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
     # ------------------------------------------------------------------ patch
 
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +107,35 @@ class Kube:
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
             _content_type=MERGE_PATCH,
         )
+
+    async def patch_tj_metadata(
+        self, tj: dict[str, Any], build: Callable[[dict[str, Any]], list[dict[str, Any]] | None]
+    ) -> dict[str, Any] | None:
+        """Apply the JSON patch ``build(body)`` makes (None: nothing to do); the updated body.
+
+        Its tests fail when the metadata changed meanwhile (409/422): read again, build again.
+        None: the job is gone (or the name is a new job's now).
+        """
+        meta = tj["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        for _ in range(5):
+            ops = build(tj)
+            if ops is None:
+                return tj
+            try:
+                return await self._call(
+                    self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, ops,
+                    _content_type=JSON_PATCH,
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                if error.status not in (409, 422):
+                    raise
+            tj = await self.read_tj(namespace, name)
+            if tj is None or tj["metadata"]["uid"] != uid:
+                return None
+        raise RuntimeError(f"the metadata of TranscriptionJob {namespace}/{name} kept changing; retrying")
 
     # ------------------------------------------------------------------ delete
 

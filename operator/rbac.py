@@ -21,8 +21,9 @@ from ifw.crds.transcriptionjob import GROUP, PLURAL
 
 CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
     # The API it serves: watch them, write their status, delete them when their TTL expires.
-    # (get: granted to the runner, so the operator must hold it; list/watch: kopf; delete: TTL.)
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "delete"]},
+    # (get: granted to the runner, so the operator must hold it, and a re-read when a metadata
+    # patch conflicts; list/watch: kopf; patch: its finalizer and queue-order annotation; delete: TTL.)
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # The runner Jobs and their Pods.
     {"apiGroups": ["batch"], "resources": ["jobs"],

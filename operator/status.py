@@ -1,7 +1,10 @@
 """What a TranscriptionJob's status should say, from its Job and Pods (pure functions).
 
 ``derive`` turns the observed world (the TranscriptionJob, its batch/v1 Job, the Job's Pods,
-the time) into an ``Outcome``: the phase, a CamelCase reason and a message. ``status_patch``
+the time) into an ``Outcome``: the phase, a CamelCase reason and a message. ``conditions``
+makes the five conditions of it: ``Queued``, ``Running``, ``Succeeded``, ``Failed`` (True for
+the phase that holds) and ``Ready`` (kstatus: True once Succeeded, else False with the phase's
+reason), so ``kubectl wait --for=condition=Ready`` and GitOps health checks work. ``status_patch``
 turns an Outcome into a merge patch of only the fields the operator owns (conditions, phase,
 reason, message, startTime, completionTime, jobName, model, observedGeneration), or None when
 the status already says it. The runner's fields (progress, audio, speakers, result) are never
@@ -12,6 +15,7 @@ No API calls and no clock reads here: everything is an argument, so every case i
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -27,7 +31,11 @@ from ifw.core.contract import (
     parse_time,
 )
 
-CONDITION_TYPES = ("Queued", "Running", "Succeeded", "Failed")
+PHASE_CONDITIONS = ("Queued", "Running", "Succeeded", "Failed")  # True for the phase that holds
+CONDITION_TYPES = (*PHASE_CONDITIONS, "Ready")
+
+OUT_OF_MEMORY = ("the runner was killed for using more memory than its limit (OOMKilled); "
+                 "lower batchSize or give the runner more memory")
 
 # Waiting reasons of a container that mean its image cannot be pulled; the first two are
 # never fixed by retrying, the others may be a registry hiccup (grace period).
@@ -91,31 +99,105 @@ def _pod_sort_key(pod: dict[str, Any]) -> tuple[datetime, str]:
     return (_created(pod) or datetime.min.replace(tzinfo=timezone.utc), pod["metadata"].get("name", ""))
 
 
+def _ended_key(pod: dict[str, Any]) -> tuple[datetime, int, datetime]:
+    """Orders ended pods by when they ended. Times have one-second resolution and a retry often
+    starts and ends within the second of the attempt before it, so ties go to the resourceVersion:
+    the pod whose end was written last has the larger one."""
+    meta = pod["metadata"]
+    never = datetime.min.replace(tzinfo=timezone.utc)
+    end = parse_time(_terminated(pod).get("finishedAt")) or parse_time(meta.get("deletionTimestamp"))
+    try:
+        revision = int(meta.get("resourceVersion") or 0)
+    except ValueError:
+        revision = 0
+    return (end or _created(pod) or never, revision, _created(pod) or never)
+
+
+def _disruption(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The DisruptionTarget condition: evicted, preempted, its node drained or lost. Costs no retry."""
+    return _condition(pod, "DisruptionTarget")
+
+
+def _killed_by(term: dict[str, Any]) -> str | None:
+    """The signal that ended the container: the kubelet reports 128 + n as the exit code."""
+    number = term.get("signal")
+    code = term.get("exitCode")
+    if not number and isinstance(code, int) and 128 < code < 160:
+        number = code - 128
+    if not number:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _exit(term: dict[str, Any]) -> str:
+    """'exit code 137, killed by SIGKILL', 'exit code 1', or '' when the pod never reported one."""
+    code = term.get("exitCode")
+    if code is None:
+        return ""
+    killed = _killed_by(term)
+    return f"exit code {code}, killed by {killed}" if killed else f"exit code {code}"
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    """Why one runner pod failed, and whether the Job counts it against backoffLimit."""
+
+    reason: str | None  # the runner's own reason, OutOfMemory or Disrupted; None: only an exit
+    message: str
+    counted: bool = True
+
+
+def _said(reason: str | None, message: str | None) -> str:
+    """'Reason: message', or whichever of them there is."""
+    return ": ".join(part for part in (reason, message) if part)
+
+
+def pod_failure(pod: dict[str, Any]) -> PodFailure:
+    name = pod["metadata"].get("name", "")
+    disruption = _disruption(pod)
+    if disruption:
+        why = _said(disruption.get("reason") or "DisruptionTarget", disruption.get("message"))
+        return PodFailure("Disrupted", f"pod {name} was disrupted ({why}); that costs no retry", counted=False)
+    term = _terminated(pod)
+    if term.get("reason") == "OOMKilled":
+        return PodFailure("OutOfMemory", OUT_OF_MEMORY)
+    runner_reason, runner_message = parse_termination_message(term.get("message"))
+    if runner_reason:
+        return PodFailure(runner_reason, runner_message or runner_reason)
+    status = pod.get("status") or {}
+    message = f"the runner failed with {_exit(term)}" if _exit(term) else "the runner failed"
+    if status.get("reason"):  # e.g. Evicted on a cluster without DisruptionTarget conditions
+        message += f" (pod {_said(status['reason'], status.get('message'))})"
+    if runner_message:
+        message += f": {runner_message}"
+    return PodFailure(None, message)
+
+
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
     """The real reason a failed Job failed, most specific first."""
     cond = _condition(job, "Failed") or {}
     job_reason = cond.get("reason") or ""
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    last = max(failed, key=_pod_sort_key) if failed else None
+    last = max(failed, key=_ended_key) if failed else None
     term = _terminated(last) if last else {}
+    cause = pod_failure(last) if last else None
     runner_reason, runner_message = parse_termination_message(term.get("message"))
-    attempts = ((job.get("status") or {}).get("failed")) or len(failed)
+    attempts = ((job.get("status") or {}).get("failed")) or sum(1 for p in failed if pod_failure(p).counted)
 
     if job_reason == "DeadlineExceeded":
         limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
         return "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={limit} and was stopped"
-    if term.get("reason") == "OOMKilled":
-        return "OutOfMemory", (
-            "the runner was killed for using more memory than its limit (OOMKilled); "
-            "lower batchSize or give the runner more memory"
-        )
+    if cause and cause.reason == "OutOfMemory":
+        return "OutOfMemory", OUT_OF_MEMORY
     if runner_reason:
         message = runner_message or runner_reason
         if job_reason == "BackoffLimitExceeded":
             message = f"{message} (gave up after {attempts} attempts)"
         return runner_reason, message
-    exit_code = term.get("exitCode")
-    detail = f"; last exit code {exit_code}" if exit_code is not None else ""
+    detail = f"; last {_exit(term)}" if _exit(term) else ""
     if runner_message:
         detail += f": {runner_message}"
     if job_reason == "BackoffLimitExceeded":
@@ -127,7 +209,8 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str,
 
 def _started_at(pod: dict[str, Any]) -> datetime | None:
     running = (_runner_state(pod).get("state") or {}).get("running") or {}
-    return parse_time(running.get("startedAt")) or parse_time((pod.get("status") or {}).get("startTime"))
+    return (parse_time(running.get("startedAt")) or parse_time(_terminated(pod).get("startedAt"))
+            or parse_time((pod.get("status") or {}).get("startTime")))
 
 
 def _unschedulable(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -141,14 +224,36 @@ def _waiting(pod: dict[str, Any]) -> dict[str, Any]:
     return (_runner_state(pod).get("state") or {}).get("waiting") or {}
 
 
-def startup_reference(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None:
-    """When the current attempt to start began: the Job's creation or resumption, or the last failure."""
+def _stopped_running(tj: dict[str, Any], now: datetime) -> datetime | None:
+    """When the runner was last seen to stop running, from the job's own Running condition.
+
+    Still True: the status says it runs, so it stopped just now. False after a start: the time
+    of that flip. It lives in the API, so a restarted operator knows it too. (Without it a pod
+    lost mid-run would be measured from the Job's start and fail the startup deadline at once.)
+    """
+    status = tj.get("status") or {}
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Running"), None)
+    if cond is None:
+        return None
+    if cond.get("status") == "True":
+        return now
+    return parse_time(cond.get("lastTransitionTime")) if status.get("startTime") else None
+
+
+def startup_reference(
+    job: dict[str, Any], pods: list[dict[str, Any]], tj: dict[str, Any] | None = None, now: datetime | None = None
+) -> datetime | None:
+    """When the current attempt to start began: the Job's creation or resumption, the last failure,
+    deletion or stop of a pod."""
     times = [
         _created(job),
         parse_time(((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RESUMED_AT)),
         parse_time((job.get("status") or {}).get("startTime")),
     ]
     times += [parse_time(_terminated(p).get("finishedAt")) for p in pods]
+    times += [parse_time(p["metadata"].get("deletionTimestamp")) for p in pods]
+    if tj is not None and now is not None:
+        times.append(_stopped_running(tj, now))
     return max((t for t in times if t), default=None)
 
 
@@ -164,11 +269,13 @@ def derive(
     startup_deadline_seconds: float,
     image_pull_grace_seconds: float,
     waiting: tuple[str, str] | None = None,
+    lost_pod: dict[str, Any] | None = None,
 ) -> Outcome:
     """The state of a non-terminal TranscriptionJob.
 
     ``waiting`` is (reason, message) when the operator holds the job back itself (suspended, or
-    over the concurrency cap); then ``job`` is None or a suspended Job.
+    over the concurrency cap); then ``job`` is None or a suspended Job. ``lost_pod``: the last
+    pod deleted before it ended, if no pod was made since (the Pods themselves no longer show it).
     """
     status = tj.get("status") or {}
     start = parse_time(status.get("startTime"))
@@ -189,15 +296,24 @@ def derive(
             "Running", "Running", f"the runner is working in pod {pod['metadata']['name']}",
             start_time=start or _started_at(pod) or now,
         )
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if finished and not live:
+        # The Job controller marks the Job Complete a moment after its pod succeeded: still Running.
+        pod = max(finished, key=_ended_key)
+        return Outcome(
+            "Running", "RunnerFinished",
+            f"the runner finished in pod {pod['metadata']['name']}; waiting for the Job to complete",
+            start_time=start or _started_at(pod) or now,
+        )
 
-    ref = startup_reference(job, pods) or now
+    ref = startup_reference(job, pods, tj, now) or now
     deadline = ref + timedelta(seconds=startup_deadline_seconds)
     if now >= deadline:
         return _startup_deadline_passed(live, start, now, startup_deadline_seconds)
     if live:
         starting = _Starting(max(live, key=_pod_sort_key), ref, deadline, start, now)
         return _pod_starting(starting, image_pull_grace_seconds)
-    return _between_attempts(job, pods, start, deadline)
+    return _between_attempts(job, pods, start, deadline, lost_pod)
 
 
 def _without_job(
@@ -300,18 +416,47 @@ def _image_pull(s: _Starting, wait: dict[str, Any], grace_seconds: float) -> Out
 
 
 def _between_attempts(
-    job: dict[str, Any], pods: list[dict[str, Any]], start: datetime | None, deadline: datetime
+    job: dict[str, Any], pods: list[dict[str, Any]], start: datetime | None, deadline: datetime,
+    lost_pod: dict[str, Any] | None = None,
 ) -> Outcome:
-    """No live pod: the last attempt failed and the Job controller retries, or the first pod is not made yet."""
-    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    if failed_pods:
-        last = max(failed_pods, key=_pod_sort_key)
-        reason, message = parse_termination_message(_terminated(last).get("message"))
-        cause = f"{reason}: {message}" if reason and message else (message or reason or "the runner failed")
-        return Outcome("Pending", "Retrying", clip(f"attempt {len(failed_pods)} failed ({cause}); retrying"),
+    """No live pod: an attempt ended (failed, disrupted, deleted, lost) and the Job controller starts
+    another, or the first pod is not made yet."""
+    name = job["metadata"]["name"]
+    if lost_pod is not None:
+        disruption = _disruption(lost_pod)
+        why = _said(disruption.get("reason"), disruption.get("message")) if disruption \
+            else "its node was lost, or it was deleted by hand"
+        return Outcome("Pending", "PodLost", clip(f"pod {lost_pod['metadata']['name']} was deleted before it "
+                       f"finished ({why}); waiting for Job {name} to start another"), start_time=start,
+                       recheck_at=deadline)
+    ended = [p for p in pods
+             if (p.get("status") or {}).get("phase") == "Failed" or p["metadata"].get("deletionTimestamp")]
+    if ended:
+        last = max(ended, key=_ended_key)
+        if (last.get("status") or {}).get("phase") != "Failed" and not _disruption(last):
+            return Outcome("Pending", "PodLost", f"pod {last['metadata']['name']} is being deleted; waiting for "
+                           f"Job {name} to start another", start_time=start, recheck_at=deadline)
+        cause = pod_failure(last)
+        if not cause.counted:
+            return Outcome("Pending", "Disrupted", clip(f"{cause.message}; waiting for Job {name} to start another"),
+                           start_time=start, recheck_at=deadline)
+        counted = sum(1 for p in ended if pod_failure(p).counted)
+        attempt = max(counted, (job.get("status") or {}).get("failed") or 0)
+        limit = (job.get("spec") or {}).get("backoffLimit")
+        text = f"{cause.reason}: {cause.message}" if cause.reason else cause.message
+        if limit is None:
+            retry = "retrying"
+        elif attempt <= limit:
+            retry = f"retry {attempt} of {limit}"
+        else:
+            retry = f"no retry left (backoffLimit {limit})"
+        return Outcome("Pending", "Retrying", clip(f"attempt {attempt} failed ({text}); {retry}"),
                        start_time=start, recheck_at=deadline)
-    return Outcome("Pending", "JobCreated", f"waiting for the runner pod of Job {job['metadata']['name']}",
-                   recheck_at=deadline)
+    if start is not None:
+        # It ran before and every pod is gone: deleted with its node, or by hand.
+        return Outcome("Pending", "PodLost", f"the runner pod is gone (deleted, or its node was lost); waiting "
+                       f"for Job {name} to start another", start_time=start, recheck_at=deadline)
+    return Outcome("Pending", "JobCreated", f"waiting for the runner pod of Job {name}", recheck_at=deadline)
 
 
 # ------------------------------------------------------------------- status
@@ -328,25 +473,30 @@ _FALSE_REASONS = {
 def conditions(
     outcome: Outcome, current: list[dict[str, Any]], generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
-    """The four conditions; lastTransitionTime moves only when a condition's status flips."""
+    """The five conditions; lastTransitionTime moves only when a condition's status flips."""
     previous = {c.get("type"): c for c in current or []}
     out = []
     for ctype in CONDITION_TYPES:
-        is_true = outcome.phase == ctype
-        status = "True" if is_true else "False"
-        if is_true:
+        if ctype == "Ready":
+            # kstatus: the goal is a transcript. Not there yet (or never): False, saying why.
+            is_true = outcome.phase == "Succeeded"
             reason, message = outcome.reason, outcome.message
-        elif outcome.terminal and ctype in ("Running", "Succeeded", "Failed"):
-            reason, message = outcome.reason, f"the job {outcome.phase.lower()}"
         else:
-            reason, message = _FALSE_REASONS[ctype], ""
+            is_true = outcome.phase == ctype
+            if is_true:
+                reason, message = outcome.reason, outcome.message
+            elif outcome.terminal and ctype in ("Running", "Succeeded", "Failed"):
+                reason, message = outcome.reason, f"the job {outcome.phase.lower()}"
+            else:
+                reason, message = _FALSE_REASONS[ctype], ""
+        status = "True" if is_true else "False"
         old = previous.get(ctype) or {}
         changed = old.get("status") != status
         cond = {
             "type": ctype,
             "status": status,
             "reason": reason,
-            "message": message,
+            "message": clip(message) if message else message,
             "lastTransitionTime": format_time(now) if changed or not old.get("lastTransitionTime")
             else old["lastTransitionTime"],
         }

@@ -1,13 +1,17 @@
-"""Webhook delivery when a TranscriptionJob succeeds or fails.
+"""Webhook delivery when a TranscriptionJob succeeds, fails or is cancelled.
 
-Payloads are the original API's, so existing receivers keep working:
+Payloads are the original API's, so existing receivers keep working (``task_id`` is the
+client's task id: the annotation ``ifw.dev/task-id`` when the gateway set one, else the name):
 
-- success: ``{"output": <the original API's json>, "status": "completed", "task_id": <name>}``
-- failure: ``{"error": <message>, "status": "error", "task_id": <name>}``
+- success: ``{"output": <the original API's json>, "status": "completed", "task_id": <id>}``
+- failure: ``{"error": <message>, "status": "error", "task_id": <id>}``
+- cancellation (the job was deleted before it finished; the original API had none, this
+  follows its error payload): ``{"error": "Task Cancelled", "status": "cancelled", "task_id": <id>}``
 
 Beyond the original: signed per the Standard Webhooks spec (``webhook-id`` stable across
 retries so receivers can drop duplicates, ``webhook-timestamp``, ``webhook-signature`` =
-HMAC-SHA256 with the operator's signing key), the user's extra headers come from a Secret
+HMAC-SHA256 with the operator's signing key; the id is ``<uid>-<event>``, event one of
+``succeeded``, ``failed``, ``cancelled``), the user's extra headers come from a Secret
 (``spec.webhook.headersSecretRef``), a timeout per attempt, bounded retries with exponential
 backoff (tenacity) on network errors, 408, 429 and 5xx, and every attempt recorded in
 ``status.webhook``. The destination goes through the SSRF guard (ifw.core.netguard): only
@@ -15,8 +19,11 @@ public addresses unless the operator's allowlist says otherwise, checked at conn
 
 ``WebhookSender`` only delivers; the Controller is handed one and decides when: it runs each
 delivery as a task beside the reconcile (a slow receiver never holds a job up), and its TTL
-deletion waits until delivery has succeeded or given up. Delivery survives a restart: the
-attempt count lives in the status and ``delivered`` stops any resend.
+deletion (or, for a cancelled job, the removal of its finalizer) waits until delivery has
+succeeded or given up. Delivery survives a restart: the attempt count lives in the status and
+``delivered`` stops any resend. It is at least once: an operator killed after the receiver got
+a request but before it recorded the answer sends it again, with the same ``webhook-id``, so a
+receiver that drops ids it has seen handles each event once.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from standardwebhooks import Webhook
 from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from ifw.core import formats, netguard, results
-from ifw.core.contract import format_time
+from ifw.core.contract import ANNOTATION_TASK_ID, format_time, is_terminal
 from ifw.core.kube import api_message
 from ifw.operator import metrics
 from ifw.operator.config import OperatorSettings
@@ -46,6 +53,8 @@ log = logging.getLogger("ifw.operator.webhooks")
 RESERVED_HEADERS = frozenset({"content-type", "webhook-id", "webhook-timestamp", "webhook-signature", "host",
                               "content-length"})
 USER_AGENT = "ifw-operator-webhooks/0.1.0"
+# Where to let a private destination through: named in the SSRF refusal, so people know what to change.
+ALLOWLIST_SETTING = "the operator's webhook allowlist (Helm operator.webhook.allowlist, config webhook.allowlist)"
 
 
 class DeliveryFailed(Exception):
@@ -60,6 +69,32 @@ def success_payload(name: str, output: Any) -> dict[str, Any]:
 
 def error_payload(name: str, message: str) -> dict[str, Any]:
     return {"error": message, "status": "error", "task_id": name}
+
+
+def cancelled_payload(name: str) -> dict[str, Any]:
+    return {"error": "Task Cancelled", "status": "cancelled", "task_id": name}
+
+
+def event_of(tj: dict[str, Any]) -> str:
+    """What the webhook reports: cancelled (deleted before it finished), else succeeded or failed."""
+    if tj["metadata"].get("deletionTimestamp") and not is_terminal(tj):
+        return "cancelled"
+    return ((tj.get("status") or {}).get("phase") or "").lower()
+
+
+def task_id(tj: dict[str, Any]) -> str:
+    """The client's id of the task (the gateway keeps one that is no valid name in an annotation)."""
+    meta = tj["metadata"]
+    return (meta.get("annotations") or {}).get(ANNOTATION_TASK_ID) or meta["name"]
+
+
+def refusal(error: netguard.DestinationNotAllowed) -> str:
+    """The SSRF guard's refusal, pointing at the setting that would allow it (the guard's own hint
+    names the runner's fetch allowlist, which does not apply to webhooks)."""
+    reason = error.reason.split("; allow it in the fetch allowlist")[0]
+    where = f"{error.host} ({error.address})" if error.address and error.address != error.host else error.host
+    return (f"refused by the SSRF guard: {where} is not allowed ({reason}); "
+            f"to send webhooks there, add it to {ALLOWLIST_SETTING}")
 
 
 def sign(secret: str | None, msg_id: str, body: str, when: datetime) -> dict[str, str]:
@@ -107,8 +142,8 @@ class WebhookSender:
     ) -> None:
         """POST until delivered, a final answer, or the attempts left run out (exponential backoff)."""
         config = self.config
-        # One id per job and outcome: the same across retries and operator restarts.
-        msg_id = f"{tj['metadata']['uid']}-{(tj.get('status') or {}).get('phase', '').lower()}"
+        # One id per job and event: the same across retries and operator restarts.
+        msg_id = f"{tj['metadata']['uid']}-{event_of(tj)}"
         attempts_left = config.max_attempts - state.get("attempts", 0)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, attempts_left)),
@@ -141,7 +176,7 @@ class WebhookSender:
         try:
             response = await client.post(url, content=body.encode(), headers=headers)
         except netguard.DestinationNotAllowed as error:
-            raise DeliveryFailed(f"refused by the SSRF guard: {error}", retryable=False) from error
+            raise DeliveryFailed(refusal(error), retryable=False) from error
         except httpx.HTTPError as error:
             raise DeliveryFailed(f"{type(error).__name__}: {error}", retryable=True) from error
         if response.is_success:
@@ -151,8 +186,11 @@ class WebhookSender:
 
     async def _payload(self, tj: dict[str, Any]) -> dict[str, Any]:
         meta, status = tj["metadata"], tj.get("status") or {}
-        if status.get("phase") != "Succeeded":
-            return error_payload(meta["name"], status.get("message") or status.get("reason") or "failed")
+        event = event_of(tj)
+        if event == "cancelled":
+            return cancelled_payload(task_id(tj))
+        if event != "succeeded":
+            return error_payload(task_id(tj), status.get("message") or status.get("reason") or "failed")
         ref = status.get("result")
         if not ref:
             raise DeliveryFailed("the job succeeded but status.result is missing", retryable=False)
@@ -163,7 +201,7 @@ class WebhookSender:
             )
         except Exception as error:  # the result is gone or unreadable: say so instead of sending nothing
             raise DeliveryFailed(f"cannot read the result: {error}", retryable=False) from error
-        return success_payload(meta["name"], formats.render_object(transcript, "json"))
+        return success_payload(task_id(tj), formats.render_object(transcript, "json"))
 
     async def _user_headers(self, namespace: str, ref: dict[str, Any] | None) -> dict[str, str]:
         if not ref:
@@ -207,7 +245,7 @@ class WebhookSender:
         """A log line when it is over, and an Event when it failed for good."""
         meta = tj["metadata"]
         if delivered:
-            log.info("%s/%s: webhook delivered to %s", meta["namespace"], meta["name"], _host(tj))
+            log.info("%s/%s: %s webhook delivered to %s", meta["namespace"], meta["name"], event_of(tj), _host(tj))
         elif final:
             log.warning("%s/%s: webhook to %s failed for good after %s attempts: %s", meta["namespace"],
                         meta["name"], _host(tj), state["attempts"], error)

@@ -2,18 +2,29 @@
 
 The operator runs in-process (kopf.operator in a thread with its own event loop), watching only
 the test's namespace, with short timings. There is no Job controller or kubelet: ``Sim`` plays
-them by creating the Pods a Job controller would and patching Job and Pod status.
+them by creating the Pods a Job controller would and patching Job and Pod status. ``Recorder``
+watches the TranscriptionJobs, so a test can assert on every status they went through (a
+phase that flapped), not just the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +34,7 @@ from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings
 
 URL = "https://media.example.com/meeting.mp3"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def now_rfc3339() -> str:
@@ -135,6 +147,135 @@ def run_operator(namespace: str, tj_crd) -> Iterator[Callable[..., OperatorThrea
     for op in started:
         if op.thread.is_alive():
             op.stop()
+
+
+SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="
+FAST = {"webhook": {"signing_secret": SECRET, "allowlist": ["127.0.0.0/8"], "timeout_seconds": 2,
+                    "backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2, "max_attempts": 4}}
+
+
+class Receiver:
+    """A webhook receiver on loopback that records requests and answers from a script.
+
+    ``port``: listen there (a receiver that comes up late); ``hold``: keep each request that
+    arrives while it is clear unanswered until it is set (a delivery in flight). ``delivered``
+    is what a receiver that drops a webhook-id it has seen would process: one per id.
+    """
+
+    def __init__(self, answers=(), port: int = 0, hold: threading.Event | None = None):
+        self.requests: list[dict] = []
+        self.answers = list(answers)
+        self.arrived = threading.Event()  # a request came in
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                receiver.arrived.set()
+                if hold is not None:
+                    hold.wait(60)
+                code = receiver.answers.pop(0) if receiver.answers else 200
+                try:
+                    self.send_response(code)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:  # the sender is gone
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def delivered(self) -> dict[str, dict]:
+        """webhook-id -> the first request with it."""
+        out: dict[str, dict] = {}
+        for request in self.requests:
+            out.setdefault(request["headers"]["webhook-id"], request)
+        return out
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(answers=(), **kwargs):
+        made.append(Receiver(answers, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+class OperatorProcess:
+    """``python -m ifw.operator`` as a process of its own (JSON logs in ``log``), to kill with SIGKILL."""
+
+    def __init__(self, kubeconfig: str, namespace: str, log: Path, **env: str):
+        self.kubeconfig, self.namespace, self.log, self.env = kubeconfig, namespace, log, env
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "OperatorProcess":
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "IFW_OPERATOR_NAMESPACES": json.dumps([self.namespace]),
+            "IFW_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "IFW_OPERATOR_LIVENESS_PORT": str(self.liveness_port),
+            "IFW_OPERATOR_RESYNC_INTERVAL_SECONDS": "0.5",
+            "IFW_OPERATOR_LOG_FORMAT": "json",
+            **self.env,
+        }
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ifw.operator"], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        wait_for(lambda: http_get(f"http://127.0.0.1:{self.liveness_port}/healthz"), timeout,
+                 what=f"the operator's liveness probe (log: {self.tail()})")
+        return self
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(15)
+
+
+@pytest.fixture
+def operator_process(kube, tj_crd, namespace, tmp_path) -> Iterator[Callable[..., OperatorProcess]]:
+    made: list[OperatorProcess] = []
+
+    def make(**env: str) -> OperatorProcess:
+        made.append(OperatorProcess(kube.kubeconfig, namespace, tmp_path / "operator.log", **env))
+        return made[-1]
+
+    yield make
+    for op in made:
+        op.kill(signal.SIGTERM)
 
 
 class Sim:
@@ -261,7 +402,74 @@ class Sim:
     def pods(self, uid: str) -> list[dict]:
         return self.core.list_namespaced_pod(self.ns, label_selector=f"{LABEL_JOB_UID}={uid}").to_dict()["items"]
 
+    def delete_pod(self, pod: dict) -> None:
+        self.core.delete_namespaced_pod(pod["metadata"]["name"], self.ns, grace_period_seconds=0)
+
+
+class Recorder:
+    """Watches the namespace's TranscriptionJobs from a thread and keeps every version it sees."""
+
+    def __init__(self, sim: Sim):
+        self.sim = sim
+        self.seen: list[tuple[str, dict]] = []  # (event type, object), in the order the watch sent them
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        listing = sim.custom.list_namespaced_custom_object(GROUP, VERSION, sim.ns, PLURAL)
+        self._rv = listing["metadata"]["resourceVersion"]
+        self._thread = threading.Thread(target=self._run, name="tj-recorder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(self.sim.custom.list_namespaced_custom_object, GROUP, VERSION, self.sim.ns,
+                                           PLURAL, resource_version=self._rv, timeout_seconds=2):
+                    obj = event["object"]
+                    self._rv = obj["metadata"]["resourceVersion"]
+                    with self._lock:
+                        self.seen.append((event["type"], obj))
+                    if self._stop.is_set():
+                        break
+            except Exception:  # the control plane restarting, or the test ending: watch again
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def versions(self, name: str) -> list[dict]:
+        with self._lock:
+            return [obj for _, obj in self.seen if obj["metadata"]["name"] == name]
+
+    def phases(self, name: str) -> list[tuple[str | None, str | None]]:
+        """(phase, reason) of every status the job had, a repeat collapsed."""
+        out: list[tuple[str | None, str | None]] = []
+        for obj in self.versions(name):
+            status = obj.get("status") or {}
+            now = (status.get("phase"), status.get("reason"))
+            if status and (not out or out[-1] != now):
+                out.append(now)
+        return out
+
 
 @pytest.fixture
-def sim(kube, namespace: str) -> Sim:
-    return Sim(kube.api_client(), namespace)
+def recorder(sim) -> Iterator[Recorder]:
+    rec = Recorder(sim)
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture
+def sim(kube, namespace: str) -> Iterator[Sim]:
+    sim = Sim(kube.api_client(), namespace)
+    yield sim
+    # The test server deletes no namespace's contents: leave no runner Job behind for a later test's
+    # kubelet stand-in, which looks at the Jobs of every namespace.
+    try:
+        sim.batch.delete_collection_namespaced_job(namespace, label_selector=LABEL_JOB_UID,
+                                                   propagation_policy="Background")
+    except Exception:  # best effort, like the namespace's own deletion
+        pass

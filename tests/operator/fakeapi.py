@@ -1,10 +1,11 @@
 """An in-memory fake of the operator's Kubernetes API, for fast unit tests of the reconciler.
 
 ``FakeKube`` implements the async interface of ``ifw.operator.kube.Kube`` (create, read,
-patch_job, patch_tj_status, delete, delete_labelled, delete_tj, event) on dicts: it assigns
-uids, resourceVersions and creation times as the apiserver does, applies merge patches,
-honours uid preconditions, and answers 404/409 the way the real client does. Each change is
-queued as a watch event.
+read_tj, patch_job, patch_tj_status, patch_tj_metadata, delete, delete_labelled, delete_tj,
+event) on dicts: it assigns uids, resourceVersions and creation times as the apiserver does,
+applies merge patches and JSON patches, honours uid preconditions and finalizers (a deleted
+object with finalizers gets a deletionTimestamp and goes when the last one is removed), and
+answers 404/409/422 the way the real client does. Each change is queued as a watch event.
 
 ``Harness`` wires a real ``Controller`` to it and plays kopf: it hands the queued events to the
 controller, filling the Job and Pod indexes as it goes, so the indexes lag behind the writes as
@@ -50,6 +51,38 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             merged[key] = merge_patch(merged.get(key), value)
     return merged
+
+
+def _unpointer(segment: str) -> str:
+    return segment.replace("~1", "/").replace("~0", "~")
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 add/remove/test on a copy of ``doc``; a failed test or a missing path is the apiserver's 422."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [_unpointer(p) for p in op["path"].split("/")[1:]]
+        target: Any = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target.get(part)
+            if target is None:
+                raise ApiException(status=422, reason=f"path {op['path']} does not exist")
+        if op["op"] == "test":
+            found = (target[int(last)] if int(last) < len(target) else None) if isinstance(target, list) \
+                else target.get(last)
+            if found != op["value"]:
+                raise ApiException(status=422, reason=f"test of {op['path']} failed")
+        elif op["op"] == "add":
+            if isinstance(target, list):
+                target.insert(len(target) if last == "-" else int(last), copy.deepcopy(op["value"]))
+            else:
+                target[last] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            if isinstance(target, list):
+                target.pop(int(last))
+            else:
+                target.pop(last)
+    return doc
 
 
 def uid_of(obj: dict[str, Any]) -> str | None:
@@ -103,10 +136,20 @@ class FakeKube:
         return self._store(key, stored, "MODIFIED")
 
     def remove(self, kind: str, name: str, namespace: str = NAMESPACE) -> bool:
-        obj = self.objects.pop((kind, namespace, name), None)
-        if obj is not None:
-            self.watch.append(("DELETED", copy.deepcopy(obj)))
-        return obj is not None
+        """Delete as the apiserver does: an object with finalizers only gets its deletionTimestamp."""
+        key = (kind, namespace, name)
+        obj = self.objects.get(key)
+        if obj is None:
+            return False
+        if obj["metadata"].get("finalizers"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj = copy.deepcopy(obj)
+                obj["metadata"]["deletionTimestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self._store(key, obj, "MODIFIED")
+            return True
+        del self.objects[key]
+        self.watch.append(("DELETED", copy.deepcopy(obj)))
+        return True
 
     def get(self, kind: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
         obj = self.objects.get((kind, namespace, name))
@@ -149,6 +192,34 @@ class FakeKube:
     async def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         await self._call("patch", "Job", name)
         return self.update("Job", name, patch, namespace)
+
+    async def read_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        await self._call("read", KIND, name)
+        return self.get(KIND, name, namespace)
+
+    async def patch_tj_metadata(self, tj: dict[str, Any], build: Callable[[dict[str, Any]], Any]) -> Any:
+        """As Kube.patch_tj_metadata: a JSON patch, built again from a fresh read when a test fails."""
+        meta = tj["metadata"]
+        key = (KIND, meta["namespace"], meta["name"])
+        for _ in range(5):
+            ops = build(tj)
+            if ops is None:
+                return tj
+            await self._call("patch", KIND, meta["name"])
+            if key not in self.objects:
+                return None
+            try:
+                patched = json_patch(self.objects[key], ops)
+            except ApiException:
+                tj = self.get(KIND, meta["name"], meta["namespace"])
+                if tj is None or tj["metadata"]["uid"] != meta["uid"]:
+                    return None
+                continue
+            stored = self._store(key, patched, "MODIFIED")
+            if stored["metadata"].get("deletionTimestamp") and not stored["metadata"].get("finalizers"):
+                self.remove(KIND, meta["name"], meta["namespace"])  # the last finalizer went: now it goes
+            return stored
+        raise RuntimeError("metadata kept changing")
 
     async def patch_tj_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         await self._call("patch_status", KIND, name)
@@ -202,10 +273,22 @@ class Harness:
         """``webhooks``: builds the sender from the settings and the API, as handlers.make_controller does."""
         self.kube = FakeKube()
         self.settings = operator_settings(**{"admission_settle_seconds": 0, **settings})
+        self._webhooks = webhooks
+        self.restart()
+
+    def restart(self) -> None:
+        """A new Controller on the same API, as a restarted operator: kopf lists every object first
+        (the indexes), then hands each one over as an event, in no particular order (here: by name,
+        backwards)."""
         self.jobs_index: dict[str, list[dict[str, Any]]] = {}
         self.pods_index: dict[str, list[dict[str, Any]]] = {}
-        self.controller = Controller(self.settings, self.kube, webhooks(self.settings, self.kube))
+        for (kind, _, _), obj in sorted(self.kube.objects.items(), reverse=True):
+            if kind in ("Job", "Pod") and uid_of(obj):
+                _index(self.jobs_index if kind == "Job" else self.pods_index, "ADDED", copy.deepcopy(obj))
+        self.controller = Controller(self.settings, self.kube, self._webhooks(self.settings, self.kube))
         self.controller.bind_indexes(self.jobs_index, self.pods_index)
+        self.kube.watch = [("ADDED", copy.deepcopy(obj)) for (kind, _, _), obj in
+                           sorted(self.kube.objects.items(), reverse=True) if kind == KIND]
 
     # ------------------------------------------------------------------ running
 

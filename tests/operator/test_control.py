@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.operator.conftest import wait_for, wait_reconciled
+from tests.operator.conftest import http_get, wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _children(sim, uid: str) -> dict[str, list[str]]:
@@ -68,7 +60,7 @@ def test_suspend_and_resume(run_operator, sim):
     sim.wait_phase("later", "Running")
 
 
-def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim):
+def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim, recorder):
     run_operator()
     tj = sim.create_tj("short-lived", ttlSecondsAfterFinished=1)
     uid = tj["metadata"]["uid"]
@@ -80,8 +72,9 @@ def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim):
     sim.pod_running(pod)
     sim.pod_terminated(pod, 0, reason="Completed")
     sim.set_job_condition(job, "Complete", "CompletionsReached")
-    sim.wait_phase("short-lived", "Succeeded")
-    wait_for(lambda: sim.tj("short-lived") is None, 5, what="the TranscriptionJob deleted by its TTL")
+    # Succeeded for only a second: the recorder sees it, a poll might not.
+    wait_for(lambda: sim.tj("short-lived") is None, 10, what="the TranscriptionJob deleted by its TTL")
+    assert recorder.phases("short-lived")[-1] == ("Succeeded", "Completed")
     wait_for(lambda: _none_left(sim, uid), 5, what=f"children deleted (left: {_children(sim, uid)})")
 
 
@@ -161,74 +154,32 @@ def test_concurrency_cap_holds_and_drains_in_creation_order(run_operator, sim):
         sim.wait_phase(name, "Succeeded")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_operator_killed_mid_job_restarts_without_a_second_job(operator_process, sim):
+    op = operator_process().start()
+    tj = sim.create_tj("survivor")
+    job = sim.job_of(tj, timeout=30)
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("survivor", "Running", timeout=30)
+    metrics = http_get(f"http://127.0.0.1:{op.metrics_port}/metrics")
+    assert 'ifw_operator_jobs{phase="Running"} 1.0' in metrics
+    assert "ifw_operator_job_create_seconds_count 1.0" in metrics
+    op.kill()
 
+    # While it is down, the runner finishes.
+    sim.pod_terminated(pod, 0, reason="Completed")
+    sim.set_job_condition(job, "Complete", "CompletionsReached")
+    op.start()
+    status = sim.wait_phase("survivor", "Succeeded", timeout=30)
+    assert status["jobName"] == job["metadata"]["name"]
+    assert [j["metadata"]["uid"] for j in sim.jobs(tj["metadata"]["uid"])] == [job["metadata"]["uid"]]
 
-def _spawn_operator(kube, namespace: str, metrics_port: int, liveness_port: int, log_path: Path):
-    env = {
-        **os.environ,
-        "KUBECONFIG": kube.kubeconfig,
-        "IFW_OPERATOR_NAMESPACES": json.dumps([namespace]),
-        "IFW_OPERATOR_METRICS_PORT": str(metrics_port),
-        "IFW_OPERATOR_LIVENESS_PORT": str(liveness_port),
-        "IFW_OPERATOR_RESYNC_INTERVAL_SECONDS": "0.5",
-        "IFW_OPERATOR_LOG_FORMAT": "json",
-    }
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "ifw.operator"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO, start_new_session=True)
+    # Structured logs: one JSON object per line. The line follows the status write, so wait for it.
+    def logged() -> bool:
+        lines = [ln for ln in op.log.read_text().splitlines() if ln.startswith("{")]
+        return any(json.loads(ln).get("message", "").startswith(f"{sim.ns}/survivor: Succeeded") for ln in lines)
 
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.read().decode()
-
-
-def test_operator_killed_mid_job_restarts_without_a_second_job(kube, tj_crd, namespace, sim, tmp_path):
-    log = tmp_path / "operator.log"
-    metrics_port, liveness_port = _free_port(), _free_port()
-    proc = _spawn_operator(kube, namespace, metrics_port, liveness_port, log)
-    try:
-        wait_for(lambda: _try(lambda: _get(f"http://127.0.0.1:{liveness_port}/healthz")), 30,
-                 what=f"liveness probe (log: {log.read_text()[-2000:] if log.exists() else ''})")
-        tj = sim.create_tj("survivor")
-        job = sim.job_of(tj, timeout=30)
-        pod = sim.create_pod(job)
-        sim.pod_running(pod)
-        sim.wait_phase("survivor", "Running", timeout=30)
-        metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert 'ifw_operator_jobs{phase="Running"} 1.0' in metrics
-        assert "ifw_operator_job_create_seconds_count 1.0" in metrics
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-        # While it is down, the runner finishes.
-        sim.pod_terminated(pod, 0, reason="Completed")
-        sim.set_job_condition(job, "Complete", "CompletionsReached")
-        proc = _spawn_operator(kube, namespace, metrics_port, liveness_port, log)
-        status = sim.wait_phase("survivor", "Succeeded", timeout=30)
-        assert status["jobName"] == job["metadata"]["name"]
-        assert [j["metadata"]["uid"] for j in sim.jobs(tj["metadata"]["uid"])] == [job["metadata"]["uid"]]
-        # Structured logs: one JSON object per line. The line follows the status write, so wait for it.
-        def logged() -> bool:
-            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
-            return any(json.loads(ln).get("message", "").startswith(f"{namespace}/survivor: Succeeded") for ln in lines)
-
-        wait_for(logged, 10, what="the Succeeded transition in the JSON log")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-
-
-def _try(fn):
-    try:
-        return fn()
-    except OSError:
-        return None
+    wait_for(logged, 10, what="the Succeeded transition in the JSON log")
 
 
 def test_ttl_deletes_an_s3_result(run_operator, sim, monkeypatch):

@@ -102,7 +102,8 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
     sim = Sim(api_client, "audited")
 
     # Cluster-wide, as the chart deploys it (this control plane is the test's alone).
-    op = OperatorThread("audited", operator_settings(startup_deadline_seconds=1.5))
+    op = OperatorThread("audited", operator_settings(startup_deadline_seconds=1.5,
+                                                     webhook={"max_attempts": 1, "timeout_seconds": 2}))
     op.thread._target = lambda: _run_clusterwide(op)
     op.start()
     try:
@@ -116,7 +117,8 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
         stuck = sim.create_tj("stuck")
         sim.create_pod(sim.job_of(stuck))
         sim.wait_phase("stuck", "Failed", "StartupDeadlineExceeded")
-        paused = sim.create_tj("paused")
+        # A webhook: the operator puts its finalizer on, and takes it off again once the job is deleted.
+        paused = sim.create_tj("paused", webhook={"url": "https://hooks.example.com/x"})
         sim.job_of(paused)
         sim.patch_tj("paused", {"spec": {"suspend": True}})
         sim.wait_phase("paused", "Queued", "Suspended")
@@ -130,7 +132,8 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
     requests = _operator_requests(audit_log)
     kinds = {(verb, resource) for verb, _, resource, _ in requests}
     # The lifecycle above really exercised the operator's writes.
-    for expected in [("create", "jobs"), ("patch", "transcriptionjobs/status"), ("create", "roles"),
+    for expected in [("create", "jobs"), ("patch", "transcriptionjobs/status"), ("patch", "transcriptionjobs"),
+                     ("create", "roles"),
                      ("delete", "transcriptionjobs"), ("deletecollection", "pods"), ("patch", "jobs"),
                      ("create", "events"), ("watch", "pods")]:
         assert expected in kinds, (expected, sorted(kinds))

@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY
 
 from ifw.core.contract import ANNOTATION_RESUMED_AT, LABEL_JOB_UID
 from ifw.operator import controller as controller_module
+from ifw.operator.objectmeta import ANNOTATION_QUEUE_ORDER, FINALIZER
+from ifw.operator.webhooks import event_of
 from tests.operator.fakeapi import Harness
 
 CHILDREN = {"ServiceAccount", "Role", "RoleBinding", "Secret"}
@@ -132,7 +134,8 @@ async def test_running_then_succeeded_from_the_pod_and_the_job():
     status = h.status("ok")
     assert (status["phase"], status["reason"]) == ("Succeeded", "Completed") and status["completionTime"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Queued": "False", "Running": "False", "Succeeded": "True", "Failed": "False"}
+    assert conditions == {"Queued": "False", "Running": "False", "Succeeded": "True", "Failed": "False",
+                          "Ready": "True"}
     assert h.controller.active() == {}
     assert h.tj("ok") is not None and h.state(tj).timer is not None  # the TTL is an hour away
 
@@ -209,12 +212,14 @@ class GatedSender:
         self.kube = kube
         self.gate = asyncio.Event()
         self.deliveries = 0
+        self.events: list[str] = []  # what each delivery reported: succeeded, failed, cancelled
 
     def owed(self, tj) -> bool:
         return bool(tj["spec"].get("webhook")) and not ((tj.get("status") or {}).get("webhook") or {}).get("delivered")
 
     async def deliver(self, tj, on_written) -> None:
         self.deliveries += 1
+        self.events.append(event_of(tj))
         await self.gate.wait()
         meta = tj["metadata"]
         on_written(await self.kube.patch_tj_status(meta["namespace"], meta["name"],
@@ -297,3 +302,145 @@ async def test_an_api_error_is_retried_with_growing_backoff(quick_retries):
     assert len(h.kube.owned_by(uid(tj), "Job")) == 1
     assert {kind for verb, kind, _ in h.kube.calls if verb == "read"} == CHILDREN  # each 409 checked: ours
     assert errors() - errors_before == 2
+
+
+# ------------------------------------------------------- finalizer, cancel, GitOps
+
+
+HOOK = {"url": "https://hooks.example.com/x"}
+
+
+@scenario
+async def test_a_cancelled_job_stops_at_once_then_sends_its_cancelled_webhook_then_goes():
+    h = Harness(webhooks=GatedSender)
+    sender = h.controller.webhooks
+    plain, hooked = h.add_tj("plain"), h.add_tj("hooked", webhook=HOOK)
+    await h.settle()
+    assert FINALIZER not in (h.tj("plain")["metadata"].get("finalizers") or [])  # nothing owed after its deletion
+    assert h.tj("hooked")["metadata"]["finalizers"] == [FINALIZER]
+    h.run_pod(h.job_of(hooked))
+    await h.settle()
+
+    h.kube.remove(hooked["kind"], "hooked")  # the cancel: the finalizer holds it
+    await h.settle()
+    assert h.tj("hooked")["metadata"]["deletionTimestamp"]
+    assert h.kube.owned_by(uid(hooked), "Job") == [] and h.kube.owned_by(uid(hooked), "Pod") == []  # GPU freed
+    assert sender.events == ["cancelled"]
+    h.controller.poke(uid(hooked))  # more passes while it is in flight: no second delivery
+    await h.settle()
+    assert sender.deliveries == 1 and h.tj("hooked") is not None
+
+    delivery = h.state(hooked).webhook
+    sender.gate.set()
+    await delivery
+    await h.settle()
+    assert h.tj("hooked") is None and h.kube.owned_by(uid(hooked)) == [] and sender.deliveries == 1
+    assert uid(hooked) not in h.controller.states
+    assert h.job_of(plain) is not None
+
+
+@scenario
+async def test_only_our_finalizer_is_removed():
+    h = Harness(webhooks=GatedSender)
+    h.controller.webhooks.gate.set()
+    tj = h.add_tj("shared", webhook=HOOK)
+    await h.settle()
+    h.kube.update(tj["kind"], "shared", {"metadata": {"finalizers": ["example.com/first", FINALIZER,
+                                                                     "example.com/last"]}})
+    await h.settle()
+    h.kube.remove(tj["kind"], "shared")
+    await h.settle()
+    for state in list(h.controller.states.values()):
+        if state.webhook:
+            await state.webhook
+    await h.settle()
+    assert h.tj("shared")["metadata"]["finalizers"] == ["example.com/first", "example.com/last"]
+    assert h.controller.webhooks.events == ["cancelled"] and h.kube.owned_by(uid(tj), "Job") == []
+
+
+@scenario
+async def test_a_finished_job_with_only_a_webhook_gives_its_finalizer_back():
+    h = Harness(webhooks=GatedSender)
+    h.controller.webhooks.gate.set()
+    tj = h.add_tj("done", webhook=HOOK, ttlSecondsAfterFinished=3600)
+    await h.settle()
+    assert h.tj("done")["metadata"]["finalizers"] == [FINALIZER]
+    h.finish_job(h.job_of(tj), "Complete", "CompletionsReached")
+    await h.settle()
+    assert h.status("done")["phase"] == "Succeeded" and not h.tj("done")["metadata"]["finalizers"]
+    assert h.controller.webhooks.events == ["succeeded"]
+
+
+@scenario
+async def test_a_gitops_job_is_kept_at_its_ttl_with_its_result_and_only_its_runner_goes():
+    h = Harness()
+    kept = h.kube.add({"apiVersion": "ifw.dev/v1alpha1", "kind": "TranscriptionJob",
+                       "metadata": {"name": "kept", "labels": {"kustomize.toolkit.fluxcd.io/name": "apps"}},
+                       "spec": {"audio": {"url": "https://media.example.com/a.mp3"}, "ttlSecondsAfterFinished": 0}})
+    await h.settle()
+    job = h.job_of(kept)
+    h.run_pod(job, phase="Succeeded")
+    h.finish_job(job, "Complete", "CompletionsReached")
+    await h.settle()
+    assert h.status("kept")["phase"] == "Succeeded"
+    assert {obj["kind"] for obj in h.kube.owned_by(uid(kept))} == {"Secret"}  # the result
+    assert not [call for call in h.kube.calls if call[:2] == ("delete", "TranscriptionJob")]
+    assert ("Normal", "TTLExpired") in [(e["type"], e["reason"]) for e in h.kube.events]
+    calls = len(h.kube.calls)
+    h.controller.poke(uid(kept))
+    await h.settle()
+    assert [call for call in h.kube.calls[calls:] if call[0] != "read"] == []  # nothing more to do
+
+
+@scenario
+async def test_jobs_created_in_the_same_second_keep_their_order_across_a_restart():
+    h = Harness(max_active_jobs=1)
+    tjs = [h.add_tj(f"q{i}") for i in range(4)]  # one second apart at most: creationTimestamp ties
+    await h.settle()
+    assert [h.tj(tj["metadata"]["name"])["metadata"]["annotations"][ANNOTATION_QUEUE_ORDER] for tj in tjs] == [
+        tj["metadata"]["resourceVersion"] for tj in tjs]
+    # Writes after creation move the resourceVersions in another order (here: backwards).
+    for tj in reversed(tjs[1:]):
+        h.kube.update(tj["kind"], tj["metadata"]["name"], {"status": {"message": "touched"}})
+    await h.controller.stop()
+    h.restart()
+    await h.settle()
+    started = [tjs[0]]
+    for _ in range(3):
+        h.finish_job(h.job_of(started[-1]), "Complete", "CompletionsReached")
+        await h.settle()
+        (running,) = [tj for tj in tjs if tj not in started and h.job_of(tj) is not None]
+        started.append(running)
+    assert [tj["metadata"]["name"] for tj in started] == ["q0", "q1", "q2", "q3"]
+
+
+@scenario
+async def test_a_cancelled_pool_job_is_taken_from_its_worker_at_once():
+    from tests.operator.test_pool_rules import lease
+
+    h = Harness(webhooks=GatedSender)
+    renewed = datetime.now(timezone.utc)
+    h.controller.leases_index["w1"] = [lease("w1", models=("openai/whisper-large-v3",), renewed=renewed,
+                                             duration=3600)]
+    tj = h.add_tj("pooled", runtime="Pool", webhook=HOOK)
+    await h.settle()
+    assert h.status("pooled")["assignment"]["worker"] == "w1"
+    h.kube.remove(tj["kind"], "pooled")
+    await h.settle()
+    # The worker stops an attempt that is no longer its own: it need not wait for the job to vanish.
+    assert h.status("pooled")["assignment"].get("worker") is None and h.tj("pooled")["metadata"]["deletionTimestamp"]
+    assert h.controller.webhooks.events == ["cancelled"]
+
+
+@scenario
+async def test_a_finished_job_whose_ttl_is_edited_reports_the_new_generation():
+    h = Harness()
+    tj = h.add_tj("edited", ttlSecondsAfterFinished=3600)
+    await h.settle()
+    h.finish_job(h.job_of(tj), "Complete", "CompletionsReached")
+    await h.settle()
+    h.kube.update(tj["kind"], "edited", {"spec": {"ttlSecondsAfterFinished": 7200}})  # as from a Git commit
+    await h.settle()
+    status = h.status("edited")
+    assert status["phase"] == "Succeeded" and status["observedGeneration"] == 2
+    assert {c["observedGeneration"] for c in status["conditions"]} == {2}

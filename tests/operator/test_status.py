@@ -155,7 +155,7 @@ def test_conditions_keep_transition_times_until_status_flips():
     running = Outcome("Running", "Running", "m")
     first = conditions(running, [], 3, T0)
     assert {c["type"]: c["status"] for c in first} == {"Queued": "False", "Running": "True",
-                                                        "Succeeded": "False", "Failed": "False"}
+                                                        "Succeeded": "False", "Failed": "False", "Ready": "False"}
     assert all(c["observedGeneration"] == 3 for c in first)
     later = conditions(Outcome("Running", "Running", "other"), first, 3, T0 + timedelta(seconds=30))
     assert [c["lastTransitionTime"] for c in later] == [c["lastTransitionTime"] for c in first]
@@ -176,3 +176,83 @@ def test_status_patch_has_only_operator_fields_and_only_changes():
     assert not {"progress", "result", "speakers", "audio"} & set(patch)
     applied = {**t["status"], **patch}
     assert status_patch({**t, "status": applied}, out, job_name="a-u", model="m1", now=T0 + timedelta(seconds=5)) is None
+
+
+# ------------------------------------------------ what the fault injection found
+
+
+def test_a_pod_that_succeeded_before_its_job_completes_is_still_running():
+    done = pod("Succeeded", state=terminated(0, reason="Completed", finished=8))
+    out = run(tj(phase="Running", startTime=ts(2)), job(), [done], now=9)
+    assert (out.phase, out.reason) == ("Running", "RunnerFinished") and "waiting for the Job" in out.message
+    assert out.start_time == T0 + timedelta(seconds=2)
+
+
+@pytest.mark.parametrize("code,signal_name", [(137, "SIGKILL"), (143, "SIGTERM")])
+def test_a_killed_runner_names_the_signal(code, signal_name):
+    killed = pod("Failed", state=terminated(code))
+    retrying = run(tj(), job(), [killed])
+    assert retrying.reason == "Retrying"
+    assert f"exit code {code}, killed by {signal_name}" in retrying.message and "attempt 1 failed" in retrying.message
+    final = run(tj(), job([("Failed", "BackoffLimitExceeded")], failed=3), [killed])
+    assert final.reason == "BackoffLimitExceeded" and f"last exit code {code}, killed by {signal_name}" in final.message
+    assert "killed by" not in run(tj(), job(), [pod("Failed", state=terminated(1))]).message
+
+
+def test_an_oom_killed_attempt_is_retried_and_says_so():
+    out = run(tj(), {**job(), "spec": {"backoffLimit": 2}}, [pod("Failed", state=terminated(137, reason="OOMKilled"))])
+    assert (out.phase, out.reason) == ("Pending", "Retrying")
+    assert "OOMKilled" in out.message and "retry 1 of 2" in out.message
+
+
+DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+             "message": "Eviction API: evicting"}
+
+
+def test_an_evicted_pod_costs_no_retry():
+    evicted = pod("Failed", name="p1", state=terminated(143), conditions_=[DISRUPTED])
+    out = run(tj(startTime=ts(1)), job(), [evicted])
+    assert (out.phase, out.reason) == ("Pending", "Disrupted")
+    assert "EvictionByEvictionAPI" in out.message and "costs no retry" in out.message
+    # The next attempt that fails is the first one counted.
+    oom = pod("Failed", created=5, name="p2", state=terminated(137, reason="OOMKilled"))
+    assert "attempt 1 failed" in run(tj(startTime=ts(1)), job(), [evicted, oom]).message
+
+
+def test_a_pod_lost_mid_run_waits_for_the_next_one_instead_of_failing_the_startup_deadline():
+    # Running for 20 minutes, past the 5 minute startup deadline, when the node went away with the pod.
+    running = tj(phase="Running", startTime=ts(0), conditions=[
+        {"type": "Running", "status": "True", "lastTransitionTime": ts(0)}])
+    out = run(running, job(), [], now=1200, startup=300)
+    assert (out.phase, out.reason) == ("Pending", "PodLost") and out.recheck_at == T0 + timedelta(seconds=1500)
+    # Once that is written the Running condition says when it stopped: a restarted operator knows it too.
+    lost = tj(phase="Pending", startTime=ts(0), conditions=[
+        {"type": "Running", "status": "False", "lastTransitionTime": ts(1200)}])
+    assert run(lost, job(), [], now=1400, startup=300).reason == "PodLost"
+    assert run(lost, job(), [], now=1500, startup=300).reason == "StartupDeadlineExceeded"  # no new pod came
+    # A pod being deleted (its node lost) is said to be.
+    going = pod("Running", state={"running": {"startedAt": ts(1)}})
+    going["metadata"]["deletionTimestamp"] = ts(1199)
+    assert run(running, job(), [going], now=1200, startup=300).reason == "PodLost"
+
+
+def test_ready_is_true_only_when_succeeded_and_says_why_not():
+    def ready(outcome):
+        return next(c for c in conditions(outcome, [], 3, T0) if c["type"] == "Ready")
+
+    assert ready(Outcome("Succeeded", "Completed", "the transcript is ready"))["status"] == "True"
+    for phase, reason in [("Pending", "JobCreated"), ("Queued", "ConcurrencyLimit"), ("Running", "Running"),
+                          ("Failed", "InvalidAudio")]:
+        cond = ready(Outcome(phase, reason, f"because {reason}"))
+        assert (cond["status"], cond["reason"], cond["message"]) == ("False", reason, f"because {reason}")
+        assert cond["observedGeneration"] == 3
+
+
+def test_the_attempt_that_ended_last_speaks_even_within_the_same_second():
+    # An eviction and the OOM of the retry, both created and ended in one second: the resourceVersion decides.
+    evicted = pod("Failed", created=1, name="p-zzz", state=terminated(143, finished=2), conditions_=[DISRUPTED])
+    oom = pod("Failed", created=1, name="p-aaa", state=terminated(137, reason="OOMKilled", finished=2))
+    evicted["metadata"]["resourceVersion"], oom["metadata"]["resourceVersion"] = "10", "11"
+    assert run(tj(), job(), [evicted, oom]).reason == "Retrying"
+    evicted["metadata"]["resourceVersion"] = "12"
+    assert run(tj(), job(), [evicted, oom]).reason == "Disrupted"

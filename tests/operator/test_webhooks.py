@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks import Webhook
@@ -12,55 +10,9 @@ from standardwebhooks import Webhook
 from ifw.core import results
 from ifw.core.results import ResultSettings
 from ifw.core.transcript import Segment, Transcript
-from tests.operator.conftest import wait_for, wait_reconciled
+from tests.operator.conftest import FAST, SECRET, wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
-SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="
-FAST = {"webhook": {"signing_secret": SECRET, "allowlist": ["127.0.0.0/8"], "timeout_seconds": 2,
-                    "backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2, "max_attempts": 4}}
-
-
-class Receiver:
-    """A webhook receiver on loopback that records requests and answers from a script."""
-
-    def __init__(self, answers=()):
-        self.requests: list[dict] = []
-        self.answers = list(answers)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
-                code = receiver.answers.pop(0) if receiver.answers else 200
-                self.send_response(code)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
-@pytest.fixture
-def receiver():
-    made = []
-
-    def make(answers=()):
-        made.append(Receiver(answers))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
 def _finish(sim, tj, ok: bool):
     job = sim.job_of(tj)
     pod = sim.create_pod(job)
@@ -149,6 +101,9 @@ def test_webhook_to_a_private_address_is_refused_by_the_ssrf_guard(run_operator,
     state = wait_for(lambda: sim.status("ssrf").get("webhook"), 10, what="webhook state")
     assert state["delivered"] is False and state["attempts"] == 1
     assert "SSRF" in state["lastError"] and hook.requests == []
+    # It says which setting lets it through: the operator's webhook allowlist, not the runner's fetch one.
+    assert "operator.webhook.allowlist" in state["lastError"] and "config webhook.allowlist" in state["lastError"]
+    assert "fetch" not in state["lastError"] and "127.0.0.1" in state["lastError"]
 
 
 def test_ttl_waits_for_the_webhook(run_operator, sim, receiver):
