@@ -6,9 +6,11 @@ import contextlib
 import gc
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -18,6 +20,7 @@ from ifw.gateway.config import GatewaySettings, get_settings
 from ifw.gateway.kube import Kube
 from ifw.gateway.middleware import GatewayMiddleware
 from ifw.gateway.models import OpenAIText, TranscribeFields, TranscribeRequest
+from ifw.gateway.redact import RedactingFilter
 from ifw.gateway.service import Service
 from ifw.gateway.uploads import Uploads
 from ifw.gateway.watch import TjWatch
@@ -72,7 +75,10 @@ def create_app(settings: GatewaySettings | None = None, kube: Kube | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled connection per worker thread, plus one per namespace watch.
         pool = settings.kube_threads + len(settings.namespaces())
-        client = kube or Kube(kube_client.api_client(pool_size=pool, component="gateway"), settings.kube_threads)
+        client = kube or Kube(
+            kube_client.api_client(pool_size=pool, component="gateway"), settings.kube_threads,
+            settings.kube_timeout_seconds,
+        )  # fmt: skip
         watch = TjWatch(client, settings.namespaces(), settings.watch_server_timeout)
         uploads = Uploads(settings.upload_dir, settings.internal_url)
         watch.listeners.append(uploads.on_event)
@@ -116,8 +122,34 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGTERM, SIGINT) first answers every waiting sync
+    request (503 with its task_id; the task goes on), so the process exits in bounded time
+    instead of waiting on requests that may wait for hours. uvicorn then stops accepting,
+    closes the idle connections and waits up to shutdown_timeout_seconds for the rest."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        service = getattr(self.app.state, "service", None)  # None before the lifespan made it
+        if service is not None:
+            service.drain()  # sets a flag only: the listeners close before anything runs again
+        await super().shutdown(sockets)
+
+
+def server(app: FastAPI, settings: GatewaySettings, **config: Any) -> GatewayServer:
+    """The server `python -m ifw.gateway` runs (the tests run the same in a thread)."""
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+                               "log_config": None, "timeout_graceful_shutdown": settings.shutdown_timeout_seconds}  # fmt: skip
+    return GatewayServer(uvicorn.Config(app, **{**options, **config}), app)
+
+
 def setup_logging(settings: GatewaySettings) -> None:
     handler = logging.StreamHandler()
+    # Filters on the handler see every record it writes, uvicorn's access log (request paths) included.
+    handler.addFilter(RedactingFilter())
     if settings.log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
@@ -126,12 +158,10 @@ def setup_logging(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    import uvicorn
-
     settings = get_settings()
     setup_logging(settings)
     # The client logs whole request and response bodies at debug level: Secrets included.
     logging.getLogger("kubernetes").setLevel(max(logging.INFO, logging.getLogger().level))
     app = create_app(settings)
     gc.freeze()  # start-up objects (imports, schemas) leave the GC's scans: shorter pauses under load
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
+    server(app, settings).run()

@@ -32,6 +32,15 @@ class GatewaySettings(BaseSettings):
     watch_server_timeout: int = Field(
         240, ge=10, description="Seconds the apiserver keeps one watch open before we resume it (stale watches)."
     )
+    kube_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a request waits for one Kubernetes API call; then 503 \"the Kubernetes API is "
+        "unavailable\" (an unreachable apiserver or a stalled etcd must not hold requests for a minute).",
+    )
+    readiness_timeout_seconds: float = Field(
+        3.0, gt=0, description="Longest /readyz waits for the apiserver (below the probe's timeoutSeconds)."
+    )
     delete_propagation: Literal["Background", "Foreground"] = Field(
         "Background", description="How DELETE /cancel removes the TranscriptionJob's children (its batch/v1 Job, pods)."
     )
@@ -76,8 +85,13 @@ class GatewaySettings(BaseSettings):
     )
     url_allowlist: list[str] = Field(
         default_factory=list,
-        description="Hosts or CIDRs allowed in url/webhook.url although private or loopback (mirror the "
-        "runner's IFW_FETCH_ALLOWLIST).",
+        description="Hosts or CIDRs allowed in url although private or loopback: the runner's "
+        "IFW_FETCH_ALLOWLIST (the chart gives the gateway that very list).",
+    )
+    webhook_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs allowed in webhook.url although private or loopback: the operator's "
+        "webhook allowlist (the chart gives the gateway operator.webhook.allowlist).",
     )
 
     # --- sync requests ---
@@ -92,6 +106,12 @@ class GatewaySettings(BaseSettings):
         ge=0,
         description="A sync JSON answer not ready after this long starts as 200 and sends a space every "
         "keepalive_seconds until the JSON body, so proxies keep the connection; 0: never.",
+    )
+    shutdown_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM the waiting sync requests are answered at once (503, their task goes on); "
+        "other requests in flight get this long to finish before they are cut.",
     )
     cancel_on_disconnect: bool = Field(
         False, description="Delete the TranscriptionJob when a sync client disconnects before the result is ready."

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ifw.core.contract import http_status_for_reason
-from ifw.gateway.kube import KubeError
+from ifw.gateway.kube import KubeError, KubeUnavailable
 from ifw.gateway.models import Detail
+from ifw.gateway.redact import redact
 
 log = logging.getLogger("ifw.gateway")
 
@@ -35,8 +36,9 @@ class ApiError(StarletteHTTPException):
     """
 
     def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None, **fields: str | None):
-        super().__init__(status_code, detail, headers)
-        self.fields = {k: v for k, v in fields.items() if v is not None}
+        # Texts from other components (a runner's message naming an upload URL) lose their secrets here.
+        super().__init__(status_code, redact(detail), headers)
+        self.fields = {k: redact(v) for k, v in fields.items() if v is not None}
 
     def body(self) -> dict[str, Any]:
         return {"detail": self.detail, **self.fields}
@@ -147,6 +149,21 @@ class TaskCancelled(ApiError):
         super().__init__(409, "Task was cancelled", status="cancelled", task_id=task_id)
 
 
+class GatewayRestarting(ApiError):
+    """SIGTERM while a sync request waited: the answer comes now, the task goes on."""
+
+    def __init__(self, task_id: str):
+        detail = f"the gateway is restarting; the task goes on: poll /status/{task_id}"
+        super().__init__(503, detail, status="processing", task_id=task_id)
+
+
+class ShuttingDown(ApiError):
+    """A new request reached a gateway that is stopping (on a connection opened before): nothing was made."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the gateway is shutting down; send the request again", {"Retry-After": "1"})
+
+
 class ClientDisconnected(ApiError):
     """The client left while its sync request waited (499: nobody reads it; the log and metrics do)."""
 
@@ -167,8 +184,16 @@ class ResultUnavailable(ApiError):
 # ------------------------------------------------------------ the Kubernetes API
 
 
+# Statuses that mean the apiserver (or its etcd) cannot serve now: worth a retry. An etcd that
+# stalls shows as 500 "etcdserver: request timed out" or 504 "Timeout: request did not complete".
+UNAVAILABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+KUBE_UNAVAILABLE = "the Kubernetes API is unavailable; try again shortly"
+
+
 class KubernetesError(ApiError):
-    """What an apiserver failure means to the client."""
+    """What an apiserver failure means to the client. Only the apiserver's refusals of the
+    client's own input are quoted; failures are told in fixed words, and their details (the
+    apiserver's address, socket and etcd errors) go to the log."""
 
     @classmethod
     def of(cls, exc: KubeError) -> KubernetesError:
@@ -179,10 +204,11 @@ class KubernetesError(ApiError):
         if exc.status in (401, 403):
             log.error("the gateway's service account may not do this: %s", exc.message)
             return cls(500, "the gateway is not permitted to do this (RBAC)")
-        if exc.status == 503:  # unreachable, or the apiserver says so: worth a retry
-            return cls(503, exc.message)
+        if isinstance(exc, KubeUnavailable) or exc.status in UNAVAILABLE_STATUSES:
+            log.warning("the Kubernetes API is unavailable: %s %s", exc.status, exc.message)
+            return cls(503, KUBE_UNAVAILABLE, {"Retry-After": "5"})
         log.error("kube-apiserver error %s: %s", exc.status, exc.message)
-        return cls(502, f"kube-apiserver error: {exc.message}")
+        return cls(502, f"the Kubernetes API answered HTTP {exc.status}; see the gateway's log")
 
 
 # What the routes document (OpenAPI); every one is an ApiError above or a bad field.
@@ -207,7 +233,7 @@ def _clean(errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()) -> list[d
     out = []
     for e in errors:
         loc = list(prefix) + [p for p in e.get("loc", ()) if p != "__root__"]
-        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        msg = redact(str(e.get("msg", "")).removeprefix("Value error, "))
         out.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
     return out
 
@@ -289,7 +315,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(KubeError)
     async def _kube(request: Request, exc: KubeError) -> JSONResponse:
         error = KubernetesError.of(exc)
-        return respond(request.url.path, error.status_code, error.body())
+        return respond(request.url.path, error.status_code, error.body(), error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 The client is synchronous; every call runs in a bounded thread pool whose size
 matches the HTTP connection pool, so a burst of requests queues here instead
-of opening unbounded connections to the apiserver.
+of opening unbounded connections to the apiserver. Every call is answered within
+a deadline (kube_timeout_seconds): an apiserver that hangs (etcd stalled) is a
+KubeUnavailable after that long, not after the apiserver's own minute.
 """
 
 from __future__ import annotations
@@ -18,56 +20,82 @@ from kubernetes.client.rest import ApiException
 from ifw.core.contract import owner_reference
 from ifw.core.kube import api_message
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from ifw.gateway.redact import redact
 
 
 class KubeError(Exception):
     """An apiserver answer other than success, with its HTTP status and message."""
 
     def __init__(self, status: int, message: str):
+        message = redact(message)  # an apiserver refusal may quote the spec: upload URLs carry tokens
         super().__init__(message)
         self.status = status
-        self.message = message
+        self.message = message  # the apiserver's words: for logs; errors.py decides what a client sees
 
     @classmethod
     def from_api(cls, exc: ApiException) -> KubeError:
         return cls(exc.status or 503, api_message(exc) or "apiserver error")
 
 
+class KubeUnavailable(KubeError):
+    """No answer: the apiserver is unreachable, or did not answer within the deadline.
+    The message (addresses, socket errors) is for the log only."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient, threads: int):
+    def __init__(self, api_client: client.ApiClient, threads: int, timeout: float = 10.0):
         self.api_client = api_client
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.timeout = timeout
         self._limiter = anyio.CapacityLimiter(threads)
 
-    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) in a worker thread, answered within `timeout` seconds (default:
+        the gateway's kube timeout), waiting for a free thread included."""
+        limit = timeout or self.timeout
         try:
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+            with anyio.fail_after(limit):
+                # abandon_on_cancel: the answer does not wait for a stuck thread; the thread's own
+                # request timeout (api() below) ends it soon after.
+                return await anyio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), limiter=self._limiter, abandon_on_cancel=True
+                )
+        except TimeoutError:
+            raise KubeUnavailable(f"no answer from the kube-apiserver within {limit:g} s") from None
         except ApiException as exc:
             raise KubeError.from_api(exc) from exc
         except OSError as exc:  # urllib3 connection errors derive from it
-            raise KubeError(503, f"kube-apiserver unreachable: {exc}") from exc
+            raise KubeUnavailable(f"kube-apiserver unreachable: {exc}") from exc
         except Exception as exc:  # urllib3.exceptions.HTTPError and friends
             if type(exc).__module__.startswith("urllib3"):
-                raise KubeError(503, f"kube-apiserver unreachable: {exc}") from exc
+                raise KubeUnavailable(f"kube-apiserver unreachable: {exc}") from exc
             raise
+
+    async def api(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """A kubernetes client API method through call(), its HTTP request bounded by the same deadline."""
+        limit = timeout or self.timeout
+        return await self.call(fn, *args, timeout=limit, _request_timeout=limit, **kwargs)
 
     # ------------------------------------------------------ TranscriptionJobs
 
     async def create_tj(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.call(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
+        return await self.api(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
 
     async def get_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self.call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+            return await self.api(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def list_tjs(self, namespace: str, **kwargs: Any) -> dict[str, Any]:
-        return await self.call(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
+    async def list_tjs(self, namespace: str, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        return await self.api(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout=timeout, **kwargs
         )
 
     async def delete_tj(self, namespace: str, name: str, propagation: str, resource_version: str | None = None) -> bool:
@@ -77,7 +105,7 @@ class Kube:
         if resource_version:
             body["preconditions"] = {"resourceVersion": resource_version}
         try:
-            await self.call(
+            await self.api(
                 self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, body=body
             )
         except KubeError as exc:
@@ -99,16 +127,16 @@ class Kube:
             # data, not stringData: the same bytes on every apiserver (test servers do not convert).
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()},
         }
-        await self.call(self.core.create_namespaced_secret, namespace, body)
+        await self.api(self.core.create_namespaced_secret, namespace, body)
 
     async def own_secret(self, namespace: str, name: str, tj: dict[str, Any]) -> None:
         """Make the TranscriptionJob the Secret's owner so Kubernetes deletes it with the TranscriptionJob."""
         patch = {"metadata": {"ownerReferences": [owner_reference(tj, controller=False)]}}
-        await self.call(self.core.patch_namespaced_secret, name, namespace, patch)
+        await self.api(self.core.patch_namespaced_secret, name, namespace, patch)
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await self.call(self.core.delete_namespaced_secret, name, namespace)
+            await self.api(self.core.delete_namespaced_secret, name, namespace)
         except KubeError as exc:
             if exc.status != 404:
                 raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -27,8 +28,19 @@ SPEAKER_HINTS = ("num_speakers", "min_speakers", "max_speakers")
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]
 
 
+# Where credentials in a URL would go instead, per field.
+CREDENTIALS_INSTEAD = {
+    "url": "use a pre-signed URL (its signature in the query) instead",
+    "webhook.url": "send them in webhook.header instead (kept in a Secret)",
+}
+
+
 def check_url(value: str, field: str) -> str:
-    return check_http_url(value.strip(), field)
+    value = check_http_url(value.strip(), field)
+    # user:pass@ would be stored in the spec and printed by HTTP clients' logs: refused, never echoed.
+    if "@" in urlsplit(value).netloc:
+        raise ValueError(f"{field} must not carry credentials (user:password@host); {CREDENTIALS_INSTEAD[field]}")
+    return value
 
 
 def check_language(value: str | None) -> str | None:
@@ -199,6 +211,15 @@ class ProgressOut(BaseModel):
     text: str | None = Field(None, description="Streaming tasks only: the text transcribed so far.")
 
 
+class WebhookState(BaseModel):
+    """How the delivery of the task's webhook went (the operator sends it, with retries)."""
+
+    attempts: int = Field(0, description="Delivery attempts so far (0: not sent yet; it goes once the task finishes).")
+    delivered: bool = Field(False, description="The receiver answered 2xx.")
+    last_error: str | None = Field(None, description="Why the last attempt failed.")
+    last_attempt_time: str | None = Field(None, description="When the last attempt was made (RFC 3339).")
+
+
 class StatusResponse(BaseModel):
     status: Literal["processing", "completed", "error"]
     task_id: str
@@ -210,11 +231,14 @@ class StatusResponse(BaseModel):
     message: str | None = None
     output: Output | None = Field(None, description="Present once completed, until the TranscriptionJob's TTL removes it.")
     processed_by: ProcessedBy | None = Field(None, description="Once completed: the pod and node that did the work.")
+    webhook: WebhookState | None = Field(None, description="Tasks with a webhook: its delivery so far.")
 
 
 class ReadyResponse(BaseModel):
     status: Literal["ok", "unavailable"]
-    checks: dict[str, str] = Field(description='Each check ("apiserver", "watch"): "ok", or why not.')
+    checks: dict[str, str] = Field(
+        description='Each check ("apiserver", "watch"; "gateway" while it shuts down): "ok", or why not.'
+    )
 
 
 class CancelResponse(BaseModel):

@@ -35,8 +35,10 @@ from ifw.gateway.models import (
     TranscribeFields,
     TranscribeRequest,
     WebhookBody,
+    WebhookState,
 )
 from ifw.gateway.pushing import json_answer
+from ifw.gateway.redact import redact_opt
 from ifw.gateway.service import Created, Service
 
 log = logging.getLogger("ifw.gateway")
@@ -185,7 +187,21 @@ def status_answer(task_id: str, tj: dict[str, Any]) -> StatusResponse:
         language=audio.get("language"),
         duration=audio.get("durationSeconds"),
         reason=status.get("reason"),
-        message=status.get("message"),
+        message=redact_opt(status.get("message")),  # a runner's message may name the upload URL
+        webhook=webhook_state(tj),
+    )
+
+
+def webhook_state(tj: dict[str, Any]) -> WebhookState | None:
+    """status.webhook of a task that has a webhook, so an async client learns a failed delivery."""
+    if not (tj.get("spec") or {}).get("webhook"):
+        return None
+    delivery = (tj.get("status") or {}).get("webhook") or {}
+    return WebhookState(
+        attempts=delivery.get("attempts") or 0,
+        delivered=bool(delivery.get("delivered")),
+        last_error=redact_opt(delivery.get("lastError")),
+        last_attempt_time=delivery.get("lastAttemptTime"),
     )
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ifw.gateway import metrics
 from ifw.gateway.deps import ServiceDep
-from ifw.gateway.errors import UploadNotFound
-from ifw.gateway.kube import KubeError
+from ifw.gateway.errors import UNAVAILABLE_STATUSES, UploadNotFound
+from ifw.gateway.kube import KubeError, KubeUnavailable
 from ifw.gateway.models import ReadyResponse
 from ifw.gateway.service import Service
 
+log = logging.getLogger("ifw.gateway")
 router = APIRouter(tags=["operations"])
 
 
@@ -22,21 +25,31 @@ async def healthz() -> dict[str, str]:
 
 
 async def _apiserver_check(svc: Service) -> str:
+    """The check's answer: "ok", or why not in words fit for anyone who reaches the probe (details: the log)."""
     try:
         # Listing one TranscriptionJob proves the apiserver answers, the CRD is served and RBAC lets us read.
-        await svc.kube.list_tjs(svc.settings.namespace, limit=1)
+        await svc.kube.list_tjs(svc.settings.namespace, limit=1, timeout=svc.settings.readiness_timeout_seconds)
     except KubeError as exc:
-        return "TranscriptionJob CRD not installed" if exc.status == 404 else f"error {exc.status}: {exc.message}"
+        log.warning("readiness: the Kubernetes API check failed: %s %s", exc.status, exc.message)
+        if exc.status == 404:
+            return "TranscriptionJob CRD not installed"
+        if exc.status in (401, 403):
+            return "not permitted to list TranscriptionJobs (RBAC)"
+        if isinstance(exc, KubeUnavailable) or exc.status in UNAVAILABLE_STATUSES:
+            return "the Kubernetes API is unavailable"
+        return f"the Kubernetes API answered HTTP {exc.status}"
     return "ok"
 
 
 @router.get(
     "/readyz",
-    summary="Readiness: apiserver reachable, CRD installed, watch synced",
+    summary="Readiness: apiserver reachable, CRD installed, watch connected and synced",
     responses={503: {"model": ReadyResponse, "description": "Not ready; checks says why"}},
 )
 async def readyz(svc: ServiceDep, response: Response) -> ReadyResponse:
-    checks = {"apiserver": await _apiserver_check(svc), "watch": "ok" if svc.watch.synced else "not synced yet"}
+    checks = {"apiserver": await _apiserver_check(svc), "watch": svc.watch.problem() or "ok"}
+    if svc.draining:
+        checks["gateway"] = "shutting down"
     ready = all(v == "ok" for v in checks.values())
     if not ready:
         response.status_code = 503  # a probe's answer, not an error: the same body either way

@@ -37,6 +37,8 @@ from ifw.gateway.config import GatewaySettings
 from ifw.gateway.errors import (
     ClientDisconnected,
     DiarizationUnavailable,
+    GatewayRestarting,
+    ShuttingDown,
     TaskCancelled,
     TaskExists,
     TaskFailed,
@@ -75,9 +77,26 @@ class Service:
         self.kube = kube
         self.watch = watch
         self.uploads = uploads
+        # The lists of the components that connect: the runner fetches url, the operator posts webhooks.
         self.url_allowlist = Allowlist(settings.url_allowlist)
+        self.webhook_allowlist = Allowlist(settings.webhook_allowlist)
         self.prefetcher = results.Prefetcher(kube, watch.has_waiters)
         watch.listeners.append(self.prefetcher.on_event)
+        # Set on SIGTERM: every sync wait ends at once with its task_id, and nothing new starts.
+        self._draining = asyncio.Event()
+
+    # ------------------------------------------------------------ shutdown
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def drain(self) -> None:
+        """The server is stopping: answer every waiting sync request now (503 with its task_id;
+        the task goes on) and refuse new ones, so the process exits in bounded time."""
+        if not self.draining:
+            log.info("shutting down: answering the waiting sync requests; their tasks go on")
+            self._draining.set()
 
     # -------------------------------------------------------------- check
 
@@ -85,7 +104,7 @@ class Service:
         """Refusals that need the settings; the original API's bodies where it had one."""
         if url is not None and (problem := url_problem(url, self.url_allowlist)):
             raise field_error("url", f"url is not allowed: it {problem}")
-        if req.webhook is not None and (problem := url_problem(req.webhook.url, self.url_allowlist)):
+        if req.webhook is not None and (problem := url_problem(req.webhook.url, self.webhook_allowlist)):
             raise field_error("webhook.url", f"webhook.url is not allowed: it {problem}")
         if req.is_async and req.webhook is None:
             raise WebhookRequired()
@@ -157,6 +176,13 @@ class Service:
         staged = None
         if upload is not None:
             staged = await self.uploads.stage(upload.file, upload.filename or "audio", self.settings.max_upload_bytes)
+            if staged.size == 0:  # said now, not after a runner pod started for nothing
+                self.uploads.discard(staged)
+                raise field_error("file", "the file is empty (0 bytes)")
+        if self.draining:  # the body may have taken a while: a stopping gateway starts nothing
+            if staged is not None:
+                self.uploads.discard(staged)
+            raise ShuttingDown()
         return await self.create(namespace, req, audio_url=url, staged=staged, mode=mode, stream=stream)
 
     async def create(
@@ -243,9 +269,14 @@ class Service:
         started = asyncio.get_running_loop().time()
         waiter = asyncio.ensure_future(self.watch.wait_terminal(created.namespace, created.name, created.uid, cap))
         disconnect = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        draining = asyncio.ensure_future(self._draining.wait())
         outcome = "error"
         try:
-            await asyncio.wait({waiter} | ({disconnect} if disconnect else set()), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, draining} | ({disconnect} if disconnect else set()),
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if not waiter.done() and draining.done():
+                outcome = "shutdown"
+                raise GatewayRestarting(created.task_id)
             if not waiter.done():
                 outcome = "disconnected"
                 await self._client_left(created)
@@ -262,7 +293,7 @@ class Service:
         finally:
             if outcome != "succeeded":  # only a succeeded task's waiter takes the read
                 self.prefetcher.drop(created.key)
-            for fut in (waiter, disconnect):
+            for fut in (waiter, disconnect, draining):
                 if fut is not None and not fut.done():
                     fut.cancel()
             metrics.SYNC_WAIT_SECONDS.labels(outcome).observe(asyncio.get_running_loop().time() - started)
@@ -270,22 +301,26 @@ class Service:
     async def progress(self, created: Created, request: Request | None) -> AsyncIterator[tuple[str, Any]]:
         """A streaming task as it runs: ("delta", text) each time status.progress.text grows,
         ("idle", None) after keepalive_seconds without news, and last ("end", the finished
-        TranscriptionJob). Raises TaskCancelled, TaskStillRunning (with a cap), ClientDisconnected."""
+        TranscriptionJob). Raises TaskCancelled, TaskStillRunning (with a cap), ClientDisconnected,
+        GatewayRestarting."""
         loop = asyncio.get_running_loop()
         cap = self.settings.sync_timeout_seconds
         deadline = loop.time() + cap if cap else None
         queue = self.watch.subscribe(created.namespace, created.name, created.uid)
         disconnect = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        draining = asyncio.ensure_future(self._draining.wait())
         sent = ""
         try:
             while True:
                 timeouts = [self.settings.keepalive_seconds or None, deadline and max(deadline - loop.time(), 0.0)]
                 timeout = min((t for t in timeouts if t is not None), default=None)
                 event = asyncio.ensure_future(queue.get())
-                waits = {event} | ({disconnect} if disconnect else set())
+                waits = {event, draining} | ({disconnect} if disconnect else set())
                 done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if event not in done:
                     event.cancel()
+                    if draining in done:
+                        raise GatewayRestarting(created.task_id)
                     if disconnect is not None and disconnect in done:
                         await self._client_left(created)
                         raise ClientDisconnected()
@@ -307,8 +342,9 @@ class Service:
                     return
         finally:
             self.watch.unsubscribe(created.namespace, created.name, queue)
-            if disconnect is not None and not disconnect.done():
-                disconnect.cancel()
+            for fut in (disconnect, draining):
+                if fut is not None and not fut.done():
+                    fut.cancel()
 
     async def _client_left(self, created: Created) -> None:
         if self.settings.cancel_on_disconnect:

@@ -24,6 +24,7 @@ import anyio
 from ifw.core.contract import is_terminal
 from ifw.gateway import metrics
 from ifw.gateway.errors import UploadTooLarge
+from ifw.gateway.redact import UPLOADS_PATH
 from ifw.gateway.taskids import DNS1123_LABEL
 
 log = logging.getLogger("ifw.gateway.uploads")
@@ -77,7 +78,7 @@ class Uploads:
 
     def url_for(self, namespace: str, name: str, staged: Staged) -> str:
         assert self.internal_url
-        return f"{self.internal_url}/internal/uploads/{namespace}/{name}/{staged.token}"
+        return f"{self.internal_url}{UPLOADS_PATH}{namespace}/{name}/{staged.token}"  # the shape redact() knows
 
     def commit(self, staged: Staged, namespace: str, name: str, uid: str) -> None:
         """The TranscriptionJob exists: move the upload where the serving route finds it."""

@@ -9,6 +9,8 @@ loopback or link-local addresses, localhost and metadata hostnames.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from urllib.parse import urlsplit
 
 from ifw.core.netguard import METADATA_HOSTNAMES, Allowlist, address_problem
@@ -24,11 +26,30 @@ def url_problem(url: str, allowlist: Allowlist) -> str | None:
         return "points at localhost"
     if host in METADATA_HOSTNAMES:
         return "points at a cloud metadata service"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = _literal_address(host)
+    if address is None:
         return None  # a name: judged by the runner once resolved
     if allowlist.allows_address(address):
         return None
     problem = address_problem(address)
-    return f"points at a {problem}" if problem else None
+    if problem is None:
+        return None
+    return problem if problem.startswith("embeds") else f"points at a {problem}"
+
+
+# Decimal, octal, hex and short IPv4 forms (2130706433, 0x7f.1, 127.1) that resolvers accept.
+_IPV4_FORMS = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host that is no name stands for, as getaddrinfo would read it."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _IPV4_FORMS.match(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None

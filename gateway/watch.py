@@ -7,6 +7,11 @@ is handed to the event loop, which updates the cache and wakes the requests
 waiting on that TranscriptionJob. A thousand sync requests therefore cost a thousand
 futures, not a thousand watches or polls. A streaming request subscribes instead and gets
 every change of its TranscriptionJob (status.progress.text grows as the runner works).
+
+A failed watch retries after a short back-off (at most MAX_BACKOFF, back to the start once
+connected), so it is back within seconds of the apiserver, and what finished meanwhile
+arrives by the resumed watch or the relist; `problem()` tells /readyz while a namespace's
+watch is not connected.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ log = logging.getLogger("ifw.gateway.watch")
 Key = tuple[str, str]  # (namespace, name)
 # Called on the event loop with ("ADDED"|"MODIFIED"|"DELETED", object).
 Listener = Callable[[str, dict[str, Any]], None]
+
+# Seconds between reconnection attempts: doubling from MIN_BACKOFF, capped low, since a
+# gateway whose watch waits is a gateway whose sync requests wait.
+MIN_BACKOFF = 0.5
+MAX_BACKOFF = 3.0
+LIST_TIMEOUT = (5, 60)  # (connect, read) seconds of the list that starts or restarts a watch
 
 
 def _key(obj: dict[str, Any]) -> Key:
@@ -65,6 +76,9 @@ class TjWatch:
         self.versions: dict[str, str] = {}
         # (namespace, name, uid) -> monotonic time the terminal event was read; popped by the waiter.
         self.finished_at: dict[tuple[str, str, str | None], float] = {}
+        # Namespace -> monotonic time its watch lost the apiserver; absent while it is connected.
+        # Written by the watch threads, read by /readyz (single dict operations: no lock needed).
+        self.disconnected: dict[str, float] = {ns: time.monotonic() for ns in namespaces}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -93,6 +107,17 @@ class TjWatch:
     @property
     def synced(self) -> bool:
         return self._synced_event.is_set()
+
+    def problem(self) -> str | None:
+        """Why the watch cannot be trusted now (for /readyz), or None: every namespace listed once
+        and watching. While one is reconnecting, events of its TranscriptionJobs are not seen yet."""
+        if not self.synced:
+            return "not synced yet"
+        lost = dict(self.disconnected)  # a copy: the watch threads write it
+        if lost:
+            ns, since = min(lost.items(), key=lambda item: item[1])
+            return f"reconnecting to the Kubernetes API (namespace {ns}, for {time.monotonic() - since:.0f} s)"
+        return None
 
     async def wait_synced(self, timeout: float) -> bool:
         try:
@@ -200,12 +225,14 @@ class TjWatch:
 
     def _run(self, namespace: str) -> None:
         api = self.kube.custom
-        backoff = 0.5
+        backoff = MIN_BACKOFF
         while not self._stop.is_set():
             try:
                 version = self.versions.get(namespace)
                 if version is None:
-                    listed = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                    listed = api.list_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, _request_timeout=LIST_TIMEOUT
+                    )
                     version = self.versions[namespace] = listed["metadata"]["resourceVersion"]
                     self._post(self._replace, namespace, listed["items"])
                     metrics.WATCH_LISTS.inc()
@@ -222,25 +249,29 @@ class TjWatch:
                     _request_timeout=(10, self.server_timeout + 30),
                 )
                 self._responses.append(resp)
+                # The apiserver answered the watch: connected, and the next failure starts the back-off afresh.
+                if self.disconnected.pop(namespace, None) is not None:
+                    log.info("watch on %s connected", namespace)
+                backoff = MIN_BACKOFF
                 try:
                     self._consume(resp, namespace)
                 finally:
                     self._responses.remove(resp)
                     resp.close()  # never hand a half-read connection back to the pool
                     resp.release_conn()
-                backoff = 0.5
             except ApiException as exc:
                 if exc.status == 410:  # our resourceVersion is too old: start over from a list
                     log.info("watch on %s expired (410), relisting", namespace)
                     self.versions.pop(namespace, None)
+                    self.disconnected.setdefault(namespace, time.monotonic())
                     continue
                 log.warning("watch on %s failed: %s %s", namespace, exc.status, exc.reason)
-                backoff = self._pause(backoff)
+                backoff = self._pause(namespace, backoff)
             except Exception as exc:  # noqa: BLE001 - network errors: retry with backoff
                 if self._stop.is_set():
                     break
                 log.warning("watch on %s interrupted: %s", namespace, exc)
-                backoff = self._pause(backoff)
+                backoff = self._pause(namespace, backoff)
 
     def _consume(self, resp: Any, namespace: str) -> None:
         """Hand each event of one watch response to the loop; remember the last resourceVersion."""
@@ -256,7 +287,8 @@ class TjWatch:
                 metrics.WATCH_EVENTS.labels(event["type"]).inc()
             self.versions[namespace] = obj["metadata"].get("resourceVersion") or self.versions[namespace]
 
-    def _pause(self, backoff: float) -> float:
+    def _pause(self, namespace: str, backoff: float) -> float:
+        self.disconnected.setdefault(namespace, time.monotonic())
         metrics.WATCH_ERRORS.inc()
         self._stop.wait(backoff)
-        return min(backoff * 2, 30.0)
+        return min(backoff * 2, MAX_BACKOFF)

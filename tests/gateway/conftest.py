@@ -7,9 +7,11 @@ created, patches their /status and stores results with ifw.core.results.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,19 +40,16 @@ def free_port() -> int:
 
 
 class Server:
-    """A real uvicorn server running create_app(settings) in a thread."""
+    """The gateway's own uvicorn server (ifw.gateway.app.server) running create_app(settings) in a thread."""
 
     def __init__(self, settings, port: int | None = None):
-        import uvicorn
-
-        from ifw.gateway.app import create_app
+        from ifw.gateway.app import create_app, server
 
         self.settings = settings
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = server(self.app, settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -284,3 +283,69 @@ def _condition(kind: str, status: str, reason: str, message: str) -> dict[str, A
 def driver(kube, crd, namespace) -> Iterator[Driver]:
     with kube.api_client() as api:
         yield Driver(api, namespace)
+
+
+# ------------------------------------------------------------------ a gateway process
+
+
+class GatewayProcess:
+    """`python -m ifw.gateway` as its image runs it, in its own session, logging to a file:
+    for faults that need a real process (signals) or a control plane of the test's own."""
+
+    def __init__(self, kubeconfig: str, namespace: str, work: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = work / f"gateway-{self.port}.log"
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith("IFW_GATEWAY_") and k not in ("ADMIN_KEY", "HF_TOKEN")}  # fmt: skip
+        self.env = {**inherited, "KUBECONFIG": kubeconfig, "IFW_GATEWAY_NAMESPACE": namespace,
+                    "IFW_GATEWAY_HOST": "127.0.0.1", "IFW_GATEWAY_PORT": str(self.port),
+                    "IFW_GATEWAY_LOG_FORMAT": "text", "IFW_GATEWAY_UPLOAD_DIR": str(work / "uploads"),
+                    **{f"IFW_GATEWAY_{k.upper()}": v for k, v in env.items()}}  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GatewayProcess:
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "ifw.gateway"], env=self.env, cwd=REPO,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the gateway exited with {self.process.returncode}:\n{self.text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"the gateway was not ready within {timeout} s:\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The bad-input catalogue's case -> outcome table (test_bad_input.py), with IFW_CATALOGUE=1 or -v."""
+    module = sys.modules.get("tests.gateway.test_bad_input")
+    rows = getattr(module, "OUTCOMES", None)
+    if not rows or not (os.environ.get("IFW_CATALOGUE") or config.option.verbose > 0):
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(f"bad-input catalogue: {len(rows)} cases")
+    write("| surface | case | id | outcome |")
+    write("|---|---|---|---|")
+    for surface, sent, case, outcome in rows:
+        write(f"| {surface} | {sent} | `{case}` | {outcome.replace('|', '/')} |")

@@ -146,11 +146,29 @@ def test_async_puts_webhook_headers_in_an_owned_secret(http, driver, namespace):
     owners = secret.metadata.owner_references
     assert [(o.kind, o.name, o.uid) for o in owners] == [("TranscriptionJob", "bg-1", tj["metadata"]["uid"])]
     assert http.get("/tasks").json() == {"tasks": ["bg-1"]}
-    assert http.get("/status/bg-1").json() == {"status": "processing", "task_id": "bg-1", "phase": "Pending"}
+    assert http.get("/status/bg-1").json() == {
+        "status": "processing", "task_id": "bg-1", "phase": "Pending", "webhook": {"attempts": 0, "delivered": False}}  # fmt: skip
 
     driver.succeed("bg-1")
     done = http.get("/status/bg-1").json()
     assert done["status"] == "completed" and done["output"] == EXPECTED_OUTPUT
+
+
+def test_status_shows_the_webhook_delivery_so_an_async_client_learns_it_failed(http, driver):
+    body = {"url": URL, "is_async": True, "managed_task_id": "hooked", "webhook": {"url": HOOK}}
+    assert http.post("/", json=body).status_code == 200
+    driver.succeed("hooked")
+    # The operator's record of a failing receiver, as it writes it after its second attempt.
+    driver.patch_status("hooked", {"webhook": {"attempts": 2, "delivered": False, "lastAttemptTime": "2026-01-02T03:04:05Z",
+                                               "lastError": "https://hooks.example.com/done answered HTTP 503"}})  # fmt: skip
+    status = http.get("/status/hooked").json()
+    assert status["status"] == "completed" and status["output"] == EXPECTED_OUTPUT
+    assert status["webhook"] == {"attempts": 2, "delivered": False, "last_attempt_time": "2026-01-02T03:04:05Z",
+                                 "last_error": "https://hooks.example.com/done answered HTTP 503"}  # fmt: skip
+    driver.patch_status("hooked", {"webhook": {"attempts": 3, "delivered": True, "lastError": None}})
+    assert http.get("/status/hooked").json()["webhook"] == {
+        "attempts": 3, "delivered": True, "last_attempt_time": "2026-01-02T03:04:05Z"}  # fmt: skip
+    # (A task without a webhook has no "webhook" in /status: the sync test above compares the whole body.)
 
 
 def test_async_without_webhook_is_refused_like_the_original(http, driver):
