@@ -224,8 +224,13 @@ class Controller:
         """For the metrics (and the autoscaler that reads them): demand and supply of the pool."""
         jobs = self._pool_jobs()
         now, workers = _now(), self.pool().values()
+        # Auto jobs still deciding (runtime unset) while they wait for a cold pool are demand too:
+        # without them a pool scaled to zero would never be woken by its autoscaler.
+        cold = sum(1 for state in list(self.states.values()) if state.tj is not None
+                   and not (state.tj.get("status") or {}).get("runtime") and not is_terminal(state.tj)
+                   and (state.tj.get("status") or {}).get("reason") == "WaitingForWorker")  # fmt: skip
         return {
-            "waiting": sum(1 for _, tj in jobs if not _assignment(tj).get("worker")),
+            "waiting": cold + sum(1 for _, tj in jobs if not _assignment(tj).get("worker")),
             "assigned": sum(1 for _, tj in jobs if _assignment(tj).get("worker")),
             "workers_ready": sum(1 for w in workers if w.ready(now)),
             "workers_draining": sum(1 for w in workers if w.alive(now) and w.draining),
