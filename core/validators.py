@@ -27,6 +27,8 @@ def check_http_url(value: str, field: str) -> str:
         raise ValueError(f"{field} is not a valid URL: {error}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{field} must be an http or https URL")
+    if url.username or url.password:
+        raise ValueError(f"{field} must not carry credentials (user:password@host): use a pre-signed URL or headers")
     return value
 
 

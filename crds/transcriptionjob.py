@@ -32,6 +32,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 MAX_PROGRESS_TEXT = 16384  # characters: status stays small, every watcher receives each write
 MAX_PROMPT_LENGTH = 2000  # characters; Whisper itself keeps the last 224 tokens of a prompt
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
+# A password in a URL would sit in the spec (readable by anyone who may read the job) and in logs.
+NO_CREDENTIALS_CEL = "!self.matches('^https?://[^/?#]*@')"
 
 Task = Literal["transcribe", "translate"]
 Runtime = Literal["Auto", "Pool", "Job"]
@@ -67,7 +69,10 @@ class AudioSource(_Model):
         description="Where the runner downloads the audio: an http or https URL. Private, loopback and "
         "cloud-metadata addresses are refused unless the operator's allowlist permits them.",
         max_length=MAX_URL_LENGTH,
-        json_schema_extra={"x-kubernetes-validations": [_cel(URL_CEL, "must be an http or https URL")]},
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel(URL_CEL, "must be an http or https URL"),
+            _cel(NO_CREDENTIALS_CEL, "must not carry credentials (user:password@host): use a pre-signed URL"),
+        ]},  # fmt: skip
     )
 
     @field_validator("url")
@@ -124,7 +129,10 @@ class Webhook(_Model):
         description="Receives a POST when the job completes, fails or is cancelled (same payloads as the "
         "original API, signed per the Standard Webhooks spec). Must be http or https.",
         max_length=MAX_URL_LENGTH,
-        json_schema_extra={"x-kubernetes-validations": [_cel(URL_CEL, "must be an http or https URL")]},
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel(URL_CEL, "must be an http or https URL"),
+            _cel(NO_CREDENTIALS_CEL, "must not carry credentials (user:password@host): use webhook.headersSecretRef"),
+        ]},  # fmt: skip
     )
     headers_secret_ref: SecretReference | None = Field(
         None,
@@ -222,7 +230,7 @@ class TranscriptionJobSpec(_Model):
 
 class Condition(_Model):
     """One observation about the job, in the Kubernetes condition convention."""
-    type: str = Field(description="Condition type: Queued, Running, Succeeded or Failed.", max_length=316)
+    type: str = Field(description="Condition type: Ready, Queued, Running, Succeeded or Failed.", max_length=316)
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str | None = Field(None, description="CamelCase cause, e.g. InvalidAudio.", max_length=1024)
     message: str | None = Field(None, description="What happened, for people.", max_length=32768)
@@ -309,7 +317,8 @@ class TranscriptionJobStatus(_Model):
     phase: Phase | None = Field(None, description="Summary of the conditions, for display.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Standard Kubernetes conditions (Queued, Running, Succeeded, Failed).",
+        description="Standard Kubernetes conditions: Ready (kstatus: True once Succeeded), Queued, Running, "
+        "Succeeded, Failed.",
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

@@ -77,7 +77,8 @@ class LocalStack:
 
     def __init__(self, work: Path, model: str, namespace: str = "default", gateway_kubeconfig: str | None = None,
                  gateway_env: dict[str, str] | None = None, *, pool_workers: int = 1, device: str = "cpu",
-                 host: str = "127.0.0.1", port: int | None = None):  # fmt: skip
+                 host: str = "127.0.0.1", port: int | None = None,
+                 webhook_allowlist: list[str] | None = None):  # fmt: skip
         self.work = work
         self.model = model
         self.namespace = namespace
@@ -88,6 +89,8 @@ class LocalStack:
         self.device = device
         self.host = host
         self.port = port
+        # Private webhook receivers the operator may call (and the gateway accept), e.g. on loopback.
+        self.webhook_allowlist = webhook_allowlist or []
         self.processes: list[subprocess.Popen] = []
         self.worker_health_ports: list[int] = []  # each pool worker's /healthz, /readyz, /metrics
         self.gateway_url = ""
@@ -132,6 +135,7 @@ class LocalStack:
             "log_format": "plain",
             "resync_interval_seconds": 2,
             "runner": {"env": runner_env},
+            "webhook": {"allowlist": self.webhook_allowlist},
         }
         config_path = self.work / "operator.yaml"
         config_path.write_text(yaml.safe_dump(operator_config))
@@ -148,6 +152,9 @@ class LocalStack:
             "IFW_GATEWAY_UPLOAD_DIR": str(self.work / "uploads"),
             "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
             "IFW_GATEWAY_LOG_FORMAT": "text",
+            # The same lists the runner's fetch and the operator's webhook sender apply.
+            "IFW_GATEWAY_URL_ALLOWLIST": runner_env["IFW_FETCH_ALLOWLIST"],
+            "IFW_GATEWAY_WEBHOOK_ALLOWLIST": json.dumps(self.webhook_allowlist),
             **self.gateway_env,
             **({"KUBECONFIG": self.gateway_kubeconfig} if self.gateway_kubeconfig else {}),
         })

@@ -180,7 +180,8 @@ def recorded(tmp_path_factory) -> Recorded:
         stack = LocalStack(
             work, "tiny.en", namespace=NAMESPACE, pool_workers=0,  # Job mode: the runner identities are under test
             gateway_kubeconfig=cp.service_account_kubeconfig(NAMESPACE, gateway_account),
-            gateway_env={"IFW_GATEWAY_URL_ALLOWLIST": '["127.0.0.1"]', "IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "300"},
+            webhook_allowlist=["127.0.0.1"],
+            gateway_env={"IFW_GATEWAY_SYNC_TIMEOUT_SECONDS": "300"},
         )
         custom = client.CustomObjectsApi(admin)
         try:

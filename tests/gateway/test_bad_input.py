@@ -367,8 +367,6 @@ def test_kubectl_apply(kube, catalogue_ns, catalogue_driver, case: Apply):
     assert len(catalogue_driver.tjs()) == before
 
 
-@pytest.mark.xfail(strict=True, reason="the CRD has no rule against credentials in URLs yet (crds owner: CEL rule "
-                                       "in the report); the gateway refuses them (url-userinfo)")
 def test_kubectl_apply_of_a_url_with_credentials_is_refused(kube, catalogue_ns):
     manifest = {"apiVersion": "ifw.dev/v1alpha1", "kind": "TranscriptionJob", "metadata": {"name": "k-url-userinfo"},
                 "spec": {"audio": {"url": "http://user:pass@media.example.com/a.wav"}, "suspend": True}}  # fmt: skip

@@ -730,3 +730,12 @@ def test_notes_curl_examples_are_requests_the_gateway_accepts(helm, tmp_path, va
         # The gateway answers an async request without a webhook with 400: the examples have one.
         assert not request.is_async or request.webhook is not None
     assert any(b.get("is_async") for b in bodies)
+
+
+def test_gitops_markers_reach_the_operator(helm, tmp_path, monkeypatch):
+    default = load_operator_settings(tmp_path, monkeypatch, helm.template())
+    assert default.gitops == OperatorSettings().gitops  # the chart's defaults are the operator's
+    objects = helm.template("--set-json", 'operator.gitops.labels=["gitops.example.com/app"]',
+                            "--set-json", "operator.gitops.annotations=[]")
+    settings = load_operator_settings(tmp_path, monkeypatch, objects)
+    assert (settings.gitops.labels, settings.gitops.annotations) == (["gitops.example.com/app"], [])
