@@ -143,3 +143,11 @@ def test_the_docs_name_the_argocd_cm_key_and_the_file():
         assert "argocd-health.lua" in text, doc
     assert ARGOCD_KEY in (CHART / "README.md").read_text()
     assert re.search(r"resource\.customizations\.health\.ifw\.dev_TranscriptionJob", SCRIPT.read_text())
+
+
+def test_a_job_being_deleted_is_progressing_whatever_its_phase():
+    obj = {"metadata": {"name": "x", "deletionTimestamp": "2026-12-01T12:00:00Z", "finalizers": ["ifw.dev/cleanup"]},
+           "spec": {"audio": {"url": "https://x/a.mp3"}}, "status": {"phase": "Running"}}  # fmt: skip
+    hs = argo_health(obj)
+    assert hs["status"] == "Progressing" and "being deleted" in hs["message"]
+

@@ -7,6 +7,7 @@
 --   Failed                                      -> Degraded    (reason: message)
 --   spec.suspend true, or status.reason Suspended -> Suspended
 --   Pending, Queued, Running, or no status yet  -> Progressing (with the job's message and progress)
+--   being deleted (the operator's finalizer: cancelled webhook, cleanup) -> Progressing
 -- A finished job stays Healthy or Degraded even if spec.suspend is set afterwards.
 
 local hs = {}
@@ -22,7 +23,10 @@ local function said(default)
   return default
 end
 
-if phase == "Succeeded" then
+if (obj.metadata or {}).deletionTimestamp ~= nil then
+  hs.status = "Progressing"
+  hs.message = "being deleted: the operator is cancelling the job and cleaning up after it"
+elseif phase == "Succeeded" then
   hs.status = "Healthy"
   hs.message = said("the transcript is ready")
 elseif phase == "Failed" then
