@@ -279,6 +279,23 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": self.kubeconfig or ""}
 
+    def restart(self, names: tuple[str, ...] | None = None) -> None:
+        """Stop and start again (the same arguments, ports and data) etcd and/or the apiserver.
+
+        For fault tests: what a control-plane restart looks like to clients. etcd comes back
+        first, then the apiserver, then this waits for /readyz.
+        """
+        if self.source == "existing" or self._pki is None:
+            raise ControlPlaneError("only a control plane this process started can be restarted")
+        chosen = [entry for entry in self._procs if names is None or entry[0] in names]
+        for name, proc, _ in reversed(chosen):
+            self._terminate(name, proc)
+        for entry in chosen:
+            name, proc, _ = entry
+            self._procs.remove(entry)
+            self._spawn(name, list(proc.args))
+        self._wait_ready(self._pki)
+
     @property
     def can_mint(self) -> bool:
         """Whether kubeconfig_for works: only for a control plane this object started (it holds the CA)."""
@@ -331,7 +348,7 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         assert self._tmp is not None
         logf = self._tmp / f"{name}.log"
-        with open(logf, "wb") as out:
+        with open(logf, "ab") as out:  # append: a restarted process keeps its earlier log
             # PDEATHSIG fires when the starting *thread* exits: only use it from
             # the main thread, whose end is the process's end.
             main = threading.current_thread() is threading.main_thread()

@@ -121,8 +121,8 @@ class KubeletStandIn:
             uid = job.metadata.uid
             seen.add(uid)
             run = self.runs.setdefault(uid, _Run(job.metadata.namespace, job.metadata.name, uid))
-            if run.done or job.metadata.deletion_timestamp:
-                continue
+            if run.done or job.metadata.deletion_timestamp or self._finished(job):
+                continue  # a Job finished before this stand-in started needs nothing either
             try:
                 self._sync_job(job, run)
             except ApiException as error:  # e.g. its namespace is gone: one Job must not stall the rest
@@ -154,6 +154,8 @@ class KubeletStandIn:
         code = run.process.poll()
         if code is None:
             return
+        if code < 0:  # killed by a signal: report it as a container runtime does, 128 + signal
+            code = 128 - code
         message = run.message_path.read_text().strip() if run.message_path and run.message_path.exists() else ""
         if run.log_file:
             run.log_file.close()
@@ -171,6 +173,11 @@ class KubeletStandIn:
             self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
         else:
             self._patch_job_status(job, {"failed": run.failed, "active": 0})
+
+    @staticmethod
+    def _finished(job: client.V1Job) -> bool:
+        conditions = (job.status.conditions if job.status else None) or []
+        return any(c.type in ("Complete", "Failed") and c.status == "True" for c in conditions)
 
     @staticmethod
     def _fails_job_at_once(spec: client.V1JobSpec, code: int) -> bool:

@@ -379,6 +379,24 @@ def test_teardown_stops_exactly_its_processes():
     assert not tmp.exists()
 
 
+def test_restart_keeps_the_data_and_the_address():
+    if os.environ.get("IFW_TEST_KUBECONFIG"):
+        pytest.skip("uses an existing cluster: nothing is started")
+    from kubernetes import client, config
+
+    with ControlPlane() as cp:
+        api = client.CoreV1Api(config.new_client_from_config(config_file=cp.kubeconfig))
+        api.create_namespace({"metadata": {"name": "before-restart"}})
+        old = list(cp.pids)
+        cp.restart()
+        assert not any(_alive(p) for p in old) and all(_alive(p) for p in cp.pids[-2:])
+        # Same server address and kubeconfig, same etcd data: clients just reconnect.
+        assert api.read_namespace("before-restart").metadata.name == "before-restart"
+        cp.restart(tuple(name for name, _, _ in cp._procs if "apiserver" in name))  # the apiserver alone
+        assert api.read_namespace("before-restart").status.phase == "Active"
+    assert not any(_alive(p) for p in cp.pids)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
