@@ -192,7 +192,8 @@ def vet(host: str, addresses: Sequence[IPAddress], allowlist: Allowlist) -> list
             continue
         problem = address_problem(address)
         if problem:
-            raise DestinationNotAllowed(host, problem + "; allow it in the fetch allowlist if intended", str(address))
+            # Each caller names the setting that would allow it (the runner's and the operator's differ).
+            raise DestinationNotAllowed(host, problem, str(address))
     return list(addresses)
 
 

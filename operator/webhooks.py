@@ -89,9 +89,8 @@ def task_id(tj: dict[str, Any]) -> str:
 
 
 def refusal(error: netguard.DestinationNotAllowed) -> str:
-    """The SSRF guard's refusal, pointing at the setting that would allow it (the guard's own hint
-    names the runner's fetch allowlist, which does not apply to webhooks)."""
-    reason = error.reason.split("; allow it in the fetch allowlist")[0]
+    """The SSRF guard's refusal, pointing at the setting that would allow it."""
+    reason = error.reason
     where = f"{error.host} ({error.address})" if error.address and error.address != error.host else error.host
     return (f"refused by the SSRF guard: {where} is not allowed ({reason}); "
             f"to send webhooks there, add it to {ALLOWLIST_SETTING}")

@@ -70,7 +70,10 @@ def fetch_audio(url: str, settings: RunnerSettings, dest_dir: Path) -> Path:
                     _check_status(response)
                     return _save(response, settings.max_audio_bytes, dest_dir)
             except DestinationNotAllowed as error:
-                raise errors.AudioFetchFailed(f"refused to fetch {_redact(current)}: {error}") from error
+                raise errors.AudioFetchFailed(
+                    f"refused to fetch {_redact(current)}: {error}; allow it in the runner's fetch allowlist "
+                    "(IFW_FETCH_ALLOWLIST; Helm runner.env) if intended"
+                ) from error
             except httpx.TimeoutException as error:
                 raise errors.AudioFetchUnavailable(
                     f"timed out fetching {_redact(current)} ({type(error).__name__}); will retry"
