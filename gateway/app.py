@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ifw.core import kube as kube_client
+from ifw.core.redact import RedactingFilter
 from ifw.gateway import errors, routes_api, routes_openai, routes_ops
 from ifw.gateway.config import GatewaySettings, get_settings
 from ifw.gateway.kube import Kube
 from ifw.gateway.middleware import GatewayMiddleware
 from ifw.gateway.models import OpenAIText, TranscribeFields, TranscribeRequest
-from ifw.gateway.redact import RedactingFilter
 from ifw.gateway.service import Service
 from ifw.gateway.uploads import Uploads
 from ifw.gateway.watch import TjWatch

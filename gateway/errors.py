@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ifw.core.contract import http_status_for_reason
+from ifw.core.redact import redact
 from ifw.gateway.kube import KubeError, KubeUnavailable
 from ifw.gateway.models import Detail
-from ifw.gateway.redact import redact
 
 log = logging.getLogger("ifw.gateway")
 

@@ -19,8 +19,8 @@ from kubernetes.client.rest import ApiException
 
 from ifw.core.contract import owner_reference
 from ifw.core.kube import api_message
+from ifw.core.redact import redact
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-from ifw.gateway.redact import redact
 
 
 class KubeError(Exception):

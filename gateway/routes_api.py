@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 
 from ifw.core import formats
 from ifw.core.contract import phase_of
+from ifw.core.redact import redact_opt
 from ifw.gateway import results
 from ifw.gateway.deps import Namespace, ServiceDep, TaskId
 from ifw.gateway.errors import ERROR_RESPONSES, InvalidUrl, field_error, invalid
@@ -38,7 +39,6 @@ from ifw.gateway.models import (
     WebhookState,
 )
 from ifw.gateway.pushing import json_answer
-from ifw.gateway.redact import redact_opt
 from ifw.gateway.service import Created, Service
 
 log = logging.getLogger("ifw.gateway")

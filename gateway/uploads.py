@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 import anyio
 
 from ifw.core.contract import is_terminal
+from ifw.core.redact import UPLOADS_PATH
 from ifw.gateway import metrics
 from ifw.gateway.errors import UploadTooLarge
-from ifw.gateway.redact import UPLOADS_PATH
 from ifw.gateway.taskids import DNS1123_LABEL
 
 log = logging.getLogger("ifw.gateway.uploads")

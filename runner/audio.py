@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from ifw.core.netguard import DestinationNotAllowed, guarded_client
+from ifw.core.redact import UPLOADS_PATH, redact
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings
 
@@ -38,9 +39,9 @@ def _mib(n: float) -> str:
 
 
 def _redact(url: httpx.URL | str) -> str:
-    """The URL without credentials or query (presigned URLs carry secrets there)."""
+    """The URL without credentials, query (presigned URLs carry secrets there) or upload token."""
     u = httpx.URL(str(url))
-    return str(u.copy_with(userinfo=b"", query=None, fragment=None))
+    return redact(str(u.copy_with(userinfo=b"", query=None, fragment=None)))
 
 
 def fetch_audio(url: str, settings: RunnerSettings, dest_dir: Path) -> Path:
@@ -79,6 +80,11 @@ def fetch_audio(url: str, settings: RunnerSettings, dest_dir: Path) -> Path:
                     f"timed out fetching {_redact(current)} ({type(error).__name__}); will retry"
                 ) from error
             except httpx.ConnectError as error:
+                if current.path.startswith(UPLOADS_PATH):
+                    # The gateway keeping the upload is restarting (or rolling): it comes back.
+                    raise errors.AudioFetchUnavailable(
+                        f"cannot reach the gateway for the upload {_redact(current)}: {error}; will retry"
+                    ) from error
                 raise errors.AudioFetchFailed(f"cannot reach {_redact(current)}: {error}") from error
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as error:
                 raise errors.AudioFetchFailed(f"cannot fetch {_redact(current)}: {error}") from error

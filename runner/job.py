@@ -113,6 +113,8 @@ def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultS
 def main(settings: RunnerSettings | None = None) -> int:
     """The Pod's entry point; returns the exit code (0, 1 transient, 2 bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO: presigned queries and upload tokens included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = settings or get_settings()
         with kube.api_client(component="runner") as api:  # one client for the status and the result

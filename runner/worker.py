@@ -430,6 +430,8 @@ def serve_health(worker: Worker, port: int) -> None:
 def main(settings: WorkerSettings | None = None) -> int:
     """`ifw-runner serve`: run until SIGTERM, then drain."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO: presigned queries and upload tokens included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = settings or WorkerSettings()
     except ValidationError as error:

@@ -192,6 +192,19 @@ def test_unreachable_is_bad_input(settings, tmp_path):
     assert info.value.exit_code == 2
 
 
+def test_an_upload_the_gateway_cannot_serve_now_is_transient_and_its_token_stays_hidden(settings, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # the gateway, restarting: nobody listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "s3cr3t-T0ken_value"
+    with pytest.raises(errors.AudioFetchUnavailable, match="will retry") as info:
+        fetch_audio(f"http://127.0.0.1:{port}/internal/uploads/team-a/job-1/{token}", settings, tmp_path)
+    assert info.value.exit_code == 1 and info.value.reason == "AudioFetchFailed"
+    assert token not in info.value.termination_message() and "/internal/uploads/team-a/job-1/***" in info.value.message
+
+
 def test_unresolvable_name_is_bad_input(settings, tmp_path):
     # A label over 63 characters cannot be resolved; no DNS query leaves the machine.
     with pytest.raises(errors.AudioFetchFailed, match="DNS lookup failed"):

@@ -1,4 +1,4 @@
-"""Secrets out of every text the gateway passes on: answers, /status, logs.
+"""Secrets out of every text a component passes on: answers, /status, termination messages, logs.
 
 Two kinds of secret ride in URLs that end up in other components' messages: the per-upload
 token, the last path segment of `<internal_url>/internal/uploads/<ns>/<name>/<token>` (a runner
