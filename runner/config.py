@@ -35,6 +35,19 @@ class RunnerSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: the cores we may use.")
+    cpu_int8: bool = Field(
+        False,
+        description="On CPU, run Whisper's Linear layers as int8 (dynamic quantization): 1.3-1.5x faster, "
+        "but a piece's words then depend on the other pieces in its batch and WER on real speech was a "
+        "word or two worse (bench/quality_asr.py). False: fp32.",
+    )
+
+    # --- decoding ---
+    condition_on_previous: bool = Field(
+        False,
+        description="Prompt each piece with the text of the piece before it (decodes the pieces one by one, "
+        "not batched). Off: measured no better on real speech (bench/quality_asr.py --context).",
+    )
 
     # --- audio input ---
     max_audio_bytes: int = Field(2 * 1024**3, ge=1, description="Downloads larger than this fail with AudioTooLarge.")
@@ -60,6 +73,10 @@ class RunnerSettings(BaseSettings):
     # (The result store has its own settings, read alike by every component: ifw.core.results.)
 
     # --- progress ---
+    result_write_retry_seconds: float = Field(
+        600, ge=0, description="Once transcribed, how long a failing result or status write is retried "
+        "(an apiserver or store outage) before the pod gives up and the whole job runs again.",
+    )
     progress_interval_seconds: float = Field(3.0, gt=0, description="At most one status write per interval.")
 
 

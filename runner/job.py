@@ -23,7 +23,7 @@ from ifw.core import contract, kube, results
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status
+from ifw.runner.progress import ProgressReporter, final_status, keep_trying
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,13 @@ def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultS
     transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter)
     reporter.flush()
 
-    result = results.store_result(
-        transcript, job, result_settings or results.ResultSettings(), core_v1=client.CoreV1Api(api)
-    )
+    store = result_settings or results.ResultSettings()
+    # From here on the work is done: outages of the API or the store are waited out, not redone.
+    result = keep_trying(lambda: results.store_result(transcript, job, store, core_v1=client.CoreV1Api(api)),
+                         seconds=settings.result_write_retry_seconds, what="storing the result")  # fmt: skip
     final = final_status(transcript, result)
-    status.patch(final)
+    keep_trying(lambda: status.patch(final), seconds=settings.result_write_retry_seconds,
+                what="writing the final status")  # fmt: skip
     return final
 
 

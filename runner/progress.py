@@ -18,6 +18,28 @@ log = logging.getLogger(__name__)
 Sink = Callable[[dict[str, Any]], None]
 
 
+def keep_trying(write: Callable[[], Any], *, seconds: float, what: str) -> Any:
+    """Run ``write`` until it succeeds, for up to ``seconds``, while it fails transiently.
+
+    Once the audio is transcribed, losing the work to a short outage of the apiserver or the
+    result store would cost a whole new transcription (a new pod, the model load, the decode):
+    the result and the last status write are retried instead. Bad input is never retried.
+    """
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+    from ifw.core.contract import EXIT_TRANSIENT, Failure
+
+    def transient(error: BaseException) -> bool:
+        return isinstance(error, Failure) and error.exit_code == EXIT_TRANSIENT
+
+    def tell(state: Any) -> None:
+        log.warning("%s failed (%s); retrying for up to %.0f s", what, state.outcome.exception(), seconds)
+
+    retrying = Retrying(stop=stop_after_delay(seconds), wait=wait_exponential_jitter(initial=1, max=15),
+                        retry=retry_if_exception(transient), before_sleep=tell, reraise=True)  # fmt: skip
+    return retrying(write)
+
+
 def final_status(transcript: Any, result: dict[str, Any]) -> dict[str, Any]:
     """The runner's last status write, the same from a Job's pod and from a pool worker."""
     final: dict[str, Any] = {

@@ -44,7 +44,7 @@ from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSp
 from ifw.runner import errors
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status
+from ifw.runner.progress import ProgressReporter, final_status, keep_trying
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,8 @@ class Worker:
         try:
             self._report(run, "Running")
             final = self._transcribe(run, tj)
-            self._patch(run, {**final, "execution": self._execution(run, "Succeeded")})
+            keep_trying(lambda: self._patch(run, {**final, "execution": self._execution(run, "Succeeded")}),
+                        seconds=self.runner.result_write_retry_seconds, what="writing the final status")  # fmt: skip
             log.info("%s/%s: done (attempt %d)", run.namespace, run.name, run.attempt)
         except Cancelled:
             log.info("%s/%s: cancelled", run.namespace, run.name)
@@ -343,7 +344,8 @@ class Worker:
             transcript = pipeline.run(spec, audio, self.runner, on_progress=reporter)
         reporter.flush()
         check()
-        ref = results.store_result(transcript, tj, self.result_settings, core_v1=self.core)
+        ref = keep_trying(lambda: results.store_result(transcript, tj, self.result_settings, core_v1=self.core),
+                          seconds=self.runner.result_write_retry_seconds, what="storing the result")  # fmt: skip
         return final_status(transcript, ref)
 
     # ------------------------------------------------------------------ status writes

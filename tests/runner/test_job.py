@@ -206,3 +206,66 @@ def test_job_when_the_apiserver_is_unreachable_is_transient(objects, namespace, 
     down.kubeconfig = str(kubeconfig)
     code, message, _ = run_runner(down, job, tmp_path)
     assert code == 1 and message["reason"] == "RunnerFailed"
+
+
+@pytest.mark.model
+def test_an_apiserver_outage_after_the_transcription_is_waited_out_not_redone(speech, tmp_path, wer):
+    """The apiserver dies mid-job and stays down past the end of the decode: the pod keeps its
+    transcript, retries the result write, and finishes once the apiserver is back (one run)."""
+    import functools
+
+    from kubernetes import client, config
+
+    from ifw.local.control_plane import ControlPlane
+    from ifw.local.crd import install_crd
+
+    long = speech([("en-us", "The meeting starts at nine in the morning and the report is due on Friday.", 0.8)] * 4,
+                  name="outage")  # fmt: skip
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(long.path.parent))
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    with ControlPlane() as cp:  # its own: this test kills it
+        api = config.new_client_from_config(config_file=cp.kubeconfig)
+        install_crd(api)
+        custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": "outage"}})
+        job = create_job((custom, core), "outage", f"http://127.0.0.1:{origin.server_port}/{long.path.name}",
+                         batchSize=1)  # fmt: skip
+        message, log = tmp_path / "termination-log", tmp_path / "runner.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IFW_")} | {
+            "KUBECONFIG": cp.kubeconfig, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+            "IFW_JOB_NAMESPACE": "outage", "IFW_JOB_NAME": job["metadata"]["name"], "IFW_JOB_UID": job["metadata"]["uid"],
+            "IFW_TERMINATION_MESSAGE_PATH": str(message), "IFW_DEFAULT_MODEL": "tiny.en", "IFW_DEVICE": "cpu",
+            "IFW_CPU_THREADS": "2", "IFW_WORK_DIR": str(tmp_path / "work"), "IFW_FETCH_ALLOWLIST": '["127.0.0.1"]',
+            "IFW_PROGRESS_INTERVAL_SECONDS": "0.2"}  # fmt: skip
+        with log.open("w") as out:
+            runner = subprocess.Popen([sys.executable, "-m", "ifw.runner", "job"], env=env, cwd=ROOT,
+                                      stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            def progressed():
+                obj = custom.get_namespaced_custom_object(GROUP, VERSION, "outage", PLURAL, job["metadata"]["name"])
+                return (obj.get("status") or {}).get("progress")
+
+            deadline = time.monotonic() + 120
+            while not progressed():
+                assert time.monotonic() < deadline and runner.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            apiserver = [name for name, _, _ in cp._procs if "apiserver" in name]
+            for name, proc, _ in cp._procs:
+                if name in apiserver:
+                    cp._terminate(name, proc)
+            # Down until the runner has transcribed everything and found it cannot store it.
+            deadline = time.monotonic() + 180
+            while "storing the result failed" not in log.read_text():
+                assert time.monotonic() < deadline and runner.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            cp.restart(tuple(apiserver))
+            assert runner.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+            origin.shutdown()
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, "outage", PLURAL, job["metadata"]["name"])["status"]
+        transcript = results.load_result(status["result"], "outage", job_uid=job["metadata"]["uid"], core_v1=core)
+        assert wer(long.text, transcript.text) <= 0.3, transcript.text
+        assert status["progress"]["percent"] == 100.0 and not message.exists()
