@@ -13,7 +13,10 @@ Systems:
 - ifw: ifw.runner.pipeline.run (ffmpeg decode, Silero VAD pieces, batched generate)
 - original: pipeline("automatic-speech-recognition", model=...)(file, chunk_length_s=30,
   batch_size=..., return_timestamps=True), as the Insanely Fast Whisper API calls it
-- faster-whisper: BatchedInferencePipeline on the packaged CTranslate2 files (int8, as on CPU)
+- faster-whisper: BatchedInferencePipeline on the packaged CTranslate2 files (int8, as on CPU),
+  as shipped (beam 5); faster-whisper-greedy: the same with beam_size=1, the search ifw does
+
+bench/quality_asr.py reuses these systems on real speech.
 """
 
 from __future__ import annotations
@@ -47,51 +50,57 @@ def make_audio(dest: Path, min_seconds: float = 180.0):
 
 
 # ------------------------------------------------------------- the systems
+# Each loader loads its model (timed as load) and returns transcribe(path) -> (text, segments, extra).
 
 
-def run_ifw(audio: str, model: str, batch_size: int):
+def load_ifw(model: str, batch_size: int):
     from ifw.crds.transcriptionjob import AudioSource, TranscriptionJobSpec
-    from ifw.runner import asr, pipeline
+    from ifw.runner import asr, pipeline, vad
     from ifw.runner.config import RunnerSettings
 
+    # IFW_CPU_INT8, IFW_CONDITION_ON_PREVIOUS and the like come from the environment
     settings = RunnerSettings(default_model=model, device="cpu", cpu_threads=int(os.environ["OMP_NUM_THREADS"]))
-    spec = TranscriptionJobSpec(audio=AudioSource.model_construct(url=audio), model=model, batch_size=batch_size)
-    t0 = time.perf_counter()
     asr.load_model(model, settings)
-    from ifw.runner import vad
-
     vad._silero()
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    transcript = pipeline.run(spec, audio, settings)
-    return load, time.perf_counter() - t0, transcript.text, len(transcript.segments)
+
+    def transcribe(audio: str):
+        spec = TranscriptionJobSpec(audio=AudioSource.model_construct(url=audio), model=model, batch_size=batch_size)
+        stats = asr.DecodeStats()
+        t = pipeline.run(spec, audio, settings, stats=stats)
+        extra = {"generate_calls": stats.generate_calls, "pieces": sum(stats.pieces),
+                 "fallback_decodes": stats.fallback_decodes, "dropped_pieces": t.dropped_pieces,
+                 "speech_s": t.speech_seconds, "text_s": t.text_seconds, "language": t.language}  # fmt: skip
+        return t.text, len(t.segments), extra
+
+    return transcribe
 
 
-def run_original(audio: str, model: str, batch_size: int):
+def load_original(model: str, batch_size: int):
     import torch
     from transformers import pipeline
 
     from ifw.runner import weights
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    t0 = time.perf_counter()
     path = weights.packaged_model_path(model) if model in weights.PACKAGED else model
     pipe = pipeline("automatic-speech-recognition", model=str(path), dtype=torch.float32, device="cpu")
-    load = time.perf_counter() - t0
     multilingual = pipe.model.generation_config.is_multilingual
-    t0 = time.perf_counter()
-    out = pipe(
-        audio,
-        chunk_length_s=30,
-        batch_size=batch_size,
-        # the original always passes task and language (None = detect); English-only models take neither
-        generate_kwargs={"task": "transcribe", "language": None} if multilingual else {},
-        return_timestamps=True,
-    )
-    return load, time.perf_counter() - t0, out["text"], len(out["chunks"])
+
+    def transcribe(audio: str):
+        out = pipe(
+            audio,
+            chunk_length_s=30,
+            batch_size=batch_size,
+            # the original always passes task and language (None = detect); English-only models take neither
+            generate_kwargs={"task": "transcribe", "language": None} if multilingual else {},
+            return_timestamps=True,
+        )
+        return out["text"], len(out["chunks"]), {}
+
+    return transcribe
 
 
-def run_faster_whisper(audio: str, model: str, batch_size: int):
+def _faster_whisper(model: str, batch_size: int, beam_size: int):
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from ifw.runner import weights
@@ -103,30 +112,62 @@ def run_faster_whisper(audio: str, model: str, batch_size: int):
         (folder / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
         for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
             (folder / name).write_bytes((weights.source_files(model)[1].parent / name).read_bytes())
-    t0 = time.perf_counter()
     fw = WhisperModel(str(folder), device="cpu", compute_type="int8", cpu_threads=int(os.environ["OMP_NUM_THREADS"]))
     pipe = BatchedInferencePipeline(fw)
-    load = time.perf_counter() - t0
+
+    def transcribe(audio: str):
+        segments, info = pipe.transcribe(audio, batch_size=batch_size, beam_size=beam_size,
+                                         language="en" if model.endswith(".en") else None)  # fmt: skip
+        segments = list(segments)
+        return " ".join(s.text.strip() for s in segments), len(segments), {"language": info.language}
+
+    return transcribe
+
+
+def load_faster_whisper(model: str, batch_size: int):
+    """Its batched pipeline as shipped: beam search of 5."""
+    return _faster_whisper(model, batch_size, beam_size=5)
+
+
+def load_faster_whisper_greedy(model: str, batch_size: int):
+    """The same with greedy decoding, the search ifw does."""
+    return _faster_whisper(model, batch_size, beam_size=1)
+
+
+SYSTEMS = {
+    "ifw": load_ifw,
+    "original": load_original,
+    "faster-whisper": load_faster_whisper,
+    "faster-whisper-greedy": load_faster_whisper_greedy,
+}
+
+
+def child(system: str, audios: list[str], model: str, batch_size: int, repeat: int = 1) -> None:
     t0 = time.perf_counter()
-    segments, _info = pipe.transcribe(audio, batch_size=batch_size, language="en" if model.endswith(".en") else None)
-    segments = list(segments)
-    return load, time.perf_counter() - t0, " ".join(s.text.strip() for s in segments), len(segments)
+    transcribe = SYSTEMS[system](model, batch_size)
+    load = time.perf_counter() - t0
+    files = []
+    for audio in audios:
+        walls = []
+        for _ in range(repeat):  # the fastest of `repeat` runs: the machine's other load only slows a run down
+            t0 = time.perf_counter()
+            text, n, extra = transcribe(audio)
+            walls.append(time.perf_counter() - t0)
+        files.append({"wall_s": min(walls), "text": text, "segments": n, **extra})
+    json.dump({"load_s": load, "files": files}, sys.stdout)
 
 
-SYSTEMS = {"ifw": run_ifw, "original": run_original, "faster-whisper": run_faster_whisper}
+def measure(system: str, audios: list[Path], *, model: str, batch_size: int, threads: int,
+            env: dict[str, str] | None = None, repeat: int = 1) -> dict:  # fmt: skip
+    """Run one system on the files in a subprocess (model loaded once); its peak RSS comes from wait4.
 
-
-def child(args) -> None:
-    load, wall, text, n = SYSTEMS[args.system](args.audio, args.model, args.batch_size)
-    json.dump({"load_s": load, "wall_s": wall, "text": text, "segments": n}, sys.stdout)
-
-
-def measure(system: str, audio: Path, args) -> dict:
-    """Run one system in a subprocess; its peak RSS comes from wait4."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    cmd = [sys.executable, __file__, "--child", system, "--audio", str(audio), "--model", args.model,
-           "--batch-size", str(args.batch_size)]  # fmt: skip
+    Each file's wall time is the fastest of `repeat` runs."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", **(env or {})}  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", system, "--model", model, "--batch-size", str(batch_size),
+           "--repeat", str(repeat)]  # fmt: skip
+    for audio in audios:
+        cmd += ["--audio", str(audio)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -137,6 +178,7 @@ def measure(system: str, audio: Path, args) -> dict:
             raise SystemExit(f"{system} failed ({proc.returncode}):\n{err.read().decode()[-4000:]}")
         result = json.loads(out.read())
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["wall_s"] = sum(f["wall_s"] for f in result["files"])
     return result
 
 
@@ -145,13 +187,14 @@ def main() -> None:
     p.add_argument("--model", default="tiny.en", help="packaged name (tiny.en, base)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--systems", default="ifw,original,faster-whisper")
+    p.add_argument("--systems", default="ifw,original,faster-whisper,faster-whisper-greedy")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--child", choices=list(SYSTEMS), dest="system", help=argparse.SUPPRESS)
-    p.add_argument("--audio", help=argparse.SUPPRESS)
+    p.add_argument("--audio", action="append", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="runs per system; the fastest counts")
     args = p.parse_args()
     if args.system:
-        return child(args)
+        return child(args.system, args.audio, args.model, args.batch_size, args.repeat)
 
     sys.path.insert(0, str(ROOT))
     from tests.runner.conftest import word_error_rate
@@ -163,7 +206,9 @@ def main() -> None:
               f"model {args.model}, batch {args.batch_size}, {args.threads} threads, {os.cpu_count()} CPUs")  # fmt: skip
         results = {}
         for system in args.systems.split(","):
-            r = measure(system, clip.path, args)
+            r = measure(system, [clip.path], model=args.model, batch_size=args.batch_size, threads=args.threads,
+                        repeat=args.repeat)
+            r["text"], r["segments"] = r["files"][0]["text"], r["files"][0]["segments"]
             r["wer"] = word_error_rate(clip.text, r["text"])
             r["rtfx"] = clip.duration / r["wall_s"]
             results[system] = r

@@ -1,7 +1,8 @@
 """The runner's command line (console script `ifw-runner`).
 
     ifw-runner transcribe <file-or-url> [--model M] [--language L] [--task transcribe|translate]
-                          [--batch-size N] [--timestamp chunk|word] [--diarize]
+                          [--batch-size N] [--timestamp chunk|word] [--prompt TEXT] [--temperature T]
+                          [--diarize]
                           [--num-speakers N | --min-speakers N --max-speakers N]
                           [--format json|text|srt|vtt|verbose_json] [--output FILE]
     ifw-runner job        # inside the runner Pod: run the TranscriptionJob named by IFW_JOB_*
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     t.add_argument("--batch-size", type=int, default=24, help="≤30 s pieces decoded at once (default 24)")
     t.add_argument("--timestamp", choices=["chunk", "word"], default="chunk")
+    t.add_argument("--prompt", help="text every piece is conditioned on: names, spellings, vocabulary, style")
+    t.add_argument("--temperature", type=float, help="of the first decode (default 0, greedy); failed pieces "
+                   "are decoded again at +0.2 steps up to 1")  # fmt: skip
     t.add_argument("--diarize", action="store_true", help="split by speaker (pyannote)")
     t.add_argument("--num-speakers", type=int)
     t.add_argument("--min-speakers", type=int)
@@ -105,6 +109,8 @@ def transcribe(args: argparse.Namespace) -> int:
                 "language": args.language or None,
                 "batchSize": args.batch_size,
                 "timestamp": args.timestamp,
+                "prompt": args.prompt,
+                "temperature": args.temperature,
                 "diarization": {
                     "enabled": args.diarize or any(
                         v is not None for v in (args.num_speakers, args.min_speakers, args.max_speakers)

@@ -47,8 +47,12 @@ def run(
     source: str | Path | np.ndarray,
     settings: RunnerSettings,
     on_progress: asr.ProgressCallback | None = None,
+    stats: asr.DecodeStats | None = None,
 ) -> Transcript:
-    """Transcribe `source` as `spec` asks (spec.audio.url is not read: the caller passes the audio)."""
+    """Transcribe `source` as `spec` asks (spec.audio.url is not read: the caller passes the audio).
+
+    `stats`, when given, collects what the decode engine did (generate() calls, pieces per call).
+    """
     model_name = spec.model or settings.default_model
     asr.check_model_allowed(model_name, settings)
     # Load the model before the (possibly long) download: a bad model fails fast.
@@ -76,7 +80,11 @@ def run(
         language=spec.language or None,
         batch_size=spec.batch_size,
         timestamp=spec.timestamp,
+        prompt=spec.prompt,
+        temperature=spec.temperature or 0.0,
+        condition_on_previous=settings.condition_on_previous,
         on_progress=on_progress,
+        stats=stats,
     )
     if turns is not None:
         from ifw.runner.speakers import assign_speakers

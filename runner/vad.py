@@ -141,23 +141,43 @@ def _regions(audio: np.ndarray, a: int, b: int, kwargs: dict) -> list[tuple[floa
     return [((a + s["start"]) / SAMPLE_RATE, (a + s["end"]) / SAMPLE_RATE) for s in stamps]
 
 
-def plan_pieces(regions: list[tuple[float, float]], max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
-    """Pack consecutive speech regions greedily into pieces of at most max_piece_s.
+# A piece is cut at the longest pause once it is at least this full: long pauses are where
+# speakers and languages change, so a turn stays in one piece (and one detected language),
+# while pieces stay full enough to batch well.
+MIN_FILL = 2 / 3
 
-    A piece spans from its first region's start to its last region's end (the
-    short pauses inside stay, so timestamps map linearly), and is cut only at a
-    pause between regions. Fuller pieces mean fewer windows to decode.
+
+def plan_pieces(regions: list[tuple[float, float]], max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
+    """Pack consecutive speech regions into pieces of at most max_piece_s, cut only at pauses.
+
+    A piece spans from its first region's start to its last region's end (the short pauses
+    inside stay, so timestamps map linearly). When the next region no longer fits, the
+    piece ends at the longest pause after MIN_FILL of max_piece_s (the latest on a tie);
+    the regions after that pause begin the next piece.
     """
     pieces: list[Piece] = []
     current: list[tuple[float, float]] = []
     for region in _at_most(regions, max_piece_s):
-        if current and region[1] - current[0][0] > max_piece_s:
-            pieces.append(Piece(current[0][0], current[-1][1], tuple(current)))
-            current = []
+        while current and region[1] - current[0][0] > max_piece_s:
+            k = _cut(current, region[0], MIN_FILL * max_piece_s)
+            pieces.append(Piece(current[0][0], current[k - 1][1], tuple(current[:k])))
+            current = current[k:]
         current.append(region)
     if current:
         pieces.append(Piece(current[0][0], current[-1][1], tuple(current)))
     return pieces
+
+
+def _cut(current: list[tuple[float, float]], next_start: float, min_fill: float) -> int:
+    """How many regions of `current` the piece keeps: the cut is the longest pause past min_fill."""
+    best, best_pause = len(current), -1.0
+    for k in range(1, len(current) + 1):
+        if current[k - 1][1] - current[0][0] < min_fill:
+            continue
+        pause = (current[k][0] if k < len(current) else next_start) - current[k - 1][1]
+        if pause >= best_pause:
+            best, best_pause = k, pause
+    return best
 
 
 def _at_most(regions: list[tuple[float, float]], limit: float):

@@ -1,9 +1,11 @@
-"""Shared runner fixtures: real speech made with espeak-ng at test time.
+"""Shared runner fixtures: real human speech, and speech made with espeak-ng at test time.
 
 `speech([(voice, text, pause_after_s), ...])` returns a SpeechClip: a 16 kHz
 mono 16-bit wav plus where each utterance truly starts and ends (measured on
 the generated samples, not guessed), so tests can check words and timestamps
-against what was spoken. `wer(reference, hypothesis)` scores a transcript
+against what was spoken. `harvard_sentences()` and `harvard_conversation()` do
+the same with the real recordings in ../shared/speech (read in place, never
+copied into the repository). `wer(reference, hypothesis)` scores a transcript
 after normalising case and punctuation.
 
 Needs `espeak-ng` and `sox` (apt-get install espeak-ng sox ffmpeg).
@@ -11,6 +13,7 @@ Needs `espeak-ng` and `sox` (apt-get install espeak-ng sox ffmpeg).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -161,6 +164,81 @@ class SpeechFactory:
             rng = np.random.default_rng(0)
             write_wav(path, rng.normal(0.0, noise, int(seconds * SAMPLE_RATE)).astype(np.float32))
         return SpeechClip(path, seconds, [])
+
+
+# ------------------------------------------------------------ real speech
+
+# ../shared/speech beside the checkout (see its README.md): Harvard sentences and AMI excerpts.
+SPEECH_DIR = Path(__file__).resolve().parents[3] / "shared" / "speech"
+HARVARD_DIR = SPEECH_DIR / "harvard"
+# transcripts.tsv copies speechbrain's character transcript of spk2_snt5, "Canned pears lack
+# full flavor."; speechbrain's own phone annotation of the same file reads "jh ah m p dh ax f eh
+# n s ae n hh er iy ah p dh ax b ae ng" -- what is said, and what tiny.en, base and faster-whisper hear.
+HARVARD_CORRECTIONS = {"spk2_snt5.wav": "Jump the fence and hurry up the bank."}
+# 20 ms frames louder than this (RMS) are speech when measuring where a recording's speech lies.
+_REAL_SPEECH_RMS = 0.01
+
+
+@dataclass(frozen=True)
+class RealSentence:
+    path: Path
+    speaker: str
+    text: str
+
+
+def harvard_sentences() -> list[RealSentence]:
+    """The ten Harvard sentences (spk1_snt1 ... spk2_snt5) with their reference texts."""
+    if not (HARVARD_DIR / "transcripts.tsv").is_file():
+        pytest.fail(f"real speech not found at {HARVARD_DIR} (the shared/speech folder beside the checkout)")
+    with (HARVARD_DIR / "transcripts.tsv").open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [RealSentence(HARVARD_DIR / r["file"], r["speaker"], HARVARD_CORRECTIONS.get(r["file"], r["text"]))
+            for r in rows]  # fmt: skip
+
+
+def _speech_span(samples: np.ndarray) -> tuple[float, float]:
+    frames = samples[: len(samples) // 320 * 320].reshape(-1, 320)
+    loud = np.flatnonzero(np.sqrt((frames**2).mean(axis=1)) > _REAL_SPEECH_RMS)
+    return float(loud[0] * 0.02), float((loud[-1] + 1) * 0.02)
+
+
+def harvard_conversation(dest: Path, pauses: tuple[float, ...] = (0.8, 1.2, 0.6, 1.5, 1.0), *,
+                         lead_s: float = 0.5, noise: float = 0.0005) -> SpeechClip:  # fmt: skip
+    """The ten sentences as one two-speaker conversation: spk1 and spk2 take turns (snt1 of each,
+    then snt2, ...), with the given pauses (cycled) of faint room noise between them."""
+    by_name = {s.path.stem: s for s in harvard_sentences()}
+    order = [by_name[f"spk{k}_snt{n}"] for n in range(1, 6) for k in (1, 2)]
+    key = hashlib.sha256(json.dumps([pauses, lead_s, noise]).encode()).hexdigest()[:12]
+    path = dest / f"harvard-conversation-{key}.wav"
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(0.0, noise, int(lead_s * SAMPLE_RATE)).astype(np.float32)]
+    cursor = len(parts[0])
+    utterances = []
+    for i, sentence in enumerate(order):
+        samples = read_wav(sentence.path)
+        a, b = _speech_span(samples)
+        utterances.append(Utterance(sentence.speaker, sentence.text, cursor / SAMPLE_RATE + a,
+                                    cursor / SAMPLE_RATE + b))  # fmt: skip
+        gap = rng.normal(0.0, noise, int(pauses[i % len(pauses)] * SAMPLE_RATE)).astype(np.float32)
+        parts += [samples, gap]
+        cursor += len(samples) + len(gap)
+    audio = np.concatenate(parts[:-1])  # no pause after the last sentence
+    if not path.exists():
+        write_wav(path, audio)
+    return SpeechClip(path, len(audio) / SAMPLE_RATE, utterances)
+
+
+@pytest.fixture(scope="session")
+def harvard() -> list[RealSentence]:
+    return harvard_sentences()
+
+
+@pytest.fixture(scope="session")
+def conversation(tmp_path_factory) -> SpeechClip:
+    return harvard_conversation(tmp_path_factory.mktemp("real-speech"))
+
+
+# ------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""Batched Whisper on real weights and real (espeak-ng) speech: words, timestamps, language, silence."""
+"""Batched Whisper on real weights and espeak-ng speech: words, timestamps, language, silence.
+
+Real human speech: test_real_speech_asr.py; the decode engine's guards, prompts, languages and
+retries: test_asr_quality.py.
+"""
 
 from __future__ import annotations
 
@@ -204,28 +208,3 @@ def test_progress_reporter_survives_a_failing_sink():
     r(1.0, 2.0)
     r(2.0, 2.0)
     assert r.sent == []
-
-
-def test_cuda_out_of_memory_halves_the_batch_and_retries(monkeypatch):
-    """No GPU here: a stand-in generate that runs out of memory above 2 clips (the real one cannot OOM on CPU)."""
-    import torch
-
-    calls = []
-
-    def generate(wm, clips, **kwargs):
-        calls.append(len(clips))
-        if len(clips) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return [asr._Decoded([len(c)], None) for c in clips]
-
-    monkeypatch.setattr(asr, "_generate", generate)
-    clips = [np.zeros(n * 1000, np.float32) for n in (3, 9, 1, 7, 5)]
-    done = []
-    out = asr._decode_batches(None, clips, 8, done.extend)
-    assert [d.tokens[0] for d in out] == [3000, 9000, 1000, 7000, 5000]  # back in input order
-    assert calls == [5, 4, 2, 2, 1]  # 8: OOM on 5, 4: OOM, then 2, 2, 1 (longest first)
-    assert sorted(done) == [0, 1, 2, 3, 4]
-
-    monkeypatch.setattr(asr, "_generate", lambda wm, clips, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
-    with pytest.raises(asr.OutOfMemory, match="single 30 s piece"):
-        asr._decode_batches(None, clips[:1], 4, lambda idx: None)

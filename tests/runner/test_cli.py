@@ -91,9 +91,22 @@ def test_diarize_two_voices(speech, wer):
     assert labels[0] != labels[1] and labels[0] == labels[2] and labels[1] == labels[3], speakers
 
 
+@pytest.mark.model
+def test_prompt_spells_a_name_as_given(speech):
+    clip = speech([("en-us", "Please send the invoice to Siobhan Kowalczyk before Thursday.", 0.5)])
+    p = cli("transcribe", str(clip.path), "--model", "tiny.en", "--format", "text")
+    assert p.returncode == 0 and "Kowalczyk" not in p.stdout, p.stdout  # tiny.en hears "Shimon Kalak"
+    p = cli("transcribe", str(clip.path), "--model", "tiny.en", "--format", "text", "--prompt", "Siobhan Kowalczyk")
+    assert p.returncode == 0, p.stderr
+    assert "Siobhan Kowalczyk before Thursday" in p.stdout, p.stdout
+
+
 def test_bad_input_exits_2_with_the_reason(tmp_path, sample):
     p = cli("transcribe", str(sample.path), "--model", "tiny.en", "--language", "xx")
     assert p.returncode == 2 and "language" in p.stderr and "'xx'" in p.stderr
+
+    p = cli("transcribe", str(sample.path), "--model", "tiny.en", "--temperature", "1.5")
+    assert p.returncode == 2 and "temperature" in p.stderr
 
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("this is not audio\n" * 100)

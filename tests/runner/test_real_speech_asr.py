@@ -1,0 +1,81 @@
+"""Whisper on real human speech (../shared/speech/harvard): words, their order, times, language, coverage.
+
+Thresholds are the measured figures (CPU, int8, 2 threads; see bench/quality_asr.py) plus a margin
+of about two words: tiny.en misses "tear a" -> "Terra" and "mend" -> "men" and base misses about the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ifw.runner import asr, vad
+from ifw.runner.config import RunnerSettings
+from tests.runner.conftest import read_wav
+
+pytestmark = pytest.mark.model
+
+# measured: tiny.en 4 wrong words of 76 (0.053), base 3 (0.039); 8 of 10 sentences exact for both
+SENTENCES_WER = {"tiny.en": 0.08, "base": 0.07}
+# measured on the conversation: tiny.en 0.053, base 0.040
+CONVERSATION_WER = {"tiny.en": 0.08, "base": 0.07}
+
+
+def model(name: str) -> asr.WhisperModel:
+    return asr.load_model(name, RunnerSettings(default_model=name, device="cpu", cpu_threads=2))
+
+
+@pytest.mark.parametrize("name", ["tiny.en", "base"])
+def test_each_harvard_sentence(harvard, wer, name):
+    wm = model(name)
+    texts, exact = [], 0
+    for sentence in harvard:
+        audio = read_wav(sentence.path)
+        t = asr.transcribe(audio, wm)
+        texts.append(t.text)
+        rate = wer(sentence.text, t.text)
+        exact += rate == 0
+        assert rate <= 0.5, (sentence.path.name, t.text)
+        assert len(t.segments) == 1 and t.dropped_pieces == 0
+        assert t.text_seconds == pytest.approx(t.speech_seconds) and t.speech_seconds > 1.0
+        # English, detected (base) or known (tiny.en), on every piece: one real file never flips
+        assert t.language == "en" and {s.language for s in t.segments} == {"en"}
+        if wm.multilingual:
+            assert t.language_probability > 0.9, (sentence.path.name, t.language_probability)
+    assert exact >= 8, texts
+    assert wer(" ".join(s.text for s in harvard), " ".join(texts)) <= SENTENCES_WER[name], texts
+
+
+@pytest.mark.parametrize("name", ["tiny.en", "base"])
+def test_harvard_conversation_words_order_times_and_coverage(conversation, wer, name):
+    wm = model(name)
+    stats = asr.DecodeStats()
+    t = asr.transcribe(conversation.audio(), wm, batch_size=8, stats=stats)
+    assert wer(conversation.text, t.text) <= CONVERSATION_WER[name], t.text
+    # one segment per spoken sentence, in order, starting and ending within 1 s of it
+    assert len(t.segments) == len(conversation.utterances), [(s.start, s.text) for s in t.segments]
+    for seg, u in zip(t.segments, conversation.utterances, strict=True):
+        assert abs(seg.start - u.start) <= 1.0 and abs(seg.end - u.end) <= 1.0, (seg, u)
+        assert wer(u.text, seg.text) <= 0.5, (seg.text, u.text)
+    assert all(a.end <= b.start + 1e-6 for a, b in zip(t.segments, t.segments[1:]))
+    # every second of detected speech is covered by text, nothing given up
+    # (the VAD's regions hold every sentence, with a little padding and the short pauses between some)
+    assert sum(u.end - u.start for u in conversation.utterances) <= t.speech_seconds <= conversation.duration
+    assert t.text_seconds >= 0.95 * t.speech_seconds and t.dropped_pieces == 0
+    assert t.language == "en" and {s.language for s in t.segments} == {"en"}
+    # the pieces went through the model together: the first generate() call had all of them
+    assert stats.pieces[0] == 2 and stats.rows[0] == 2
+    # Whisper's scores of the decode that was kept are on every segment
+    for seg in t.segments:
+        assert seg.temperature == 0.0 and -1.0 <= seg.avg_logprob < 0 and 0 < seg.compression_ratio <= 2.4
+        assert 0 <= seg.no_speech_prob < 0.6 and seg.tokens and max(seg.tokens) < 50256
+
+
+def test_short_sentence_pieces_keep_the_dominant_language(conversation, wer):
+    """One piece per stretch of speech (spk2's sentences are under 2 s): no piece may switch language."""
+    wm = model("base")
+    audio = conversation.audio()
+    pieces = [vad.Piece(a, b, ((a, b),)) for a, b in vad.speech_regions(audio)]
+    assert len(pieces) >= 9  # the VAD joins two sentences 0.6 s apart
+    t = asr.transcribe(audio, wm, batch_size=10, pieces=pieces)
+    assert len(t.segments) >= len(pieces) and {s.language for s in t.segments} == {"en"}
+    assert t.language == "en" and wer(conversation.text, t.text) <= 0.08, t.text
