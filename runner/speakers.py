@@ -5,10 +5,12 @@ original ("each turn takes the chunk whose end is nearest"), a short
 interjection cannot take over a long segment, nothing after the last turn is
 lost (it keeps the nearest speaker), and no turns at all is not an error.
 
-With word timestamps, words are assigned one by one, so a segment spanning two
-speakers is split where the speaker changes in ``speakers``; the segment itself
-keeps its boundaries (subtitles and chunks stay as transcribed) and takes the
-speaker of most of its words. Without word timestamps the segment is the unit.
+With word timestamps, words are assigned one by one and a segment that spans
+two speakers is split where the speaker changes, so no segment (subtitle cue,
+chunk) mixes two people. Where people talk at once, a word goes to the speaker
+who overlaps it most, and on a tie to the one whose turns around it are
+longest (the main speaker, not the "mm-hm"). Without word timestamps the
+segment is the unit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from ifw.core.languages import NO_SPACE_LANGUAGES
 from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 
 Turn = tuple[float, float, str]
-
 
 
 class _TurnIndex:
@@ -43,14 +44,18 @@ class _TurnIndex:
         lo = bisect_left(self.starts, start - self.longest)
         hi = bisect_left(self.starts, end)
         overlap: dict[str, float] = defaultdict(float)
+        span: dict[str, float] = defaultdict(float)  # length of the speaker's turns that touch it
         mid = (start + end) / 2
         for s, e, spk in self.turns[lo:hi]:
             if end > start:
-                overlap[spk] += max(0.0, min(end, e) - max(start, s))
-            elif s <= mid <= e:  # a zero-length word: the turn it falls in
-                overlap[spk] += 1.0
-        if overlap and max(overlap.values()) > 0:
-            return max(overlap, key=overlap.__getitem__)
+                got = max(0.0, min(end, e) - max(start, s))
+            else:  # a zero-length word: the turn it falls in
+                got = 1.0 if s <= mid <= e else 0.0
+            if got > 0:
+                overlap[spk] += got
+                span[spk] += e - s
+        if overlap:
+            return max(overlap, key=lambda spk: (overlap[spk], span[spk]))
         return self._nearest(start, end)
 
     def _nearest(self, start: float, end: float) -> str:
@@ -77,13 +82,16 @@ def assign_speakers(transcript: Transcript, turns: Sequence[Turn]) -> Transcript
         return out
 
     by_words = any(seg.words for seg in out.segments)
+    segments: list[Segment] = []
     for seg in out.segments:
         if by_words and seg.words:
             for word in seg.words:
                 word.speaker = index.speaker_for(word.start, word.end)
-            seg.speaker = _dominant(seg.words)
+            segments.extend(_split_by_speaker(seg, out.language))
         else:
             seg.speaker = index.speaker_for(seg.start, seg.end)
+            segments.append(seg)
+    out.segments = segments
 
     units: list[Word | Segment] = []
     for seg in out.segments:
@@ -92,13 +100,34 @@ def assign_speakers(transcript: Transcript, turns: Sequence[Turn]) -> Transcript
     return out
 
 
-def _dominant(words: list[Word]) -> str | None:
-    """The speaker of most of the words' time (ties: the earliest such speaker)."""
-    time: dict[str, float] = {}
-    for w in words:
-        if w.speaker is not None:
-            time[w.speaker] = time.get(w.speaker, 0.0) + max(w.end - w.start, 1e-3)
-    return max(time, key=time.__getitem__) if time else None
+def _split_by_speaker(seg: Segment, language: str | None) -> list[Segment]:
+    """The segment cut between words where the speaker changes (itself when one speaker says it all).
+
+    Each piece keeps the decode's scores and language; the first starts and the last ends where
+    the segment did. Token ids cannot be divided among words, so pieces carry none.
+    """
+    runs: list[list[Word]] = []
+    for word in seg.words or []:
+        if runs and runs[-1][-1].speaker == word.speaker:
+            runs[-1].append(word)
+        else:
+            runs.append([word])
+    if len(runs) <= 1:
+        seg.speaker = runs[0][0].speaker if runs else None
+        return [seg]
+    return [
+        seg.model_copy(
+            update={
+                "start": seg.start if i == 0 else run[0].start,
+                "end": seg.end if i == len(runs) - 1 else run[-1].end,
+                "text": _concat([w.text for w in run], language),
+                "speaker": run[0].speaker,
+                "words": run,
+                "tokens": None,
+            }
+        )
+        for i, run in enumerate(runs)
+    ]
 
 
 def _merge(units: list[Word | Segment], join) -> list[SpeakerTurn]:
@@ -119,12 +148,15 @@ def _merge(units: list[Word | Segment], join) -> list[SpeakerTurn]:
     return turns
 
 
-def _joiner(transcript: Transcript):
+def _concat(texts: list[str], language: str | None) -> str:
     """Whisper texts carry their own leading spaces (" Hello"); stripped ones get one between them."""
+    if language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts[1:]):
+        return "".join(texts)
+    return " ".join(t.strip() for t in texts if t.strip())
 
+
+def _joiner(transcript: Transcript):
     def join(texts: list[str]) -> str:
-        if transcript.language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts[1:]):
-            return "".join(texts).strip()
-        return " ".join(t.strip() for t in texts if t.strip())
+        return _concat(texts, transcript.language).strip()
 
     return join

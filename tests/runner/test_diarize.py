@@ -168,21 +168,39 @@ def test_pipeline_is_loaded_once(settings):
 
 
 @pytest.mark.model
-def test_campplus_wrapper_pools_each_speaker_of_a_shared_chunk(settings):
-    """pyannote sends each chunk once per local speaker; computing the chunk once must not change results."""
+def test_campplus_wrapper_embeds_each_speaker_from_its_own_frames(settings):
+    """pyannote sends each chunk once per local speaker, with that speaker's frame weights: the
+    network must hear only that speaker's frames (CAM++'s context masks average over the whole
+    input, so pooling a whole chunk mixes the speakers in), and a silent speaker gets NaN."""
     import torch
 
     model = load_pipeline(settings)._embedding.model_
     rng = np.random.default_rng(0)
-    chunks = torch.from_numpy(rng.normal(0, 0.1, (2, 1, 16000)).astype(np.float32))
-    waveforms = chunks.repeat_interleave(2, dim=0)  # chunk 0, chunk 0, chunk 1, chunk 1
-    weights = torch.from_numpy(rng.uniform(0, 1, (4, 50)).astype(np.float32))
+    chunk = torch.from_numpy(rng.normal(0, 0.1, (1, 1, 32000)).astype(np.float32))  # 2 s
+    waveforms = chunk.repeat(3, 1, 1)
+    weights = torch.zeros(3, 100)  # 20 ms frames
+    weights[0, :60] = 1.0  # speaker 1: the first 1.2 s
+    weights[1, 60:] = 1.0  # speaker 2: the last 0.8 s; speaker 3 silent
     with torch.inference_mode():
-        batched = model(waveforms, weights=weights)
-        one_by_one = torch.cat([model(waveforms[i : i + 1], weights=weights[i : i + 1]) for i in range(4)])
-    assert batched.shape == (4, 192)
+        got = model(waveforms, weights=weights)
+        fbank = model.fbank(chunk)  # (1, 198, 80): 10 ms frames, normalised over the chunk
+        own = fbank[0, :119]  # those whose nearest weight frame is among the first 60 (198 * 0.6)
+        alone = model.campplus((own - own.mean(dim=0))[None])[0]
+    assert got.shape == (3, 192)
+    assert torch.allclose(got[0], alone, atol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-2)
+    assert torch.isnan(got[2]).all()  # pyannote leaves it out of clustering
+
+    # pyannote's convention (the benchmark's baseline): the whole chunk, pooled with the weights;
+    # the network runs once per distinct chunk and gives the same as one at a time
+    from ifw.runner.diarize import CAMPPlusEmbedding, packaged_weights
+
+    pooled = CAMPPlusEmbedding(packaged_weights()[1], own_frames=False).eval()
+    w = torch.from_numpy(rng.uniform(0, 1, (3, 100)).astype(np.float32))
+    with torch.inference_mode():
+        batched = pooled(waveforms, weights=w)
+        one_by_one = torch.cat([pooled(waveforms[i : i + 1], weights=w[i : i + 1]) for i in range(3)])
     assert torch.allclose(batched, one_by_one, atol=1e-4)
-    assert not torch.allclose(batched[0], batched[1])  # different weights, different speakers
 
 
 def test_bad_input_and_hints_are_refused_clearly(settings):

@@ -109,15 +109,55 @@ def test_words_split_a_segment_that_spans_two_speakers():
             (0.0, 0.4, " Are"), (0.4, 0.7, " you"), (0.7, 1.5, " ready?"),
             (2.0, 2.5, " Yes"), (2.5, 2.8, " I"), (2.8, 3.2, " am."),
         ),
-    )
+        language="en", tokens=[1, 2, 3], avg_logprob=-0.2, no_speech_prob=0.01,
+    )  # fmt: skip
     out = assign_speakers(_transcript(seg), [(0.0, 1.6, "SPEAKER_00"), (1.9, 3.4, "SPEAKER_01")])
-    assert [w.speaker for w in out.segments[0].words] == ["SPEAKER_00"] * 3 + ["SPEAKER_01"] * 3
+    assert [w.speaker for s in out.segments for w in s.words] == ["SPEAKER_00"] * 3 + ["SPEAKER_01"] * 3
     assert _turns(out) == [
         ("SPEAKER_00", 0.0, 1.5, "Are you ready?"),
         ("SPEAKER_01", 2.0, 3.2, "Yes I am."),
     ]
-    # the segment keeps its boundaries and takes the speaker of most of its words' time
-    assert (out.segments[0].start, out.segments[0].end, out.segments[0].speaker) == (0.0, 4.0, "SPEAKER_00")
+    # the segment is cut between the speakers: no subtitle mixes two people
+    assert [(s.start, s.end, s.text, s.speaker) for s in out.segments] == [
+        (0.0, 1.5, " Are you ready?", "SPEAKER_00"),
+        (2.0, 4.0, " Yes I am.", "SPEAKER_01"),
+    ]
+    # each piece keeps the decode's scores; token ids cannot be divided among words
+    assert all(s.avg_logprob == -0.2 and s.no_speech_prob == 0.01 and s.language == "en" for s in out.segments)
+    assert all(s.tokens is None for s in out.segments)
+    assert out.text == " Are you ready? Yes I am."  # the transcript's text is untouched
+
+
+def test_split_keeps_one_speaker_segments_whole_and_joins_stripped_words():
+    segs = [
+        Segment(start=0.0, end=2.0, text="Hello there.", tokens=[7],
+                words=_words((0.1, 0.5, "Hello"), (0.6, 1.2, "there."))),
+        Segment(start=2.0, end=5.0, text="Hi. How are you?",
+                words=_words((2.1, 2.4, "Hi."), (3.0, 3.3, "How"), (3.3, 3.6, "are"), (3.6, 4.0, "you?"))),
+    ]  # fmt: skip
+    turns = [(0.0, 2.5, "SPEAKER_00"), (2.9, 5.0, "SPEAKER_01")]
+    out = assign_speakers(_transcript(*segs), turns)
+    assert [(s.start, s.end, s.text, s.speaker) for s in out.segments] == [
+        (0.0, 2.0, "Hello there.", "SPEAKER_00"),
+        (2.0, 2.4, "Hi.", "SPEAKER_00"),
+        (3.0, 5.0, "How are you?", "SPEAKER_01"),
+    ]
+    assert out.segments[0].tokens == [7]  # not split: kept as transcribed
+
+
+def test_a_word_in_overlapping_speech_keeps_the_dominant_speaker():
+    # Full (overlapping) turns: B's "mm-hm" lies inside A's long turn. Words wholly inside both
+    # overlap each equally; the speaker whose turn around them is longer keeps them.
+    seg = Segment(start=0.0, end=6.0, text=" so we ship it on Friday",
+                  words=_words((0.2, 0.6, " so"), (2.1, 2.4, " we"), (2.4, 2.8, " ship"), (4.0, 4.5, " Friday")))  # fmt: skip
+    turns = [(0.0, 6.0, "SPEAKER_00"), (2.0, 3.0, "SPEAKER_01")]
+    out = assign_speakers(_transcript(seg), turns)
+    assert {w.speaker for s in out.segments for w in s.words} == {"SPEAKER_00"}
+    assert len(out.segments) == 1
+    # a word only partly in the overlap goes to whoever covers more of it
+    yes = Segment(start=0.0, end=4.0, text=" yes", words=_words((2.8, 3.6, " yes")))
+    out = assign_speakers(_transcript(yes), [(0.0, 3.0, "SPEAKER_00"), (2.5, 4.0, "SPEAKER_01")])
+    assert out.segments[0].speaker == "SPEAKER_01"
 
 
 def test_words_merge_across_segments_and_zero_length_words():
