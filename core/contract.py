@@ -25,6 +25,9 @@ ENV_JOB_UID = "IFW_JOB_UID"
 # Where the runner writes its termination message; only overridden outside a pod (the kubelet stand-in).
 ENV_TERMINATION_MESSAGE_PATH = "IFW_TERMINATION_MESSAGE_PATH"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# The runner pod's name and node (downward API): reported as the transcript's processed_by.
+ENV_POD_NAME = "IFW_POD_NAME"
+ENV_NODE_NAME = "IFW_NODE_NAME"
 RUNNER_CONTAINER = "runner"
 # The model a job gets when spec.model is absent (the operator's and the runner's default).
 DEFAULT_MODEL = "openai/whisper-large-v3"

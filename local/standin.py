@@ -27,6 +27,7 @@ import base64
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -248,7 +249,8 @@ class KubeletStandIn:
                 env[var.name] = var.value or ""  # the API drops `value: ""`; the kubelet still sets it
             elif var.value_from and var.value_from.field_ref:
                 path = var.value_from.field_ref.field_path
-                env[var.name] = {"metadata.namespace": namespace, "metadata.name": pod_name}.get(path, "")
+                node = socket.gethostname()  # the one "node" there is
+                env[var.name] = {"metadata.namespace": namespace, "metadata.name": pod_name, "spec.nodeName": node}.get(path, "")
             elif var.value_from and var.value_from.secret_key_ref:
                 ref = var.value_from.secret_key_ref
                 try:

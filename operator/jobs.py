@@ -100,6 +100,9 @@ def _runner_env(tj: dict[str, Any], settings: OperatorSettings) -> list[dict[str
         {"name": contract.ENV_JOB_NAMESPACE, "value": namespace},
         {"name": contract.ENV_JOB_NAME, "value": name},
         {"name": contract.ENV_JOB_UID, "value": uid},
+        # Who did the work, for the result and the webhook (the original API's fly_machine_id).
+        {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "IFW_DEFAULT_MODEL", "value": settings.default_model},
         {"name": "IFW_WORK_DIR", "value": pod.work_dir},
         # Read-only root FS: everything that writes goes to the scratch emptyDir at /tmp.

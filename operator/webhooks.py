@@ -7,6 +7,8 @@ client's task id: the annotation ``ifw.dev/task-id`` when the gateway set one, e
 - failure: ``{"error": <message>, "status": "error", "task_id": <id>}``
 - cancellation (the job was deleted before it finished; the original API had none, this
   follows its error payload): ``{"error": "Task Cancelled", "status": "cancelled", "task_id": <id>}``
+- each also carries ``processed_by`` (the original's ``fly_machine_id``: who did the work) when
+  known: ``{pod, node, runtime}`` from the transcript, or for a failure the runtime and pool worker.
 
 Beyond the original: signed per the Standard Webhooks spec (``webhook-id`` stable across
 retries so receivers can drop duplicates, ``webhook-timestamp``, ``webhook-signature`` =
@@ -43,6 +45,7 @@ from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_a
 from ifw.core import formats, netguard, results
 from ifw.core.contract import ANNOTATION_TASK_ID, format_time, is_terminal
 from ifw.core.kube import api_message
+from ifw.core.transcript import Transcript
 from ifw.operator import metrics
 from ifw.operator.config import OperatorSettings
 from ifw.operator.kube import Kube
@@ -80,6 +83,19 @@ def event_of(tj: dict[str, Any]) -> str:
     if tj["metadata"].get("deletionTimestamp") and not is_terminal(tj):
         return "cancelled"
     return ((tj.get("status") or {}).get("phase") or "").lower()
+
+
+def processed_by(tj: dict[str, Any], transcript: Transcript | None = None) -> dict[str, str] | None:
+    """Who did the work: the runner's own account in the transcript, else what the status says."""
+    if transcript is not None and (machine := formats.processed_by(transcript)) is not None:
+        return machine
+    status = tj.get("status") or {}
+    found = {"pod": (status.get("execution") or {}).get("worker"), "runtime": status.get("runtime")}
+    return {key: value for key, value in found.items() if value} or None
+
+
+def _with_machine(payload: dict[str, Any], machine: dict[str, str] | None) -> dict[str, Any]:
+    return payload if machine is None else {**payload, "processed_by": machine}
 
 
 def task_id(tj: dict[str, Any]) -> str:
@@ -187,9 +203,10 @@ class WebhookSender:
         meta, status = tj["metadata"], tj.get("status") or {}
         event = event_of(tj)
         if event == "cancelled":
-            return cancelled_payload(task_id(tj))
+            return _with_machine(cancelled_payload(task_id(tj)), processed_by(tj))
         if event != "succeeded":
-            return error_payload(task_id(tj), status.get("message") or status.get("reason") or "failed")
+            message = status.get("message") or status.get("reason") or "failed"
+            return _with_machine(error_payload(task_id(tj), message), processed_by(tj))
         ref = status.get("result")
         if not ref:
             raise DeliveryFailed("the job succeeded but status.result is missing", retryable=False)
@@ -200,7 +217,8 @@ class WebhookSender:
             )
         except Exception as error:  # the result is gone or unreadable: say so instead of sending nothing
             raise DeliveryFailed(f"cannot read the result: {error}", retryable=False) from error
-        return success_payload(task_id(tj), formats.render_object(transcript, "json"))
+        payload = success_payload(task_id(tj), formats.render_object(transcript, "json"))
+        return _with_machine(payload, processed_by(tj, transcript))
 
     async def _user_headers(self, namespace: str, ref: dict[str, Any] | None) -> dict[str, str]:
         if not ref:

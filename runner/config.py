@@ -24,6 +24,9 @@ class RunnerSettings(BaseSettings):
     job_namespace: str | None = None
     job_name: str | None = None
     job_uid: str | None = None
+    # --- where it runs (downward API), reported as the transcript's processed_by ---
+    pod_name: str | None = None
+    node_name: str | None = None
 
     # --- models ---
     default_model: str = Field(DEFAULT_MODEL, description="Used when spec.model is absent.")

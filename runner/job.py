@@ -20,10 +20,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from ifw.core import contract, kube, results
+from ifw.core.transcript import ProcessedBy
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status, keep_trying
+from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,16 @@ def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultS
         status.patch({"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
 
     reporter = ProgressReporter(report, settings.progress_interval_seconds)
-    transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter)
+    transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter,
+                              on_text=reporter.text if streams(job) else None)  # fmt: skip
     reporter.flush()
+    transcript.processed_by = ProcessedBy(pod=settings.pod_name, node=settings.node_name, runtime="Job")
 
     store = result_settings or results.ResultSettings()
     # From here on the work is done: outages of the API or the store are waited out, not redone.
     result = keep_trying(lambda: results.store_result(transcript, job, store, core_v1=client.CoreV1Api(api)),
                          seconds=settings.result_write_retry_seconds, what="storing the result")  # fmt: skip
-    final = final_status(transcript, result)
+    final = final_status(transcript, result, stream=streams(job))
     keep_trying(lambda: status.patch(final), seconds=settings.result_write_retry_seconds,
                 what="writing the final status")  # fmt: skip
     return final

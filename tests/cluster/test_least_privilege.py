@@ -21,7 +21,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ifw.local.crd import install_crd
 from ifw.local.stack import LocalStack
 from ifw.operator.jobs import runner_account_name, runner_role_rules
 from tests.helm.conftest import Helm, find_helm, one
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
@@ -133,15 +133,6 @@ class _Origin(BaseHTTPRequestHandler):
         pass
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
 
 def _apply_chart_gateway_rbac(api: client.ApiClient, home: Path) -> tuple[str, list[dict]]:
     """Render the chart (real helm), create the gateway's ServiceAccount, Role and RoleBinding
@@ -233,8 +224,8 @@ def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, base: str, aud
                 return error.status == 404
             return False
 
-        _wait(gone, 60, "the cancelled TranscriptionJob to go")
-        _wait(lambda: all(r.process is None or r.process.poll() is not None for r in stack.node.runs.values()),
+        wait_for(gone, 60, "the cancelled TranscriptionJob to go")
+        wait_for(lambda: all(r.process is None or r.process.poll() is not None for r in stack.node.runs.values()),
               60, "the cancelled runner to be stopped")
         _Origin.release.set()
 
@@ -243,6 +234,10 @@ def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, base: str, aud
         assert done.status_code == 200, done.text
         task = done.json()["task_id"]
         assert "call me" in done.json()["output"]["text"].lower(), done.json()
+        # who did the work (the original's fly_machine_id): the runner pod of the job's batch Job, on its node
+        machine = done.json()["processed_by"]
+        assert machine["runtime"] == "Job" and machine["node"], machine
+        assert machine["pod"] in {run.pod_name for run in stack.node.runs.values()}, machine
         status = http.get(f"/status/{task}").json()
         assert status["status"] == "completed" and status["output"] == done.json()["output"], status
 
@@ -364,7 +359,7 @@ def test_minted_service_account_is_held_to_its_role(kube, namespace):
             "metadata": {"name": account},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]})
-        _wait(lambda: status(as_account.read_namespaced_secret, "mine", namespace) == 200, 10,
+        wait_for(lambda: status(as_account.read_namespaced_secret, "mine", namespace) == 200, 10,
               "the binding to take effect", interval=0.05)
         assert status(as_account.read_namespaced_secret, "theirs", namespace) == 403
         assert status(as_account.list_namespaced_secret, namespace) == 403

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,6 +47,7 @@ from tests.cluster.test_least_privilege import (
     without_names,
 )
 from tests.helm.conftest import Helm, find_helm, one
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
@@ -64,15 +64,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class _Origin(BaseHTTPRequestHandler):
@@ -110,6 +101,7 @@ class Recorded:
     jobs: dict[str, dict | None]  # name -> the TranscriptionJob at the end (None: deleted)
     lease_left: bool
     transcript: str  # what the worker stored for the job that succeeded
+    processed_by: dict | None  # who the stored transcript says did the work
 
 
 def _render(work: Path, health_port: int) -> list[dict]:
@@ -225,7 +217,7 @@ def recorded(tmp_path_factory) -> Recorded:
                 except httpx.HTTPError:
                     return False
 
-            _wait(ready, 300, "the pool worker's readiness")
+            wait_for(ready, 300, "the pool worker's readiness")
             _exercise(custom, base)
             code = _stop(worker, pod["terminationGracePeriodSeconds"])
             assert code == 0, f"the worker exited {code} on SIGTERM"
@@ -238,7 +230,7 @@ def recorded(tmp_path_factory) -> Recorded:
                     assert error.status == 404
                     jobs[name] = None
             hello = jobs["hello"]
-            text = load_result(hello["status"]["result"], SERVED, job_uid=hello["metadata"]["uid"], core_v1=core).text
+            stored = load_result(hello["status"]["result"], SERVED, job_uid=hello["metadata"]["uid"], core_v1=core)
         except BaseException:
             for log in sorted(work.glob("*.log")):
                 if log != audit_log:
@@ -251,7 +243,8 @@ def recorded(tmp_path_factory) -> Recorded:
             origin.shutdown()
         events = read_audit(audit_log)  # complete: each event is written before its response
     username = service_account_user(RELEASE_NS, account)
-    return Recorded(username, roles, events.get(username, []), jobs, lease_left, text)
+    return Recorded(username, roles, events.get(username, []), jobs, lease_left, stored.text,
+                    stored.processed_by.model_dump() if stored.processed_by else None)
 
 
 def _exercise(custom: client.CustomObjectsApi, base: str) -> None:
@@ -270,10 +263,10 @@ def _exercise(custom: client.CustomObjectsApi, base: str) -> None:
     custom.delete_namespaced_custom_object(GROUP, VERSION, SERVED, PLURAL, "cancel-me")
     # 2. succeeds: the worker patches the transcript into the result Secret
     create("hello", f"{base}/speech.wav")
-    _wait(lambda: phase("hello") == "Succeeded", 300, "the job to succeed", interval=0.5)
+    wait_for(lambda: phase("hello") == "Succeeded", 300, "the job to succeed", interval=0.5)
     # 3. the audio is a 404: the worker reports the failure
     create("missing", f"{base}/missing.wav")
-    _wait(lambda: phase("missing") == "Failed", 120, "the job to fail", interval=0.5)
+    wait_for(lambda: phase("missing") == "Failed", 120, "the job to fail", interval=0.5)
     _Origin.release.set()  # the cancelled run's fetch ends; its report finds the job gone
 
 
@@ -292,6 +285,8 @@ def test_the_worker_ran_the_jobs_as_the_charts_identity(recorded):
     hello, missing = recorded.jobs["hello"], recorded.jobs["missing"]
     assert hello["status"]["execution"]["worker"] == POD_NAME and hello["status"]["result"]["store"] == "secret"
     assert "call me" in recorded.transcript.lower(), recorded.transcript
+    # the original's fly_machine_id: the worker pod and its node, from the downward API
+    assert recorded.processed_by == {"pod": POD_NAME, "node": socket.gethostname(), "runtime": "Pool"}
     assert missing["status"]["phase"] == "Failed" and missing["status"]["execution"]["worker"] == POD_NAME
     assert recorded.jobs["cancel-me"] is None
     assert not recorded.lease_left  # deleted on drain

@@ -104,8 +104,12 @@ def test_original_api_upload_with_word_timestamps_end_to_end(stack, speech_wav):
         )
         assert response.status_code == 200, response.text
         answer = response.json()
-        assert set(answer) == {"output", "status", "task_id"} and answer["status"] == "completed"
+        assert set(answer) == {"output", "status", "task_id", "processed_by"} and answer["status"] == "completed"
+        # the original's fly_machine_id: here the runner pod of a batch Job, on this machine's one "node"
+        assert answer["processed_by"]["runtime"] == "Job" and answer["processed_by"]["pod"], answer["processed_by"]
         chunks = answer["output"]["chunks"]
+        # Whisper's leading spaces kept: the chunks join into the text
+        assert all(c["text"].startswith(" ") for c in chunks) and "".join(c["text"] for c in chunks) == answer["output"]["text"]
         # Word chunks: one word each, in order, inside the audio.
         assert words(" ".join(c["text"] for c in chunks))[:3] == ["please", "call", "me"]
         starts = [c["timestamp"][0] for c in chunks]

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import Driver, GatewayProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -28,14 +29,6 @@ URL = "https://audio.example.com/talk.mp3"
 HOOK = "https://hooks.example.com/done"
 AUDIO = ("a.wav", b"RIFF0000WAVEfmt ", "audio/wav")
 
-
-def _wait(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ------------------------------------------------------------------ 1. SIGTERM
@@ -48,7 +41,7 @@ def test_sigterm_answers_the_waiting_sync_requests_with_their_task_ids_and_exits
     with gw, ThreadPoolExecutor(2) as pool:
         plain = pool.submit(httpx.post, f"{gw.url}/", json={"url": URL, "managed_task_id": "stays-1"}, timeout=60)
         openai = pool.submit(httpx.post, f"{gw.url}/v1/audio/transcriptions", files={"file": AUDIO}, timeout=60)
-        tjs = _wait(lambda: len(driver.tjs()) == 2 and driver.tjs(), 20, "both TranscriptionJobs")
+        tjs = wait_for(lambda: len(driver.tjs()) == 2 and driver.tjs(), 20, "both TranscriptionJobs")
         upload = next(t for t in tjs if t["metadata"]["name"] != "stays-1")
         # The runner's fetch of the upload (its token is in the URL, and so in the access log's path).
         upload_url = upload["spec"]["audio"]["url"]
@@ -101,7 +94,7 @@ def test_shutdown_ends_answers_already_started_with_the_task_id(gateway_factory,
         plain = pool.submit(first_bytes_then_rest, 0, url="/", json={"url": URL, "managed_task_id": "kept-alive"})
         streamed = pool.submit(first_bytes_then_rest, 1, url="/v1/audio/transcriptions",
                                files={"file": AUDIO}, data={"stream": "true"})  # fmt: skip
-        _wait(lambda: len(driver.tjs()) == 2, 20, "both TranscriptionJobs")
+        wait_for(lambda: len(driver.tjs()) == 2, 20, "both TranscriptionJobs")
         stream_name = next(t["metadata"]["name"] for t in driver.tjs() if t["metadata"]["name"] != "kept-alive")
         driver.progress_text(stream_name, " Hello")  # the stream's first event: a delta
         assert all(e.wait(10) for e in started), "an answer did not start"
@@ -283,7 +276,7 @@ def test_with_etcd_stopped_answers_are_quick_and_say_the_kubernetes_api_is_unava
         assert "within 3 s" in log or "timed out" in log, log[-3000:]
 
         # etcd is back: ready again, and requests are served.
-        _wait(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).status_code == 200, 30, "ready again", every=0.2)
+        wait_for(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).status_code == 200, 30, "ready again", interval=0.2)
         body = {"url": URL, "is_async": True, "managed_task_id": "after-outage", "webhook": {"url": HOOK}}
         assert httpx.post(f"{gw.url}/", json=body, timeout=10).status_code == 200
         assert driver.get("after-outage") is not None
@@ -308,20 +301,20 @@ def test_after_an_apiserver_restart_the_watch_reconnects_at_once_and_the_waiter_
 
         faults.kill_apiserver()
         # Down: not ready, and the watch says it is not connected.
-        ready = _wait(lambda: (r := httpx.get(f"{gw.url}/readyz", timeout=10)).json()["checks"]["watch"] != "ok" and r,
+        ready = wait_for(lambda: (r := httpx.get(f"{gw.url}/readyz", timeout=10)).json()["checks"]["watch"] != "ok" and r,
                       10, "/readyz to see the watch disconnected")  # fmt: skip
         assert ready.status_code == 503 and ready.json()["checks"]["watch"].startswith("reconnecting")
         assert ready.json()["checks"]["apiserver"] == "the Kubernetes API is unavailable"
         # Down through six failed reconnections: a back-off doubling from 0.5 s would now wait 16 s.
-        _wait(lambda: _watch_errors(gw) >= before + 6, 40, "six failed reconnections", every=0.2)
+        wait_for(lambda: _watch_errors(gw) >= before + 6, 40, "six failed reconnections", interval=0.2)
 
         faults.start_apiserver()
-        _wait(lambda: _serves_tjs(driver), 30, "the apiserver to serve TranscriptionJobs again", every=0.1)
+        wait_for(lambda: _serves_tjs(driver), 30, "the apiserver to serve TranscriptionJobs again", interval=0.1)
         back = time.monotonic()
         driver.succeed("survivor")  # the job finishes after the outage, maybe before the watch is back
         answer = pending.result(timeout=30)
         answered = time.monotonic() - back
-        _wait(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).status_code == 200, 10, "ready again")
+        wait_for(lambda: httpx.get(f"{gw.url}/readyz", timeout=10).status_code == 200, 10, "ready again")
         ready_after = time.monotonic() - back
 
     assert answer.status_code == 200, answer.text

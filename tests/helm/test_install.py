@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from ifw.core.contract import FINALIZER
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from tests.helm.conftest import CHART, GPU_VALUES, one
+from tests.waiting import wait_for
 
 
 def _release() -> str:
@@ -145,7 +146,7 @@ def test_install_with_the_pool(helm, kube, namespace):
                  kubeconfig=kube.kubeconfig)
         deployment = apps.read_namespaced_deployment(pool, namespace)
         c = deployment.spec.template.spec.containers[0]
-        assert c.command == ["python", "-m", "ifw.runner.worker"]
+        assert c.command == ["python", "-m", "ifw.runner", "serve"]
         assert deployment.spec.template.spec.service_account_name == pool
         assert core.read_namespaced_service_account(pool, namespace)
         for ns in (jobs_ns, namespace):
@@ -279,7 +280,7 @@ def test_uninstall_runs_the_pre_delete_hook(helm, kube, namespace, tj_crd):
                                  env={**helm.env, "KUBECONFIG": kube.kubeconfig},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        job = _wait(lambda: _read(batch.read_namespaced_job, name, namespace), 30, "the hook Job")
+        job = wait_for(lambda: _read(batch.read_namespaced_job, name, namespace), 30, "the hook Job")
         # Its account and RBAC came first (lower weight), limited to the watched namespace.
         assert core.read_namespaced_service_account(name, namespace)
         role = rbac_api.read_namespaced_role(name, namespace)
@@ -351,7 +352,7 @@ def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tm
                 except httpx.HTTPError:
                     return False
 
-            _wait(healthy, 60, "the operator's liveness endpoint")
+            wait_for(healthy, 60, "the operator's liveness endpoint")
             scrape = http.get(f"http://127.0.0.1:{ports['metrics']}/metrics")
             assert scrape.status_code == 200 and "ifw_operator_" in scrape.text
 
@@ -360,7 +361,7 @@ def test_operator_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tm
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob", "metadata": {"name": "meeting"},
             "spec": {"audio": {"url": "https://media.example.com/meeting.mp3"}}})
         selector = f"{GROUP}/job-uid={tj['metadata']['uid']}"
-        jobs = _wait(lambda: batch.list_namespaced_job(namespace, label_selector=selector).items, 30,
+        jobs = wait_for(lambda: batch.list_namespaced_job(namespace, label_selector=selector).items, 30,
                      "the runner Job")
         pod = jobs[0].spec.template.spec
         runner = pod.containers[0]
@@ -413,8 +414,8 @@ def test_gateway_runs_from_the_rendered_chart(helm, kube, namespace, tj_crd, tmp
                 except httpx.HTTPError:
                     return None
 
-            _wait(lambda: (r := get("livenessProbe")) is not None and r.status_code == 200, 60, "gateway liveness")
-            ready = _wait(lambda: (r := get("readinessProbe")) is not None and r.status_code == 200 and r, 30,
+            wait_for(lambda: (r := get("livenessProbe")) is not None and r.status_code == 200, 60, "gateway liveness")
+            ready = wait_for(lambda: (r := get("readinessProbe")) is not None and r.status_code == 200 and r, 30,
                           "gateway readiness")
             assert ready.json()["checks"] == {"apiserver": "ok", "watch": "ok"}
             base = f"http://127.0.0.1:{port}"
@@ -436,11 +437,3 @@ def _stop(proc: subprocess.Popen, log) -> None:
     log.close()
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

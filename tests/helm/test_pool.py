@@ -146,7 +146,7 @@ def test_worker_env_is_the_workers_settings(helm, monkeypatch):
     assert worker.watch_namespaces == ["team-a", NS]  # exactly the operator's namespaces
     assert worker.models == ["openai/whisper-large-v3"]  # operator.defaultModel
     assert (worker.capacity, worker.drain_seconds, worker.max_audio_seconds) == (6, 45, 3600)
-    assert c["command"] == ["python", "-m", "ifw.runner.worker"]
+    assert c["command"] == ["python", "-m", "ifw.runner", "serve"]
     import importlib.util
 
     assert importlib.util.find_spec(c["command"][2]) is not None
@@ -213,7 +213,9 @@ def _runner_settings(env: dict[str, str], monkeypatch):
     from ifw.runner.config import RunnerSettings
 
     def read():
-        runner = {k: v for k, v in RunnerSettings().model_dump().items() if not k.startswith("job_")}  # a Job's own
+        # a Job's own, and each pod's name and node (downward API)
+        own = ("job_namespace", "job_name", "job_uid", "pod_name", "node_name")
+        runner = {k: v for k, v in RunnerSettings().model_dump().items() if k not in own}
         return runner, ResultSettings().model_dump()
 
     return settings_from(env, monkeypatch, read)

@@ -32,6 +32,7 @@ import pytest
 from ifw.core.contract import LABEL_JOB_UID
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from ifw.operator.config import OperatorSettings
+from tests.waiting import wait_for
 
 URL = "https://media.example.com/meeting.mp3"
 REPO = Path(__file__).resolve().parents[2]
@@ -41,15 +42,6 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value: {last!r}")
 
 
 def wait_reconciled(op: "OperatorThread", *uids: str, passes: int = 2, timeout: float = 10.0) -> None:

@@ -52,7 +52,8 @@ def test_a_cancelled_job_stops_at_once_sends_cancelled_once_then_goes(run_operat
     wait_for(lambda: sim.tj("cancel-me") is None, 10, what="the job gone once the webhook was delivered")
     (request,) = hook.requests
     payload = Webhook(SECRET).verify(request["body"], request["headers"])
-    assert payload == {"error": "Task Cancelled", "status": "cancelled", "task_id": "cancel-me"}
+    assert payload == {"error": "Task Cancelled", "status": "cancelled", "task_id": "cancel-me",
+                       "processed_by": {"runtime": "Job"}}
     assert request["headers"]["webhook-id"] == f"{uid}-cancelled"
     sel = f"ifw.dev/job-uid={uid}"
     assert sim.core.list_namespaced_secret(sim.ns, label_selector=sel).items == []

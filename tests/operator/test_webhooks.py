@@ -9,7 +9,7 @@ from standardwebhooks import Webhook
 
 from ifw.core import results
 from ifw.core.results import ResultSettings
-from ifw.core.transcript import Segment, Transcript
+from ifw.core.transcript import ProcessedBy, Segment, Transcript
 from tests.operator.conftest import FAST, SECRET, wait_for, wait_reconciled
 
 pytestmark = pytest.mark.cluster
@@ -34,7 +34,8 @@ def test_success_webhook_carries_the_transcript_signed_with_user_headers(run_ope
     sim.job_of(tj)
     # What the runner does at the end: store the transcript in its Secret, point status.result at it.
     transcript = Transcript(text=" Hello world.", segments=[Segment(start=0.0, end=1.5, text=" Hello world.")],
-                            language="en", duration=1.5)
+                            language="en", duration=1.5,
+                            processed_by=ProcessedBy(pod="done-runner-x7k2p", node="gpu-node-3", runtime="Job"))
     ref = results.store_result(transcript, tj, ResultSettings(), core_v1=sim.core)
     sim.patch_tj_status("done", {"result": ref})
     _finish(sim, tj, ok=True)
@@ -44,7 +45,9 @@ def test_success_webhook_carries_the_transcript_signed_with_user_headers(run_ope
     payload = Webhook(SECRET).verify(request["body"], request["headers"])  # raises unless signed right
     assert payload == {"output": {"text": " Hello world.", "chunks": [{"timestamp": [0.0, 1.5],
                                                                      "text": " Hello world."}]},
-                       "status": "completed", "task_id": "done"}
+                       "status": "completed", "task_id": "done",
+                       # the original's fly_machine_id: who did the work, as the runner reported it
+                       "processed_by": {"pod": "done-runner-x7k2p", "node": "gpu-node-3", "runtime": "Job"}}
     assert request["headers"]["authorization"] == "Bearer t0ken"
     assert request["headers"]["webhook-id"] == f"{tj['metadata']['uid']}-succeeded"  # not the spoofed one
     state = wait_for(lambda: (sim.status("done").get("webhook") or {}).get("delivered") and sim.status("done"), 5)
@@ -64,7 +67,7 @@ def test_failure_webhook_is_retried_with_the_same_id(run_operator, sim, receiver
     bodies = {r["body"] for r in hook.requests}
     assert len(bodies) == 1
     assert json.loads(bodies.pop()) == {"error": "no audio stream in the file", "status": "error",
-                                        "task_id": "broken"}
+                                        "task_id": "broken", "processed_by": {"runtime": "Job"}}
     assert len({r["headers"]["webhook-id"] for r in hook.requests}) == 1
     for r in hook.requests:
         Webhook(SECRET).verify(r["body"], r["headers"])
