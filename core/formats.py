@@ -19,7 +19,7 @@ import json
 import zlib
 from typing import Any, get_args
 
-from ifw.core.languages import NO_SPACE_LANGUAGES, WHISPER_LANGUAGES
+from ifw.core.languages import WHISPER_LANGUAGES, join_texts
 from ifw.core.transcript import Segment, Transcript, Word
 from ifw.crds.transcriptionjob import ResultFormat
 
@@ -88,7 +88,7 @@ def to_original_json(transcript: Transcript) -> dict[str, Any]:
 
 def to_openai_json(transcript: Transcript, logprobs: bool = False) -> dict[str, Any]:
     """OpenAI's json: {"text", "usage"}, and "logprobs" when include[]=logprobs asked for them."""
-    out: dict[str, Any] = {"text": transcript.text}
+    out: dict[str, Any] = {"text": transcript.text.strip()}  # OpenAI: no leading space
     if logprobs:
         out["logprobs"] = to_logprobs(transcript)
     out["usage"] = usage(transcript)
@@ -153,7 +153,7 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
         # OpenAI reports the language by name ("english"); keep unknown codes as they are.
         "language": WHISPER_LANGUAGES.get(transcript.language or "", transcript.language),
         "duration": _t(transcript.duration),
-        "text": transcript.text,
+        "text": transcript.text.strip(),
         "segments": segments,
     }
     words = [w for seg in transcript.segments for w in (seg.words or [])]
@@ -171,13 +171,6 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
 UNKNOWN_SPEAKER = "unknown"
 
 
-def _join(texts: list[str], language: str | None) -> str:
-    """Word texts as one text: as stored when they carry their own spaces (" Hello"), else spaced."""
-    if language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts):
-        return "".join(texts)
-    return " ".join(t.strip() for t in texts if t.strip())
-
-
 def _speaker_pieces(transcript: Transcript) -> list[tuple[float, float, str, str | None]]:
     """(start, end, text, speaker) per segment; a segment whose words have several speakers
     is cut where the speaker changes."""
@@ -190,11 +183,11 @@ def _speaker_pieces(transcript: Transcript) -> list[tuple[float, float, str, str
         run: list[Word] = []
         for word in words:
             if run and (word.speaker or seg.speaker) != (run[-1].speaker or seg.speaker):
-                pieces.append((run[0].start, run[-1].end, _join([w.text for w in run], transcript.language),
+                pieces.append((run[0].start, run[-1].end, join_texts([w.text for w in run], transcript.language),
                                run[0].speaker or seg.speaker))  # fmt: skip
                 run = []
             run.append(word)
-        pieces.append((run[0].start, run[-1].end, _join([w.text for w in run], transcript.language),
+        pieces.append((run[0].start, run[-1].end, join_texts([w.text for w in run], transcript.language),
                        run[0].speaker or seg.speaker))  # fmt: skip
     return pieces
 
@@ -221,7 +214,7 @@ def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
     return {
         "task": "transcribe",
         "duration": _t(transcript.duration),
-        "text": transcript.text,
+        "text": transcript.text.strip(),
         "segments": to_diarized_segments(transcript),
         "usage": usage(transcript),
     }

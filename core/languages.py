@@ -35,6 +35,21 @@ WHISPER_LANGUAGES: dict[str, str] = {
 _BY_NAME = {name: code for code, name in WHISPER_LANGUAGES.items()}
 
 
+def join_texts(texts: list[str], language: str | None) -> str:
+    """Whisper's texts as one: as written when they carry their own leading spaces (" Hello"),
+    else one space between stripped ones; no separator in scripts written without spaces."""
+    if language in NO_SPACE_LANGUAGES or all(t[:1].isspace() for t in texts[1:]):
+        return "".join(texts)
+    return " ".join(t.strip() for t in texts if t.strip())
+
+
+def with_leading_space(text: str, language: str | None) -> str:
+    """Whisper's convention for a segment or word: " Hello" (not in scripts without spaces)."""
+    if language in NO_SPACE_LANGUAGES or text[:1].isspace():
+        return text
+    return " " + text
+
+
 def normalize_language(value: str | None) -> str | None:
     """Map a code ("en"), a name ("English") or the original API's "None" to a code.
 

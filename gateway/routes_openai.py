@@ -168,13 +168,14 @@ async def _events(
                 finished = value
         assert finished is not None
         transcript = await svc.finished(created, finished)
+        text = transcript.text.strip()  # OpenAI's: no leading space
         # The rest of the text (status.progress.text is capped; the last piece may not be in it).
-        if transcript.text.startswith(sent) and len(transcript.text) > len(sent):
-            yield sse({"type": "transcript.text.delta", "delta": transcript.text[len(sent):]})
+        if text.startswith(sent) and len(text) > len(sent):
+            yield sse({"type": "transcript.text.delta", "delta": text[len(sent):]})
         if response_format == "diarized_json":
             for segment in formats.to_diarized_segments(transcript):
                 yield sse(segment)
-        done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
+        done: dict[str, Any] = {"type": "transcript.text.done", "text": text}
         if logprobs:
             done["logprobs"] = formats.to_logprobs(transcript)
         done["usage"] = formats.usage(transcript)

@@ -333,7 +333,8 @@ class Service:
                     raise TaskCancelled(created.task_id)
                 # The text of the audio so far; a runner retry that starts over is not news until
                 # it has passed what was sent (a delta is never taken back).
-                text = ((tj.get("status") or {}).get("progress") or {}).get("text") or ""
+                # (OpenAI's text has no leading space: Whisper's first one is dropped.)
+                text = (((tj.get("status") or {}).get("progress") or {}).get("text") or "").lstrip()
                 if len(text) > len(sent) and text.startswith(sent):
                     yield "delta", text[len(sent):]
                     sent = text

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 
-from ifw.core.languages import NO_SPACE_LANGUAGES
+from ifw.core.languages import join_texts
 from ifw.core.transcript import Segment, SpeakerTurn, Transcript, Word
 
 Turn = tuple[float, float, str]
@@ -120,7 +120,7 @@ def _split_by_speaker(seg: Segment, language: str | None) -> list[Segment]:
             update={
                 "start": seg.start if i == 0 else run[0].start,
                 "end": seg.end if i == len(runs) - 1 else run[-1].end,
-                "text": _concat([w.text for w in run], language),
+                "text": join_texts([w.text for w in run], language),
                 "speaker": run[0].speaker,
                 "words": run,
                 "tokens": None,
@@ -148,15 +148,8 @@ def _merge(units: list[Word | Segment], join) -> list[SpeakerTurn]:
     return turns
 
 
-def _concat(texts: list[str], language: str | None) -> str:
-    """Whisper texts carry their own leading spaces (" Hello"); stripped ones get one between them."""
-    if language in NO_SPACE_LANGUAGES or any(t[:1].isspace() for t in texts[1:]):
-        return "".join(texts)
-    return " ".join(t.strip() for t in texts if t.strip())
-
-
 def _joiner(transcript: Transcript):
     def join(texts: list[str]) -> str:
-        return _concat(texts, transcript.language).strip()
+        return join_texts(texts, transcript.language).strip()
 
     return join

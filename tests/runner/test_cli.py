@@ -84,11 +84,11 @@ def test_diarize_two_voices(speech, wer):
     p = cli("transcribe", str(clip.path), "--model", "tiny.en", "--diarize", "--num-speakers", "2")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    speakers = out["speakers"]
-    assert len({s["speaker"] for s in speakers}) == 2
-    # the turns alternate with the voices
-    labels = [s["speaker"] for s in speakers]
-    assert labels[0] != labels[1] and labels[0] == labels[2] and labels[1] == labels[3], speakers
+    # the original's speakers: one entry per chunk (the chunks a sentence was cut into share its voice)
+    assert len(out["speakers"]) == len(out["chunks"]) and len({s["speaker"] for s in out["speakers"]}) == 2
+    # the merged turns alternate with the voices, four of them
+    labels = [t["speaker"] for t in out["speaker_turns"]]
+    assert len(labels) == 4 and labels[0] != labels[1] and labels[0] == labels[2] and labels[1] == labels[3], labels
 
 
 @pytest.mark.model
