@@ -96,10 +96,10 @@ class LocalStack:
         self.gateway_url = ""
         self.kubeconfig = ""
 
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, module: str, env: dict[str, str], *args: str) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, "-m", module, *args],
             env={**os.environ, "KUBECONFIG": self.kubeconfig, **env},
             stdout=log, stderr=subprocess.STDOUT, cwd=self.work, start_new_session=True,
         )
@@ -173,14 +173,14 @@ class LocalStack:
         """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""
         health = _free_port()
         self.worker_health_ports.append(health)
-        process = self._spawn(f"worker-{index}", "ifw.runner.worker", {
+        process = self._spawn(f"worker-{index}", "ifw.runner", {
             **runner_env,
             "IFW_WORKER_NAME": f"local-worker-{index}",
             "IFW_WORKER_NAMESPACE": self.namespace,
             "IFW_WORKER_WATCH_NAMESPACES": json.dumps([self.namespace]),
             "IFW_WORKER_HEALTH_PORT": str(health),
-            "IFW_WORKER_NODE_NAME": socket.gethostname(),
-        })
+            "IFW_NODE_NAME": socket.gethostname(),
+        }, "serve")
         return process, health
 
     def stop(self) -> None:

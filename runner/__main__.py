@@ -6,6 +6,7 @@
                           [--num-speakers N | --min-speakers N --max-speakers N]
                           [--format json|text|srt|vtt|verbose_json] [--output FILE]
     ifw-runner job        # inside the runner Pod: run the TranscriptionJob named by IFW_JOB_*
+    ifw-runner serve      # a warm pool worker: hold the models, take assigned jobs (IFW_WORKER_*)
 
 `transcribe` runs the same pipeline as the Pod (ifw.runner.pipeline.run) and
 prints the result to stdout unless --output is given.
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--verbose", "-v", action="store_true", help="log what happens to stderr")
 
     sub.add_parser("job", help="run the TranscriptionJob named by IFW_JOB_NAMESPACE/IFW_JOB_NAME/IFW_JOB_UID")
+    sub.add_parser("serve", help="run a warm pool worker (IFW_WORKER_NAME, ...): the operator assigns it jobs")
     return p
 
 
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         from ifw.runner import job
 
         return job.main()
+    if args.command == "serve":
+        from ifw.runner import worker
+
+        return worker.main()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ifw.core.languages import NO_SPACE_LANGUAGES
+from ifw.core.languages import NO_SPACE_LANGUAGES, with_leading_space
 from ifw.core.transcript import Segment, Transcript, Word
 from ifw.runner import vad, weights
 from ifw.runner.audio import SAMPLE_RATE
@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
 
 ProgressCallback = Callable[[float, float], None]  # (processed seconds, total seconds)
+# How transcribe() gets pieces decoded: (requests, on_done(indices) or None) -> results in order.
+# By default decode_pieces on this job alone; a pool worker passes its SharedDecoder's session,
+# which batches the pieces with other jobs' (ifw.runner.batching).
+OnDone = Callable[[list[int], list["PieceResult"]], None]  # (request indices, their results) as they finish
+Decode = Callable[[list["PieceRequest"], OnDone | None], list["PieceResult"]]
+TextCallback = Callable[[str], None]  # the text so far, in time order (it only grows)
 
 
 # ------------------------------------------------------------------ loading
@@ -427,7 +433,7 @@ def decode_pieces(
     requests: Sequence[PieceRequest],
     *,
     batch_size: int,
-    on_done: Callable[[list[int]], None] | None = None,
+    on_done: OnDone | None = None,
     stats: DecodeStats | None = None,
 ) -> list[PieceResult]:
     """Decode pieces (of one job or of several) in as few generate() calls as the guards allow.
@@ -437,7 +443,7 @@ def decode_pieces(
     first; their languages may differ (None: detected on each piece). Every decode is
     checked; the pieces that failed are decoded again, together, at their next temperature
     (BEST_OF samples each, their encoder output reused), until they pass or the
-    temperatures run out. `on_done(indices)` gets the request indices finished by each
+    temperatures run out. `on_done(indices, results)` gets the requests finished by each
     call. CUDA out of memory halves the call and retries it (OutOfMemory at one piece).
     `stats`, when given, records each generate() call. Returns results in request order.
     """
@@ -496,7 +502,7 @@ def decode_pieces(
                     finished.append(i)
                 pos += len(idx)
                 if finished and on_done:
-                    on_done(finished)
+                    on_done(finished, [results[i] for i in finished])
         pending = retry
     return results  # type: ignore[return-value]
 
@@ -775,9 +781,10 @@ def _words(wm: WhisperModel, tokens: list[int], ends: list[float], prev_end: flo
             groups[-1].append(i)  # continuation or punctuation
     words = []
     for g in groups:
-        text = tok.decode([tokens[j] for j in g]).strip()
-        if text:
-            words.append((text, ends[g[0] - 1] if g[0] > 0 else prev_end, ends[g[-1]], g))
+        text = tok.decode([tokens[j] for j in g])
+        if text.strip():  # as Whisper wrote it: " Hello" (the original API's chunks keep the space)
+            words.append((with_leading_space(text.rstrip(), language), ends[g[0] - 1] if g[0] > 0 else prev_end,
+                          ends[g[-1]], g))  # fmt: skip
     return words
 
 
@@ -841,7 +848,9 @@ def _segments(wm: WhisperModel, piece: vad.Piece, result: PieceResult) -> list[S
                 words.append(Word(start=_r(piece.start + w_start), end=_r(piece.start + w_end), text=w_text,
                                   probability=round(probability, 4)))  # fmt: skip
         logprobs = [round(result.token_logprobs[p], 4) for p in positions]
-        segments.append(Segment(start=_r(piece.start + start), end=_r(piece.start + end), text=body.strip(),
+        # Whisper's leading space stays (" Hello."): the segments join into the text
+        text = with_leading_space(body.rstrip(), result.language)
+        segments.append(Segment(start=_r(piece.start + start), end=_r(piece.start + end), text=text,
                                 words=words, tokens=toks, logprobs=logprobs, **scores))  # fmt: skip
         floor = end
     return segments
@@ -902,15 +911,25 @@ def transcribe(
     temperature: float = 0.0,
     condition_on_previous: bool = False,
     on_progress: ProgressCallback | None = None,
+    on_text: TextCallback | None = None,
     pieces: list[vad.Piece] | None = None,
     stats: DecodeStats | None = None,
+    decode: Decode | None = None,
 ) -> Transcript:
     """Transcribe 16 kHz mono float32 audio. Silence gives an empty transcript, not an error.
 
     language None detects it per piece; a given language holds for the whole file. `prompt`
     conditions every piece; `condition_on_previous` adds the previous piece's text to it
-    (the pieces are then decoded one after the other). `stats` collects the generate() calls.
+    (the pieces are then decoded one after the other). `stats` collects the generate() calls;
+    `decode` replaces this job's own decode_pieces calls (cross-job batching). `on_text` gets
+    the text so far each time the pieces from the start on have grown (for streaming clients;
+    the final text may still differ where later passes redo a piece).
     """
+    if decode is None:
+
+        def decode(requests: list[PieceRequest], done: OnDone | None) -> list[PieceResult]:
+            return decode_pieces(wm, requests, batch_size=batch_size, on_done=done, stats=stats)
+
     duration = len(audio) / SAMPLE_RATE
     language = language or None
     check_task_and_language(wm, task, language)
@@ -925,9 +944,20 @@ def transcribe(
         return Transcript(text="", segments=[], task=task, timestamp=timestamp, language=language or _only_language(wm),
                           duration=_r(duration), model=wm.name, speech_seconds=0.0, text_seconds=0.0)  # fmt: skip
 
-    def on_done(done: list[int]) -> None:
-        nonlocal processed
+    texts: dict[int, str] = {}  # piece -> its text, once decoded
+    streamed = 0  # pieces[:streamed] are in the text so far
+
+    def on_done(done: list[int], finished: list[PieceResult]) -> None:
+        nonlocal processed, streamed
         processed += sum(pieces[i].duration for i in done)
+        if on_text:
+            for i, r in zip(done, finished, strict=True):
+                texts[i] = "".join(s.text for s in _segments(wm, pieces[i], r)) if r.verdict == "ok" else ""
+            before = streamed
+            while streamed in texts:
+                streamed += 1
+            if streamed > before:
+                on_text("".join(texts[i] for i in range(streamed)))
         if on_progress:
             on_progress(min(processed, duration), duration)
 
@@ -937,16 +967,16 @@ def transcribe(
 
     requests = [request(p, language or _only_language(wm)) for p in pieces]
     if condition_on_previous:
-        results = _decode_in_order(wm, requests, on_done, stats)
+        results = _decode_in_order(decode, requests, on_done)
     else:
-        results = decode_pieces(wm, requests, batch_size=batch_size, on_done=on_done, stats=stats)
+        results = decode(requests, on_done)
 
     probability = None
     if language is None and wm.multilingual:
         language, probability, redo = settle_languages(speech, results)
         if redo:
             log.info("%d short or unsure pieces decoded again in the dominant language %s", len(redo), language)
-            again = decode_pieces(wm, [request(pieces[i], language) for i in redo], batch_size=batch_size, stats=stats)
+            again = decode([request(pieces[i], language) for i in redo], None)
             for i, r in zip(redo, again, strict=True):
                 results[i] = r
     language = language or _only_language(wm)
@@ -966,8 +996,7 @@ def transcribe(
             dropped += 1  # nothing smaller to try: given up (counted)
         retries += [(i, vad.Piece(a, b, ((a, b),))) for a, b in gaps]
     if retries:
-        again = decode_pieces(wm, [request(sub, results[i].language) for i, sub in retries],
-                              batch_size=batch_size, stats=stats)  # fmt: skip
+        again = decode([request(sub, results[i].language) for i, sub in retries], None)
         for (i, sub), r in zip(retries, again, strict=True):
             segs = _segments(wm, sub, r) if r.verdict == "ok" else []
             per_piece[i] += segs
@@ -975,9 +1004,8 @@ def transcribe(
         log.info("%d stretches of speech without text decoded again; %d still without text", len(retries), dropped)
 
     segments = sorted((s for segs in per_piece for s in segs), key=lambda s: s.start)
-    joiner = "" if language in NO_SPACE_LANGUAGES else " "
     return Transcript(
-        text=joiner.join(s.text for s in segments),
+        text="".join(s.text for s in segments),  # each carries its leading space
         segments=segments,
         task=task,
         timestamp=timestamp,
@@ -991,16 +1019,16 @@ def transcribe(
     )
 
 
-def _decode_in_order(wm, requests, on_done, stats) -> list[PieceResult]:
+def _decode_in_order(decode: Decode, requests: list[PieceRequest], on_done) -> list[PieceResult]:
     """Each piece prompted with its own prompt and the text of the piece before it (OpenAI's
     condition_on_previous_text: dropped after a decode at temperature > 0.5)."""
     results: list[PieceResult] = []
     previous = ""
     for i, req in enumerate(requests):
         prompt = " ".join(x for x in (req.prompt, previous) if x) or None
-        r = decode_pieces(wm, [replace(req, prompt=prompt)], batch_size=1, stats=stats)[0]
+        r = decode([replace(req, prompt=prompt)], None)[0]
         results.append(r)
-        on_done([i])
+        on_done([i], [r])
         previous = r.text.strip() if r.verdict == "ok" and r.temperature <= 0.5 else ""
     return results
 

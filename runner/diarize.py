@@ -47,6 +47,9 @@ Turn = tuple[float, float, str]
 
 _pipelines: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()
+# One diarization at a time per process: a pool worker runs several jobs in threads, and a
+# pipeline object is not known to be safe to share between concurrent calls.
+_running = threading.Lock()
 
 
 class Diarization(NamedTuple):
@@ -85,7 +88,9 @@ def diarization(
         raise errors.InvalidAudio(f"diarization expects mono audio (1-D), got shape {audio.shape}")
     if audio.size == 0:
         return Diarization([], [])
-    return run_pipeline(load_pipeline(settings), audio, num_speakers, min_speakers, max_speakers)
+    pipeline = load_pipeline(settings)
+    with _running:
+        return run_pipeline(pipeline, audio, num_speakers, min_speakers, max_speakers)
 
 
 def run_pipeline(

@@ -48,10 +48,14 @@ def run(
     settings: RunnerSettings,
     on_progress: asr.ProgressCallback | None = None,
     stats: asr.DecodeStats | None = None,
+    decode: asr.Decode | None = None,
+    on_text: asr.TextCallback | None = None,
 ) -> Transcript:
     """Transcribe `source` as `spec` asks (spec.audio.url is not read: the caller passes the audio).
 
-    `stats`, when given, collects what the decode engine did (generate() calls, pieces per call).
+    `stats`, when given, collects what the decode engine did (generate() calls, pieces per call);
+    `decode` hands the pieces to a shared decoder instead (a pool worker's cross-job batching);
+    `on_text` gets the text so far as it grows (streaming jobs).
     """
     model_name = spec.model or settings.default_model
     asr.check_model_allowed(model_name, settings)
@@ -85,6 +89,8 @@ def run(
         condition_on_previous=settings.condition_on_previous,
         on_progress=on_progress,
         stats=stats,
+        decode=decode,
+        on_text=on_text,
     )
     if turns is not None:
         from ifw.runner.speakers import assign_speakers

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
+
 log = logging.getLogger(__name__)
 
 Sink = Callable[[dict[str, Any]], None]
@@ -40,10 +42,14 @@ def keep_trying(write: Callable[[], Any], *, seconds: float, what: str) -> Any:
     return retrying(write)
 
 
-def final_status(transcript: Any, result: dict[str, Any]) -> dict[str, Any]:
-    """The runner's last status write, the same from a Job's pod and from a pool worker."""
+def final_status(transcript: Any, result: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+    """The runner's last status write, the same from a Job's pod and from a pool worker
+    (a streaming job's progress.text ends as the whole text, within the size cap)."""
+    progress = progress_body(transcript.duration, transcript.duration)
+    if stream:
+        progress["text"] = transcript.text[:MAX_PROGRESS_TEXT]
     final: dict[str, Any] = {
-        "progress": progress_body(transcript.duration, transcript.duration),
+        "progress": progress,
         "audio": {
             "durationSeconds": transcript.duration,
             "language": transcript.language,
@@ -58,6 +64,13 @@ def final_status(transcript: Any, result: dict[str, Any]) -> dict[str, Any]:
     if transcript.speakers is not None:
         final["speakers"] = len({turn.speaker for turn in transcript.speakers})
     return final
+
+
+def streams(tj: dict[str, Any]) -> bool:
+    """The job asked for its text as it grows (the gateway's stream=true sets the annotation)."""
+    from ifw.core.contract import ANNOTATION_STREAM
+
+    return ((tj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STREAM) == "true"
 
 
 def progress_body(processed: float, total: float) -> dict[str, Any]:
@@ -84,7 +97,12 @@ class ProgressReporter:
         self.clock = clock
         self._last_sent: float | None = None
         self._pending: tuple[float, float] | None = None
+        self._text: str | None = None
         self.sent: list[dict[str, Any]] = []  # what went out, for logs and tests
+
+    def text(self, so_far: str) -> None:
+        """Streaming jobs: the text so far goes out with the next report (the CRD's size cap kept)."""
+        self._text = so_far[:MAX_PROGRESS_TEXT]
 
     def __call__(self, processed: float, total: float) -> None:
         now = self.clock()
@@ -103,6 +121,8 @@ class ProgressReporter:
         self._pending = None
         self._last_sent = now
         body = progress_body(processed, total)
+        if self._text is not None:
+            body["text"] = self._text
         try:
             self.sink(body)
             self.sent.append(body)

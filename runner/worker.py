@@ -18,7 +18,15 @@ its first second of audio; a pool worker pays them once. Coordination stays in K
 - **Cancel**: the job deleted, or assigned elsewhere: its run stops at the next piece boundary.
 - **Drain** (SIGTERM): the Lease says draining (no new work); running jobs get the grace
   period to finish, the rest are handed back; the Lease is deleted.
-- **Poison jobs**: every failure stays in its job's thread and becomes that job's report.
+- **Batching across jobs**: each job runs in its own thread (fetch, decode, VAD, diarization
+  one at a time), and hands its pieces to the model's SharedDecoder (runner/batching.py),
+  whose one thread fills each generate() call with pieces of every running job
+  (IFW_WORKER_BATCH_SIZE pieces, IFW_WORKER_BATCH_WAIT_SECONDS at most for company;
+  IFW_WORKER_CROSS_JOB_BATCHING=false: one job's pieces per call). Metrics on the health port:
+  ``ifw_worker_generate_calls_total``, ``ifw_worker_pieces_decoded_total``,
+  ``ifw_worker_decode_rounds_total{jobs}``, ``ifw_worker_queued_pieces``.
+- **Poison jobs**: every failure stays in its job's thread and becomes that job's report; a
+  shared decode round that fails is decoded again job by job, so the error reaches only its job.
 
 Status shapes, the result store and the failure reasons are the same as in Job mode.
 """
@@ -35,16 +43,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ifw.core import contract, kube, results
+from ifw.core.transcript import ProcessedBy
 from ifw.core.watch import Watcher
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
 from ifw.runner import errors
 from ifw.runner.audio import SAMPLE_RATE
+from ifw.runner.batching import SharedDecoder
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status, keep_trying
+from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,10 @@ class WorkerSettings(BaseSettings):
     name: str = Field(description="This worker's name (the pod's, from the downward API); its Lease's name.")
     namespace: str = Field("default", description="Where the worker's Lease lives.")
     pod_uid: str | None = Field(None, description="The pod's uid: the Lease is owned by the pod.")
-    node_name: str | None = Field(None, description="The node the pod runs on (reported with each job).")
+    node_name: str | None = Field(
+        None, validation_alias=AliasChoices("IFW_WORKER_NODE_NAME", "IFW_NODE_NAME"),
+        description="The node the pod runs on (on its Lease, and in each transcript's processed_by).",
+    )
     watch_namespaces: list[str] = Field(
         default_factory=list, description="Namespaces whose jobs it may be given; empty: every namespace."
     )
@@ -76,6 +89,15 @@ class WorkerSettings(BaseSettings):
         300.0, gt=0, description="No job made progress this long although some are running: stop renewing."
     )
     drain_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long running jobs may take to finish.")
+    cross_job_batching: bool = Field(
+        True, description="Fill each generate() call with pieces of every running job (off: one job's per call)."
+    )
+    batch_size: int = Field(
+        24, ge=1, description="Pieces per generate() call across jobs (a job's own spec.batchSize is not used here)."
+    )
+    batch_wait_seconds: float = Field(
+        0.05, ge=0, description="How long a piece may wait for other jobs' pieces before a part-full batch starts."
+    )
     health_port: int | None = Field(8081, description="GET /healthz (liveness) and /metrics; None: off.")
 
 
@@ -121,9 +143,8 @@ class Worker:
         self.draining = threading.Event()
         self.stopped = threading.Event()
         self._lock = threading.Lock()  # guards runs
-        # Until pieces of several jobs share batches, one job at a time uses the model; fetching
-        # and decoding audio (the other half of a job's wall time for short clips) runs in parallel.
-        self._device = threading.Lock()
+        # One decoder thread per model: the only user of the model, batching every job's pieces.
+        self.decoders: dict[str, SharedDecoder] = {}
         self._watchers: list[Watcher] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,8 +153,12 @@ class Worker:
         """Load every served model (and the diarization pipeline) before taking any work."""
         from ifw.runner import asr
 
+        s = self.settings
         for name in self.models:
-            asr.load_model(name, self.runner)
+            if name not in self.decoders:
+                self.decoders[name] = SharedDecoder(asr.load_model(name, self.runner), batch_size=s.batch_size,
+                                                    max_wait_seconds=s.batch_wait_seconds,
+                                                    cross_job=s.cross_job_batching)  # fmt: skip
         if self.runner.diarization_pipeline:
             from ifw.runner import diarize
 
@@ -177,6 +202,8 @@ class Worker:
             watcher.stop()
         for run in list(self.runs.values()):
             run.cancel.set()
+        for decoder in self.decoders.values():
+            decoder.stop()
         try:
             self.leases.delete_namespaced_lease(self.settings.name, self.settings.namespace)
         except Exception as error:  # noqa: BLE001 - gone already, or the API is down: it expires anyway
@@ -339,14 +366,15 @@ class Worker:
             raise HandBack(contract.REASON_HANDED_BACK_TOO_LONG,
                            f"{duration:.0f} s of audio is over the pool's {self.settings.max_audio_seconds:g} s")
         run.last_progress = time.monotonic()
-        with self._device:
-            check()
-            transcript = pipeline.run(spec, audio, self.runner, on_progress=reporter)
+        transcript = pipeline.run(spec, audio, self.runner, on_progress=reporter,
+                                  decode=self.decoders[model].session(check),
+                                  on_text=reporter.text if streams(tj) else None)  # fmt: skip
         reporter.flush()
         check()
+        transcript.processed_by = ProcessedBy(pod=self.settings.name, node=self.settings.node_name, runtime="Pool")
         ref = keep_trying(lambda: results.store_result(transcript, tj, self.result_settings, core_v1=self.core),
                           seconds=self.runner.result_write_retry_seconds, what="storing the result")  # fmt: skip
-        return final_status(transcript, ref)
+        return final_status(transcript, ref, stream=streams(tj))
 
     # ------------------------------------------------------------------ status writes
 

@@ -100,7 +100,7 @@ def test_only_the_pieces_that_fail_are_decoded_again(harvard, wer):
     requests = [asr.PieceRequest(c) for c in (once, thrice, music(8.0))]
     stats = asr.DecodeStats()
     done: list[int] = []
-    results = asr.decode_pieces(wm, requests, batch_size=3, stats=stats, on_done=done.extend)
+    results = asr.decode_pieces(wm, requests, batch_size=3, stats=stats, on_done=lambda idx, _: done.extend(idx))
     # the first call had all three; every later call only the repeated piece, one temperature up
     assert stats.pieces[0] == 3 and set(stats.pieces[1:]) == {1} and len(stats.pieces) >= 2
     assert stats.temperatures == asr.fallback_temperatures(0.0)[: len(stats.pieces)]
@@ -293,7 +293,7 @@ def test_cuda_out_of_memory_halves_the_call_and_retries(monkeypatch):
     clips = [np.zeros(n * 1000, np.float32) for n in (3, 9, 1, 7, 5)]
     done = []
     stats = asr.DecodeStats()
-    out = asr.decode_pieces(wm, [asr.PieceRequest(c) for c in clips], batch_size=8, on_done=done.extend, stats=stats)
+    out = asr.decode_pieces(wm, [asr.PieceRequest(c) for c in clips], batch_size=8, on_done=lambda idx, _: done.extend(idx), stats=stats)
     assert [r.tokens[0] for r in out] == [3000, 9000, 1000, 7000, 5000]  # back in request order
     # 5 pieces: out of memory; 2 (the longest), 2, then 1
     assert calls == [[1000, 3000, 5000, 7000, 9000], [7000, 9000], [3000, 5000], [1000]]

@@ -18,19 +18,11 @@ from ifw.core import contract, results
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from ifw.runner.config import RunnerSettings
 from ifw.runner.worker import Cancelled, Run, Worker, WorkerSettings
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +62,9 @@ class Cluster:
         self.core = client.CoreV1Api(api)
         self.leases = client.CoordinationV1Api(api)
 
-    def create(self, url: str, **spec) -> dict:
-        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": f"tj-{uuid.uuid4().hex[:8]}"},
+    def create(self, url: str, annotations: dict | None = None, **spec) -> dict:
+        meta = {"name": f"tj-{uuid.uuid4().hex[:8]}", "annotations": annotations or {}}
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta,
                 "spec": {"audio": {"url": url}, **spec}}  # fmt: skip
         tj = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
         self.core.create_namespaced_secret(self.ns, results.result_secret(tj))
@@ -126,15 +119,23 @@ def test_worker_runs_its_jobs_keeps_bad_input_to_the_job_and_holds_a_lease(worke
     assert failed["reason"] == "AudioFetchFailed" and failed["badInput"] is True and "404" in failed["message"]
     assert failed["worker"] == name and failed["attempt"] == 1 and failed["startTime"] and failed["finishTime"]
 
-    tj = cluster.create(f"{base}/{short.path.name}", timestamp="word")
+    # A streaming job (the gateway's stream=true): its text so far is in status.progress.text.
+    tj = cluster.create(f"{base}/{short.path.name}", annotations={contract.ANNOTATION_STREAM: "true"}, timestamp="word")
     cluster.assign(tj, name)
-    wait_for(lambda: cluster.execution(tj, "Succeeded"), 120, "the job's success report")
+    texts = []
+    while not cluster.execution(tj, "Succeeded"):
+        texts.append(cluster.status(tj).get("progress", {}).get("text"))
+        assert len(texts) < 1200, "no success report"
+        time.sleep(0.1)
     status = cluster.status(tj)
     assert status["progress"]["percent"] == 100.0
     assert status["audio"]["durationSeconds"] == pytest.approx(short.duration, abs=0.05)
     assert status["audio"]["language"] == "en"
     transcript = results.load_result(status["result"], cluster.ns, job_uid=tj["metadata"]["uid"], core_v1=cluster.core)
     assert wer(short.text, transcript.text) <= 0.2, transcript.text
+    assert status["progress"]["text"] == transcript.text
+    seen = [t for t in texts if t]
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen  # it only grows
     assert all(segment.words for segment in transcript.segments)
     # The worker wrote only its own fields: the operator's stay as they were.
     assert status["assignment"]["worker"] == name and "phase" not in status and "conditions" not in status
