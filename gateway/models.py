@@ -221,7 +221,9 @@ class WebhookState(BaseModel):
 
 
 class StatusResponse(BaseModel):
-    status: Literal["processing", "completed", "error"]
+    status: Literal["processing", "completed", "error", "cancelled"] = Field(
+        description="cancelled: deleted before it finished (still there while its cancelled webhook goes out)."
+    )
     task_id: str
     phase: str | None = Field(None, description="Pending, Queued, Running, Succeeded or Failed.")
     progress: ProgressOut | None = None

@@ -172,8 +172,11 @@ def status_answer(task_id: str, tj: dict[str, Any]) -> StatusResponse:
     phase = phase_of(tj)
     progress = status.get("progress") or {}
     audio = status.get("audio") or {}
+    state = {"Succeeded": "completed", "Failed": "error"}.get(phase or "", "processing")
+    if state == "processing" and tj["metadata"].get("deletionTimestamp"):
+        state = "cancelled"  # the operator's finalizer holds it until the cancelled webhook is sent
     return StatusResponse(
-        status={"Succeeded": "completed", "Failed": "error"}.get(phase or "", "processing"),
+        status=state,
         task_id=task_id,
         phase=phase or "Pending",
         progress=ProgressOut(

@@ -245,6 +245,28 @@ def test_cancel_deletes_the_tj_and_wakes_its_waiter(http, driver, pool):
     assert again.status_code == 404 and again.json() == {"detail": "Task not found"}
 
 
+def test_a_task_deleted_while_its_cancelled_webhook_goes_out_shows_as_cancelled(http, driver):
+    from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+
+    body = {"url": URL, "is_async": True, "managed_task_id": "held", "webhook": {"url": HOOK}}
+    assert http.post("/", json=body).status_code == 200
+    driver.running("held")
+    # The operator's finalizer keeps a deleted job until its cancelled webhook is delivered.
+    patch = {"metadata": {"finalizers": ["ifw.dev/cleanup"]}}
+    driver.custom.patch_namespaced_custom_object(GROUP, VERSION, driver.namespace, PLURAL, "held", patch)
+    driver.custom.delete_namespaced_custom_object(GROUP, VERSION, driver.namespace, PLURAL, "held")
+    try:
+        assert driver.get("held")["metadata"]["deletionTimestamp"]
+        deadline = time.monotonic() + 10
+        while (status := http.get("/status/held").json())["status"] == "processing" and time.monotonic() < deadline:
+            time.sleep(0.05)  # the gateway's watch sees the deletion
+        assert status["status"] == "cancelled" and status["phase"] == "Running", status
+    finally:
+        driver.custom.patch_namespaced_custom_object(GROUP, VERSION, driver.namespace, PLURAL, "held",
+                                                     {"metadata": {"finalizers": None}})  # fmt: skip
+    assert http.get("/status/held").status_code in (200, 404)
+
+
 @pytest.mark.parametrize("path", ["/status/nope", "/status/NOT_A_NAME", "/status/" + "a" * 64])
 def test_unknown_task_is_404(http, path):
     response = http.get(path)
