@@ -1,9 +1,10 @@
 """Permissions: the runner's per-job Role and the operator's own ClusterRole.
 
-The test server does not enforce RBAC, so the operator's ClusterRole is checked the way an
-authorizer would: the whole lifecycle runs against a control plane with the apiserver's audit
-log on, and every request the operator made (kopf's and its own client's, told apart from the
-test's by User-Agent) must be allowed by the rendered rules.
+Here the operator runs as the test's admin, so its ClusterRole is checked the way an authorizer
+would: the whole lifecycle runs against a control plane with the apiserver's audit log on, and
+every request the operator made (kopf's and its own client's, told apart from the test's by
+User-Agent) must be allowed by the rendered rules. (The test server can also enforce RBAC:
+tests/cluster/test_least_privilege*.py run each component under its chart identity.)
 """
 
 from __future__ import annotations
