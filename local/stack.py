@@ -78,7 +78,7 @@ class LocalStack:
     def __init__(self, work: Path, model: str, namespace: str = "default", gateway_kubeconfig: str | None = None,
                  gateway_env: dict[str, str] | None = None, *, pool_workers: int = 1, device: str = "cpu",
                  host: str = "127.0.0.1", port: int | None = None,
-                 webhook_allowlist: list[str] | None = None):  # fmt: skip
+                 webhook_allowlist: list[str] | None = None, ready_timeout: float = 600.0):  # fmt: skip
         self.work = work
         self.model = model
         self.namespace = namespace
@@ -89,6 +89,7 @@ class LocalStack:
         self.device = device
         self.host = host
         self.port = port
+        self.ready_timeout = ready_timeout  # how long a pool worker may take to load its model
         # Private webhook receivers the operator may call (and the gateway accept), e.g. on loopback.
         self.webhook_allowlist = webhook_allowlist or []
         self.processes: list[subprocess.Popen] = []
@@ -167,7 +168,7 @@ class LocalStack:
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
         _wait_http(f"{self.gateway_url}/readyz", gateway, "gateway")
         for process, health in workers:  # warm: the model is loaded before the first job comes
-            _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=600)
+            _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=self.ready_timeout)
 
     def _start_worker(self, index: int, runner_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
         """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""
@@ -235,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the runners use (auto: CUDA when visible)")
     parser.add_argument("--host", default="127.0.0.1", help="where the gateway listens (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, help="the gateway's port (default: a free one; the original's is 8000)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds the pool worker may take to load its model (a first download of large-v3 "
+                             "on a slow link needs more; default 600)")  # fmt: skip
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
     stack = LocalStack(work, args.model, pool_workers=1 if args.runtime == "pool" else 0, device=args.device,
-                       host=args.host, port=args.port)
+                       host=args.host, port=args.port, ready_timeout=args.ready_timeout)
     print(f"local stack: logs in {work}", flush=True)
     code = 1
     try:
