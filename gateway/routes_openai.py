@@ -53,6 +53,17 @@ TRANSCRIPTION_FIELDS = frozenset({
 })  # fmt: skip
 TRANSLATION_FIELDS = frozenset({"file", "model", "prompt", "response_format", "temperature"})
 
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
@@ -60,7 +71,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
             "text/plain": {"schema": {"type": "string"}},
             "application/x-subrip": {"schema": {"type": "string"}},
             "text/vtt": {"schema": {"type": "string"}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            # one event (before OpenAPI 3.2's itemSchema, `schema` describes each event): its data is
+            # JSON, a transcript.text.delta / .segment / .done event or {error}
+            "text/event-stream": {"schema": SSE_EVENT},
         },
         "description": "json: {text, usage}; verbose_json: task, language, duration, text, segments (words), usage; "
         "diarized_json: task, duration, text, segments (speaker, start, end, text), usage; text, srt, vtt: "

@@ -104,7 +104,7 @@ def test_shutdown_ends_answers_already_started_with_the_task_id(gateway_factory,
     assert json.loads(plain_body) == {"detail": "the gateway is restarting; the task goes on: poll /status/kept-alive",
                                       "status": "processing", "task_id": "kept-alive"}  # fmt: skip
     events = [json.loads(line[6:]) for line in stream_body.decode().splitlines() if line.startswith("data: ")]
-    assert stream_status == 200 and events[0] == {"type": "transcript.text.delta", "delta": " Hello"}
+    assert stream_status == 200 and events[0] == {"type": "transcript.text.delta", "delta": "Hello"}  # OpenAI's text: no leading space
     assert events[-1]["error"]["task_id"] == stream_name and "restarting" in events[-1]["error"]["message"]
     assert {t["metadata"]["name"] for t in driver.tjs()} == {"kept-alive", stream_name}  # both run on
 
