@@ -24,3 +24,4 @@ bench: setup
 	$(PY) -m bench.runner_cpu
 	$(PY) -m bench.control_plane --rate 30
 	$(PY) -m bench.gateway
+	$(PY) -m bench.pool --repeats 3 --clips 16 --skip-job-burst
