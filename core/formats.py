@@ -86,9 +86,14 @@ def to_original_json(transcript: Transcript) -> dict[str, Any]:
 # --------------------------------------------------------------- OpenAI shapes
 
 
+def openai_text(transcript: Transcript) -> str:
+    """OpenAI's top-level text: Whisper's leading space dropped (its segments keep theirs)."""
+    return transcript.text.strip()
+
+
 def to_openai_json(transcript: Transcript, logprobs: bool = False) -> dict[str, Any]:
     """OpenAI's json: {"text", "usage"}, and "logprobs" when include[]=logprobs asked for them."""
-    out: dict[str, Any] = {"text": transcript.text.strip()}  # OpenAI: no leading space
+    out: dict[str, Any] = {"text": openai_text(transcript)}
     if logprobs:
         out["logprobs"] = to_logprobs(transcript)
     out["usage"] = usage(transcript)
@@ -153,7 +158,7 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
         # OpenAI reports the language by name ("english"); keep unknown codes as they are.
         "language": WHISPER_LANGUAGES.get(transcript.language or "", transcript.language),
         "duration": _t(transcript.duration),
-        "text": transcript.text.strip(),
+        "text": openai_text(transcript),
         "segments": segments,
     }
     words = [w for seg in transcript.segments for w in (seg.words or [])]
@@ -214,7 +219,7 @@ def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
     return {
         "task": "transcribe",
         "duration": _t(transcript.duration),
-        "text": transcript.text.strip(),
+        "text": openai_text(transcript),
         "segments": to_diarized_segments(transcript),
         "usage": usage(transcript),
     }

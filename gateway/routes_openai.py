@@ -181,7 +181,7 @@ async def _events(
                 finished = value
         assert finished is not None
         transcript = await svc.finished(created, finished)
-        text = transcript.text.strip()  # OpenAI's: no leading space
+        text = formats.openai_text(transcript)
         # The rest of the text (status.progress.text is capped; the last piece may not be in it).
         if text.startswith(sent) and len(text) > len(sent):
             yield sse({"type": "transcript.text.delta", "delta": text[len(sent):]})

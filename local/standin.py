@@ -244,13 +244,13 @@ class KubeletStandIn:
             if source.secret_ref:
                 data = self.core.read_namespaced_secret(source.secret_ref.name, namespace).data or {}
                 env.update({(source.prefix or "") + k: base64.b64decode(v).decode() for k, v in data.items()})
+        # the downward API's fields; this machine is the one "node" there is
+        fields = {"metadata.namespace": namespace, "metadata.name": pod_name, "spec.nodeName": socket.gethostname()}
         for var in container.env or []:
             if var.value_from is None:
                 env[var.name] = var.value or ""  # the API drops `value: ""`; the kubelet still sets it
             elif var.value_from and var.value_from.field_ref:
-                path = var.value_from.field_ref.field_path
-                node = socket.gethostname()  # the one "node" there is
-                env[var.name] = {"metadata.namespace": namespace, "metadata.name": pod_name, "spec.nodeName": node}.get(path, "")
+                env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
             elif var.value_from and var.value_from.secret_key_ref:
                 ref = var.value_from.secret_key_ref
                 try:

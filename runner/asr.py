@@ -944,20 +944,26 @@ def transcribe(
         return Transcript(text="", segments=[], task=task, timestamp=timestamp, language=language or _only_language(wm),
                           duration=_r(duration), model=wm.name, speech_seconds=0.0, text_seconds=0.0)  # fmt: skip
 
-    texts: dict[int, str] = {}  # piece -> its text, once decoded
+    decoded: dict[int, tuple[PieceResult, list[Segment]]] = {}  # piece -> its result and segments
     streamed = 0  # pieces[:streamed] are in the text so far
+
+    def segments_of(i: int, r: PieceResult) -> list[Segment]:
+        """A piece's segments, made once per result (streaming makes them as the pieces finish)."""
+        if i not in decoded or decoded[i][0] is not r:
+            decoded[i] = (r, _segments(wm, pieces[i], r) if r.verdict == "ok" else [])
+        return decoded[i][1]
 
     def on_done(done: list[int], finished: list[PieceResult]) -> None:
         nonlocal processed, streamed
         processed += sum(pieces[i].duration for i in done)
         if on_text:
             for i, r in zip(done, finished, strict=True):
-                texts[i] = "".join(s.text for s in _segments(wm, pieces[i], r)) if r.verdict == "ok" else ""
+                segments_of(i, r)
             before = streamed
-            while streamed in texts:
+            while streamed in decoded:
                 streamed += 1
             if streamed > before:
-                on_text("".join(texts[i] for i in range(streamed)))
+                on_text("".join(s.text for i in range(streamed) for s in decoded[i][1]))
         if on_progress:
             on_progress(min(processed, duration), duration)
 
@@ -981,7 +987,7 @@ def transcribe(
                 results[i] = r
     language = language or _only_language(wm)
 
-    per_piece = [_segments(wm, p, r) if r.verdict == "ok" else [] for p, r in zip(pieces, results, strict=True)]
+    per_piece = [list(segments_of(i, r)) for i, r in enumerate(results)]
     # Nothing dropped silently: speech that no segment covers is decoded again on its own.
     dropped = 0
     retries: list[tuple[int, vad.Piece]] = []

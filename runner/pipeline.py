@@ -98,9 +98,3 @@ def run(
         transcript = assign_speakers(transcript, turns)
     return transcript
 
-
-def speaker_count(transcript: Transcript) -> int | None:
-    """Distinct speakers in a diarized transcript; None when diarization did not run."""
-    if transcript.speakers is None:
-        return None
-    return len({turn.speaker for turn in transcript.speakers})

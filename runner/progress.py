@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from ifw.core.contract import ANNOTATION_STREAM, EXIT_TRANSIENT, Failure
 from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ def keep_trying(write: Callable[[], Any], *, seconds: float, what: str) -> Any:
     the result and the last status write are retried instead. Bad input is never retried.
     """
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
-
-    from ifw.core.contract import EXIT_TRANSIENT, Failure
 
     def transient(error: BaseException) -> bool:
         return isinstance(error, Failure) and error.exit_code == EXIT_TRANSIENT
@@ -68,8 +67,6 @@ def final_status(transcript: Any, result: dict[str, Any], stream: bool = False) 
 
 def streams(tj: dict[str, Any]) -> bool:
     """The job asked for its text as it grows (the gateway's stream=true sets the annotation)."""
-    from ifw.core.contract import ANNOTATION_STREAM
-
     return ((tj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STREAM) == "true"
 
 
