@@ -153,12 +153,16 @@ def test_bad_input_fails_in_the_pool_without_a_retry_and_cancel_stops_the_worker
 
 
 def test_auto_without_a_worker_waits_then_takes_a_job(run_operator, sim):
-    op = run_operator(default_model="tiny.en", pool={"wait_seconds": 3})
+    # The wait is counted from creationTimestamp (whole seconds), so it must outlast a slow machine's
+    # status round trip for the checks below to run inside it.
+    op = run_operator(default_model="tiny.en", pool={"wait_seconds": 8})
     sim.create_tj("cold", audio={"url": "https://media.example.com/a.mp3"})
     status = sim.wait_phase("cold", "Queued", "WaitingForWorker")
-    assert "a Job takes it after 3 s" in status["message"] and "runtime" not in status
+    assert "a Job takes it after 8 s" in status["message"] and "runtime" not in status
     # It is demand for the pool meanwhile: the autoscaler's metric wakes a pool scaled to zero.
-    assert op.controller.pool_stats()["waiting"] == 1
-    job = sim.job_of(sim.tj("cold"), timeout=10)
+    # (Waited for: the test can read the status from the apiserver before the operator has its answer.)
+    wait_for(lambda: op.controller.pool_stats()["waiting"] == 1, 5, what="the cold job counted as waiting")
+    assert "runtime" not in sim.status("cold")
+    job = sim.job_of(sim.tj("cold"), timeout=20)
     assert job["metadata"]["labels"]["ifw.dev/job-uid"] == sim.tj("cold")["metadata"]["uid"]
     wait_for(lambda: sim.status("cold").get("runtime") == "Job", 10, what="runtime Job")
