@@ -53,7 +53,7 @@ def _say(text: str, path: Path) -> Path:
     return path
 
 
-def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 90.0) -> None:
+def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 90.0, hint: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -62,7 +62,7 @@ def _wait_http(url: str, process: subprocess.Popen, name: str, timeout: float = 
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.3)
-    raise SystemExit(f"{name} not ready at {url} within {timeout:.0f}s")
+    raise SystemExit(f"{name} not ready at {url} within {timeout:g}s{hint}")
 
 
 class LocalStack:
@@ -168,7 +168,8 @@ class LocalStack:
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
         _wait_http(f"{self.gateway_url}/readyz", gateway, "gateway")
         for process, health in workers:  # warm: the model is loaded before the first job comes
-            _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=self.ready_timeout)
+            _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=self.ready_timeout,
+                       hint=" (loading its model; a slow first download needs a longer --ready-timeout)")
 
     def _start_worker(self, index: int, runner_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
         """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""

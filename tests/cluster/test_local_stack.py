@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,3 +33,29 @@ def test_local_stack_demo_transcribes_the_sample_through_rest():
     row = next(line for line in out.splitlines() if "Succeeded" in line)
     assert " en " in row and " base " in row
     assert jiwer.wer(re.sub(r"[^a-z' ]", "", SAMPLE_TEXT.lower()), heard) <= 0.25, heard
+
+
+def test_a_pool_worker_slower_than_ready_timeout_stops_the_stack_and_says_what_to_raise():
+    # base takes seconds to load here, so half a second is too short: the stack must give up with a
+    # message naming the flag, and leave no process behind.
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("ifw")), "local", "--ready-timeout", "0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "pool worker not ready" in result.stderr and "within 0.5s" in result.stderr, result.stderr[-2000:]
+    assert "--ready-timeout" in result.stderr
+    logs = re.search(r"logs kept in (\S+)", result.stderr).group(1)
+    assert not _processes_in(logs), "processes of the failed stack still running"
+
+
+def _processes_in(directory: str) -> list[str]:
+    """PIDs whose working directory is under `directory` (the stack starts each process there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "cwd").startswith(directory):
+                found.append(proc.name)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found

@@ -48,11 +48,11 @@ def test_suspend_and_resume(run_operator, sim):
     # Suspending a running job suspends its Job (the Job controller then removes the pod).
     sim.patch_tj("later", {"spec": {"suspend": True}})
     sim.wait_phase("later", "Queued", "Suspended")
-    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is True, 5, what="Job suspended")
+    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is True, 15, what="Job suspended")
     sim.core.delete_namespaced_pod(pod["metadata"]["name"], sim.ns)  # the Job controller's part
 
     sim.patch_tj("later", {"spec": {"suspend": False}})
-    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False, 5, what="Job resumed")
+    wait_for(lambda: sim.read_job(job["metadata"]["name"])["spec"]["suspend"] is False, 15, what="Job resumed")
     status = sim.wait_phase("later", "Pending")
     assert status["jobName"] == job["metadata"]["name"]
     assert len(sim.jobs(tj["metadata"]["uid"])) == 1
@@ -75,7 +75,7 @@ def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim, record
     # Succeeded for only a second: the recorder sees it, a poll might not.
     wait_for(lambda: sim.tj("short-lived") is None, 10, what="the TranscriptionJob deleted by its TTL")
     assert recorder.phases("short-lived")[-1] == ("Succeeded", "Completed")
-    wait_for(lambda: _none_left(sim, uid), 5, what=f"children deleted (left: {_children(sim, uid)})")
+    wait_for(lambda: _none_left(sim, uid), 15, what=f"children deleted (left: {_children(sim, uid)})")
 
 
 def test_default_ttl_comes_from_config(run_operator, sim):
@@ -83,7 +83,7 @@ def test_default_ttl_comes_from_config(run_operator, sim):
     tj = sim.create_tj("default-ttl")
     job = sim.job_of(tj)
     sim.set_job_condition(job, "Failed", "BackoffLimitExceeded", failed=3)
-    wait_for(lambda: sim.tj("default-ttl") is None, 5, what="deleted with the default TTL of 0")
+    wait_for(lambda: sim.tj("default-ttl") is None, 15, what="deleted with the default TTL of 0")
 
 
 def test_cancel_deletes_the_job_and_stops_the_pod(run_operator, sim):
@@ -96,7 +96,7 @@ def test_cancel_deletes_the_job_and_stops_the_pod(run_operator, sim):
     sim.wait_phase("cancel-me", "Running")
     sim.delete_tj("cancel-me")
     # No garbage collector on the test server: only the operator can have removed these.
-    wait_for(lambda: _none_left(sim, uid), 5, what=f"Job, pod and children deleted (left: {_children(sim, uid)})")
+    wait_for(lambda: _none_left(sim, uid), 15, what=f"Job, pod and children deleted (left: {_children(sim, uid)})")
 
 
 def test_a_new_job_with_a_reused_name_keeps_its_children(run_operator, sim):
@@ -106,9 +106,9 @@ def test_a_new_job_with_a_reused_name_keeps_its_children(run_operator, sim):
     sim.delete_tj("again")
     second = sim.create_tj("again")
     job = sim.job_of(second)
-    wait_for(lambda: _none_left(sim, first["metadata"]["uid"]), 5, what="the first one's children deleted")
+    wait_for(lambda: _none_left(sim, first["metadata"]["uid"]), 15, what="the first one's children deleted")
     # The first one's record goes only when its cleanup has finished; the second is looked at again after.
-    wait_for(lambda: first["metadata"]["uid"] not in op.controller.states, 5, what="the first one's cleanup done")
+    wait_for(lambda: first["metadata"]["uid"] not in op.controller.states, 15, what="the first one's cleanup done")
     wait_reconciled(op, second["metadata"]["uid"])
     assert _children(sim, second["metadata"]["uid"])["secrets"] == ["again-result"]
     assert sim.read_job(job["metadata"]["name"])["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]

@@ -104,24 +104,25 @@ def test_image_pull_failure_fails_the_job_and_stops_it(run_operator, sim):
     status = sim.wait_phase("pull", "Failed", "ImagePullFailed", timeout=15)
     assert "ImagePullBackOff" in status["message"]
     # The operator decided the failure itself, so it stops the Job (no GC needed).
-    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 5, what="the Job deleted")
-    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 5, what="the pod deleted")
+    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 15, what="the Job deleted")
+    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 15, what="the pod deleted")
 
 
 def test_unschedulable_is_queued_then_startup_deadline_fails_it(run_operator, sim):
-    run_operator(startup_deadline_seconds=2.5)
+    # The deadline must outlast a slow machine's pod round trip, or Queued is never seen before Failed.
+    run_operator(startup_deadline_seconds=6)
     tj = sim.create_tj("nogpu")
     job = sim.job_of(tj)
     pod = sim.create_pod(job)
     sim.pod_status(pod, {"phase": "Pending", "conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
-    status = sim.wait_phase("nogpu", "Queued", "Unschedulable", timeout=5)
+    status = sim.wait_phase("nogpu", "Queued", "Unschedulable", timeout=6)
     assert "Insufficient nvidia.com/gpu" in status["message"]
-    status = sim.wait_phase("nogpu", "Failed", "StartupDeadlineExceeded", timeout=10)
-    assert "did not start within 2.5s" in status["message"] and "Insufficient nvidia.com/gpu" in status["message"]
-    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 5, what="the Job deleted")
-    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 5, what="the pod deleted")
+    status = sim.wait_phase("nogpu", "Failed", "StartupDeadlineExceeded", timeout=20)
+    assert "did not start within 6s" in status["message"] and "Insufficient nvidia.com/gpu" in status["message"]
+    wait_for(lambda: not sim.jobs(tj["metadata"]["uid"]), 15, what="the Job deleted")
+    wait_for(lambda: not sim.pods(tj["metadata"]["uid"]), 15, what="the pod deleted")
 
 
 def test_runner_written_status_survives_operator_reconciles(run_operator, sim):
@@ -162,6 +163,6 @@ def test_events_record_each_transition(run_operator, sim):
         items = sim.core.list_namespaced_event(sim.ns).items
         return [(e.type, e.reason) for e in items if e.involved_object.uid == tj["metadata"]["uid"]]
 
-    got = wait_for(lambda: (lambda e: e if ("Warning", "InvalidAudio") in e else None)(events()), 5,
+    got = wait_for(lambda: (lambda e: e if ("Warning", "InvalidAudio") in e else None)(events()), 15,
                    what="the failure event")
     assert ("Normal", "Running") in got

@@ -134,7 +134,7 @@ def test_created_job_carries_the_configured_template(run_operator, sim):
     assert pod["runtimeClassName"] == "nvidia" and job["spec"]["backoffLimit"] == 1
     # The per-job RBAC and the empty result Secret exist before the Job is used.
     ns = sim.ns
-    role = wait_for(lambda: sim.rbac.list_namespaced_role(ns, label_selector=f"{contract.LABEL_JOB_UID}={tj['metadata']['uid']}").items, 5)
+    role = wait_for(lambda: sim.rbac.list_namespaced_role(ns, label_selector=f"{contract.LABEL_JOB_UID}={tj['metadata']['uid']}").items, 15)
     assert role[0].rules[1].resource_names == ["gpu"] and role[0].rules[2].resource_names == ["gpu-result"]
     secret = sim.core.read_namespaced_secret("gpu-result", ns)
     assert secret.type == "ifw.dev/result" and not secret.data

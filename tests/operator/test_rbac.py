@@ -124,9 +124,9 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
         sim.patch_tj("paused", {"spec": {"suspend": True}})
         sim.wait_phase("paused", "Queued", "Suspended")
         sim.delete_tj("paused")
-        wait_for(lambda: not sim.jobs(paused["metadata"]["uid"]), 5, what="cancel")
+        wait_for(lambda: not sim.jobs(paused["metadata"]["uid"]), 15, what="cancel")
         # Its record goes once the whole cleanup (pods, Secrets, RBAC) is done: all of it in the audit log.
-        wait_for(lambda: paused["metadata"]["uid"] not in op.controller.states, 5, what="the cleanup done")
+        wait_for(lambda: paused["metadata"]["uid"] not in op.controller.states, 15, what="the cleanup done")
     finally:
         op.stop()
 

@@ -50,7 +50,7 @@ def test_success_webhook_carries_the_transcript_signed_with_user_headers(run_ope
                        "processed_by": {"pod": "done-runner-x7k2p", "node": "gpu-node-3", "runtime": "Job"}}
     assert request["headers"]["authorization"] == "Bearer t0ken"
     assert request["headers"]["webhook-id"] == f"{tj['metadata']['uid']}-succeeded"  # not the spoofed one
-    state = wait_for(lambda: (sim.status("done").get("webhook") or {}).get("delivered") and sim.status("done"), 5)
+    state = wait_for(lambda: (sim.status("done").get("webhook") or {}).get("delivered") and sim.status("done"), 15)
     assert state["webhook"]["attempts"] == 1 and not state["webhook"].get("lastError")
 
 
@@ -71,7 +71,7 @@ def test_failure_webhook_is_retried_with_the_same_id(run_operator, sim, receiver
     assert len({r["headers"]["webhook-id"] for r in hook.requests}) == 1
     for r in hook.requests:
         Webhook(SECRET).verify(r["body"], r["headers"])
-    state = wait_for(lambda: (sim.status("broken").get("webhook") or {}).get("delivered") and sim.status("broken"), 5)
+    state = wait_for(lambda: (sim.status("broken").get("webhook") or {}).get("delivered") and sim.status("broken"), 15)
     assert state["webhook"]["attempts"] == 3
     # Reconciles after the delivery must not send it again (nor have a second delivery running).
     wait_reconciled(op, tj["metadata"]["uid"])

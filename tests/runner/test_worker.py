@@ -141,7 +141,7 @@ def test_worker_runs_its_jobs_keeps_bad_input_to_the_job_and_holds_a_lease(worke
     assert status["assignment"]["worker"] == name and "phase" not in status and "conditions" not in status
 
     renewed = lease.spec.renew_time
-    wait_for(lambda: cluster.leases.read_namespaced_lease(name, cluster.ns).spec.renew_time > renewed, 5,
+    wait_for(lambda: cluster.leases.read_namespaced_lease(name, cluster.ns).spec.renew_time > renewed, 15,
              "a Lease renewal")  # fmt: skip
 
 
