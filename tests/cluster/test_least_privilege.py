@@ -18,13 +18,9 @@ A Role that is too wide fails 2, one too narrow fails 1 (and the run itself: the
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import threading
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -36,7 +32,9 @@ from ifw.local.control_plane import ControlPlane, covers, service_account_user
 from ifw.local.crd import install_crd
 from ifw.local.stack import LocalStack
 from ifw.operator.jobs import runner_account_name, runner_role_rules
+from tests.cluster.origin import Origin
 from tests.helm.conftest import Helm, find_helm, one
+from tests.speaking import speak
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
@@ -108,31 +106,6 @@ class Recorded:
     events: dict[str, list[dict]]  # username -> audit events
 
 
-class _Origin(BaseHTTPRequestHandler):
-    """Audio and webhook endpoints on loopback: /slow.wav answers (404) once released, any other
-    GET is a 404, a POST (webhook) is accepted."""
-
-    fetching = threading.Event()
-    release = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        if self.path == "/slow.wav":
-            self.fetching.set()
-            self.release.wait(300)
-        try:
-            self.send_error(404)
-        except (BrokenPipeError, ConnectionResetError):  # the cancelled runner is gone by then
-            pass
-
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 
 def _apply_chart_gateway_rbac(api: client.ApiClient, home: Path) -> tuple[str, list[dict]]:
     """Render the chart (real helm), create the gateway's ServiceAccount, Role and RoleBinding
@@ -152,17 +125,10 @@ def _apply_chart_gateway_rbac(api: client.ApiClient, home: Path) -> tuple[str, l
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Recorded:
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
     work = tmp_path_factory.mktemp("least-privilege")
-    audio = work / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(audio), SAID], check=True)
-    origin = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
-    threading.Thread(target=origin.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{origin.server_port}"
-
+    audio = speak(SAID, work / "speech.wav")
     audit_log = work / "audit.log"
-    with ControlPlane(audit_log=audit_log) as cp:
+    with Origin() as origin, ControlPlane(audit_log=audit_log) as cp:
         admin = config.new_client_from_config(config_file=cp.kubeconfig)
         client.CoreV1Api(admin).create_namespace({"metadata": {"name": NAMESPACE}})
         install_crd(admin)
@@ -177,15 +143,13 @@ def recorded(tmp_path_factory) -> Recorded:
         custom = client.CustomObjectsApi(admin)
         try:
             stack.start(cp)
-            succeeded = _exercise(stack, custom, base, audio)
+            succeeded = _exercise(stack, custom, origin, audio)
         except BaseException:
             for log in sorted(work.glob("*.log")) + sorted((work / "pods").glob("*.log")):
                 print(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}")
             raise
         finally:
             stack.stop()
-            _Origin.release.set()
-            origin.shutdown()
         events = read_audit(audit_log)  # complete: the log is written before each response
 
     gateway_calls = [request_rule(e) for e in events.get(gateway_user, [])]
@@ -200,9 +164,10 @@ def recorded(tmp_path_factory) -> Recorded:
     return Recorded(gateway_user, gateway_role, gateway_calls, runner_calls, succeeded, events)
 
 
-def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, base: str, audio: Path) -> str:
+def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, origin: Origin, audio: Path) -> str:
     """Cancel, a refused duplicate, a sync upload that succeeds, a 404 that fails; returns the
     name of the job that succeeded."""
+    base = origin.base
     hook = {"url": f"{base}/hook", "header": {"X-Token": "t0ken"}}  # headers: a Secret the gateway owns
     with httpx.Client(base_url=stack.gateway_url, timeout=300) as http:
         # 1. async with webhook headers; cancelled while its runner is fetching the audio
@@ -213,7 +178,7 @@ def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, base: str, aud
         #    and it deletes that Secret again
         again = http.post("/", json=body)
         assert again.status_code == 409, again.text
-        assert _Origin.fetching.wait(240), "the runner never fetched the audio"
+        assert origin.fetching.wait(240), "the runner never fetched the audio"
         cancelled = http.delete("/cancel/cancel-me")
         assert cancelled.status_code == 200, cancelled.text
 
@@ -227,7 +192,7 @@ def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, base: str, aud
         wait_for(gone, 60, "the cancelled TranscriptionJob to go")
         wait_for(lambda: all(r.process is None or r.process.poll() is not None for r in stack.node.runs.values()),
               60, "the cancelled runner to be stopped")
-        _Origin.release.set()
+        origin.release.set()
 
         # 3. sync upload: a real runner transcribes it, the gateway reads the result Secret
         done = http.post("/", data={"language": "en"}, files={"file": ("speech.wav", audio.read_bytes(), "audio/wav")})

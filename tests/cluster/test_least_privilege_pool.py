@@ -20,14 +20,11 @@ becomes a PolicyRule, and Kubernetes' own comparison (validation.Covers, via
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -38,6 +35,7 @@ from ifw.core.results import load_result
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 from ifw.local.control_plane import ControlPlane, service_account_user
 from ifw.local.crd import install_crd
+from tests.cluster.origin import Origin
 from tests.cluster.test_least_privilege import (
     distinct,
     granted_beyond,
@@ -47,6 +45,7 @@ from tests.cluster.test_least_privilege import (
     without_names,
 )
 from tests.helm.conftest import Helm, find_helm, one
+from tests.speaking import speak
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
@@ -64,33 +63,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-
-class _Origin(BaseHTTPRequestHandler):
-    """Audio on loopback: /speech.wav, /slow.wav (held until released, then 404), else 404."""
-
-    audio = b""
-    fetching = threading.Event()
-    release = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        if self.path == "/speech.wav":
-            self.send_response(200)
-            self.send_header("content-type", "audio/wav")
-            self.send_header("content-length", str(len(self.audio)))
-            self.end_headers()
-            self.wfile.write(self.audio)
-            return
-        if self.path == "/slow.wav":
-            type(self).fetching.set()
-            type(self).release.wait(300)
-        try:
-            self.send_error(404)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
 
 
 @dataclass
@@ -170,15 +142,8 @@ def _stop(proc: subprocess.Popen, grace: float) -> int:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Recorded:
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
     work = tmp_path_factory.mktemp("pool-least-privilege")
-    audio = work / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(audio), SAID], check=True)
-    _Origin.audio = audio.read_bytes()
-    origin = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
-    threading.Thread(target=origin.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{origin.server_port}"
+    audio = speak(SAID, work / "speech.wav")
 
     health = _free_port()
     objects = _render(work, health)
@@ -190,7 +155,7 @@ def recorded(tmp_path_factory) -> Recorded:
 
     audit_log = work / "audit.log"
     processes: list[subprocess.Popen] = []
-    with ControlPlane(audit_log=audit_log) as cp:
+    with Origin(audio=audio.read_bytes()) as origin, ControlPlane(audit_log=audit_log) as cp:
         admin = config.new_client_from_config(config_file=cp.kubeconfig)
         core = client.CoreV1Api(admin)
         for ns in (RELEASE_NS, SERVED):
@@ -218,7 +183,7 @@ def recorded(tmp_path_factory) -> Recorded:
                     return False
 
             wait_for(ready, 300, "the pool worker's readiness")
-            _exercise(custom, base)
+            _exercise(custom, origin)
             code = _stop(worker, pod["terminationGracePeriodSeconds"])
             assert code == 0, f"the worker exited {code} on SIGTERM"
             lease_left = bool(client.CoordinationV1Api(admin).list_namespaced_lease(RELEASE_NS).items)
@@ -239,15 +204,15 @@ def recorded(tmp_path_factory) -> Recorded:
         finally:
             for proc in reversed(processes):
                 _stop(proc, 20)
-            _Origin.release.set()
-            origin.shutdown()
         events = read_audit(audit_log)  # complete: each event is written before its response
     username = service_account_user(RELEASE_NS, account)
     return Recorded(username, roles, events.get(username, []), jobs, lease_left, stored.text,
                     stored.processed_by.model_dump() if stored.processed_by else None)
 
 
-def _exercise(custom: client.CustomObjectsApi, base: str) -> None:
+def _exercise(custom: client.CustomObjectsApi, origin: Origin) -> None:
+    base = origin.base
+
     def create(name: str, url: str) -> None:
         custom.create_namespaced_custom_object(GROUP, VERSION, SERVED, PLURAL, {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "TranscriptionJob", "metadata": {"name": name},
@@ -259,7 +224,7 @@ def _exercise(custom: client.CustomObjectsApi, base: str) -> None:
 
     # 1. cancelled (deleted) while the worker fetches its audio
     create("cancel-me", f"{base}/slow.wav")
-    assert _Origin.fetching.wait(120), "the worker never fetched the audio"
+    assert origin.fetching.wait(120), "the worker never fetched the audio"
     custom.delete_namespaced_custom_object(GROUP, VERSION, SERVED, PLURAL, "cancel-me")
     # 2. succeeds: the worker patches the transcript into the result Secret
     create("hello", f"{base}/speech.wav")
@@ -267,7 +232,7 @@ def _exercise(custom: client.CustomObjectsApi, base: str) -> None:
     # 3. the audio is a 404: the worker reports the failure
     create("missing", f"{base}/missing.wav")
     wait_for(lambda: phase("missing") == "Failed", 120, "the job to fail", interval=0.5)
-    _Origin.release.set()  # the cancelled run's fetch ends; its report finds the job gone
+    origin.release.set()  # the cancelled run's fetch ends; its report finds the job gone
 
 
 # ------------------------------------------------------------------ the proofs

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from ifw.core.transcript import ProcessedBy, Segment, SpeakerTurn, Transcript, Word
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from tests.speaking import speak
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,11 +96,7 @@ def gateway_factory(kube, crd, namespace, tmp_path) -> Iterator[Callable[..., Se
 @pytest.fixture(scope="session")
 def wav(tmp_path_factory) -> Path:
     """Real speech (espeak-ng) to upload: "Hello world. How are you?"."""
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
-    path = tmp_path_factory.mktemp("speech") / "hello.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), "Hello world. How are you?"], check=True)
-    return path
+    return speak("Hello world. How are you?", tmp_path_factory.mktemp("speech") / "hello.wav", rate=175)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import Driver, Server, free_port
+from tests.speaking import speak
 
 pytestmark = pytest.mark.cluster
 
@@ -434,12 +435,10 @@ class _Origin(BaseHTTPRequestHandler):
 
 
 def _media(work: Path) -> dict[str, Path]:
-    for tool in ("espeak-ng", "ffmpeg"):
-        if not shutil.which(tool):
-            pytest.fail(f"{tool} is needed (make setup installs it)")
-    speech, mp3 = work / "speech.wav", work / "speech.mp3"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(speech),
-                    "Please call me tomorrow morning. The weather is very nice today."], check=True)  # fmt: skip
+    if not shutil.which("ffmpeg"):
+        pytest.fail("ffmpeg is needed (make setup installs it)")
+    speech = speak("Please call me tomorrow morning. The weather is very nice today.", work / "speech.wav")
+    mp3 = work / "speech.mp3"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(speech), "-b:a", "64k", str(mp3)], check=True)
     data = mp3.read_bytes()
     (work / "half.mp3").write_bytes(data[: len(data) // 2])

@@ -8,13 +8,13 @@ answers the waiting request in the asked format.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from tests.speaking import speak
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
@@ -27,10 +27,7 @@ def words(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> tuple[Path, float]:
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
-    path = tmp_path_factory.mktemp("e2e") / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(path), SAID], check=True)
+    path = speak(SAID, tmp_path_factory.mktemp("e2e") / "speech.wav")
     with wave.open(str(path)) as w:
         return path, w.getnframes() / w.getframerate()
 

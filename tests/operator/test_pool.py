@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import shutil
-import subprocess
 import threading
 import uuid
 
@@ -20,6 +18,7 @@ from ifw.core import results
 from ifw.runner.config import RunnerSettings
 from ifw.runner.worker import Worker, WorkerSettings
 from tests.operator.conftest import wait_for
+from tests.speaking import speak
 
 pytestmark = [pytest.mark.cluster, pytest.mark.model]
 
@@ -32,11 +31,9 @@ RUNNER_ENV = {"IFW_DEVICE": "cpu", "IFW_CPU_THREADS": "2", "OMP_NUM_THREADS": "2
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory):
     """Two spoken clips on a loopback HTTP server: (base URL, {name: file})."""
-    if not shutil.which("espeak-ng"):
-        pytest.fail("espeak-ng is needed: apt-get install espeak-ng")
     root = tmp_path_factory.mktemp("pool-audio")
     for name, text in (("short.wav", SHORT), ("long.wav", LONG)):
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(root / name), text], check=True)
+        speak(text, root / name, rate=150)
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):

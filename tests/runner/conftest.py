@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.speaking import speak
+
 # Two shared cores: oversubscribed torch threads make some ops 10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
@@ -85,7 +87,7 @@ def _espeak(voice: str, text: str, speed: int, workdir: Path) -> np.ndarray:
     """One utterance at 16 kHz, trimmed to its audible part."""
     raw = workdir / "utt.wav"
     res = workdir / "utt16k.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
+    speak(text, raw, voice=voice, rate=speed)
     subprocess.run(["sox", "-V1", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(res)], check=True)
     samples = read_wav(res)
     loud = np.flatnonzero(np.abs(samples) > _SILENCE_LEVEL)
