@@ -140,6 +140,9 @@ class Worker:
         self.models = settings.models or [runner.default_model]
         self.result_settings = results.ResultSettings()
         self.runs: dict[tuple[str, str], Run] = {}
+        # (uid, attempt) of every run this process started: tells a relist's "ran here" from one a
+        # previous process of this worker (same pod name after a container restart) started and lost.
+        self.started: set[tuple[str, int]] = set()
         self.draining = threading.Event()
         self.stopped = threading.Event()
         self._lock = threading.Lock()  # guards runs
@@ -295,10 +298,22 @@ class Worker:
             if kind == "DELETED" or not mine or run is not None or contract.is_terminal(tj):
                 return
             execution = status.get("execution") or {}
-            if execution.get("attempt") == assignment.get("attempt") and execution.get("worker") == self.settings.name:
-                return  # this attempt already ran here (a relist after a restart of the watch)
             run = Run(meta["namespace"], meta["name"], meta["uid"], int(assignment["attempt"]))
-            self.runs[key] = run
+            if execution.get("attempt") == run.attempt and execution.get("worker") == self.settings.name:
+                if (run.uid, run.attempt) in self.started or execution.get("state") != "Running":
+                    return  # this attempt already ran here (a relist after a restart of the watch)
+                lost = True
+            else:
+                lost = False
+                self.runs[key] = run
+                self.started.add((run.uid, run.attempt))
+        if lost:
+            # Its run died with the previous process: fail the attempt (it may be what killed that
+            # process), so the operator retries it within spec.backoffLimit instead of waiting forever.
+            log.warning("%s/%s: attempt %d was running when this worker restarted", *key, run.attempt)
+            self._report(run, "Failed", reason="WorkerRestarted", bad_input=False,
+                         message=f"pool worker {self.settings.name} restarted while it ran attempt {run.attempt}")
+            return
         if self.draining.is_set() or len(self.runs) > self.settings.capacity:
             self._forget(run)
             reason = "WorkerDraining" if self.draining.is_set() else "WorkerFull"

@@ -199,3 +199,31 @@ def test_draining_worker_marks_its_lease_and_removes_it(api, cluster, namespace,
     with pytest.raises(ApiException) as gone:
         cluster.leases.read_namespaced_lease(settings.name, namespace)
     assert gone.value.status == 404
+
+
+@pytest.mark.model
+def test_a_restarted_worker_fails_the_attempt_its_previous_process_was_running(api, cluster, namespace, tmp_path):
+    # A container restart keeps the pod's name: the new process holds the same Lease and finds the
+    # job assigned to it, reported Running by "itself". Skipping it as already run would leave it
+    # Running forever; it must be given back to the operator as a failed (retryable) attempt.
+    name = f"restarted-{uuid.uuid4().hex[:6]}"
+    tj = cluster.create("https://media.example.com/a.mp3")
+    cluster.assign(tj, name, attempt=1)
+    cluster.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, tj["metadata"]["name"], {
+        "status": {"execution": {"worker": name, "attempt": 1, "state": "Running",
+                                 "startTime": contract.now_string()}}})  # fmt: skip
+    settings = WorkerSettings(name=name, namespace=namespace, watch_namespaces=[namespace],
+                              renew_interval_seconds=0.5, health_port=None)  # fmt: skip
+    runner = RunnerSettings(default_model="tiny.en", device="cpu", cpu_threads=2, work_dir=tmp_path / "work",
+                            fetch_allowlist=["127.0.0.1"])  # fmt: skip
+    restarted = Worker(settings, runner, api).start()
+    try:
+        failed = wait_for(lambda: cluster.execution(tj, "Failed"), 30, "the lost attempt reported")
+        assert failed["reason"] == "WorkerRestarted" and failed["attempt"] == 1 and not failed.get("badInput")
+        assert name in failed["message"] and not restarted.runs
+        # The operator's retry is a new attempt: this worker runs that one.
+        cluster.assign(tj, name, attempt=2)
+        wait_for(lambda: cluster.execution(tj, "Failed") and cluster.status(tj)["execution"]["attempt"] == 2, 60,
+                 "attempt 2 run (and failed: the URL is not allowlisted)")  # fmt: skip
+    finally:
+        restarted.stop()
