@@ -13,9 +13,10 @@ e.g. ``ControlPlane.service_account_kubeconfig``) each process acts as its Pod's
 ``serviceAccountName`` (``default`` when unset), as a real kubelet's mounted token
 would make it; without, as the stand-in itself (its own kubeconfig).
 
-What it is not: no images, no isolation, no resource limits, no scheduling, no
-restarts of a process that dies with the machine. On a real cluster none of this
-module runs.
+What it is not: no images, no isolation, no resource limits, no scheduling. A pod
+whose process died with the machine (a restart with `ifw local --state-dir`) is
+failed when the stand-in starts again, and the Job goes on as after any failed pod.
+On a real cluster none of this module runs.
 
     ifw standin --kubeconfig KUBECONFIG
 """
@@ -81,6 +82,7 @@ class KubeletStandIn:
         self.core = client.CoreV1Api(self.api)
         self.interval = interval
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="ifw-standin-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # else every pod it creates fails at its log file
         self.runs: dict[str, _Run] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,16 +123,48 @@ class KubeletStandIn:
         for job in jobs:
             uid = job.metadata.uid
             seen.add(uid)
-            run = self.runs.setdefault(uid, _Run(job.metadata.namespace, job.metadata.name, uid))
-            if run.done or job.metadata.deletion_timestamp or self._finished(job):
+            run = self.runs.get(uid)
+            if run is None:
+                run = self.runs[uid] = _Run(job.metadata.namespace, job.metadata.name, uid)
+                adopt = True
+            else:
+                adopt = False
+            if job.metadata.deletion_timestamp or self._finished(job):
                 continue  # a Job finished before this stand-in started needs nothing either
             try:
-                self._sync_job(job, run)
+                if adopt:
+                    self._adopt(job, run)
+                if not run.done:
+                    self._sync_job(job, run)
             except ApiException as error:  # e.g. its namespace is gone: one Job must not stall the rest
                 log.warning("cannot sync Job %s/%s: %s", run.namespace, run.name, error.reason)
         for uid in list(self.runs):
             if uid not in seen:  # the Job was deleted: stop its process like the kubelet would
                 self._kill(self.runs.pop(uid))
+
+    def _adopt(self, job: client.V1Job, run: _Run) -> None:
+        """A Job from before this stand-in started (`ifw local --state-dir` after a restart): the
+        processes of its running pods died with the machine. Fail those pods as a kubelet reports
+        the pods of a node that went away, so the Job goes on to its next pod within backoffLimit."""
+        run.failed = (job.status.failed if job.status else None) or 0
+        lost = 0
+        pods = self.core.list_namespaced_pod(run.namespace, label_selector=f"job-name={job.metadata.name}").items
+        for pod in pods:
+            owners = {ref.uid for ref in pod.metadata.owner_references or []}
+            if run.uid in owners and pod.status and pod.status.phase in ("Pending", "Running"):
+                run.pod_name = pod.metadata.name
+                self._set_pod_phase(run, "Failed", exit_code=137, reason="Error",
+                                    message="the machine restarted while the pod ran")  # fmt: skip
+                lost += 1
+        run.pod_name = None
+        if not lost:
+            return
+        run.failed += lost
+        log.info("Job %s/%s: %d pod(s) lost in a restart", run.namespace, run.name, lost)
+        if run.failed > (job.spec.backoff_limit if job.spec.backoff_limit is not None else 6):
+            self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        else:
+            self._patch_job_status(job, {"failed": run.failed, "active": 0})
 
     def _sync_job(self, job: client.V1Job, run: _Run) -> None:
         spec = job.spec

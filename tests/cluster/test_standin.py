@@ -126,3 +126,42 @@ def test_each_pod_acts_as_its_service_account(kube, namespace, tmp_path):
             # Nothing is bound to the account: the server refuses it, by its name.
             refusal = run.message_path.read_text()
             assert f'User \\"system:serviceaccount:{namespace}:{account}\\" cannot list' in refusal, refusal
+
+
+# Sleeps on its first run (a marker file tells), exits 0 on the next: a pod lost mid-run, then a retry.
+SLEEP_THE_FIRST_TIME = (
+    "import os, time; first = not os.path.exists(os.environ['MARK']); open(os.environ['MARK'], 'w').close(); "
+    "time.sleep(600 if first else 0)"
+)
+
+
+def test_a_pod_lost_with_the_machine_is_failed_by_the_next_stand_in_and_the_job_goes_on(kube, namespace, tmp_path):
+    # `ifw local --state-dir` after a restart: the API still says Running for a pod whose process
+    # is gone. The new stand-in must fail that pod (as a kubelet reports a lost node's pods) and
+    # let the Job retry, not leave it Running forever or run two pods at once.
+    with kube.api_client() as api:
+        batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+        body = job_body(0, backoff_limit=1)
+        container = body["spec"]["template"]["spec"]["containers"][0]
+        container["command"] = ["python", "-c", SLEEP_THE_FIRST_TIME]
+        container["env"].append({"name": "MARK", "value": str(tmp_path / "ran-once")})
+        with KubeletStandIn(kube.kubeconfig, interval=0.1, log_dir=tmp_path / "before") as before:
+            name = batch.create_namespaced_job(namespace, body).metadata.name
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "ran-once").exists():
+                assert time.monotonic() < deadline, "the first pod's process never started"
+                time.sleep(0.1)
+            lost = next(r.pod_name for r in before.runs.values() if r.name == name)
+        # The machine is gone (its processes killed); the pod's status was never told.
+        assert core.read_namespaced_pod(lost, namespace).status.phase == "Running"
+
+        with KubeletStandIn(kube.kubeconfig, interval=0.1, log_dir=tmp_path / "after"):
+            job = finished(batch, namespace, name)
+        assert any(c.type == "Complete" and c.status == "True" for c in job.status.conditions)
+        assert job.status.failed == 1 and job.status.succeeded == 1
+        old = core.read_namespaced_pod(lost, namespace)
+        terminated = old.status.container_statuses[0].state.terminated
+        assert old.status.phase == "Failed" and terminated.exit_code == 137
+        assert "restarted" in terminated.message
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        assert sorted(p.status.phase for p in pods) == ["Failed", "Succeeded"]
