@@ -209,9 +209,13 @@ class ControlPlane:
     ``timings`` (seconds: 'build', 'readyz').
     """
 
-    def __init__(self, log=_log, keep_dir: bool = False, audit_log: str | Path | None = None):
+    def __init__(self, log=_log, keep_dir: bool = False, audit_log: str | Path | None = None,
+                 etcd_data_dir: str | Path | None = None):
         self._log = log
         self.keep_dir = keep_dir
+        # Given: etcd keeps its data there (synced to disk) and a later start finds every object
+        # again; else it lives and dies in the throwaway directory. Certificates are always new.
+        self.etcd_data_dir = Path(etcd_data_dir) if etcd_data_dir else None
         self.audit_log = Path(audit_log) if audit_log else None
         self._minted: dict[tuple[str, tuple[str, ...]], str] = {}
         self._mint_lock = threading.Lock()
@@ -239,8 +243,9 @@ class ControlPlane:
         try:
             if existing:
                 self.source = "existing"
-                if self.audit_log:
-                    raise ControlPlaneError("audit_log needs a control plane started here, not IFW_TEST_KUBECONFIG")
+                if self.audit_log or self.etcd_data_dir:
+                    raise ControlPlaneError("audit_log and etcd_data_dir need a control plane started here, "
+                                            "not IFW_TEST_KUBECONFIG")
                 self.kubeconfig = str(Path(existing).expanduser().resolve())
                 if not os.path.exists(self.kubeconfig):
                     raise ControlPlaneError(f"IFW_TEST_KUBECONFIG={existing} does not exist")
@@ -379,13 +384,16 @@ class ControlPlane:
 
         etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
+        data_dir = self.etcd_data_dir or self._tmp / "etcd-data"
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._spawn("etcd", [
-            etcd, "--name", "ifw-test", "--data-dir", str(self._tmp / "etcd-data"),
+            etcd, "--name", "ifw-test", "--data-dir", str(data_dir),
             "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
             "--initial-cluster", f"ifw-test=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync", "--log-level", "warn",
+            *([] if self.etcd_data_dir else ["--unsafe-no-fsync"]),  # speed, for data that dies with the run
+            "--log-level", "warn",
         ])
 
         self.server = f"https://127.0.0.1:{api_port}"

@@ -11,6 +11,7 @@ tears everything down.
     ifw local                                      # demo, then exit
     ifw local --serve                              # keep the stack up, print how to use it
     ifw local --audio talk.mp3 --model tiny.en --timestamp word
+    ifw local --serve --state-dir ~/.local/state/ifw   # jobs and results survive a restart
 """
 
 from __future__ import annotations
@@ -78,8 +79,12 @@ class LocalStack:
     def __init__(self, work: Path, model: str, namespace: str = "default", gateway_kubeconfig: str | None = None,
                  gateway_env: dict[str, str] | None = None, *, pool_workers: int = 1, device: str = "cpu",
                  host: str = "127.0.0.1", port: int | None = None,
-                 webhook_allowlist: list[str] | None = None, ready_timeout: float = 600.0):  # fmt: skip
+                 webhook_allowlist: list[str] | None = None, ready_timeout: float = 600.0,
+                 state_dir: Path | None = None):  # fmt: skip
         self.work = work
+        # What must outlive a restart besides etcd's data (the ControlPlane's): the uploads that
+        # queued jobs will fetch, and the gateway's port that their URLs name.
+        self.state_dir = state_dir
         self.model = model
         self.namespace = namespace
         # The gateway's identity (default: the admin kubeconfig) and extra IFW_GATEWAY_* settings.
@@ -142,7 +147,7 @@ class LocalStack:
         config_path.write_text(yaml.safe_dump(operator_config))
         operator = self._spawn("operator", "ifw.operator", {"IFW_OPERATOR_CONFIG_FILE": str(config_path)})
 
-        port = self.port or _free_port()
+        port = self.port or self._gateway_port()
         reach = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         self.gateway_url = f"http://{reach}:{port}"
         gateway = self._spawn("gateway", "ifw.gateway", {
@@ -150,7 +155,7 @@ class LocalStack:
             "IFW_GATEWAY_PORT": str(port),
             "IFW_GATEWAY_NAMESPACE": self.namespace,
             "IFW_GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{port}",
-            "IFW_GATEWAY_UPLOAD_DIR": str(self.work / "uploads"),
+            "IFW_GATEWAY_UPLOAD_DIR": str((self.state_dir or self.work) / "uploads"),
             "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
             "IFW_GATEWAY_LOG_FORMAT": "text",
             # The same lists the runner's fetch and the operator's webhook sender apply.
@@ -162,7 +167,6 @@ class LocalStack:
         # Runner processes act as their pod's ServiceAccount (the operator's least-privilege Role).
         credentials = control_plane.service_account_kubeconfig if control_plane.can_mint else None
         self.node = KubeletStandIn(self.kubeconfig, log_dir=self.work / "pods", credentials=credentials)
-        (self.work / "pods").mkdir(exist_ok=True)
         self.node.start()
         workers = [self._start_worker(i, runner_env) for i in range(self.pool_workers)]
         _wait_http(f"http://127.0.0.1:{operator_config['liveness_port']}/healthz", operator, "operator")
@@ -170,6 +174,25 @@ class LocalStack:
         for process, health in workers:  # warm: the model is loaded before the first job comes
             _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=self.ready_timeout,
                        hint=" (loading its model; a slow first download needs a longer --ready-timeout)")
+
+    def _gateway_port(self) -> int:
+        """A free port; with a state directory the one used last time (upload URLs of queued jobs name it)."""
+        if self.state_dir is None:
+            return _free_port()
+        remembered = self.state_dir / "gateway-port"
+        if remembered.exists():
+            port = int(remembered.read_text())
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+                try:
+                    s.bind((self.host, port))
+                    return port
+                except OSError:
+                    print(f"port {port} of the last run is taken: uploads queued then cannot be fetched",
+                          file=sys.stderr)  # fmt: skip
+        port = _free_port()
+        remembered.write_text(str(port))
+        return port
 
     def _start_worker(self, index: int, runner_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
         """A pool worker, as the chart's pool Deployment runs it (`ifw-runner serve`)."""
@@ -240,15 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds the pool worker may take to load its model (a first download of large-v3 "
                              "on a slow link needs more; default 600)")  # fmt: skip
+    parser.add_argument("--state-dir", type=Path,
+                        help="keep jobs, statuses, results and queued uploads here across restarts (etcd's data "
+                             "and the uploads); default: they last as long as the process")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.state_dir:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
     stack = LocalStack(work, args.model, pool_workers=1 if args.runtime == "pool" else 0, device=args.device,
-                       host=args.host, port=args.port, ready_timeout=args.ready_timeout)
+                       host=args.host, port=args.port, ready_timeout=args.ready_timeout, state_dir=args.state_dir)
     print(f"local stack: logs in {work}", flush=True)
     code = 1
     try:
-        with ControlPlane() as control_plane:
+        with ControlPlane(etcd_data_dir=args.state_dir / "etcd" if args.state_dir else None) as control_plane:
             try:
                 stack.start(control_plane)
                 if args.serve:

@@ -298,6 +298,9 @@ def test_standalone_target_runs_ifw_local_with_arguments_it_accepts(monkeypatch)
     assert (args.serve, args.runtime, args.device, args.host, args.port, args.model) == (
         True, "pool", "cuda", "0.0.0.0", 8000, "openai/whisper-large-v3")
     assert str(args.port) in _args(standalone, "EXPOSE")[0].split()
+    # Jobs and results outlive the container on the volume, which the non-root user can write.
+    assert str(args.state_dir) == "/state" and _args(standalone, "VOLUME") == ['["/state"]']
+    assert any("chown 10001:10001 /state" in run for run in _args(standalone, "RUN"))
     # The check can fail: an argument `ifw local` does not know is refused.
     with pytest.raises(SystemExit) as refused:
         _ifw_local_args([*entrypoint, *cmd, "--runtime", "pods"], monkeypatch)

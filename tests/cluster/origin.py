@@ -10,9 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 @dataclass
 class Origin:
     """GET /speech.wav serves `audio`; GET /slow.wav is held until `release` is set (so a job can be
-    cancelled mid-fetch), then 404 like any other path; POST (a webhook) gets 204."""
+    cancelled mid-fetch), then 404 like any other path, or, with `slow_serves_audio`, serves `audio`
+    at once; POST (a webhook) gets 204."""
 
     audio: bytes = b""
+    slow_serves_audio: bool = False
     fetching: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     server: ThreadingHTTPServer | None = None
@@ -34,7 +36,7 @@ class Origin:
 def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            if self.path == "/speech.wav" and origin.audio:
+            if origin.audio and (self.path == "/speech.wav" or self.path == "/slow.wav" and origin.slow_serves_audio):
                 self.send_response(200)
                 self.send_header("content-type", "audio/wav")
                 self.send_header("content-length", str(len(origin.audio)))
