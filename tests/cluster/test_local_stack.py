@@ -107,7 +107,7 @@ def test_with_a_state_dir_results_and_unfinished_jobs_survive_a_crash_of_the_who
                     return (tj.get("status") or {}).get("phase")
 
                 wait_for(lambda: phase_of("queued") == "Queued", 30, "the upload queued behind the held job")
-                assert phase_of("held") == "Running"
+                wait_for(lambda: phase_of("held") == "Running", 30, "the held job running")
                 gateway_url = stack.gateway_url
             finally:  # a power cut: every process at once, nothing told
                 _crash(stack, cp)
