@@ -123,12 +123,8 @@ class KubeletStandIn:
         for job in jobs:
             uid = job.metadata.uid
             seen.add(uid)
-            run = self.runs.get(uid)
-            if run is None:
-                run = self.runs[uid] = _Run(job.metadata.namespace, job.metadata.name, uid)
-                adopt = True
-            else:
-                adopt = False
+            adopt = uid not in self.runs  # first seen: maybe a Job an earlier stand-in ran
+            run = self.runs.setdefault(uid, _Run(job.metadata.namespace, job.metadata.name, uid))
             if job.metadata.deletion_timestamp or self._finished(job):
                 continue  # a Job finished before this stand-in started needs nothing either
             try:

@@ -140,9 +140,10 @@ class Worker:
         self.models = settings.models or [runner.default_model]
         self.result_settings = results.ResultSettings()
         self.runs: dict[tuple[str, str], Run] = {}
-        # (uid, attempt) of every run this process started: tells a relist's "ran here" from one a
-        # previous process of this worker (same pod name after a container restart) started and lost.
-        self.started: set[tuple[str, int]] = set()
+        # uid -> the attempt this process last started, until the job ends: tells a relist's "ran
+        # here" from a run that a previous process of this worker (same pod name after a container
+        # restart) started and lost.
+        self.started: dict[str, int] = {}
         self.draining = threading.Event()
         self.stopped = threading.Event()
         self._lock = threading.Lock()  # guards runs
@@ -289,6 +290,8 @@ class Worker:
         assignment = status.get("assignment") or {}
         mine = assignment.get("worker") == self.settings.name
         with self._lock:
+            if kind == "DELETED" or contract.is_terminal(tj):
+                self.started.pop(meta.get("uid"), None)
             run = self.runs.get(key)
             if run is not None and (kind == "DELETED" or run.uid != meta.get("uid") or not mine
                                     or assignment.get("attempt") != run.attempt or contract.is_terminal(tj)):
@@ -300,13 +303,13 @@ class Worker:
             execution = status.get("execution") or {}
             run = Run(meta["namespace"], meta["name"], meta["uid"], int(assignment["attempt"]))
             if execution.get("attempt") == run.attempt and execution.get("worker") == self.settings.name:
-                if (run.uid, run.attempt) in self.started or execution.get("state") != "Running":
+                if self.started.get(run.uid) == run.attempt or execution.get("state") != "Running":
                     return  # this attempt already ran here (a relist after a restart of the watch)
                 lost = True
             else:
                 lost = False
                 self.runs[key] = run
-                self.started.add((run.uid, run.attempt))
+                self.started[run.uid] = run.attempt
         if lost:
             # Its run died with the previous process: fail the attempt (it may be what killed that
             # process), so the operator retries it within spec.backoffLimit instead of waiting forever.
