@@ -446,6 +446,16 @@ class Recorder:
                 out.append(now)
         return out
 
+    def saw_deleted(self, name: str) -> bool:
+        with self._lock:
+            return any(kind == "DELETED" and obj["metadata"]["name"] == name for kind, obj in self.seen)
+
+    def phases_through(self, name: str, phase: str, timeout: float = 10.0) -> list[tuple[str | None, str | None]]:
+        """phases(name) once the watch has delivered `phase`: a GET can see a state before the
+        watch does, and the watch delivers in order, so everything before it is there then."""
+        return wait_for(lambda: (lambda seen: seen if phase in [p for p, _ in seen] else None)(self.phases(name)),
+                        timeout, what=f"the recorder to see {name} {phase}")  # fmt: skip
+
 
 @pytest.fixture
 def recorder(sim) -> Iterator[Recorder]:

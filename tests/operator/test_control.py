@@ -74,7 +74,7 @@ def test_ttl_deletes_the_finished_job_and_its_children(run_operator, sim, record
     sim.set_job_condition(job, "Complete", "CompletionsReached")
     # Succeeded for only a second: the recorder sees it, a poll might not.
     wait_for(lambda: sim.tj("short-lived") is None, 10, what="the TranscriptionJob deleted by its TTL")
-    assert recorder.phases("short-lived")[-1] == ("Succeeded", "Completed")
+    assert recorder.phases_through("short-lived", "Succeeded")[-1] == ("Succeeded", "Completed")
     wait_for(lambda: _none_left(sim, uid), 15, what=f"children deleted (left: {_children(sim, uid)})")
 
 

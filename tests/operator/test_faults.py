@@ -38,9 +38,10 @@ def test_the_phase_does_not_flap_back_to_pending_when_the_runner_finishes(run_op
     wait_reconciled(op, tj["metadata"]["uid"])
     sim.set_job_condition(job, "Complete", "CompletionsReached")
     sim.wait_phase("steady", "Succeeded")
-    phases = [phase for phase, _ in recorder.phases("steady")]
+    seen = recorder.phases_through("steady", "Succeeded")
+    phases = [phase for phase, _ in seen]
     after_start = phases[phases.index("Running"):]
-    assert after_start == ["Running", "Running", "Succeeded"], recorder.phases("steady")
+    assert after_start == ["Running", "Running", "Succeeded"], seen
 
 
 @pytest.mark.parametrize("code,signal_name", [(137, "SIGKILL"), (143, "SIGTERM")])
@@ -111,7 +112,7 @@ def test_evicted_oom_killed_and_lost_pods_are_retried_per_policy_with_truthful_r
     sim.pod_terminated(last, 0, reason="Completed")
     sim.set_job_condition(job, "Complete", "CompletionsReached")
     sim.wait_phase("battered", "Succeeded")
-    reasons = [reason for _, reason in recorder.phases("battered")]
+    reasons = [reason for _, reason in recorder.phases_through("battered", "Succeeded")]
     assert "StartupDeadlineExceeded" not in reasons
     assert [r for r in reasons if r in ("Disrupted", "Retrying", "PodLost", "Completed")] == [
         "Disrupted", "Retrying", "PodLost", "Completed"], reasons
