@@ -161,8 +161,10 @@ def test_operator_killed_mid_job_restarts_without_a_second_job(operator_process,
     pod = sim.create_pod(job)
     sim.pod_running(pod)
     sim.wait_phase("survivor", "Running", timeout=30)
-    metrics = http_get(f"http://127.0.0.1:{op.metrics_port}/metrics")
-    assert 'ifw_operator_jobs{phase="Running"} 1.0' in metrics
+    # The gauge is the operator's view, which can be a moment behind the GET above.
+    running = 'ifw_operator_jobs{phase="Running"} 1.0'
+    metrics = wait_for(lambda: (lambda m: m if running in m else None)(http_get(f"http://127.0.0.1:{op.metrics_port}/metrics")),
+                       10, what="the Running gauge")  # fmt: skip
     assert "ifw_operator_job_create_seconds_count 1.0" in metrics
     op.kill()
 
