@@ -218,6 +218,7 @@ class Service:
         except BaseException:
             await self._undo(namespace, name, secret, staged, tj)
             raise
+        self.watch.created(tj)
         metrics.TJS_CREATED.labels(mode).inc()
         log.info("created task %s as %s/%s (%s)", task_id, namespace, name, mode, extra={"task_id": task_id})
         return Created(namespace, name, uid, tj, task_id)

@@ -45,6 +45,9 @@ Listener = Callable[[str, dict[str, Any]], None]
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 3.0
 LIST_TIMEOUT = (5, 60)  # (connect, read) seconds of the list that starts or restarts a watch
+# How long a TranscriptionJob this gateway created stands in for its watch event, which comes
+# within milliseconds unless the watch is reconnecting (the relist then brings it).
+CREATED_GRACE = 30.0
 
 
 def _key(obj: dict[str, Any]) -> Key:
@@ -79,6 +82,9 @@ class TjWatch:
         # Namespace -> monotonic time its watch lost the apiserver; absent while it is connected.
         # Written by the watch threads, read by /readyz (single dict operations: no lock needed).
         self.disconnected: dict[str, float] = {ns: time.monotonic() for ns in namespaces}
+        # uid -> (object, monotonic time): what this gateway created and the watch has not shown
+        # yet, so that a client's GET /tasks right after its POST lists the task (read your writes).
+        self._created: dict[str, tuple[dict[str, Any], float]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,9 +137,20 @@ class TjWatch:
     def has_waiters(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._waiters
 
+    def created(self, obj: dict[str, Any]) -> None:
+        """A TranscriptionJob this gateway just created (the API's answer to the create)."""
+        if _key(obj) not in self.objects:
+            self._created[obj["metadata"]["uid"]] = (obj, time.monotonic())
+
     def active(self, namespace: str) -> list[str]:
         """Task ids of the namespace's TranscriptionJobs that have not finished, oldest first."""
+        now = time.monotonic()
+        for uid, (_, when) in list(self._created.items()):
+            if now - when > CREATED_GRACE:
+                del self._created[uid]
+        unseen = [o for o, _ in self._created.values() if _key(o) not in self.objects]
         tjs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
+        tjs += [o for o in unseen if o["metadata"]["namespace"] == namespace]
         tjs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
         return [task_id_of(o) for o in tjs]
 
@@ -176,6 +193,7 @@ class TjWatch:
 
     def _apply(self, kind: str, obj: dict[str, Any], received: float | None = None) -> None:
         key = _key(obj)
+        self._created.pop(obj["metadata"].get("uid"), None)  # the watch has it now
         if received is not None and key in self._waiters and kind != "DELETED" and is_terminal(obj):
             # When the watch read the TranscriptionJob's last change: the start of completion -> response.
             self.finished_at[(key[0], key[1], obj["metadata"].get("uid"))] = received

@@ -220,3 +220,25 @@ def test_httpx_asgi_and_uvicorn_agree(gateway):
             return (await client.get("/healthz")).json()
 
     assert asyncio.run(run()) == {"status": "ok"}
+
+
+def test_a_task_is_listed_right_after_its_post_even_before_the_watch_shows_it(gateway, http, driver, monkeypatch):
+    """GET /tasks reads the watch's cache; a client that lists its tasks right after POST / must
+    still see the new one (the original listed it from memory), though the watch event lags."""
+    from ifw.gateway.watch import TjWatch
+
+    watch = gateway.app.state.service.watch
+    _wait_until(lambda: watch.synced)
+    held: list = []
+    monkeypatch.setattr(watch, "_post", lambda fn, *args: held.append((fn, args)))  # the watch runs late
+    body = {"url": URL, "is_async": True, "managed_task_id": "just-posted",
+            "webhook": {"url": "https://hooks.example.com/done"}}  # fmt: skip
+    assert http.post("/", json=body).status_code == 200
+    assert (driver.namespace, "just-posted") not in watch.objects  # the cache has not seen it
+    assert http.get("/tasks").json() == {"tasks": ["just-posted"]}
+
+    monkeypatch.undo()  # the watch catches up: its event replaces the stand-in, listed once
+    for fn, args in held:
+        TjWatch._post(watch, fn, *args)
+    _wait_until(lambda: (driver.namespace, "just-posted") in watch.objects)
+    assert http.get("/tasks").json() == {"tasks": ["just-posted"]} and not watch._created
