@@ -145,12 +145,10 @@ class TjWatch:
     def active(self, namespace: str) -> list[str]:
         """Task ids of the namespace's TranscriptionJobs that have not finished, oldest first."""
         now = time.monotonic()
-        for uid, (_, when) in list(self._created.items()):
-            if now - when > CREATED_GRACE:
-                del self._created[uid]
-        unseen = [o for o, _ in self._created.values() if _key(o) not in self.objects]
+        self._created = {uid: entry for uid, entry in self._created.items() if now - entry[1] <= CREATED_GRACE}
         tjs = [o for (ns, _), o in self.objects.items() if ns == namespace and not is_terminal(o)]
-        tjs += [o for o in unseen if o["metadata"]["namespace"] == namespace]
+        # What is still in _created the watch has not shown (_apply takes it out on any event of it).
+        tjs += [o for o, _ in self._created.values() if o["metadata"]["namespace"] == namespace]
         tjs.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]))
         return [task_id_of(o) for o in tjs]
 

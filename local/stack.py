@@ -130,6 +130,8 @@ class LocalStack:
 
     def start(self, control_plane: ControlPlane) -> None:
         self.kubeconfig = control_plane.kubeconfig
+        if self.state_dir:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         install_crd(control_plane_client(self.kubeconfig))
         runner_env = self.runner_env()
         operator_config = {
@@ -267,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep jobs, statuses, results and queued uploads here across restarts (etcd's data "
                              "and the uploads); default: they last as long as the process")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.state_dir:
-        args.state_dir.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="ifw-local-stack-"))
     stack = LocalStack(work, args.model, pool_workers=1 if args.runtime == "pool" else 0, device=args.device,

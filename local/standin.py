@@ -148,19 +148,13 @@ class KubeletStandIn:
         for pod in pods:
             owners = {ref.uid for ref in pod.metadata.owner_references or []}
             if run.uid in owners and pod.status and pod.status.phase in ("Pending", "Running"):
-                run.pod_name = pod.metadata.name
                 self._set_pod_phase(run, "Failed", exit_code=137, reason="Error",
-                                    message="the machine restarted while the pod ran")  # fmt: skip
+                                    message="the machine restarted while the pod ran", pod_name=pod.metadata.name)
                 lost += 1
-        run.pod_name = None
-        if not lost:
-            return
-        run.failed += lost
-        log.info("Job %s/%s: %d pod(s) lost in a restart", run.namespace, run.name, lost)
-        if run.failed > (job.spec.backoff_limit if job.spec.backoff_limit is not None else 6):
-            self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
-        else:
-            self._patch_job_status(job, {"failed": run.failed, "active": 0})
+        if lost:
+            log.info("Job %s/%s: %d pod(s) lost in a restart", run.namespace, run.name, lost)
+            run.failed += lost
+            self._retry_or_give_up(job, run)
 
     def _sync_job(self, job: client.V1Job, run: _Run) -> None:
         spec = job.spec
@@ -200,7 +194,12 @@ class KubeletStandIn:
         if self._fails_job_at_once(spec, code):
             self._finish(job, run, "Failed", "PodFailurePolicy",
                          f"Container runner for pod {run.pod_name} failed with exit code {code} matching FailJob rule")
-        elif run.failed > (spec.backoff_limit if spec.backoff_limit is not None else 6):
+        else:
+            self._retry_or_give_up(job, run)
+
+    def _retry_or_give_up(self, job: client.V1Job, run: _Run) -> None:
+        """After a failed pod, as the Job controller: another pod, or BackoffLimitExceeded."""
+        if run.failed > (job.spec.backoff_limit if job.spec.backoff_limit is not None else 6):
             self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
         else:
             self._patch_job_status(job, {"failed": run.failed, "active": 0})
@@ -299,8 +298,10 @@ class KubeletStandIn:
         return env
 
     def _set_pod_phase(self, run: _Run, phase: str, exit_code: int | None = None, reason: str = "",
-                       message: str = "") -> None:
-        if not run.pod_name:
+                       message: str = "", pod_name: str | None = None) -> None:
+        """The status of the run's pod (or of `pod_name`, another pod of its Job)."""
+        pod_name = pod_name or run.pod_name
+        if not pod_name:
             return
         if phase == "Running":
             state = {"running": {"startedAt": _now()}}
@@ -311,7 +312,7 @@ class KubeletStandIn:
                   "containerStatuses": [{"name": "runner", "ready": phase == "Running", "restartCount": 0,
                                          "image": "local", "imageID": "", "state": state}]}
         try:
-            self.core.patch_namespaced_pod_status(run.pod_name, run.namespace, {"status": status})
+            self.core.patch_namespaced_pod_status(pod_name, run.namespace, {"status": status})
         except ApiException as error:
             if error.status != 404:
                 raise

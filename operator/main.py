@@ -55,6 +55,7 @@ def watch_through_missing_resources() -> None:
             await asyncio.sleep(MISSING_RESOURCE_RETRY_SECONDS)
 
     continuous_watch.ifw_tolerates_404 = True  # type: ignore[attr-defined]
+    continuous_watch.__wrapped__ = original  # type: ignore[attr-defined]
     watching.continuous_watch = continuous_watch
 
 

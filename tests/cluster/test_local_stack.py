@@ -127,6 +127,15 @@ def test_with_a_state_dir_results_and_unfinished_jobs_survive_a_crash_of_the_who
                                         180, f"{task} to finish", interval=0.5)  # fmt: skip
                     assert finished["status"] == "completed", finished
                     assert "call me" in finished["output"]["text"].lower(), finished
+                # The running job's lost attempt was counted and retried (WorkerRestarted, or WorkerLost
+                # when the restart outlasts the worker's Lease); the queued one ran once.
+                custom = client.CustomObjectsApi(control_plane_client(cp.kubeconfig))
+                assignment = {task: custom.get_namespaced_custom_object(GROUP, VERSION, stack.namespace, PLURAL,
+                                                                        task)["status"]["assignment"]
+                              for task in ("held", "queued")}  # fmt: skip
+                # (attempts beyond the retry are hand-backs of a full worker: capacity 1 here)
+                assert assignment["held"]["retries"] == 1 and assignment["held"]["attempt"] >= 2, assignment
+                assert assignment["queued"]["retries"] == 0, assignment
             finally:
                 stack.stop()
 

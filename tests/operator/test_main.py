@@ -50,5 +50,6 @@ def test_a_404_on_a_watch_is_watched_through(monkeypatch):
     monkeypatch.setattr(main, "MISSING_RESOURCE_RETRY_SECONDS", 0.0)
     main.watch_through_missing_resources()
     main.watch_through_missing_resources()  # once only, however often main starts kopf
+    assert watching.continuous_watch.__wrapped__ is fake
     events = _watch(iterations=2)
     assert events == [{"type": "ADDED", "object": {"metadata": {"name": "after"}}}] and calls == [RESOURCE, RESOURCE]
