@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from ifw.core import contract
 from ifw.core.formats import FORMATS
+from ifw.core.settings import EnvNamed
 from ifw.core.transcript import Transcript
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SECRET_KEY = "transcript.json.gz"
 _SECRET_SUFFIX = "-result"
 
 
-class ResultSettings(BaseSettings):
+class ResultSettings(EnvNamed):
     """The result store's settings (env prefix IFW_), read alike by every component that touches results."""
 
     model_config = SettingsConfigDict(env_prefix="IFW_", extra="ignore")
@@ -62,18 +63,17 @@ class ResultSettings(BaseSettings):
 class ResultStoreFailed(contract.Failure):
     """The store could not be written or read: worth a retry."""
 
-    reason = "ResultStoreFailed"
+    reason = contract.Reason.ResultStoreFailed
 
 
 class ResultNotFound(ResultStoreFailed):
     """The result is gone (deleted on TTL, or never written)."""
 
-    reason = "ResultNotFound"
+    reason = contract.Reason.ResultNotFound
 
 
 class ResultTooLarge(ResultStoreFailed):
-    reason = "ResultTooLarge"
-    exit_code = contract.EXIT_BAD_INPUT
+    reason = contract.Reason.ResultTooLarge
 
 
 @dataclass(frozen=True)

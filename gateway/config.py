@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from ifw.core.settings import EnvNamed
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(EnvNamed):
     model_config = SettingsConfigDict(env_prefix="IFW_GATEWAY_", extra="ignore")
 
     # --- HTTP server ---

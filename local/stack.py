@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from ifw.core.runner_settings import RunnerSettings, WorkerSettings
 from ifw.local.control_plane import ControlPlane
 from ifw.local.crd import install_crd
 from ifw.local.standin import KubeletStandIn
@@ -97,6 +98,7 @@ class LocalStack:
         self.ready_timeout = ready_timeout  # how long a pool worker may take to load its model
         # Private webhook receivers the operator may call (and the gateway accept), e.g. on loopback.
         self.webhook_allowlist = webhook_allowlist or []
+        self.fetch_allowlist = ["127.0.0.1"]  # the runner's, and so the gateway's url check
         self.processes: list[subprocess.Popen] = []
         self.worker_health_ports: list[int] = []  # each pool worker's /healthz, /readyz, /metrics
         self.gateway_url = ""
@@ -114,18 +116,17 @@ class LocalStack:
 
     def runner_env(self) -> dict[str, str]:
         """The runner's settings, the same for a Job's pod and a pool worker."""
-        env = {
-            "IFW_DEVICE": self.device,
-            "IFW_DEFAULT_MODEL": self.model,
+        env = RunnerSettings.env(
+            device=self.device,
+            default_model=self.model,
             # HF_TOKEN alone turns diarization on, as in the original; else the packaged weights.
-            "IFW_DIARIZATION_PIPELINE": "pyannote/speaker-diarization-3.1" if os.environ.get("HF_TOKEN") else "packaged",
-            "PYANNOTE_METRICS_ENABLED": "0",
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            diarization_pipeline="pyannote/speaker-diarization-3.1" if os.environ.get("HF_TOKEN") else "packaged",
             # The gateway serves uploads to the runner on loopback here.
-            "IFW_FETCH_ALLOWLIST": '["127.0.0.1"]',
-        }
+            fetch_allowlist=self.fetch_allowlist,
+        )
+        env |= {"PYANNOTE_METRICS_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         if self.device == "cpu":  # two shared cores: pinned threads, or some ops run 10x slower
-            env |= {"IFW_CPU_THREADS": "2", "OMP_NUM_THREADS": "2"}
+            env |= RunnerSettings.env(cpu_threads=2) | {"OMP_NUM_THREADS": "2"}
         return env
 
     def start(self, control_plane: ControlPlane) -> None:
@@ -153,16 +154,7 @@ class LocalStack:
         reach = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         self.gateway_url = f"http://{reach}:{port}"
         gateway = self._spawn("gateway", "ifw.gateway", {
-            "IFW_GATEWAY_HOST": self.host,
-            "IFW_GATEWAY_PORT": str(port),
-            "IFW_GATEWAY_NAMESPACE": self.namespace,
-            "IFW_GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{port}",
-            "IFW_GATEWAY_UPLOAD_DIR": str((self.state_dir or self.work) / "uploads"),
-            "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
-            "IFW_GATEWAY_LOG_FORMAT": "text",
-            # The same lists the runner's fetch and the operator's webhook sender apply.
-            "IFW_GATEWAY_URL_ALLOWLIST": runner_env["IFW_FETCH_ALLOWLIST"],
-            "IFW_GATEWAY_WEBHOOK_ALLOWLIST": json.dumps(self.webhook_allowlist),
+            **self.gateway_settings_env(port),
             **self.gateway_env,
             **({"KUBECONFIG": self.gateway_kubeconfig} if self.gateway_kubeconfig else {}),
         })
@@ -176,6 +168,22 @@ class LocalStack:
         for process, health in workers:  # warm: the model is loaded before the first job comes
             _wait_http(f"http://127.0.0.1:{health}/readyz", process, "pool worker", timeout=self.ready_timeout,
                        hint=" (loading its model; a slow first download needs a longer --ready-timeout)")
+
+    def gateway_settings_env(self, port: int) -> dict[str, str]:
+        """The gateway's settings. Spelt here (the local stack may not import the gateway); a test
+        checks each name against GatewaySettings."""
+        return {
+            "IFW_GATEWAY_HOST": self.host,
+            "IFW_GATEWAY_PORT": str(port),
+            "IFW_GATEWAY_NAMESPACE": self.namespace,
+            "IFW_GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{port}",
+            "IFW_GATEWAY_UPLOAD_DIR": str((self.state_dir or self.work) / "uploads"),
+            "IFW_GATEWAY_DIARIZATION_AVAILABLE": "true",
+            "IFW_GATEWAY_LOG_FORMAT": "text",
+            # The same lists the runner's fetch and the operator's webhook sender apply.
+            "IFW_GATEWAY_URL_ALLOWLIST": json.dumps(self.fetch_allowlist),
+            "IFW_GATEWAY_WEBHOOK_ALLOWLIST": json.dumps(self.webhook_allowlist),
+        }
 
     def _gateway_port(self) -> int:
         """A free port; with a state directory the one used last time (upload URLs of queued jobs name it)."""
@@ -202,11 +210,10 @@ class LocalStack:
         self.worker_health_ports.append(health)
         process = self._spawn(f"worker-{index}", "ifw.runner", {
             **runner_env,
-            "IFW_WORKER_NAME": f"local-worker-{index}",
-            "IFW_WORKER_NAMESPACE": self.namespace,
-            "IFW_WORKER_WATCH_NAMESPACES": json.dumps([self.namespace]),
-            "IFW_WORKER_HEALTH_PORT": str(health),
-            "IFW_NODE_NAME": socket.gethostname(),
+            **WorkerSettings.env(name=f"local-worker-{index}", namespace=self.namespace,
+                                 watch_namespaces=[self.namespace], health_port=health),
+            # The runner's name, which the worker reads too: as the chart sets it.
+            **RunnerSettings.env(node_name=socket.gethostname()),
         }, "serve")
         return process, health
 

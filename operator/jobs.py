@@ -29,12 +29,14 @@ from ifw.core.contract import (
     job_identity,
     owner_reference,
 )
+from ifw.core.runner_settings import RunnerSettings
+from ifw.core.settings import field_ref
 from ifw.crds.transcriptionjob import GROUP, PLURAL
 from ifw.operator.config import OperatorSettings
 
 # Env the operator always sets; runner.env from config cannot override these.
 RESERVED_ENV = frozenset(
-    {contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_NAME, contract.ENV_JOB_UID, "IFW_WORK_DIR", "IFW_DEFAULT_MODEL",
+    {*map(RunnerSettings.env_var, ("job_namespace", "job_name", "job_uid", "work_dir", "default_model")),
      "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "HOME", "TMPDIR"}
 )
 
@@ -95,16 +97,14 @@ def _runner_env(tj: dict[str, Any], settings: OperatorSettings) -> list[dict[str
     env: list[dict[str, Any]] = [
         {"name": key, "value": value} for key, value in sorted(pod.env.items()) if key not in RESERVED_ENV
     ]
-    env += [
+    env += RunnerSettings.k8s_env(
         # The runner reads its own TranscriptionJob (checking the uid): the spec has one source of truth.
-        {"name": contract.ENV_JOB_NAMESPACE, "value": namespace},
-        {"name": contract.ENV_JOB_NAME, "value": name},
-        {"name": contract.ENV_JOB_UID, "value": uid},
+        job_namespace=namespace, job_name=name, job_uid=uid,
         # Who did the work, for the result and the webhook (the original API's fly_machine_id).
-        {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "IFW_DEFAULT_MODEL", "value": settings.default_model},
-        {"name": "IFW_WORK_DIR", "value": pod.work_dir},
+        pod_name=field_ref("metadata.name"), node_name=field_ref("spec.nodeName"),
+        default_model=settings.default_model, work_dir=pod.work_dir,
+    )
+    env += [
         # Read-only root FS: everything that writes goes to the scratch emptyDir at /tmp.
         {"name": "HOME", "value": "/tmp"},
         {"name": "TMPDIR", "value": "/tmp"},

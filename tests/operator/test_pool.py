@@ -15,8 +15,8 @@ import uuid
 import pytest
 
 from ifw.core import results
-from ifw.runner.config import RunnerSettings
-from ifw.runner.worker import Worker, WorkerSettings
+from ifw.runner.config import RunnerSettings, WorkerSettings
+from ifw.runner.worker import Worker
 from tests.operator.conftest import wait_for
 from tests.speaking import speak
 
