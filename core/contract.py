@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND
 
 # ------------------------------------------------------------------ the runner's environment
 
-# Set by the operator in every runner pod; the runner reads its own TranscriptionJob with them.
-ENV_JOB_NAMESPACE = "IFW_JOB_NAMESPACE"
-ENV_JOB_NAME = "IFW_JOB_NAME"
-ENV_JOB_UID = "IFW_JOB_UID"
+# The runner's environment is named by its settings classes (ifw.core.runner_settings).
+
 # Where the runner writes its termination message; only overridden outside a pod (the kubelet stand-in).
 ENV_TERMINATION_MESSAGE_PATH = "IFW_TERMINATION_MESSAGE_PATH"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
-# The runner pod's name and node (downward API): reported as the transcript's processed_by.
-ENV_POD_NAME = "IFW_POD_NAME"
-ENV_NODE_NAME = "IFW_NODE_NAME"
 RUNNER_CONTAINER = "runner"
 # The model a job gets when spec.model is absent (the operator's and the runner's default).
 DEFAULT_MODEL = "openai/whisper-large-v3"
@@ -37,49 +34,128 @@ RUNNER_COMMAND = ("python", "-m", "ifw.runner", "job")
 
 # A pool worker (`ifw-runner serve`) holds one Lease in its own namespace while it can take work;
 # the operator assigns jobs only to workers whose Lease is fresh and that are not draining.
-ENV_WORKER_NAME = "IFW_WORKER_NAME"  # the pod's name (downward API); also the Lease's name
-ENV_WORKER_NAMESPACE = "IFW_WORKER_NAMESPACE"  # where the Lease lives
 LABEL_POOL_WORKER = f"{GROUP}/pool-worker"  # on worker Leases: "true"
 ANNOTATION_WORKER_MODELS = f"{GROUP}/models"  # JSON list of the models the worker holds
 ANNOTATION_WORKER_CAPACITY = f"{GROUP}/capacity"  # jobs it runs at once
 ANNOTATION_WORKER_DRAINING = f"{GROUP}/draining"  # "true": finishing its jobs, take no more
 ANNOTATION_WORKER_NODE = f"{GROUP}/node"  # the node the worker runs on
-REASON_HANDED_BACK_TOO_LONG = "AudioTooLongForPool"
 
 # ------------------------------------------------------------------ exit codes
 
-EXIT_OK = 0
 EXIT_TRANSIENT = 1  # retried up to spec.backoffLimit
 EXIT_BAD_INPUT = 2  # the Job's podFailurePolicy fails the job at once: retrying cannot help
 
 # ------------------------------------------------------------------ failure reasons
 
-# Reasons a runner reports for input that no retry can fix. The gateway answers a sync request
-# whose job failed with one of these with a 4xx (the client's fault), anything else with a 5xx.
-BAD_INPUT_REASONS = frozenset(
-    {"AudioFetchFailed", "InvalidAudio", "AudioTooLarge", "InvalidSpec", "ModelLoadFailed", "ResultTooLarge"}
-)
-HTTP_STATUS_BY_REASON: Mapping[str, int] = {reason: 422 for reason in BAD_INPUT_REASONS} | {"AudioTooLarge": 413}
+
+@dataclass(frozen=True)
+class _Meaning:
+    bad_input: bool = False  # no retry can fix it: exit code 2, the job fails at once, HTTP 4xx
+    http_status: int = 500  # what the gateway answers a sync request whose job failed with it
+    needs_own_job: bool = False  # a pool hand-back: an Auto job then runs in its own Job
+
+
+_TRANSIENT = _Meaning()
+_BAD_INPUT = _Meaning(bad_input=True, http_status=422)
+
+
+class Reason(StrEnum):
+    """Every reason a failure or a pool hand-back crosses a process boundary with, and what it means.
+
+    The runner leaves with the exit code it implies, the operator retries (or sends a pool job to
+    its own Job) by it, and the gateway answers with its HTTP status: a reason added here is
+    honoured everywhere. The other CamelCase reasons of conditions (Retrying, PodStarting...)
+    describe a state, not a failure, and stay with the code that derives them.
+    """
+
+    _meaning: _Meaning
+
+    def __new__(cls, value: str, meaning: _Meaning = _TRANSIENT) -> Reason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member._meaning = meaning
+        return member
+
+    @property
+    def bad_input(self) -> bool:
+        return self._meaning.bad_input
+
+    @property
+    def http_status(self) -> int:
+        return self._meaning.http_status
+
+    @property
+    def needs_own_job(self) -> bool:
+        return self._meaning.needs_own_job
+
+    @classmethod
+    def of(cls, text: str | None) -> Reason | None:
+        """The Reason a status or termination message names; None for any other text."""
+        try:
+            return cls(text)
+        except ValueError:
+            return None
+
+    # What the runner reports for input no retry can fix.
+    AudioFetchFailed = "AudioFetchFailed", _BAD_INPUT  # a 5xx or a timeout of the host is retried (errors.py)
+    InvalidAudio = "InvalidAudio", _BAD_INPUT
+    AudioTooLarge = "AudioTooLarge", _Meaning(bad_input=True, http_status=413)
+    InvalidSpec = "InvalidSpec", _BAD_INPUT
+    ModelLoadFailed = "ModelLoadFailed", _BAD_INPUT  # an unreachable hub is retried (errors.py)
+    ResultTooLarge = "ResultTooLarge", _BAD_INPUT
+    # What the runner reports for failures worth a retry.
+    RunnerFailed = "RunnerFailed"
+    OutOfMemory = "OutOfMemory"
+    ResultStoreFailed = "ResultStoreFailed"
+    ResultNotFound = "ResultNotFound"
+    # A pool worker's: a lost attempt, and the jobs it gives back unrun.
+    WorkerRestarted = "WorkerRestarted"
+    WorkerLost = "WorkerLost"
+    WorkerFull = "WorkerFull"
+    WorkerDraining = "WorkerDraining"
+    HandedBack = "HandedBack"
+    ModelNotServed = "ModelNotServed", _Meaning(needs_own_job=True)
+    AudioTooLongForPool = "AudioTooLongForPool", _Meaning(needs_own_job=True)
+    # The operator's own verdicts.
+    DeadlineExceeded = "DeadlineExceeded"
+    StartupDeadlineExceeded = "StartupDeadlineExceeded"
+    BackoffLimitExceeded = "BackoffLimitExceeded"
+    ImagePullFailed = "ImagePullFailed"
+    JobDeleted = "JobDeleted"
+    JobCreateFailed = "JobCreateFailed"
+    JobFailed = "JobFailed"
 
 
 def http_status_for_reason(reason: str | None) -> int:
     """The HTTP status a failed job's reason maps to: 4xx for bad input, else 500."""
-    return HTTP_STATUS_BY_REASON.get(reason or "", 500)
+    known = Reason.of(reason)
+    return known.http_status if known else 500
 
 
 class Failure(Exception):
     """A failure with a CamelCase reason a person can act on, and the exit code a runner leaves with.
 
     The runner's errors and the result stores' errors derive from it, so a runner pod turns any
-    of them into the same termination message and exit code.
+    of them into the same termination message and exit code. ``retryable`` marks a cause worth a
+    retry behind a reason that usually means bad input (a media host's 5xx is AudioFetchFailed).
     """
 
-    reason = "RunnerFailed"
-    exit_code = EXIT_TRANSIENT
+    reason: Reason = Reason.RunnerFailed
+    retryable: bool = False
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: Reason | None = None):
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def bad_input(self) -> bool:
+        return self.reason.bad_input and not self.retryable
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_BAD_INPUT if self.bad_input else EXIT_TRANSIENT
 
     def termination_message(self) -> str:
         return termination_message(self.reason, self.message)
@@ -208,9 +284,50 @@ def child_metadata(tj: Mapping[str, Any], name: str, component: str) -> dict[str
 
 # ------------------------------------------------------------------ phases and times
 
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+class Phase(StrEnum):
+    """status.phase (the CRD's Phase literal says the same; a test keeps them equal)."""
+
+    Pending = "Pending"
+    Queued = "Queued"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+PHASES = tuple(Phase)
+TERMINAL_PHASES = frozenset({Phase.Succeeded, Phase.Failed})
+
+
+class ConditionType(StrEnum):
+    """The conditions the operator writes: True for the phase that holds (Pending has none), and
+    Ready (kstatus: True once Succeeded) for kubectl wait and GitOps health checks."""
+
+    Queued = "Queued"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Ready = "Ready"
+
+
+class Runtime(StrEnum):
+    """spec.runtime (Auto: the pool when a ready worker serves the model) and where a job ran."""
+
+    Auto = "Auto"
+    Pool = "Pool"
+    Job = "Job"
+
+
+class ExecutionState(StrEnum):
+    """A pool worker's report on its attempt (status.execution.state)."""
+
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    HandedBack = "HandedBack"
+
+
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # RFC 3339, seconds, UTC: what metav1.Time serialises to
+MICRO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # metav1.MicroTime (a Lease's renewTime)
 
 
 def phase_of(tj: Mapping[str, Any]) -> str | None:
@@ -221,14 +338,15 @@ def is_terminal(tj: Mapping[str, Any]) -> bool:
     return phase_of(tj) in TERMINAL_PHASES
 
 
-def format_time(value: datetime | None) -> str | None:
+def format_time(value: datetime | None, *, micro: bool = False) -> str | None:
+    """A time as the API serialises it: seconds (metav1.Time), or microseconds (MicroTime)."""
     if value is None:
         return None
-    return value.astimezone(timezone.utc).strftime(TIME_FORMAT)
+    return value.astimezone(timezone.utc).strftime(MICRO_TIME_FORMAT if micro else TIME_FORMAT)
 
 
-def now_string() -> str:
-    return datetime.now(timezone.utc).strftime(TIME_FORMAT)
+def now_string(*, micro: bool = False) -> str:
+    return format_time(datetime.now(timezone.utc), micro=micro)  # type: ignore[return-value]
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -37,19 +37,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ifw.core import kube
+from ifw.core.contract import format_time, now_string
 
 log = logging.getLogger("ifw.local.standin")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -252,8 +248,7 @@ class KubeletStandIn:
                                        start_new_session=True)
         run.started = time.monotonic()
         self._set_pod_phase(run, "Running")
-        status = {"active": 1, "startTime": job.status.start_time and
-                  job.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") or _now()}
+        status = {"active": 1, "startTime": format_time(job.status.start_time) or now_string()}
         if any(c.type == "Suspended" and c.status == "True" for c in (job.status.conditions or [])):
             status["conditions"] = [{**self._condition("Suspended", "JobResumed"), "status": "False"}]
         self._patch_job_status(job, status)
@@ -304,11 +299,11 @@ class KubeletStandIn:
         if not pod_name:
             return
         if phase == "Running":
-            state = {"running": {"startedAt": _now()}}
+            state = {"running": {"startedAt": now_string()}}
         else:
             state = {"terminated": {"exitCode": exit_code, "reason": reason, "message": message or None,
-                                    "finishedAt": _now()}}
-        status = {"phase": phase, "startTime": _now(),
+                                    "finishedAt": now_string()}}
+        status = {"phase": phase, "startTime": now_string(),
                   "containerStatuses": [{"name": "runner", "ready": phase == "Running", "restartCount": 0,
                                          "image": "local", "imageID": "", "state": state}]}
         try:
@@ -322,14 +317,14 @@ class KubeletStandIn:
     @staticmethod
     def _condition(kind: str, reason: str | None, message: str | None = None) -> dict:
         return {"type": kind, "status": "True", "reason": reason, "message": message,
-                "lastProbeTime": _now(), "lastTransitionTime": _now()}
+                "lastProbeTime": now_string(), "lastTransitionTime": now_string()}
 
     def _finish(self, job: client.V1Job, run: _Run, kind: str, reason: str | None, message: str | None) -> None:
         run.done = True
         if kind == "Complete":
             conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached"),
                           self._condition("Complete", "CompletionsReached")]
-            patch = {"succeeded": 1, "active": 0, "completionTime": _now(), "conditions": conditions}
+            patch = {"succeeded": 1, "active": 0, "completionTime": now_string(), "conditions": conditions}
         else:
             conditions = [self._condition("FailureTarget", reason, message), self._condition("Failed", reason, message)]
             patch = {"failed": max(run.failed, 1), "active": 0, "conditions": conditions}

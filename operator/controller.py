@@ -37,6 +37,9 @@ from ifw.core.contract import (
     LABEL_JOB_UID,
     LABEL_KUEUE_QUEUE,
     TERMINAL_PHASES,
+    Phase,
+    Reason,
+    Runtime,
     format_time,
     is_terminal,
     parse_time,
@@ -90,7 +93,7 @@ def _kueue(tj: dict[str, Any]) -> bool:
     return bool(_spec(tj).get("queueName"))
 
 
-class Seen(NamedTuple):
+class Observed(NamedTuple):
     """What a pass found before the status is derived: the Job, and why the operator holds the job back."""
 
     job: dict[str, Any] | None
@@ -150,7 +153,7 @@ class Controller:
                 state.order = objectmeta.queue_order(body)
         self.poke(state.uid)
 
-    def _saw(self, state: JobState, body: dict[str, Any]) -> None:
+    def _keep_newest(self, state: JobState, body: dict[str, Any]) -> None:
         """The API's answer to one of our writes: keep it if it is the newest body of a live job."""
         if state.tj is not None and _newer(body, state.tj):
             state.tj = body
@@ -215,7 +218,7 @@ class Controller:
         """Unfinished jobs that run (or wait to run) in the pool."""
         return [(state, state.tj) for state in list(self.states.values())
                 if state.tj is not None and not is_terminal(state.tj)
-                and (state.tj.get("status") or {}).get("runtime") == "Pool"]  # fmt: skip
+                and (state.tj.get("status") or {}).get("runtime") == Runtime.Pool]  # fmt: skip
 
     def pool_load(self) -> Counter[str]:
         return pool.load(w for _, tj in self._pool_jobs() if (w := _assignment(tj).get("worker")))
@@ -379,15 +382,15 @@ class Controller:
         elif tj["metadata"].get("deletionTimestamp"):
             await self._deleting(state, tj)
         else:
-            tj = await self._mark(state, tj)
+            tj = await self._sync_metadata(state, tj)
             if tj is None:
                 return  # deleted meanwhile: its events follow
             if is_terminal(tj):
                 await self._finished(state, tj)
             else:
-                seen = await self._drive(state, tj)
-                if seen is not None:
-                    await self._report(state, tj, seen)
+                observed = await self._drive(state, tj)
+                if observed is not None:
+                    await self._report(state, tj, observed)
 
     def _needs_finalizer(self, tj: dict[str, Any]) -> bool:
         """Whether deleting the job still needs the operator: an S3 result, or a cancel webhook owed."""
@@ -395,7 +398,7 @@ class Controller:
         s3 = self.result_settings.result_store == "s3" or ref.get("store") == "s3"
         return s3 or (bool(_spec(tj).get("webhook")) and not is_terminal(tj))
 
-    async def _mark(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
+    async def _sync_metadata(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
         """Put the finalizer on (or take it off) as the job needs; the queue order before it first waits."""
         annotations = {}
         capped = self.queue.max_total is not None or self.queue.max_per_namespace is not None
@@ -408,7 +411,7 @@ class Controller:
         updated = await self.kube.patch_tj_metadata(
             tj, lambda body: objectmeta.metadata_patch(body, finalizer=needed, annotations=annotations))
         if updated is not None:
-            self._saw(state, updated)
+            self._keep_newest(state, updated)
         return updated
 
     async def _deleted(self, state: JobState) -> None:
@@ -464,15 +467,15 @@ class Controller:
         meta = tj["metadata"]
         updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"],
                                                   {"observedGeneration": generation, "conditions": conditions})
-        self._saw(state, updated)
+        self._keep_newest(state, updated)
         return updated
 
-    async def _drive(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
+    async def _drive(self, state: JobState, tj: dict[str, Any]) -> Observed | None:
         """Bring the runner (a pool worker or a Job) in line with the spec. None: nothing more to do."""
         runtime = await self._runtime(state, tj)
         if runtime is None:
             return None  # waiting to see whether a pool worker comes up; status written
-        if runtime == "Pool":
+        if runtime == Runtime.Pool:
             await self._drive_pool(state, tj)
             return None
         job = self.job_for(state)
@@ -482,25 +485,25 @@ class Controller:
             return await self._not_started(state, tj)
         if job is not None and not _kueue(tj) and not job_finished(job):
             return await self._started(state, tj, job)
-        return Seen(job)  # finished, Kueue's to suspend and resume, or deleted under us (derive says)
+        return Observed(job)  # finished, Kueue's to suspend and resume, or deleted under us (derive says)
 
-    async def _not_started(self, state: JobState, tj: dict[str, Any]) -> Seen | None:
+    async def _not_started(self, state: JobState, tj: dict[str, Any]) -> Observed | None:
         """No Job yet: hold it while suspended, else queue it and start it once admitted."""
         uid = state.uid
         if _spec(tj).get("suspend"):
             self.queue.forget(uid)
-            return Seen(None, SUSPENDED)
+            return Observed(None, SUSPENDED)
         if not _kueue(tj):
             self._enqueue(state, tj)
             self._admit_waiting(current=uid)
         if _kueue(tj) or self.queue.is_reserved(uid):
             job = await self.start(state, tj)
-            return Seen(job) if job is not None else None  # None: failed for good, status written
+            return Observed(job) if job is not None else None  # None: failed for good, status written
         if self._settling(uid):
             return None
-        return Seen(None, self._over_cap(tj))
+        return Observed(None, self._over_cap(tj))
 
-    async def _started(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> Seen | None:
+    async def _started(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> Observed | None:
         """The Job exists and is unfinished: suspend it as the spec asks, or resume it once admitted."""
         if _spec(tj).get("suspend"):
             self.queue.forget(state.uid)
@@ -508,18 +511,18 @@ class Controller:
                 # The Job controller deletes the pod; a resume starts it again.
                 job = await self._patch_job(state, job, {"spec": {"suspend": True}})
                 self._admit_waiting()
-            return Seen(job, SUSPENDED)
+            return Observed(job, SUSPENDED)
         if not job_suspended(job):
-            return Seen(job)
+            return Observed(job)
         # Resuming takes capacity again: it waits its turn like a new job.
         self._enqueue(state, tj)
         self._admit_waiting(current=state.uid)
         if self._settling(state.uid):
             return None
         if not self.queue.is_reserved(state.uid):
-            return Seen(job, self._over_cap(tj))
+            return Observed(job, self._over_cap(tj))
         resume = {"metadata": {"annotations": {ANNOTATION_RESUMED_AT: format_time(_now())}}, "spec": {"suspend": False}}
-        return Seen(await self._patch_job(state, job, resume))
+        return Observed(await self._patch_job(state, job, resume))
 
     # ------------------------------------------------------------------ pool jobs
 
@@ -529,15 +532,15 @@ class Controller:
         if status.get("runtime"):
             return status["runtime"]
         if status.get("jobName") or self.job_for(state) is not None:
-            return "Job"  # started before runtimes existed, or by an operator that restarted since
+            return Runtime.Job  # started before runtimes existed, or by an operator that restarted since
         now = _now()
         chosen = pool.runtime(_spec(tj), self.pool(), self._model(tj), now)
         wait = self.settings.pool.wait_seconds
         created = parse_time(tj["metadata"].get("creationTimestamp")) or now
-        if chosen == "Job" and (_spec(tj).get("runtime") or "Auto") == "Auto" and not _kueue(tj) \
+        if chosen == Runtime.Job and (_spec(tj).get("runtime") or Runtime.Auto) == Runtime.Auto and not _kueue(tj) \
                 and wait > 0 and now < created + timedelta(seconds=wait):
             # The pool may be scaled to zero: give the autoscaler the time to start a worker.
-            outcome = Outcome("Queued", "WaitingForWorker",
+            outcome = Outcome(Phase.Queued, "WaitingForWorker",
                               f"no pool worker serves {self._model(tj)} yet; a Job takes it after {wait:g} s")
             await self.write_status(state, tj, outcome, job_name=None, now=now)
             self.poke_at(state.uid, created + timedelta(seconds=wait))
@@ -551,9 +554,9 @@ class Controller:
         decision = pool.derive(tj, workers, now=now)
         outcome = decision.outcome
         assignment = dict(_assignment(tj))
-        extra: dict[str, Any] = {"runtime": "Pool"}
+        extra: dict[str, Any] = {"runtime": Runtime.Pool}
         if decision.action == "to_job":
-            extra = {"runtime": "Job", "assignment": None}
+            extra = {"runtime": Runtime.Job, "assignment": None}
         elif decision.action == "unassign":
             assignment.pop("worker", None)
             extra["assignment"] = {**assignment, "worker": None}
@@ -569,7 +572,7 @@ class Controller:
                 assignment.pop("worker", None)
                 extra["assignment"] = {**assignment, "worker": None} if assignment else None
                 why = f"{outcome.message}; " if decision.retry or outcome.phase == "Pending" else ""
-                outcome = Outcome("Queued", "WaitingForWorker",
+                outcome = Outcome(Phase.Queued, "WaitingForWorker",
                                   f"{why}waiting for a pool worker serving {self._model(tj)} with a free slot",
                                   start_time=outcome.start_time)  # fmt: skip
             else:
@@ -577,7 +580,7 @@ class Controller:
                 extra["assignment"] = {"worker": chosen.name, "attempt": assignment.get("attempt", 0) + 1,
                                        "retries": assignment.get("retries", 0), "time": format_time(now)}  # fmt: skip
                 if outcome.phase == "Queued":
-                    outcome = Outcome("Pending", "Assigned", f"assigned to pool worker {chosen.name}",
+                    outcome = Outcome(Phase.Pending, "Assigned", f"assigned to pool worker {chosen.name}",
                                       recheck_at=chosen.expires)  # fmt: skip
                 else:  # a retry or a hand-back: say where it went
                     outcome = Outcome(outcome.phase, outcome.reason,
@@ -607,19 +610,19 @@ class Controller:
     def _model(self, tj: dict[str, Any]) -> str:
         return _spec(tj).get("model") or self.settings.default_model
 
-    async def _report(self, state: JobState, tj: dict[str, Any], seen: Seen) -> None:
+    async def _report(self, state: JobState, tj: dict[str, Any], observed: Observed) -> None:
         """Derive the status from what was seen, write what changed, come back when it may change."""
         now = _now()
         outcome = derive(
-            tj, seen.job, self.pods_for(state.uid), now=now,
+            tj, observed.job, self.pods_for(state.uid), now=now,
             startup_deadline_seconds=self.settings.startup_deadline_seconds,
             image_pull_grace_seconds=self.settings.image_pull_grace_seconds,
-            waiting=seen.waiting, lost_pod=state.pod_lost,
+            waiting=observed.waiting, lost_pod=state.pod_lost,
         )
-        if outcome.stop_job and seen.job is not None:
-            await self.stop_job(state, seen.job)
-        job_name = seen.job["metadata"]["name"] if seen.job else (tj.get("status") or {}).get("jobName")
-        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now, extra={"runtime": "Job"})
+        if outcome.stop_job and observed.job is not None:
+            await self.stop_job(state, observed.job)
+        job_name = observed.job["metadata"]["name"] if observed.job else (tj.get("status") or {}).get("jobName")
+        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now, extra={"runtime": Runtime.Job})
         if outcome.terminal:
             await self._finished(state, tj)
         elif outcome.recheck_at:
@@ -668,7 +671,7 @@ class Controller:
 
     async def _start_failed(self, state: JobState, tj: dict[str, Any], error: Exception) -> None:
         """The operator's pod template is invalid: retrying cannot help; say so on the job."""
-        outcome = Outcome("Failed", "JobCreateFailed", f"cannot create the runner Job: {api_message(error)}",
+        outcome = Outcome(Phase.Failed, Reason.JobCreateFailed, f"cannot create the runner Job: {api_message(error)}",
                           completion_time=_now())
         self.queue.forget(state.uid)
         await self.write_status(state, tj, outcome, job_name=None, now=_now())
@@ -708,7 +711,7 @@ class Controller:
             return tj
         before = tj.get("status") or {}
         updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], patch)
-        self._saw(state, updated)
+        self._keep_newest(state, updated)
         if (before.get("phase"), before.get("reason")) != (outcome.phase, outcome.reason):
             self._transition(tj, before, outcome, updated)
         return updated
@@ -777,12 +780,12 @@ class Controller:
         message = (f"TTL of {ttl}s expired; kept because {marker} says a GitOps tool manages it (deleting it would "
                    "re-create and re-run it): its runner Job and pods were removed, its result is kept")
         log.info("%s/%s: %s", namespace, meta["name"], message)
-        self._background_task(self._post_event(tj, "Normal", Outcome("Succeeded", "TTLExpired", message)))
+        self._background_task(self._post_event(tj, "Normal", Outcome(Phase.Succeeded, "TTLExpired", message)))
 
     def _webhook_in_flight(self, state: JobState, tj: dict[str, Any]) -> bool:
         """Start the job's webhook delivery if one is owed; True while one runs."""
         if state.webhook is None and not state.webhook_settled and self.webhooks.owed(tj):
-            delivery = self.webhooks.deliver(tj, lambda body: self._saw(state, body))
+            delivery = self.webhooks.deliver(tj, lambda body: self._keep_newest(state, body))
             state.webhook = asyncio.get_running_loop().create_task(delivery, name=f"webhook-{state.uid}")
             state.webhook.add_done_callback(lambda task: self._webhook_ended(state, task))
         return state.webhook is not None
@@ -813,7 +816,7 @@ class Controller:
             return
         meta = tj["metadata"]
         try:
-            self._saw(state, await self.kube.patch_tj_status(meta["namespace"], meta["name"],
+            self._keep_newest(state, await self.kube.patch_tj_status(meta["namespace"], meta["name"],
                                                              {"assignment": {**assignment, "worker": None}}))
         except Exception as error:
             if status_code(error) != 404:
@@ -869,7 +872,7 @@ class Controller:
         except Exception as error:  # never block the cleanup of the Kubernetes objects on it
             message = f"could not delete the result {ref.get('ref')}: {error}"
             log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
-            self._background_task(self._post_event(tj, "Warning", Outcome("Failed", "ResultNotDeleted", message)))
+            self._background_task(self._post_event(tj, "Warning", Outcome(Phase.Failed, "ResultNotDeleted", message)))
 
 
 def _count_transition(tj: dict[str, Any], before: dict[str, Any], outcome: Outcome, status: dict[str, Any]) -> None:

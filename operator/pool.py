@@ -22,13 +22,13 @@ from ifw.core.contract import (
     ANNOTATION_WORKER_DRAINING,
     ANNOTATION_WORKER_MODELS,
     ANNOTATION_WORKER_NODE,
-    REASON_HANDED_BACK_TOO_LONG,
+    ExecutionState,
+    Phase,
+    Reason,
+    Runtime,
     parse_time,
 )
 from ifw.operator.status import Outcome
-
-# Hand-backs that mean "not for the pool": an Auto job then runs in its own Job.
-NOT_FOR_THE_POOL = frozenset({REASON_HANDED_BACK_TOO_LONG, "ModelNotServed"})
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,15 @@ def choose(pool: Mapping[str, PoolWorker], load: Counter[str], model: str, now: 
     return max(fits, key=lambda w: (w.capacity - load[w.name], w.name), default=None)
 
 
-Runtime = Literal["Pool", "Job"]
-
-
 def runtime(spec: Mapping[str, Any], pool: Mapping[str, PoolWorker], model: str, now: datetime) -> Runtime:
-    """Where a new job runs: as its spec says; a Kueue queue needs a Job; Auto: the pool if it serves the model."""
-    wanted = spec.get("runtime") or "Auto"
-    if spec.get("queueName") or wanted == "Job":
-        return "Job"
-    if wanted == "Pool" or serves(pool, model, now):
-        return "Pool"
-    return "Job"
+    """Where a new job runs (Pool or Job): as its spec says; a Kueue queue needs a Job; Auto: the
+    pool if it serves the model."""
+    wanted = spec.get("runtime") or Runtime.Auto
+    if spec.get("queueName") or wanted == Runtime.Job:
+        return Runtime.Job
+    if wanted == Runtime.Pool or serves(pool, model, now):
+        return Runtime.Pool
+    return Runtime.Job
 
 
 # ------------------------------------------------------------------ a pool job's state
@@ -132,56 +130,56 @@ def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: dateti
 
     if spec.get("suspend"):
         if worker_name:
-            return Decision(Outcome("Queued", "Suspended", "spec.suspend is true; the worker stops the job"), "unassign")
-        return Decision(Outcome("Queued", "Suspended", "spec.suspend is true; set it to false to run the job"))
+            return Decision(Outcome(Phase.Queued, "Suspended", "spec.suspend is true; the worker stops the job"), "unassign")
+        return Decision(Outcome(Phase.Queued, "Suspended", "spec.suspend is true; set it to false to run the job"))
     if not worker_name:
         return Decision(_waiting(attempt), "assign")
 
     state = report.get("state")
-    if state == "Succeeded" and status.get("result"):
+    if state == ExecutionState.Succeeded and status.get("result"):
         done = parse_time(report.get("finishTime")) or now
-        return Decision(Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start or done,
+        return Decision(Outcome(Phase.Succeeded, "Completed", "the transcript is ready", start_time=start or done,
                                 completion_time=done))  # fmt: skip
-    if state == "Failed":
-        reason, message = report.get("reason") or "RunnerFailed", report.get("message") or "the runner failed"
+    if state == ExecutionState.Failed:
+        reason, message = report.get("reason") or Reason.RunnerFailed, report.get("message") or "the runner failed"
         if report.get("badInput") or retries >= limit:
             if not report.get("badInput"):
                 message = f"{message} (gave up after {retries + 1} attempts)"
-            return Decision(Outcome("Failed", reason, message, start_time=start, completion_time=now), "unassign")
-        return Decision(Outcome("Pending", "Retrying", f"attempt {attempt} failed ({reason}: {message}); retrying",
+            return Decision(Outcome(Phase.Failed, reason, message, start_time=start, completion_time=now), "unassign")
+        return Decision(Outcome(Phase.Pending, "Retrying", f"attempt {attempt} failed ({reason}: {message}); retrying",
                                 start_time=start), "assign", retry=True, avoid=worker_name)  # fmt: skip
-    if state == "HandedBack":
-        reason = report.get("reason") or "HandedBack"
-        if reason in NOT_FOR_THE_POOL and spec.get("runtime") != "Pool":
-            return Decision(Outcome("Pending", reason, f"{report.get('message')}; running it in its own Job"), "to_job")
-        return Decision(Outcome("Pending", reason, f"{report.get('message')}; assigning it again"), "assign",
+    if state == ExecutionState.HandedBack:
+        reason = Reason.of(report.get("reason")) or Reason.HandedBack
+        if reason.needs_own_job and spec.get("runtime") != Runtime.Pool:
+            return Decision(Outcome(Phase.Pending, reason, f"{report.get('message')}; running it in its own Job"), "to_job")
+        return Decision(Outcome(Phase.Pending, reason, f"{report.get('message')}; assigning it again"), "assign",
                         avoid=worker_name)  # fmt: skip
 
     worker = pool.get(worker_name)
     if worker is None or not worker.alive(now):
         lost = f"pool worker {worker_name} stopped renewing its Lease during attempt {attempt}"
         if retries >= limit:
-            return Decision(Outcome("Failed", "WorkerLost", f"{lost} (gave up after {retries + 1} attempts)",
+            return Decision(Outcome(Phase.Failed, Reason.WorkerLost, f"{lost} (gave up after {retries + 1} attempts)",
                                     start_time=start, completion_time=now), "unassign")  # fmt: skip
-        return Decision(Outcome("Pending", "Retrying", f"{lost}; assigning it again", start_time=start),
+        return Decision(Outcome(Phase.Pending, "Retrying", f"{lost}; assigning it again", start_time=start),
                         "assign", retry=True, avoid=worker_name)  # fmt: skip
 
     deadline = spec.get("activeDeadlineSeconds")
-    if state == "Running":
+    if state == ExecutionState.Running:
         if deadline and start and now >= start + timedelta(seconds=deadline):
-            return Decision(Outcome("Failed", "DeadlineExceeded",
+            return Decision(Outcome(Phase.Failed, Reason.DeadlineExceeded,
                                     f"the job ran longer than activeDeadlineSeconds={deadline} and was stopped",
                                     start_time=start, completion_time=now), "unassign")  # fmt: skip
         recheck = min(worker.expires, start + timedelta(seconds=deadline)) if deadline and start else worker.expires
-        return Decision(Outcome("Running", "Running", f"pool worker {worker_name} is working on it",
+        return Decision(Outcome(Phase.Running, "Running", f"pool worker {worker_name} is working on it",
                                 start_time=start or now, recheck_at=recheck))  # fmt: skip
-    return Decision(Outcome("Pending", "Assigned", f"assigned to pool worker {worker_name}, attempt {attempt}",
+    return Decision(Outcome(Phase.Pending, "Assigned", f"assigned to pool worker {worker_name}, attempt {attempt}",
                             recheck_at=worker.expires))  # fmt: skip
 
 
 def _waiting(attempt: int) -> Outcome:
     after = f" (after attempt {attempt})" if attempt else ""
-    return Outcome("Queued", "WaitingForWorker", f"waiting for a pool worker with a free slot{after}")
+    return Outcome(Phase.Queued, "WaitingForWorker", f"waiting for a pool worker with a free slot{after}")
 
 
 def load(assigned: Iterable[str]) -> Counter[str]:

@@ -25,14 +25,14 @@ from ifw.core.contract import (
     LABEL_KUEUE_QUEUE,
     RUNNER_CONTAINER,
     TERMINAL_PHASES,
+    ConditionType,
+    Phase,
+    Reason,
     clip,
     format_time,
     parse_termination_message,
     parse_time,
 )
-
-PHASE_CONDITIONS = ("Queued", "Running", "Succeeded", "Failed")  # True for the phase that holds
-CONDITION_TYPES = (*PHASE_CONDITIONS, "Ready")
 
 OUT_OF_MEMORY = ("the runner was killed for using more memory than its limit (OOMKilled); "
                  "lower batchSize or give the runner more memory")
@@ -150,7 +150,7 @@ class PodFailure:
     counted: bool = True
 
 
-def _said(reason: str | None, message: str | None) -> str:
+def _reason_and_message(reason: str | None, message: str | None) -> str:
     """'Reason: message', or whichever of them there is."""
     return ": ".join(part for part in (reason, message) if part)
 
@@ -159,18 +159,18 @@ def pod_failure(pod: dict[str, Any]) -> PodFailure:
     name = pod["metadata"].get("name", "")
     disruption = _disruption(pod)
     if disruption:
-        why = _said(disruption.get("reason") or "DisruptionTarget", disruption.get("message"))
+        why = _reason_and_message(disruption.get("reason") or "DisruptionTarget", disruption.get("message"))
         return PodFailure("Disrupted", f"pod {name} was disrupted ({why}); that costs no retry", counted=False)
     term = _terminated(pod)
     if term.get("reason") == "OOMKilled":
-        return PodFailure("OutOfMemory", OUT_OF_MEMORY)
+        return PodFailure(Reason.OutOfMemory, OUT_OF_MEMORY)
     runner_reason, runner_message = parse_termination_message(term.get("message"))
     if runner_reason:
         return PodFailure(runner_reason, runner_message or runner_reason)
     status = pod.get("status") or {}
     message = f"the runner failed with {_exit(term)}" if _exit(term) else "the runner failed"
     if status.get("reason"):  # e.g. Evicted on a cluster without DisruptionTarget conditions
-        message += f" (pod {_said(status['reason'], status.get('message'))})"
+        message += f" (pod {_reason_and_message(status['reason'], status.get('message'))})"
     if runner_message:
         message += f": {runner_message}"
     return PodFailure(None, message)
@@ -187,24 +187,24 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str,
     runner_reason, runner_message = parse_termination_message(term.get("message"))
     attempts = ((job.get("status") or {}).get("failed")) or sum(1 for p in failed if pod_failure(p).counted)
 
-    if job_reason == "DeadlineExceeded":
+    if job_reason == Reason.DeadlineExceeded:
         limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
-        return "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={limit} and was stopped"
-    if cause and cause.reason == "OutOfMemory":
-        return "OutOfMemory", OUT_OF_MEMORY
+        return Reason.DeadlineExceeded, f"the job ran longer than activeDeadlineSeconds={limit} and was stopped"
+    if cause and cause.reason == Reason.OutOfMemory:
+        return Reason.OutOfMemory, OUT_OF_MEMORY
     if runner_reason:
         message = runner_message or runner_reason
-        if job_reason == "BackoffLimitExceeded":
+        if job_reason == Reason.BackoffLimitExceeded:
             message = f"{message} (gave up after {attempts} attempts)"
         return runner_reason, message
     detail = f"; last {_exit(term)}" if _exit(term) else ""
     if runner_message:
         detail += f": {runner_message}"
-    if job_reason == "BackoffLimitExceeded":
-        return "BackoffLimitExceeded", f"the runner failed {attempts} times, more than backoffLimit allows{detail}"
+    if job_reason == Reason.BackoffLimitExceeded:
+        return Reason.BackoffLimitExceeded, f"the runner failed {attempts} times, more than backoffLimit allows{detail}"
     if job_reason == "PodFailurePolicy":
-        return "RunnerFailed", f"the runner reported bad input{detail}"
-    return job_reason or "JobFailed", clip(cond.get("message") or f"the runner Job failed{detail}")
+        return Reason.RunnerFailed, f"the runner reported bad input{detail}"
+    return job_reason or Reason.JobFailed, clip(cond.get("message") or f"the runner Job failed{detail}")
 
 
 def _started_at(pod: dict[str, Any]) -> datetime | None:
@@ -293,7 +293,7 @@ def derive(
     if running:
         pod = max(running, key=_pod_sort_key)
         return Outcome(
-            "Running", "Running", f"the runner is working in pod {pod['metadata']['name']}",
+            Phase.Running, "Running", f"the runner is working in pod {pod['metadata']['name']}",
             start_time=start or _started_at(pod) or now,
         )
     finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
@@ -301,7 +301,7 @@ def derive(
         # The Job controller marks the Job Complete a moment after its pod succeeded: still Running.
         pod = max(finished, key=_ended_key)
         return Outcome(
-            "Running", "RunnerFinished",
+            Phase.Running, "RunnerFinished",
             f"the runner finished in pod {pod['metadata']['name']}; waiting for the Job to complete",
             start_time=start or _started_at(pod) or now,
         )
@@ -320,13 +320,13 @@ def _without_job(
     status: dict[str, Any], start: datetime | None, now: datetime, waiting: tuple[str, str] | None
 ) -> Outcome:
     if waiting:
-        return Outcome("Queued", *waiting)
+        return Outcome(Phase.Queued, *waiting)
     if status.get("jobName"):
         return Outcome(
-            "Failed", "JobDeleted", f"the runner Job {status['jobName']} was deleted before it finished",
+            Phase.Failed, Reason.JobDeleted, f"the runner Job {status['jobName']} was deleted before it finished",
             start_time=start, completion_time=now,
         )
-    return Outcome("Pending", "Admitted", "creating the runner Job")
+    return Outcome(Phase.Pending, "Admitted", "creating the runner Job")
 
 
 def _job_done(job: dict[str, Any], pods: list[dict[str, Any]], start: datetime | None, now: datetime) -> Outcome | None:
@@ -336,23 +336,23 @@ def _job_done(job: dict[str, Any], pods: list[dict[str, Any]], start: datetime |
     if complete:
         done = parse_time(job_status.get("completionTime")) or parse_time(complete.get("lastTransitionTime")) or now
         start = start or parse_time(job_status.get("startTime")) or done
-        return Outcome("Succeeded", "Completed", "the transcript is ready", start_time=start, completion_time=done)
+        return Outcome(Phase.Succeeded, "Completed", "the transcript is ready", start_time=start, completion_time=done)
     failed = _condition(job, "Failed")
     if failed:
         reason, message = failure_cause(job, pods)
         done = parse_time(failed.get("lastTransitionTime")) or now
-        return Outcome("Failed", reason, message, start_time=start, completion_time=done)
+        return Outcome(Phase.Failed, reason, message, start_time=start, completion_time=done)
     return None
 
 
 def _job_held(job: dict[str, Any], waiting: tuple[str, str] | None) -> Outcome:
     """A suspended Job: by the operator (suspend, cap), by Kueue, or by someone else."""
     if waiting:
-        return Outcome("Queued", *waiting)
+        return Outcome(Phase.Queued, *waiting)
     queue = (job["metadata"].get("labels") or {}).get(LABEL_KUEUE_QUEUE)
     if queue:
-        return Outcome("Queued", "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
-    return Outcome("Queued", "Suspended", "the runner Job is suspended")
+        return Outcome(Phase.Queued, "QueuedInKueue", f"waiting for Kueue to admit the Job in LocalQueue {queue}")
+    return Outcome(Phase.Queued, "Suspended", "the runner Job is suspended")
 
 
 def _startup_deadline_passed(
@@ -368,7 +368,7 @@ def _startup_deadline_passed(
         elif wait.get("reason"):
             detail = f": {wait['reason']}: {wait.get('message', '')}".rstrip(": ")
     return Outcome(
-        "Failed", "StartupDeadlineExceeded", clip(f"the runner did not start within {limit:g}s{detail}"),
+        Phase.Failed, Reason.StartupDeadlineExceeded, clip(f"the runner did not start within {limit:g}s{detail}"),
         start_time=start, completion_time=now, stop_job=True,
     )
 
@@ -394,14 +394,14 @@ def _pod_starting(s: _Starting, image_pull_grace_seconds: float) -> Outcome:
     unsched = _unschedulable(s.pod)
     if unsched:
         return Outcome(
-            "Queued", "Unschedulable",
+            Phase.Queued, "Unschedulable",
             clip(f"pod {name} cannot be scheduled yet: {unsched.get('message') or unsched.get('reason')}"),
             recheck_at=s.deadline,
         )
     if wait_reason:
-        return Outcome("Pending", wait_reason, clip(f"pod {name}: {wait.get('message') or wait_reason}"),
+        return Outcome(Phase.Pending, wait_reason, clip(f"pod {name}: {wait.get('message') or wait_reason}"),
                        recheck_at=s.deadline)
-    return Outcome("Pending", "PodStarting", f"pod {name} is starting", recheck_at=s.deadline)
+    return Outcome(Phase.Pending, "PodStarting", f"pod {name} is starting", recheck_at=s.deadline)
 
 
 def _image_pull(s: _Starting, wait: dict[str, Any], grace_seconds: float) -> Outcome:
@@ -411,8 +411,8 @@ def _image_pull(s: _Starting, wait: dict[str, Any], grace_seconds: float) -> Out
     image = next((c.get("image") for c in (s.pod.get("spec") or {}).get("containers", [])), None)
     message = clip(f"cannot pull image {image}: {wait['reason']}: {wait.get('message', '')}".rstrip(": "))
     if wait["reason"] in IMAGE_PULL_FATAL or s.now >= give_up:
-        return Outcome("Failed", "ImagePullFailed", message, start_time=s.start, completion_time=s.now, stop_job=True)
-    return Outcome("Pending", "ImagePullBackOff", message, recheck_at=min(give_up, s.deadline))
+        return Outcome(Phase.Failed, Reason.ImagePullFailed, message, start_time=s.start, completion_time=s.now, stop_job=True)
+    return Outcome(Phase.Pending, "ImagePullBackOff", message, recheck_at=min(give_up, s.deadline))
 
 
 def _between_attempts(
@@ -424,9 +424,9 @@ def _between_attempts(
     name = job["metadata"]["name"]
     if lost_pod is not None:
         disruption = _disruption(lost_pod)
-        why = _said(disruption.get("reason"), disruption.get("message")) if disruption \
+        why = _reason_and_message(disruption.get("reason"), disruption.get("message")) if disruption \
             else "its node was lost, or it was deleted by hand"
-        return Outcome("Pending", "PodLost", clip(f"pod {lost_pod['metadata']['name']} was deleted before it "
+        return Outcome(Phase.Pending, "PodLost", clip(f"pod {lost_pod['metadata']['name']} was deleted before it "
                        f"finished ({why}); waiting for Job {name} to start another"), start_time=start,
                        recheck_at=deadline)
     ended = [p for p in pods
@@ -434,11 +434,11 @@ def _between_attempts(
     if ended:
         last = max(ended, key=_ended_key)
         if (last.get("status") or {}).get("phase") != "Failed" and not _disruption(last):
-            return Outcome("Pending", "PodLost", f"pod {last['metadata']['name']} is being deleted; waiting for "
+            return Outcome(Phase.Pending, "PodLost", f"pod {last['metadata']['name']} is being deleted; waiting for "
                            f"Job {name} to start another", start_time=start, recheck_at=deadline)
         cause = pod_failure(last)
         if not cause.counted:
-            return Outcome("Pending", "Disrupted", clip(f"{cause.message}; waiting for Job {name} to start another"),
+            return Outcome(Phase.Pending, "Disrupted", clip(f"{cause.message}; waiting for Job {name} to start another"),
                            start_time=start, recheck_at=deadline)
         counted = sum(1 for p in ended if pod_failure(p).counted)
         attempt = max(counted, (job.get("status") or {}).get("failed") or 0)
@@ -450,23 +450,23 @@ def _between_attempts(
             retry = f"retry {attempt} of {limit}"
         else:
             retry = f"no retry left (backoffLimit {limit})"
-        return Outcome("Pending", "Retrying", clip(f"attempt {attempt} failed ({text}); {retry}"),
+        return Outcome(Phase.Pending, "Retrying", clip(f"attempt {attempt} failed ({text}); {retry}"),
                        start_time=start, recheck_at=deadline)
     if start is not None:
         # It ran before and every pod is gone: deleted with its node, or by hand.
-        return Outcome("Pending", "PodLost", f"the runner pod is gone (deleted, or its node was lost); waiting "
+        return Outcome(Phase.Pending, "PodLost", f"the runner pod is gone (deleted, or its node was lost); waiting "
                        f"for Job {name} to start another", start_time=start, recheck_at=deadline)
-    return Outcome("Pending", "JobCreated", f"waiting for the runner pod of Job {name}", recheck_at=deadline)
+    return Outcome(Phase.Pending, "JobCreated", f"waiting for the runner pod of Job {name}", recheck_at=deadline)
 
 
 # ------------------------------------------------------------------- status
 
 
 _FALSE_REASONS = {
-    "Queued": "Admitted",
-    "Running": "NotRunning",
-    "Succeeded": "NotSucceeded",
-    "Failed": "NotFailed",
+    ConditionType.Queued: "Admitted",
+    ConditionType.Running: "NotRunning",
+    ConditionType.Succeeded: "NotSucceeded",
+    ConditionType.Failed: "NotFailed",
 }
 
 
@@ -476,16 +476,16 @@ def conditions(
     """The five conditions; lastTransitionTime moves only when a condition's status flips."""
     previous = {c.get("type"): c for c in current or []}
     out = []
-    for ctype in CONDITION_TYPES:
-        if ctype == "Ready":
+    for ctype in ConditionType:
+        if ctype == ConditionType.Ready:
             # kstatus: the goal is a transcript. Not there yet (or never): False, saying why.
-            is_true = outcome.phase == "Succeeded"
+            is_true = outcome.phase == Phase.Succeeded
             reason, message = outcome.reason, outcome.message
         else:
             is_true = outcome.phase == ctype
             if is_true:
                 reason, message = outcome.reason, outcome.message
-            elif outcome.terminal and ctype in ("Running", "Succeeded", "Failed"):
+            elif outcome.terminal and ctype in (ConditionType.Running, ConditionType.Succeeded, ConditionType.Failed):
                 reason, message = outcome.reason, f"the job {outcome.phase.lower()}"
             else:
                 reason, message = _FALSE_REASONS[ctype], ""

@@ -18,58 +18,52 @@ from ifw.core.contract import (
     EXIT_TRANSIENT,
     TERMINATION_MESSAGE_PATH,
     Failure,
+    Reason,
 )
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_TRANSIENT", "RunnerError", "write_termination_message"]
 
 
 class RunnerError(Failure):
-    """A failure with a CamelCase reason a person can act on."""
-
-    reason = "RunnerFailed"
-    exit_code = EXIT_TRANSIENT
+    """A runner failure; its reason (ifw.core.contract.Reason) says whether a retry can help."""
 
 
-class BadInput(RunnerError):
-    exit_code = EXIT_BAD_INPUT
-
-
-class AudioFetchFailed(BadInput):
+class AudioFetchFailed(RunnerError):
     """The URL could not be fetched (unreachable, 4xx, refused by the SSRF guard)."""
 
-    reason = "AudioFetchFailed"
+    reason = Reason.AudioFetchFailed
 
 
-class AudioFetchUnavailable(RunnerError):
+class AudioFetchUnavailable(AudioFetchFailed):
     """The server answered 5xx or timed out: worth a retry."""
 
-    reason = "AudioFetchFailed"
+    retryable = True
 
 
-class InvalidAudio(BadInput):
-    reason = "InvalidAudio"
+class InvalidAudio(RunnerError):
+    reason = Reason.InvalidAudio
 
 
-class AudioTooLarge(BadInput):
-    reason = "AudioTooLarge"
+class AudioTooLarge(RunnerError):
+    reason = Reason.AudioTooLarge
 
 
-class InvalidSpec(BadInput):
-    reason = "InvalidSpec"
+class InvalidSpec(RunnerError):
+    reason = Reason.InvalidSpec
 
 
-class ModelLoadFailed(BadInput):
-    reason = "ModelLoadFailed"
+class ModelLoadFailed(RunnerError):
+    reason = Reason.ModelLoadFailed
 
 
-class ModelHubUnavailable(RunnerError):
+class ModelHubUnavailable(ModelLoadFailed):
     """The model hub could not be reached and the weights are not cached: worth a retry."""
 
-    reason = "ModelLoadFailed"
+    retryable = True
 
 
 class OutOfMemory(RunnerError):
-    reason = "OutOfMemory"
+    reason = Reason.OutOfMemory
 
 
 def write_termination_message(error: Failure, path: Path | None = None) -> None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
-from ifw.core.contract import ANNOTATION_STREAM, EXIT_TRANSIENT, Failure
+from ifw.core.contract import ANNOTATION_STREAM, Failure, now_string
 from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ def keep_trying(write: Callable[[], Any], *, seconds: float, what: str) -> Any:
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
     def transient(error: BaseException) -> bool:
-        return isinstance(error, Failure) and error.exit_code == EXIT_TRANSIENT
+        return isinstance(error, Failure) and not error.bad_input
 
     def tell(state: Any) -> None:
         log.warning("%s failed (%s); retrying for up to %.0f s", what, state.outcome.exception(), seconds)
@@ -77,7 +76,7 @@ def progress_body(processed: float, total: float) -> dict[str, Any]:
         "percent": round(100.0 * processed / total, 1) if total > 0 else 0.0,
         "processedSeconds": round(processed, 2),
         "totalSeconds": round(total, 2),
-        "lastUpdateTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastUpdateTime": now_string(),
     }
 
 

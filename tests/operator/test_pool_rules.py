@@ -104,7 +104,7 @@ def test_a_lost_worker_costs_a_retry_a_hand_back_does_not():
 
 
 def test_audio_too_long_for_the_pool_goes_to_a_job_unless_the_pool_was_asked_for():
-    back = {"worker": "w1", "attempt": 1, "state": "HandedBack", "reason": contract.REASON_HANDED_BACK_TOO_LONG,
+    back = {"worker": "w1", "attempt": 1, "state": "HandedBack", "reason": contract.Reason.AudioTooLongForPool,
             "message": "7200 s of audio is over the pool's 3600 s"}
     workers = pool.workers([lease("w1")])
     assert pool.derive(tj(assignment={"worker": "w1", "attempt": 1}, execution=back), workers, now=NOW).action == "to_job"
