@@ -1,10 +1,11 @@
-"""A resumable Kubernetes watch in a thread: list, then watch from the list's version, forever.
+"""The one resumable Kubernetes watch: list, then watch from the list's version, in a thread, forever.
 
-Used where a component follows objects for its whole life (the pool worker follows the
-TranscriptionJobs assigned to it). The apiserver ends every watch after a while: the watch
-resumes from the last version seen (bookmarks included); a 410 Gone (the version is too old)
-starts over from a fresh list, which is handed over whole so the caller can drop what vanished.
-Network errors back off exponentially up to 30 s. Callbacks run on the watch thread.
+Every component that follows TranscriptionJobs uses it (the gateway's cache, the pool worker's
+assignments; kopf has its own). The apiserver ends every watch after a while: the watch resumes
+from the last version seen (bookmarks included); a 410 Gone (the version is too old) starts over
+from a fresh list, handed over whole so the caller can drop what vanished meanwhile. A failed
+request backs off from MIN_BACKOFF, doubling up to MAX_BACKOFF, and starts again from the bottom
+once the apiserver answers a watch. Callbacks run on the watch thread.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ListFn = Callable[..., Any]  # e.g. functools.partial(custom.list_namespaced_custom_object, group, ...)
+ListFn = Callable[..., Any]  # TranscriptionJobs.list bound to a namespace, or any list call alike
+# Seconds between reconnection attempts. Capped low: a gateway whose watch waits is a gateway
+# whose sync requests wait, and a pool worker that waits is a job not started.
+MIN_BACKOFF = 0.5
+MAX_BACKOFF = 3.0
+LIST_TIMEOUT = (5, 60)  # (connect, read) seconds of the list that starts or restarts a watch
 
 
 class Watcher:
@@ -28,12 +34,17 @@ class Watcher:
         *,
         on_list: Callable[[list[dict[str, Any]]], None],
         on_event: Callable[[str, dict[str, Any]], None],
+        on_connected: Callable[[], None] | None = None,
+        on_disconnected: Callable[[BaseException | None], None] | None = None,
         name: str = "watch",
         server_timeout: int = 240,
     ):
         self.list_fn = list_fn
         self.on_list = on_list
         self.on_event = on_event
+        self.on_connected = on_connected or (lambda: None)
+        # Called with the error at every failure, and with None when a 410 forces a relist.
+        self.on_disconnected = on_disconnected or (lambda error: None)
         self.name = name
         self.server_timeout = server_timeout
         self.version: str | None = None  # where the watch resumes; None: list first
@@ -46,55 +57,67 @@ class Watcher:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        response = self._response
-        sock = getattr(getattr(response, "connection", None), "sock", None)
+    @property
+    def connected(self) -> bool:
+        """A watch request is open now (its events are arriving)."""
+        return self._response is not None
+
+    def interrupt(self) -> None:
+        """Drop the open connection: the watch resumes from its version (a relist after a 410)."""
+        sock = getattr(getattr(self._response, "connection", None), "sock", None)
         if sock is not None:
             try:  # unblocks the thread's read at once (close() would wait for the SSL lock)
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._thread.join(timeout=10)
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        self.interrupt()
+        if wait:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         from kubernetes.client.exceptions import ApiException
         from kubernetes.watch.watch import iter_resp_lines
 
-        backoff = 0.5
+        backoff = MIN_BACKOFF
         while not self._stop.is_set():
             try:
                 if self.version is None:
-                    listed = self.list_fn()
+                    listed = self.list_fn(_request_timeout=LIST_TIMEOUT)
                     self.version = listed["metadata"]["resourceVersion"]
                     self.on_list(listed["items"])
                     self.synced.set()
-                self._response = self.list_fn(
+                response = self.list_fn(
                     watch=True, resource_version=self.version, allow_watch_bookmarks=True,
                     timeout_seconds=self.server_timeout, _preload_content=False,
                     _request_timeout=(10, self.server_timeout + 30),
                 )  # fmt: skip
+                self._response = response
+                self.on_connected()
+                backoff = MIN_BACKOFF
                 try:
-                    for line in iter_resp_lines(self._response):
+                    for line in iter_resp_lines(response):
                         if line.strip():
                             self._handle(json.loads(line))
                 finally:
-                    self._response.close()  # never hand a half-read connection back to the pool
-                    self._response.release_conn()
                     self._response = None
-                backoff = 0.5
+                    response.close()  # never hand a half-read connection back to the pool
+                    response.release_conn()
             except ApiException as error:
                 if error.status == 410:
                     log.info("%s: version too old (410), relisting", self.name)
                     self.version = None
+                    self.on_disconnected(None)
                     continue
                 log.warning("%s failed: %s %s", self.name, error.status, error.reason)
-                backoff = self._pause(backoff)
+                backoff = self._pause(backoff, error)
             except Exception as error:  # noqa: BLE001 - network errors: back off and resume
                 if self._stop.is_set():
                     break
                 log.warning("%s interrupted: %s", self.name, error)
-                backoff = self._pause(backoff)
+                backoff = self._pause(backoff, error)
 
     def _handle(self, event: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -109,6 +132,7 @@ class Watcher:
                 log.exception("%s: event handler failed", self.name)
         self.version = obj["metadata"].get("resourceVersion") or self.version
 
-    def _pause(self, backoff: float) -> float:
+    def _pause(self, backoff: float, error: BaseException) -> float:
+        self.on_disconnected(error)
         self._stop.wait(backoff)
-        return min(backoff * 2, 30.0)
+        return min(backoff * 2, MAX_BACKOFF)

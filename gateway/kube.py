@@ -18,9 +18,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from ifw.core.contract import owner_reference
-from ifw.core.kube import api_message
+from ifw.core.kube import TranscriptionJobs, api_message
 from ifw.core.redact import redact
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
 
 class KubeError(Exception):
@@ -48,7 +47,8 @@ class KubeUnavailable(KubeError):
 class Kube:
     def __init__(self, api_client: client.ApiClient, threads: int, timeout: float = 10.0):
         self.api_client = api_client
-        self.custom = client.CustomObjectsApi(api_client)
+        # The HTTP request of each call is bounded by the same deadline as the answer.
+        self.tjs = TranscriptionJobs(api_client, request_timeout=timeout)
         self.core = client.CoreV1Api(api_client)
         self.timeout = timeout
         self._limiter = anyio.CapacityLimiter(threads)
@@ -80,39 +80,23 @@ class Kube:
         limit = timeout or self.timeout
         return await self.call(fn, *args, timeout=limit, _request_timeout=limit, **kwargs)
 
-    # ------------------------------------------------------ TranscriptionJobs
+    # ------------------------------------------------------ TranscriptionJobs (ifw.core's client)
 
     async def create_tj(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.api(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, body)
+        return await self.call(self.tjs.create, namespace, body)
 
     async def get_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.api(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self.call(self.tjs.get, namespace, name)
 
     async def list_tjs(self, namespace: str, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
-        return await self.api(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout=timeout, **kwargs
-        )
+        limit = timeout or self.timeout
+        return await self.call(self.tjs.list, namespace, timeout=limit, _request_timeout=limit, **kwargs)
 
     async def delete_tj(self, namespace: str, name: str, propagation: str, resource_version: str | None = None) -> bool:
         """False when there was no such TranscriptionJob. With `resource_version`, only that
         version is deleted: a changed one raises KubeError 409."""
-        body: dict[str, Any] = {"propagationPolicy": propagation}
-        if resource_version:
-            body["preconditions"] = {"resourceVersion": resource_version}
-        try:
-            await self.api(
-                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, body=body
-            )
-        except KubeError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        return await self.call(self.tjs.delete, namespace, name, propagation=propagation,
+                               resource_version=resource_version)  # fmt: skip
 
     # ---------------------------------------------------------------- Secrets
 

@@ -1,35 +1,26 @@
 """One shared watch on TranscriptionJobs: an informer-style cache plus waiters.
 
-A thread per served namespace lists the TranscriptionJobs, then watches from the list's
-resourceVersion, resuming from the last seen version (bookmarks included)
-whenever the apiserver ends the watch, and relisting on 410 Gone. Every event
-is handed to the event loop, which updates the cache and wakes the requests
-waiting on that TranscriptionJob. A thousand sync requests therefore cost a thousand
-futures, not a thousand watches or polls. A streaming request subscribes instead and gets
-every change of its TranscriptionJob (status.progress.text grows as the runner works).
+One ifw.core Watcher per served namespace (list, watch from the list's version, resume,
+relist on 410 Gone, one back-off rule) feeds the event loop, which updates the cache and
+wakes the requests waiting on that TranscriptionJob. A thousand sync requests therefore cost
+a thousand futures, not a thousand watches or polls. A streaming request subscribes instead
+and gets every change of its TranscriptionJob (status.progress.text grows as the runner works).
 
-A failed watch retries after a short back-off (at most MAX_BACKOFF, back to the start once
-connected), so it is back within seconds of the apiserver, and what finished meanwhile
-arrives by the resumed watch or the relist; `problem()` tells /readyz while a namespace's
-watch is not connected.
+What finished while a watch was reconnecting arrives by the resumed watch or the relist;
+`problem()` tells /readyz while a namespace's watch is not connected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
-import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
-
 from ifw.core.contract import is_terminal
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
+from ifw.core.watch import Watcher
 from ifw.gateway import metrics
 from ifw.gateway.kube import Kube
 from ifw.gateway.taskids import task_id_of
@@ -40,11 +31,6 @@ Key = tuple[str, str]  # (namespace, name)
 # Called on the event loop with ("ADDED"|"MODIFIED"|"DELETED", object).
 Listener = Callable[[str, dict[str, Any]], None]
 
-# Seconds between reconnection attempts: doubling from MIN_BACKOFF, capped low, since a
-# gateway whose watch waits is a gateway whose sync requests wait.
-MIN_BACKOFF = 0.5
-MAX_BACKOFF = 3.0
-LIST_TIMEOUT = (5, 60)  # (connect, read) seconds of the list that starts or restarts a watch
 # How long a TranscriptionJob this gateway created stands in for its watch event, which comes
 # within milliseconds unless the watch is reconnecting (the relist then brings it).
 CREATED_GRACE = 30.0
@@ -72,15 +58,11 @@ class TjWatch:
         self._synced: set[str] = set()
         self._synced_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._responses: list[Any] = []
-        # Where each namespace's watch resumes; None (absent) means list first.
-        self.versions: dict[str, str] = {}
+        self.watchers: dict[str, Watcher] = {}
         # (namespace, name, uid) -> monotonic time the terminal event was read; popped by the waiter.
         self.finished_at: dict[tuple[str, str, str | None], float] = {}
         # Namespace -> monotonic time its watch lost the apiserver; absent while it is connected.
-        # Written by the watch threads, read by /readyz (single dict operations: no lock needed).
+        # Written by the watchers' threads, read by /readyz (single dict operations: no lock needed).
         self.disconnected: dict[str, float] = {ns: time.monotonic() for ns in namespaces}
         # uid -> (object, monotonic time): what this gateway created and the watch has not shown
         # yet, so that a client's GET /tasks right after its POST lists the task (read your writes).
@@ -91,21 +73,19 @@ class TjWatch:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for namespace in self.namespaces:
-            thread = threading.Thread(target=self._run, args=(namespace,), name=f"tj-watch-{namespace}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self.watchers[namespace] = self.kube.tjs.watcher(
+                namespace,
+                on_list=functools.partial(self._listed, namespace),
+                on_event=self._received,
+                on_connected=functools.partial(self._connected, namespace),
+                on_disconnected=functools.partial(self._disconnected, namespace),
+                name=f"tj-watch-{namespace}",
+                server_timeout=self.server_timeout,
+            ).start()
 
     def stop(self) -> None:
-        self._stop.set()
-        for resp in list(self._responses):
-            # Shut the raw socket down: that unblocks the thread's read at once, whereas
-            # close() would wait for the SSL lock the blocked read holds.
-            sock = getattr(getattr(resp, "connection", None), "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        for watcher in self.watchers.values():
+            watcher.stop(wait=False)
         for fut in (f for waiters in self._waiters.values() for _, f in waiters):
             if not fut.done():
                 fut.cancel()
@@ -232,79 +212,26 @@ class TjWatch:
             except Exception:  # a broken listener must not stop the watch
                 log.exception("watch listener failed")
 
-    # ------------------------------------------------------- watch thread
+    # ------------------------------------------------------- watch threads
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _run(self, namespace: str) -> None:
-        api = self.kube.custom
-        backoff = MIN_BACKOFF
-        while not self._stop.is_set():
-            try:
-                version = self.versions.get(namespace)
-                if version is None:
-                    listed = api.list_namespaced_custom_object(
-                        GROUP, VERSION, namespace, PLURAL, _request_timeout=LIST_TIMEOUT
-                    )
-                    version = self.versions[namespace] = listed["metadata"]["resourceVersion"]
-                    self._post(self._replace, namespace, listed["items"])
-                    metrics.WATCH_LISTS.inc()
-                resp = api.list_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    watch=True,
-                    resource_version=version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=self.server_timeout,
-                    _preload_content=False,
-                    _request_timeout=(10, self.server_timeout + 30),
-                )
-                self._responses.append(resp)
-                # The apiserver answered the watch: connected, and the next failure starts the back-off afresh.
-                if self.disconnected.pop(namespace, None) is not None:
-                    log.info("watch on %s connected", namespace)
-                backoff = MIN_BACKOFF
-                try:
-                    self._consume(resp, namespace)
-                finally:
-                    self._responses.remove(resp)
-                    resp.close()  # never hand a half-read connection back to the pool
-                    resp.release_conn()
-            except ApiException as exc:
-                if exc.status == 410:  # our resourceVersion is too old: start over from a list
-                    log.info("watch on %s expired (410), relisting", namespace)
-                    self.versions.pop(namespace, None)
-                    self.disconnected.setdefault(namespace, time.monotonic())
-                    continue
-                log.warning("watch on %s failed: %s %s", namespace, exc.status, exc.reason)
-                backoff = self._pause(namespace, backoff)
-            except Exception as exc:  # noqa: BLE001 - network errors: retry with backoff
-                if self._stop.is_set():
-                    break
-                log.warning("watch on %s interrupted: %s", namespace, exc)
-                backoff = self._pause(namespace, backoff)
+    def _listed(self, namespace: str, items: list[dict[str, Any]]) -> None:
+        self._post(self._replace, namespace, items)
+        metrics.WATCH_LISTS.inc()
 
-    def _consume(self, resp: Any, namespace: str) -> None:
-        """Hand each event of one watch response to the loop; remember the last resourceVersion."""
-        for line in iter_resp_lines(resp):
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            obj = event["object"]
-            if event["type"] == "ERROR":  # a metav1.Status; 410 means relist
-                raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
-            if event["type"] != "BOOKMARK":
-                self._post(self._apply, event["type"], obj, time.monotonic())
-                metrics.WATCH_EVENTS.labels(event["type"]).inc()
-            self.versions[namespace] = obj["metadata"].get("resourceVersion") or self.versions[namespace]
+    def _received(self, kind: str, obj: dict[str, Any]) -> None:
+        self._post(self._apply, kind, obj, time.monotonic())
+        metrics.WATCH_EVENTS.labels(kind).inc()
 
-    def _pause(self, namespace: str, backoff: float) -> float:
+    def _connected(self, namespace: str) -> None:
+        if self.disconnected.pop(namespace, None) is not None:
+            log.info("watch on %s connected", namespace)
+
+    def _disconnected(self, namespace: str, error: BaseException | None) -> None:
         self.disconnected.setdefault(namespace, time.monotonic())
-        metrics.WATCH_ERRORS.inc()
-        self._stop.wait(backoff)
-        return min(backoff * 2, MAX_BACKOFF)
+        if error is not None:
+            metrics.WATCH_ERRORS.inc()

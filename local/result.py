@@ -15,7 +15,6 @@ import os
 import sys
 
 from ifw.core import contract, formats, kube, results
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
 
 
 def _current_namespace(kubeconfig: str | None) -> str:
@@ -42,16 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     namespace = args.namespace or _current_namespace(args.kubeconfig)
     with kube.api_client(kubeconfig=args.kubeconfig, component="cli") as api:
         try:
-            tj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, args.name)
+            tj = kube.TranscriptionJobs(api).get(namespace, args.name)
         except ApiException as error:
             print(f"ifw result: {namespace}/{args.name}: {kube.api_message(error)}", file=sys.stderr)
             return 1
+        if tj is None:
+            print(f"ifw result: {namespace}/{args.name}: TranscriptionJob not found", file=sys.stderr)
+            return 1
         status = tj.get("status") or {}
-        phase = contract.phase_of(tj) or "Pending"
-        if phase == "Failed":
+        phase = contract.phase_of(tj) or contract.Phase.Pending
+        if phase == contract.Phase.Failed:
             print(f"ifw result: {args.name} failed: {status.get('reason')}: {status.get('message')}", file=sys.stderr)
             return 2
-        if phase != "Succeeded" or not status.get("result"):
+        if phase != contract.Phase.Succeeded or not status.get("result"):
             progress = (status.get("progress") or {}).get("percent")
             done = f", {progress:g}% done" if progress is not None else ""
             print(f"ifw result: {args.name} is {phase}{done}; no result yet", file=sys.stderr)

@@ -4,6 +4,7 @@ kopf watches; this module writes. It uses the official ``kubernetes`` client (al
 dependency) in a bounded thread pool, with plain dict bodies and raw JSON responses
 (``_preload_content=False``): deserialising into the client's model classes costs more CPU
 than the request itself, and the operator has to keep up with hundreds of jobs on two cores.
+TranscriptionJobs go through ifw.core's one client (``TranscriptionJobs``), run in the same pool.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ifw.core.contract import now_string
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
+from ifw.core.kube import MERGE_PATCH, TranscriptionJobs
+from ifw.crds.transcriptionjob import GROUP, VERSION
 
 
 class Kube:
@@ -32,7 +31,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        self.tjs = TranscriptionJobs(api)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         # Events are for people: two threads of their own, so a burst of them never queues
         # ahead of the Job creations and status writes on the main pool.
@@ -46,10 +45,12 @@ class Kube:
     async def _call(self, fn, *args, _pool: ThreadPoolExecutor | None = None, **kwargs) -> Any:
         kwargs.setdefault("_preload_content", False)
         kwargs.setdefault("_request_timeout", (10, 60))  # (connect, read): a dead connection never hangs a job
-        loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(_pool or self._pool, lambda: fn(*args, **kwargs))
+        response = await self._run(lambda: fn(*args, **kwargs), pool=_pool)
         data = response.data
         return json.loads(data) if data else None
+
+    async def _run(self, fn: Callable[[], Any], pool: ThreadPoolExecutor | None = None) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool or self._pool, fn)
 
     # ------------------------------------------------------------------ create
 
@@ -87,13 +88,8 @@ class Kube:
                 return None
             raise
 
-    async def read_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+    async def get_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._run(lambda: self.tjs.get(namespace, name))
 
     # ------------------------------------------------------------------ patch
 
@@ -102,18 +98,14 @@ class Kube:
 
     async def patch_tj_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A merge patch of /status with only the operator's fields (the runner owns the others)."""
-        return await self._call(
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
-            _content_type=MERGE_PATCH,
-        )
+        return await self._run(lambda: self.tjs.patch_status(namespace, name, patch))
 
     async def patch_tj_metadata(
         self, tj: dict[str, Any], build: Callable[[dict[str, Any]], list[dict[str, Any]] | None]
     ) -> dict[str, Any] | None:
         """Apply the JSON patch ``build(body)`` makes (None: nothing to do); the updated body.
 
-        Its tests fail when the metadata changed meanwhile (409/422): read again, build again.
+        Its tests fail when the metadata changed meanwhile: read again, build again.
         None: the job is gone (or the name is a new job's now).
         """
         meta = tj["metadata"]
@@ -122,17 +114,10 @@ class Kube:
             ops = build(tj)
             if ops is None:
                 return tj
-            try:
-                return await self._call(
-                    self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, ops,
-                    _content_type=JSON_PATCH,
-                )
-            except ApiException as error:
-                if error.status == 404:
-                    return None
-                if error.status not in (409, 422):
-                    raise
-            tj = await self.read_tj(namespace, name)
+            patched = await self._run(lambda: self.tjs.json_patch(namespace, name, ops))
+            if patched is not None:
+                return patched
+            tj = await self.get_tj(namespace, name)
             if tj is None or tj["metadata"]["uid"] != uid:
                 return None
         raise RuntimeError(f"the metadata of TranscriptionJob {namespace}/{name} kept changing; retrying")
@@ -177,14 +162,11 @@ class Kube:
         )
 
     async def delete_tj(self, namespace: str, name: str, uid: str) -> bool:
+        """False when it is gone, or the name is a newer job's (the uid precondition)."""
         try:
-            await self._call(
-                self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-                body={"propagationPolicy": "Background", "preconditions": {"uid": uid}},
-            )
-            return True
+            return await self._run(lambda: self.tjs.delete(namespace, name, uid=uid))
         except ApiException as error:
-            if error.status in (404, 409):
+            if error.status == 409:
                 return False
             raise
 

@@ -88,6 +88,39 @@ def _dockerfile_copies() -> list[tuple[str, str]]:
     return re.findall(r"^COPY (?!--from)(\S+) (\S+)$", text, flags=re.M)
 
 
+# The Kubernetes calls that only ifw.core may make: TranscriptionJobs go through its one client
+# (ifw.core.kube.TranscriptionJobs), and every watch through its one resumable Watcher.
+TJ_CLIENT_CALLS = re.compile(r"_custom_object(_status)?$")
+WATCH_MODULES = {"kubernetes.watch", "kubernetes.watch.watch"}
+
+
+def kube_layer_violations(path: Path, package: str) -> list[str]:
+    """Raw custom-object calls and hand-written watch loops in a module outside ifw.core."""
+    wrong = [f"imports {name}" for name in imports_of(path, package) if name in WATCH_MODULES]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:  # from kubernetes import watch
+            wrong += [f"imports {node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in WATCH_MODULES]
+        if isinstance(node, ast.Attribute) and TJ_CLIENT_CALLS.search(node.attr):
+            wrong.append(f"line {node.lineno} calls {node.attr}")
+    return wrong
+
+
+@pytest.mark.parametrize("folder", sorted(set(PACKAGES) - {"core"}))
+def test_one_kubernetes_layer_transcriptionjob_calls_and_watches_live_in_core(folder):
+    wrong = [f"{path.relative_to(ROOT)} {what}" for path in _modules(folder)
+             for what in kube_layer_violations(path, PACKAGES[folder])]  # fmt: skip
+    assert not wrong, "use ifw.core.kube.TranscriptionJobs / ifw.core.watch.Watcher:\n" + "\n".join(wrong)
+
+
+def test_the_kube_layer_rule_sees_a_raw_call_and_a_watch(tmp_path):
+    # The rule above would be toothless if it missed the two ways around the core client.
+    module = tmp_path / "sneaky.py"
+    module.write_text("from kubernetes import watch\n"
+                      "def f(api):\n    return api.patch_namespaced_custom_object_status('g', 'v', 'n', 'p', 'x', {})\n")
+    assert kube_layer_violations(module, "ifw.gateway") == [
+        "imports kubernetes.watch", "line 3 calls patch_namespaced_custom_object_status"]
+
+
 def test_control_plane_image_tree_runs_without_the_runner(tmp_path):
     """Rebuild the image's site-packages layout from Dockerfile.operator's COPY lines and start both services."""
     copies = _dockerfile_copies()

@@ -158,7 +158,7 @@ def test_watch_resumes_after_the_connection_drops(gateway, http, driver):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "resume"})
         driver.wait_tj("resume")
-        _wait_until(lambda: watch._responses)
+        _wait_until(lambda: _connected(watch))
         _cut(watch)
         driver.succeed("resume")
         assert pending.result(timeout=15).status_code == 200
@@ -175,11 +175,11 @@ def test_watch_relists_after_410_gone(gateway, http, driver):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/", json={"url": URL, "managed_task_id": "expired"})
         driver.wait_tj("expired")
-        _wait_until(lambda: watch._responses)
+        _wait_until(lambda: _connected(watch))
         # Let the TranscriptionJob's own events arrive first, or one could overwrite the stale version set below.
         _wait_until(lambda: (driver.namespace, "expired") in watch.objects)
         _wait_until(lambda: watch.has_waiters(driver.namespace, "expired"))
-        watch.versions[driver.namespace] = "2"  # long compacted: the apiserver answers 410 Expired
+        watch.watchers[driver.namespace].version = "2"  # long compacted: the apiserver answers 410 Expired
         _cut(watch)
         _wait_until(lambda: metrics.WATCH_LISTS._value.get() > lists_before)
         driver.succeed("expired")
@@ -209,11 +209,13 @@ def _wait_until(predicate, timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-def _cut(watch) -> None:
-    import socket
+def _connected(watch) -> bool:
+    return bool(watch.watchers) and all(w.connected for w in watch.watchers.values())
 
-    for resp in list(watch._responses):
-        resp.connection.sock.shutdown(socket.SHUT_RDWR)
+
+def _cut(watch) -> None:
+    for watcher in watch.watchers.values():
+        watcher.interrupt()
 
 
 def test_internal_upload_route_is_open_but_token_checked(http):
