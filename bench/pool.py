@@ -76,11 +76,11 @@ def post(url: str, audio: Path) -> tuple[float, int]:
 def in_process(model: str, audio: Path, repeats: int) -> list[float]:
     """The floor: the same clip through a model already loaded in this process."""
     from ifw.crds.transcriptionjob import TranscriptionJobSpec
-    from ifw.runner import asr, pipeline
+    from ifw.runner import models, pipeline
     from ifw.runner.config import RunnerSettings
 
     settings = RunnerSettings(default_model=model, device="cpu", cpu_threads=2)
-    asr.load_model(model, settings)
+    models.load_model(model, settings)
     spec = TranscriptionJobSpec.model_validate({"audio": {"url": "https://unused.example/a.wav"}})
     samples = _read(audio)
     pipeline.run(spec, samples, settings)  # warm-up

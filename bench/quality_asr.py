@@ -127,7 +127,7 @@ def context_experiment(tmp: Path, args) -> dict:
     with the pieces as the VAD packs them (≤30 s) and with one piece per sentence (nine boundaries)."""
     import torch
 
-    from ifw.runner import asr, vad
+    from ifw.runner import asr, models, vad
     from ifw.runner.config import RunnerSettings
 
     torch.set_num_threads(args.threads)
@@ -137,10 +137,10 @@ def context_experiment(tmp: Path, args) -> dict:
     cuts = {"vad": vad.plan_pieces(regions), "sentence": [vad.Piece(a, b, ((a, b),)) for a, b in regions]}
     out: dict = {}
     for model in args.models.split(","):
-        wm = asr.load_model(model, RunnerSettings(default_model=model, device="cpu", cpu_threads=args.threads))
+        whisper = models.load_model(model, RunnerSettings(default_model=model, device="cpu", cpu_threads=args.threads))
         for cut, pieces in cuts.items():
             for context in (False, True):
-                t = asr.transcribe(audio, wm, batch_size=args.batch_size, pieces=pieces, condition_on_previous=context)
+                t = asr.transcribe(audio, whisper, batch_size=args.batch_size, pieces=pieces, condition_on_previous=context)
                 out.setdefault(model, {})[f"{cut}, {'previous text' if context else 'no context'}"] = {
                     "pieces": len(pieces), "wer": word_error_rate(clip.text, t.text), "text": t.text}
     return out

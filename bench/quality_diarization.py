@@ -144,7 +144,7 @@ def timed(fn, repeat: int):
 def run(args) -> dict:
     import torch
 
-    from ifw.runner import asr, diarize
+    from ifw.runner import asr, diarize, models
     from ifw.runner.audio import decode_audio
     from ifw.runner.config import RunnerSettings
     from ifw.runner.speakers import assign_speakers
@@ -152,7 +152,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     settings = RunnerSettings(diarization_pipeline="packaged", device="cpu", cpu_threads=args.threads)
     systems = {"ifw": diarize.load_pipeline(settings), "pyannote": baseline_pipeline()}
-    model = asr.load_model("tiny.en", settings)
+    model = models.load_model("tiny.en", settings)
 
     tmp = Path(tempfile.mkdtemp(prefix="ifw-quality-diarization-"))
     clip = harvard_conversation(tmp)

@@ -55,17 +55,17 @@ def make_audio(dest: Path, min_seconds: float = 180.0):
 
 def load_ifw(model: str, batch_size: int):
     from ifw.crds.transcriptionjob import AudioSource, TranscriptionJobSpec
-    from ifw.runner import asr, pipeline, vad
+    from ifw.runner import decoding, models, pipeline, vad
     from ifw.runner.config import RunnerSettings
 
     # IFW_CPU_INT8, IFW_CONDITION_ON_PREVIOUS and the like come from the environment
     settings = RunnerSettings(default_model=model, device="cpu", cpu_threads=int(os.environ["OMP_NUM_THREADS"]))
-    asr.load_model(model, settings)
+    models.load_model(model, settings)
     vad._silero()
 
     def transcribe(audio: str):
         spec = TranscriptionJobSpec(audio=AudioSource.model_construct(url=audio), model=model, batch_size=batch_size)
-        stats = asr.DecodeStats()
+        stats = decoding.DecodeStats()
         t = pipeline.run(spec, audio, settings, stats=stats)
         extra = {"generate_calls": stats.generate_calls, "pieces": sum(stats.pieces),
                  "fallback_decodes": stats.fallback_decodes, "dropped_pieces": t.dropped_pieces,

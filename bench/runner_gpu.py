@@ -65,7 +65,7 @@ def make_long_audio(dest: Path, minutes: float):
 
 def run_ifw(audio: str, model: str, batch_size: int, diarize: bool):
     from ifw.crds.transcriptionjob import AudioSource, TranscriptionJobSpec
-    from ifw.runner import asr, pipeline
+    from ifw.runner import models, pipeline
     from ifw.runner.config import RunnerSettings
 
     settings = RunnerSettings(
@@ -78,7 +78,7 @@ def run_ifw(audio: str, model: str, batch_size: int, diarize: bool):
         diarization={"enabled": diarize},
     )  # fmt: skip
     t0 = time.perf_counter()
-    asr.load_model(model, settings)
+    models.load_model(model, settings)
     if diarize:
         from ifw.runner import diarize as d
 

@@ -60,11 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default_model(settings) -> str:
-    from ifw.runner import asr
+    from ifw.runner import models
 
     if os.environ.get("IFW_DEFAULT_MODEL"):
         return settings.default_model
-    device = asr.select_device(settings)
+    device = models.select_device(settings)
     if device.type == "cuda" or _in_hub_cache(settings.default_model):
         return settings.default_model
     print(

@@ -3,7 +3,7 @@
 A pool worker runs several jobs at once. Each job's transcribe() hands its pieces to the
 model's SharedDecoder (``decoder.session(check)`` is transcribe's ``decode`` seam) and waits;
 the decoder thread takes pieces from all waiting jobs in turn, up to ``batch_size`` per round,
-and decodes them together with ``asr.decode_pieces`` (which sorts them longest first and
+and decodes them together with ``decoding.decode_pieces`` (which sorts them longest first and
 groups them by what a generate() call shares). So 24 concurrent 10 s clips make one or two
 full batches on one warm GPU instead of 24 pods each loading the model.
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from ifw.runner import asr
+from ifw.runner import decoding
+from ifw.runner.models import WhisperModel
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ QUEUED_PIECES = Gauge("ifw_worker_queued_pieces", "Pieces waiting for the decode
 class _Ticket:
     """One decode call of one job: its pieces, what came back, and whether it still wants them."""
 
-    requests: Sequence[asr.PieceRequest]
+    requests: Sequence[decoding.PieceRequest]
     todo: list[int] = field(default_factory=list)  # indices not yet taken by a round, in order
     arrived: float = field(default_factory=time.monotonic)
-    results: dict[int, asr.PieceResult] = field(default_factory=dict)
+    results: dict[int, decoding.PieceResult] = field(default_factory=dict)
     finished: list[int] = field(default_factory=list)  # done, not yet reported to the job
     error: BaseException | None = None
     alone: bool = False  # decode on its own from now on (it was in a round that failed)
@@ -64,15 +65,15 @@ class _Ticket:
 class SharedDecoder:
     """The one thread that uses a model; jobs' threads queue pieces on it."""
 
-    def __init__(self, wm: asr.WhisperModel, *, batch_size: int, max_wait_seconds: float, cross_job: bool = True):
-        self.wm = wm
+    def __init__(self, whisper: WhisperModel, *, batch_size: int, max_wait_seconds: float, cross_job: bool = True):
+        self.whisper = whisper
         self.batch_size = max(1, batch_size)
         self.max_wait_seconds = max_wait_seconds
         self.cross_job = cross_job
         self._queue: list[_Ticket] = []
         self._ready = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"decoder-{wm.name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"decoder-{whisper.name}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -84,20 +85,20 @@ class SharedDecoder:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def session(self, check: Callable[[], None]) -> asr.Decode:
+    def session(self, check: Callable[[], None]) -> decoding.Decode:
         """transcribe()'s decode seam for one job; `check` raises when the job should stop."""
 
-        def decode(requests: list[asr.PieceRequest], on_done: asr.OnDone | None):
+        def decode(requests: list[decoding.PieceRequest], on_done: decoding.OnDone | None):
             return self.decode(requests, on_done, check)
 
         return decode
 
     def decode(
         self,
-        requests: Sequence[asr.PieceRequest],
-        on_done: asr.OnDone | None,
+        requests: Sequence[decoding.PieceRequest],
+        on_done: decoding.OnDone | None,
         check: Callable[[], None],
-    ) -> list[asr.PieceResult]:
+    ) -> list[decoding.PieceResult]:
         """Queue the pieces, report them as they finish, return them in order (on this job's thread)."""
         if not requests:
             return []
@@ -176,7 +177,7 @@ class SharedDecoder:
         tickets = list(dict.fromkeys(t for t, _ in batch))
         ROUNDS.labels(jobs=str(len(tickets))).inc()
 
-        def on_done(indices: list[int], results: list[asr.PieceResult]) -> None:
+        def on_done(indices: list[int], results: list[decoding.PieceResult]) -> None:
             for k, result in zip(indices, results, strict=True):
                 ticket, i = batch[k]
                 with ticket.changed:
@@ -184,10 +185,10 @@ class SharedDecoder:
                     ticket.finished.append(i)
                     ticket.changed.notify_all()
 
-        stats = asr.DecodeStats()
+        stats = decoding.DecodeStats()
         try:
-            asr.decode_pieces(self.wm, [t.requests[i] for t, i in batch], batch_size=self.batch_size,
-                              on_done=on_done, stats=stats)  # fmt: skip
+            decoding.decode_pieces(self.whisper, [t.requests[i] for t, i in batch], batch_size=self.batch_size,
+                                   on_done=on_done, stats=stats)  # fmt: skip
         except Exception as error:  # noqa: BLE001 - it belongs to the jobs, not to the decoder
             self._failed(batch, tickets, error)
         finally:

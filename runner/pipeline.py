@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ifw.runner import asr
+from ifw.runner import asr, decoding, models
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.errors import InvalidAudio
 
@@ -47,8 +47,8 @@ def run(
     source: str | Path | np.ndarray,
     settings: RunnerSettings,
     on_progress: asr.ProgressCallback | None = None,
-    stats: asr.DecodeStats | None = None,
-    decode: asr.Decode | None = None,
+    stats: decoding.DecodeStats | None = None,
+    decode: decoding.Decode | None = None,
     on_text: asr.TextCallback | None = None,
 ) -> Transcript:
     """Transcribe `source` as `spec` asks (spec.audio.url is not read: the caller passes the audio).
@@ -58,9 +58,9 @@ def run(
     `on_text` gets the text so far as it grows (streaming jobs).
     """
     model_name = spec.model or settings.default_model
-    asr.check_model_allowed(model_name, settings)
+    models.check_model_allowed(model_name, settings)
     # Load the model before the (possibly long) download: a bad model fails fast.
-    model = asr.load_model(model_name, settings)
+    whisper = models.load_model(model_name, settings)
 
     samples = load(source, settings)
     duration = len(samples) / SAMPLE_RATE
@@ -79,7 +79,7 @@ def run(
 
     transcript = asr.transcribe(
         samples,
-        model,
+        whisper,
         task=spec.task,
         language=spec.language or None,
         batch_size=spec.batch_size,

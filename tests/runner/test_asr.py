@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ifw.runner import asr, vad
+from ifw.runner import asr, models, vad
 from ifw.runner.config import RunnerSettings
 from ifw.runner.errors import InvalidSpec, ModelLoadFailed
 from ifw.runner.progress import ProgressReporter
@@ -51,9 +51,9 @@ def assert_segments_match_sentences(transcript, clip, tolerance=1.0):
 
 @pytest.mark.model
 def test_tiny_en_long_clip_words_and_segment_times(long_clip, wer):
-    wm = asr.load_model("tiny.en", settings("tiny.en"))
+    whisper = models.load_model("tiny.en", settings("tiny.en"))
     reports = []
-    t = asr.transcribe(long_clip.audio(), wm, batch_size=4, on_progress=lambda p, total: reports.append((p, total)))
+    t = asr.transcribe(long_clip.audio(), whisper, batch_size=4, on_progress=lambda p, total: reports.append((p, total)))
     assert wer(long_clip.text, t.text) <= 0.15, t.text
     assert_segments_match_sentences(t, long_clip)
     assert t.language == "en" and t.language_probability is None  # English-only: nothing detected
@@ -65,8 +65,8 @@ def test_tiny_en_long_clip_words_and_segment_times(long_clip, wer):
 
 @pytest.mark.model
 def test_base_detects_english_and_word_timestamps(short_clip, wer):
-    wm = asr.load_model("base", settings("base"))
-    t = asr.transcribe(short_clip.audio(), wm, timestamp="word")
+    whisper = models.load_model("base", settings("base"))
+    t = asr.transcribe(short_clip.audio(), whisper, timestamp="word")
     assert t.language == "en" and t.language_probability > 0.8
     assert wer(short_clip.text, t.text) <= 0.10, t.text
     words = [w for s in t.segments for w in s.words]
@@ -85,8 +85,8 @@ def test_base_detects_english_and_word_timestamps(short_clip, wer):
 @pytest.mark.model
 def test_base_translates_german_to_english(speech):
     clip = speech([("de", "Guten Morgen. Das Wetter ist heute sehr schön, und die Sonne scheint.", 0.5)])
-    wm = asr.load_model("base", settings("base"))
-    t = asr.transcribe(clip.audio(), wm, task="translate")
+    whisper = models.load_model("base", settings("base"))
+    t = asr.transcribe(clip.audio(), whisper, task="translate")
     assert t.language == "de" and t.task == "translate"
     words = set(t.text.lower().replace(",", " ").replace(".", " ").split())
     assert {"weather", "sun", "morning"} & words, t.text
@@ -97,30 +97,30 @@ def test_base_translates_german_to_english(speech):
 @pytest.mark.parametrize("noise", [0.0, 0.003])
 def test_silence_gives_an_empty_transcript(speech, noise):
     clip = speech.silence(6.0, noise=noise)
-    wm = asr.load_model("tiny.en", settings("tiny.en"))
-    t = asr.transcribe(clip.audio(), wm, timestamp="word")
+    whisper = models.load_model("tiny.en", settings("tiny.en"))
+    t = asr.transcribe(clip.audio(), whisper, timestamp="word")
     assert t.text == "" and t.segments == [] and t.duration == pytest.approx(6.0)
 
 
 @pytest.mark.model
 def test_batch_size_does_not_change_the_words(short_clip):
-    wm = asr.load_model("tiny.en", settings("tiny.en"))
+    whisper = models.load_model("tiny.en", settings("tiny.en"))
     audio = short_clip.audio()
     # one piece per sentence: three windows of different lengths
     pieces = [vad.Piece(u.start - 0.2, u.end + 0.2) for u in short_clip.utterances]
-    one = asr.transcribe(audio, wm, batch_size=1, pieces=pieces)
-    many = asr.transcribe(audio, wm, batch_size=3, pieces=pieces)
+    one = asr.transcribe(audio, whisper, batch_size=1, pieces=pieces)
+    many = asr.transcribe(audio, whisper, batch_size=3, pieces=pieces)
     assert len(one.segments) >= 3
     assert [s.text for s in one.segments] == [s.text for s in many.segments]
 
 
 @pytest.mark.model
 def test_english_only_model_refuses_translate_and_other_languages(short_clip):
-    wm = asr.load_model("tiny.en", settings("tiny.en"))
+    whisper = models.load_model("tiny.en", settings("tiny.en"))
     with pytest.raises(InvalidSpec, match="English-only"):
-        asr.transcribe(short_clip.audio(), wm, task="translate")
+        asr.transcribe(short_clip.audio(), whisper, task="translate")
     with pytest.raises(InvalidSpec, match="English-only"):
-        asr.transcribe(short_clip.audio(), wm, language="fr")
+        asr.transcribe(short_clip.audio(), whisper, language="fr")
 
 
 # ------------------------------------------------------------ no model needed
@@ -160,26 +160,26 @@ def test_vad_finds_no_speech_in_silence(speech):
 
 def test_model_not_in_the_allowed_list_is_refused():
     s = RunnerSettings(default_model="openai/whisper-large-v3", allowed_models=["base"])
-    asr.check_model_allowed("base", s)
+    models.check_model_allowed("base", s)
     with pytest.raises(InvalidSpec, match="'tiny.en' is not allowed.*base, openai/whisper-large-v3"):
-        asr.check_model_allowed("tiny.en", s)
+        models.check_model_allowed("tiny.en", s)
 
 
 def test_uncached_hub_model_fails_clearly_when_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadFailed, match="not in the hub cache"):
-        asr.resolve_model("openai/whisper-nonexistent", settings("base"))
+        models.resolve_model("openai/whisper-nonexistent", settings("base"))
 
 
 def test_local_model_folder_and_model_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadFailed, match="has no config.json"):
-        asr.resolve_model(str(tmp_path / "empty"), settings("base"))
+        models.resolve_model(str(tmp_path / "empty"), settings("base"))
     (tmp_path / "org" / "mine").mkdir(parents=True)
     (tmp_path / "org" / "mine" / "config.json").write_text("{}")
     s = RunnerSettings(model_dir=tmp_path)
-    assert asr.resolve_model("org/mine", s) == str(tmp_path / "org" / "mine")
+    assert models.resolve_model("org/mine", s) == str(tmp_path / "org" / "mine")
 
 
 def test_progress_reporter_throttles_and_always_sends_the_end():

@@ -9,21 +9,23 @@ is counted. Inputs: real recordings (../shared/speech), music synthesised here, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ifw.runner import asr, vad
+from ifw.runner import asr, decoding, errors, models, vad
 from ifw.runner.config import RunnerSettings
 from tests.runner.conftest import SAMPLE_RATE, read_wav
 
 SR = SAMPLE_RATE
 NAME = "Siobhan Kowalczyk"
+OPTIONS = decoding.DEFAULT_OPTIONS  # what transcribe() decodes with
 
 
-def model(name: str) -> asr.WhisperModel:
-    return asr.load_model(name, RunnerSettings(default_model=name, device="cpu", cpu_threads=2))
+def model(name: str) -> models.WhisperModel:
+    return models.load_model(name, RunnerSettings(default_model=name, device="cpu", cpu_threads=2))
 
 
 def music(seconds: float, seed: int = 1) -> np.ndarray:
@@ -59,32 +61,32 @@ def vocal_burst_in_silence(harvard) -> np.ndarray:
 
 @pytest.mark.model
 def test_music_is_judged_silence_not_thanked_for():
-    wm = model("tiny.en")
+    whisper = model("tiny.en")
     clip = music(12.0)
     assert vad.speech_regions(clip) == []  # the first guard: no speech, nothing reaches Whisper
-    t = asr.transcribe(clip, wm)
+    t = asr.transcribe(clip, whisper)
     assert t.text == "" and t.segments == [] and t.speech_seconds == 0
     # Decoded anyway (as one piece), greedy Whisper says "Thank you."; its no-speech check says silence.
-    stats = asr.DecodeStats()
-    [r] = asr.decode_pieces(wm, [asr.PieceRequest(clip)], batch_size=4, stats=stats)
+    stats = decoding.DecodeStats()
+    [r] = decoding.decode_pieces(whisper, [decoding.PieceRequest(clip)], batch_size=4, stats=stats)
     assert r.verdict == "no_speech" and r.attempts == 1 and stats.pieces == [1]
-    assert r.no_speech_prob > asr.NO_SPEECH_THRESHOLD and r.avg_logprob < asr.LOGPROB_THRESHOLD
+    assert r.no_speech_prob > OPTIONS.no_speech_threshold and r.avg_logprob < OPTIONS.logprob_threshold
     assert "thank" in r.text.lower()  # what would have been printed
-    t = asr.transcribe(clip, wm, pieces=[vad.Piece(0.0, 12.0)])
+    t = asr.transcribe(clip, whisper, pieces=[vad.Piece(0.0, 12.0)])
     assert t.text == "" and t.dropped_pieces == 1  # given up, and counted
 
 
 @pytest.mark.model
 def test_a_wordless_burst_in_silence_fails_every_temperature_and_is_counted(harvard):
-    wm = model("tiny.en")
+    whisper = model("tiny.en")
     audio = vocal_burst_in_silence(harvard)
     [(start, end)] = vad.speech_regions(audio)
     assert 8.5 < start < end < 10.5
-    stats = asr.DecodeStats()
-    t = asr.transcribe(audio, wm, stats=stats)
+    stats = decoding.DecodeStats()
+    t = asr.transcribe(audio, whisper, stats=stats)
     # greedy says "Oh, yeah." with a log-probability below -1; so does every sampled decode up to 1.0
     assert stats.temperatures == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0] and stats.pieces == [1] * 6
-    assert stats.rows == [1] + [asr.BEST_OF] * 5 and stats.fallback_decodes == 5
+    assert stats.rows == [1] + [OPTIONS.best_of] * 5 and stats.fallback_decodes == 5
     assert t.text == "" and t.segments == []
     assert t.dropped_pieces == 1 and t.speech_seconds > 0.5 and t.text_seconds == 0
 
@@ -93,18 +95,18 @@ def test_a_wordless_burst_in_silence_fails_every_temperature_and_is_counted(harv
 def test_only_the_pieces_that_fail_are_decoded_again(harvard, wer):
     """One batch: a sentence, the same sentence said three times back to back (a loop to the
     compression check), and music. Only the repeated one is decoded again, up the temperatures."""
-    wm = model("tiny.en")
+    whisper = model("tiny.en")
     sentence = next(s for s in harvard if s.path.stem == "spk1_snt1")
     once = read_wav(sentence.path)
     thrice = np.concatenate([once] * 3)
-    requests = [asr.PieceRequest(c) for c in (once, thrice, music(8.0))]
-    stats = asr.DecodeStats()
+    requests = [decoding.PieceRequest(c) for c in (once, thrice, music(8.0))]
+    stats = decoding.DecodeStats()
     done: list[int] = []
-    results = asr.decode_pieces(wm, requests, batch_size=3, stats=stats, on_done=lambda idx, _: done.extend(idx))
+    results = decoding.decode_pieces(whisper, requests, batch_size=3, stats=stats, on_done=lambda idx, _: done.extend(idx))
     # the first call had all three; every later call only the repeated piece, one temperature up
     assert stats.pieces[0] == 3 and set(stats.pieces[1:]) == {1} and len(stats.pieces) >= 2
-    assert stats.temperatures == asr.fallback_temperatures(0.0)[: len(stats.pieces)]
-    assert stats.rows[1:] == [asr.BEST_OF] * (len(stats.pieces) - 1)
+    assert stats.temperatures == OPTIONS.fallback_temperatures(0.0)[: len(stats.pieces)]
+    assert stats.rows[1:] == [OPTIONS.best_of] * (len(stats.pieces) - 1)
     assert sorted(done[:2]) == [0, 2] and done[2:] == [1]  # finished pieces are reported at once
     single, repeated, noise = results
     assert single.verdict == "ok" and single.attempts == 1 and wer(sentence.text, single.text) == 0
@@ -112,21 +114,22 @@ def test_only_the_pieces_that_fail_are_decoded_again(harvard, wer):
     # greedy decoding of the repeated sentence fails the repetition checks; a sampled decode at a
     # higher temperature passes them, and it is what was said
     assert repeated.attempts >= 2 and repeated.temperature > 0 and repeated.verdict == "ok"
-    assert repeated.compression_ratio <= asr.COMPRESSION_RATIO_THRESHOLD
+    assert repeated.compression_ratio <= OPTIONS.compression_ratio_threshold
     assert wer(" ".join([sentence.text] * 3), repeated.text) <= 0.1, repeated.text
 
 
 def test_loop_detection_compression_and_temperatures():
-    assert asr.is_looping([7] * 20) and not asr.is_looping([7] * 19)
-    assert asr.is_looping([1, 2, 3, 4, 5] * 4) and not asr.is_looping([1, 2, 3, 4, 5] * 3)
-    assert asr.is_looping(list(range(30)) + [8, 9] * 10 + [99])  # a loop anywhere, not only at the end
-    assert not asr.is_looping(list(range(200)))
-    assert asr.compression_ratio("") == 0.0
-    assert asr.compression_ratio("the the the " * 20) > 2.4 > asr.compression_ratio("The child almost hurt the small dog.")
-    assert asr.fallback_temperatures(0.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert asr.fallback_temperatures(0.5) == [0.5, 0.7, 0.9]
-    assert asr.fallback_temperatures(1.0) == [1.0]
-    assert asr.token_budget(2.0) == 36 and asr.token_budget(30.0) == asr.MAX_NEW_TOKENS
+    is_looping = functools.partial(decoding.is_looping, min_tokens=OPTIONS.loop_min_tokens)
+    assert is_looping([7] * 20) and not is_looping([7] * 19)
+    assert is_looping([1, 2, 3, 4, 5] * 4) and not is_looping([1, 2, 3, 4, 5] * 3)
+    assert is_looping(list(range(30)) + [8, 9] * 10 + [99])  # a loop anywhere, not only at the end
+    assert not is_looping(list(range(200)))
+    assert decoding.compression_ratio("") == 0.0
+    assert decoding.compression_ratio("the the the " * 20) > 2.4 > decoding.compression_ratio("The child almost hurt the small dog.")
+    assert OPTIONS.fallback_temperatures(0.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert OPTIONS.fallback_temperatures(0.5) == [0.5, 0.7, 0.9]
+    assert OPTIONS.fallback_temperatures(1.0) == [1.0]
+    assert OPTIONS.token_budget(2.0) == 36 and OPTIONS.token_budget(30.0) == OPTIONS.max_new_tokens
 
 
 # ------------------------------------------------------------------ prompt
@@ -147,12 +150,12 @@ def name_clip(speech):
 
 @pytest.mark.model
 def test_prompt_spells_a_name_as_given_in_every_piece(name_clip, wer):
-    wm = model("tiny.en")
+    whisper = model("tiny.en")
     audio = name_clip.audio()
-    plain = asr.transcribe(audio, wm, batch_size=8)
+    plain = asr.transcribe(audio, whisper, batch_size=8)
     assert NAME not in plain.text and "Kowalczyk" not in plain.text, plain.text
-    stats = asr.DecodeStats()
-    prompted = asr.transcribe(audio, wm, batch_size=8, prompt=NAME, stats=stats)
+    stats = decoding.DecodeStats()
+    prompted = asr.transcribe(audio, whisper, batch_size=8, prompt=NAME, stats=stats)
     # both pieces, decoded together in one generate() call, carry the prompted spelling
     assert stats.pieces[0] == 2
     assert prompted.text.count(NAME) == 2, prompted.text
@@ -163,9 +166,9 @@ def test_prompt_spells_a_name_as_given_in_every_piece(name_clip, wer):
 
 @pytest.mark.model
 def test_prompt_with_special_tokens_is_refused(name_clip):
-    wm = model("tiny.en")
-    with pytest.raises(asr.InvalidSpec, match="prompt"):
-        asr.transcribe(name_clip.audio()[: 3 * SR], wm, prompt="hello <|endoftext|>")
+    whisper = model("tiny.en")
+    with pytest.raises(errors.InvalidSpec, match="prompt"):
+        asr.transcribe(name_clip.audio()[: 3 * SR], whisper, prompt="hello <|endoftext|>")
 
 
 # ------------------------------------------------------------------ languages
@@ -195,10 +198,10 @@ def english_then_german(speech):
 
 @pytest.mark.model
 def test_english_and_german_in_one_file_each_in_its_own_language(english_then_german, wer):
-    wm = model("base")
+    whisper = model("base")
     clip = english_then_german
-    stats = asr.DecodeStats()
-    t = asr.transcribe(clip.audio(), wm, batch_size=8, stats=stats)
+    stats = decoding.DecodeStats()
+    t = asr.transcribe(clip.audio(), whisper, batch_size=8, stats=stats)
     switch = next(u.start for u in clip.utterances if u.voice == "de")
     english = [s for s in t.segments if s.end <= switch]
     german = [s for s in t.segments if s.start >= switch - 0.5]
@@ -213,24 +216,24 @@ def test_english_and_german_in_one_file_each_in_its_own_language(english_then_ge
 
 @pytest.mark.model
 def test_a_given_language_holds_for_every_piece(harvard, monkeypatch):
-    wm = model("base")
+    whisper = model("base")
     asked = []
-    real = asr.decode_pieces
+    real = decoding.decode_pieces
 
-    def spy(wm, requests, **kwargs):
+    def spy(whisper, requests, **kwargs):
         asked.extend(r.language for r in requests)
-        return real(wm, requests, **kwargs)
+        return real(whisper, requests, **kwargs)
 
-    monkeypatch.setattr(asr, "decode_pieces", spy)
+    monkeypatch.setattr(decoding, "decode_pieces", spy)
     audio = np.concatenate([read_wav(s.path) for s in harvard[:2]])
     pieces = [vad.Piece(0.0, 2.87), vad.Piece(2.87, len(audio) / SR)]  # two pieces, nothing detected
-    t = asr.transcribe(audio, wm, language="en", pieces=pieces)
+    t = asr.transcribe(audio, whisper, language="en", pieces=pieces)
     assert asked == ["en", "en"] and t.language == "en" and t.language_probability is None
     assert [s.language for s in t.segments] == ["en", "en"]
 
 
-def _result(language: str, probability: float, verdict: str = "ok") -> asr.PieceResult:
-    return asr.PieceResult(verdict, [], [], None, "", language, probability, 0.0, -0.3, 1.0, 0.01, 1)
+def _result(language: str, probability: float, verdict: str = "ok") -> decoding.PieceResult:
+    return decoding.PieceResult(verdict, [], [], None, "", language, probability, 0.0, -0.3, 1.0, 0.01, 1)
 
 
 def test_short_or_unsure_pieces_take_the_dominant_language():
@@ -253,19 +256,19 @@ def test_short_or_unsure_pieces_take_the_dominant_language():
 def test_a_piece_without_text_is_decoded_again_cut_at_its_pauses(conversation, wer, monkeypatch):
     """The first decode of every piece comes back as silence (a stand-in for Whisper skipping
     it); each stretch of speech is then decoded on its own, and the words are all there."""
-    wm = model("tiny.en")
-    real = asr.decode_pieces
+    whisper = model("tiny.en")
+    real = decoding.decode_pieces
     calls: list[int] = []
 
-    def first_call_silent(wm, requests, **kwargs):
-        results = real(wm, requests, **kwargs)
+    def first_call_silent(whisper, requests, **kwargs):
+        results = real(whisper, requests, **kwargs)
         calls.append(len(requests))
         if len(calls) == 1:
             results = [dataclasses.replace(r, verdict="no_speech") for r in results]
         return results
 
-    monkeypatch.setattr(asr, "decode_pieces", first_call_silent)
-    t = asr.transcribe(conversation.audio(), wm, batch_size=8)
+    monkeypatch.setattr(decoding, "decode_pieces", first_call_silent)
+    t = asr.transcribe(conversation.audio(), whisper, batch_size=8)
     pieces = vad.split_audio(conversation.audio())
     assert [len(p.regions) for p in pieces] == [8, 1]
     assert calls == [2, 8]  # both pieces, then the first one's eight stretches (together)
@@ -281,45 +284,47 @@ def test_cuda_out_of_memory_halves_the_call_and_retries(monkeypatch):
 
     calls = []
 
-    def chunk(wm, states):
+    def chunk(whisper, states, options):
         calls.append(sorted(len(s.request.clip) for s in states))
         if len(states) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return [asr._Candidate([len(s.request.clip)], [-0.1], None, "x", -0.1, 1.0, False, True, 0.0)
+        return [decoding._Candidate([len(s.request.clip)], [-0.1], None, "x", -0.1, 1.0, False, True, 0.0)
                 for s in states]  # fmt: skip
 
-    monkeypatch.setattr(asr, "_decode_chunk", chunk)
-    wm = SimpleNamespace(name="stand-in", multilingual=False)
+    monkeypatch.setattr(decoding, "_decode_chunk", chunk)
+    whisper = SimpleNamespace(name="stand-in", multilingual=False)
     clips = [np.zeros(n * 1000, np.float32) for n in (3, 9, 1, 7, 5)]
     done = []
-    stats = asr.DecodeStats()
-    out = asr.decode_pieces(wm, [asr.PieceRequest(c) for c in clips], batch_size=8, on_done=lambda idx, _: done.extend(idx), stats=stats)
+    stats = decoding.DecodeStats()
+    out = decoding.decode_pieces(whisper, [decoding.PieceRequest(c) for c in clips], batch_size=8,
+                                 on_done=lambda idx, _: done.extend(idx), stats=stats)  # fmt: skip
     assert [r.tokens[0] for r in out] == [3000, 9000, 1000, 7000, 5000]  # back in request order
     # 5 pieces: out of memory; 2 (the longest), 2, then 1
     assert calls == [[1000, 3000, 5000, 7000, 9000], [7000, 9000], [3000, 5000], [1000]]
     assert stats.pieces == [2, 2, 1] and stats.oom_halvings == 1 and sorted(done) == [0, 1, 2, 3, 4]
 
-    def always(wm, states):
+    def always(whisper, states, options):
         raise torch.cuda.OutOfMemoryError()
 
-    monkeypatch.setattr(asr, "_decode_chunk", always)
-    with pytest.raises(asr.OutOfMemory, match="single 30 s piece"):
-        asr.decode_pieces(wm, [asr.PieceRequest(clips[0])], batch_size=4)
+    monkeypatch.setattr(decoding, "_decode_chunk", always)
+    with pytest.raises(errors.OutOfMemory, match="single 30 s piece"):
+        decoding.decode_pieces(whisper, [decoding.PieceRequest(clips[0])], batch_size=4)
 
 
 def test_requests_are_grouped_by_what_a_generate_call_shares(monkeypatch):
     seen = []
 
-    def chunk(wm, states):
+    def chunk(whisper, states, options):
         seen.append([(s.request.prompt, s.temperature, s.request.word_timestamps, len(s.request.clip)) for s in states])
-        return [asr._Candidate([], [], None, "x", -0.1, 1.0, False, True, s.temperature) for s in states]
+        return [decoding._Candidate([], [], None, "x", -0.1, 1.0, False, True, s.temperature) for s in states]
 
-    monkeypatch.setattr(asr, "_decode_chunk", chunk)
-    wm = SimpleNamespace(name="stand-in", multilingual=False)
+    monkeypatch.setattr(decoding, "_decode_chunk", chunk)
+    whisper = SimpleNamespace(name="stand-in", multilingual=False)
     clip = np.zeros(SR, np.float32)
-    requests = [asr.PieceRequest(clip[:800]), asr.PieceRequest(clip, prompt="Kubeflow"), asr.PieceRequest(clip),
-                asr.PieceRequest(clip, temperature=0.4), asr.PieceRequest(clip, word_timestamps=True)]  # fmt: skip
-    asr.decode_pieces(wm, requests, batch_size=8)
+    request = decoding.PieceRequest
+    requests = [request(clip[:800]), request(clip, prompt="Kubeflow"), request(clip),
+                request(clip, temperature=0.4), request(clip, word_timestamps=True)]  # fmt: skip
+    decoding.decode_pieces(whisper, requests, batch_size=8)
     assert sorted(seen, key=str) == sorted([
         [(None, 0.0, False, SR), (None, 0.0, False, 800)],  # longest first
         [("Kubeflow", 0.0, False, SR)], [(None, 0.4, False, SR)], [(None, 0.0, True, SR)],

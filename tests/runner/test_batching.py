@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from ifw.runner import asr, errors, vad
+from ifw.runner import asr, decoding, errors, models, vad
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.batching import SharedDecoder
 from ifw.runner.config import RunnerSettings
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def wm() -> asr.WhisperModel:
-    return asr.load_model("tiny.en", RunnerSettings(default_model="tiny.en", device="cpu", cpu_threads=2))
+def whisper() -> models.WhisperModel:
+    return models.load_model("tiny.en", RunnerSettings(default_model="tiny.en", device="cpu", cpu_threads=2))
 
 
 def _calls() -> float:
@@ -52,14 +52,14 @@ def _concurrently(targets):
     return out
 
 
-def test_concurrent_jobs_share_generate_calls_and_each_gets_its_own_transcript(wm, harvard, wer):
+def test_concurrent_jobs_share_generate_calls_and_each_gets_its_own_transcript(whisper, harvard, wer):
     clips = [read_wav(s.path) for s in harvard[:6]]
-    alone = [asr.transcribe(c, wm).text for c in clips]
-    decoder = SharedDecoder(wm, batch_size=8, max_wait_seconds=2.0)
+    alone = [asr.transcribe(c, whisper).text for c in clips]
+    decoder = SharedDecoder(whisper, batch_size=8, max_wait_seconds=2.0)
     progress: list[list[float]] = [[] for _ in clips]
 
     def job(i):
-        return asr.transcribe(clips[i], wm, decode=decoder.session(lambda: None),
+        return asr.transcribe(clips[i], whisper, decode=decoder.session(lambda: None),
                               on_progress=lambda done, total: progress[i].append(done / total))  # fmt: skip
 
     before = _calls()
@@ -75,11 +75,11 @@ def test_concurrent_jobs_share_generate_calls_and_each_gets_its_own_transcript(w
     assert calls <= 3, calls
 
 
-def test_without_cross_job_batching_each_call_holds_one_jobs_pieces(wm, harvard):
+def test_without_cross_job_batching_each_call_holds_one_jobs_pieces(whisper, harvard):
     clips = [read_wav(s.path) for s in harvard[:3]]
-    decoder = SharedDecoder(wm, batch_size=8, max_wait_seconds=2.0, cross_job=False)
+    decoder = SharedDecoder(whisper, batch_size=8, max_wait_seconds=2.0, cross_job=False)
     before = _calls()
-    out = _concurrently([lambda c=c: asr.transcribe(c, wm, decode=decoder.session(lambda: None)) for c in clips])
+    out = _concurrently([lambda c=c: asr.transcribe(c, whisper, decode=decoder.session(lambda: None)) for c in clips])
     decoder.stop()
     assert all(not isinstance(t, BaseException) and t.text.strip() for t in out), out
     assert _calls() - before >= 3
@@ -89,14 +89,14 @@ class _Stop(Exception):
     pass
 
 
-def test_a_cancelled_job_leaves_the_queue_and_the_others_finish(wm, harvard):
+def test_a_cancelled_job_leaves_the_queue_and_the_others_finish(whisper, harvard):
     clips = [read_wav(s.path) for s in harvard[:4]]
     # the job to cancel: eight sentences, one piece each
     gap = np.zeros(SAMPLE_RATE, np.float32)
     long = np.concatenate([part for s in harvard[:8] for part in (read_wav(s.path), gap)])
     bounds = np.cumsum([0] + [len(read_wav(s.path)) + len(gap) for s in harvard[:8]]) / SAMPLE_RATE
     pieces = [vad.Piece(a, b - 1.0, ((a, b - 1.0),)) for a, b in zip(bounds, bounds[1:])]
-    decoder = SharedDecoder(wm, batch_size=1, max_wait_seconds=0.0)  # one piece per call: a queue forms
+    decoder = SharedDecoder(whisper, batch_size=1, max_wait_seconds=0.0)  # one piece per call: a queue forms
     cancel = threading.Event()
 
     def check():
@@ -105,11 +105,11 @@ def test_a_cancelled_job_leaves_the_queue_and_the_others_finish(wm, harvard):
 
     def cancelled_job():
         # many pieces: the job is still queued when it is cancelled after its first piece
-        return asr.transcribe(long, wm, decode=decoder.session(check), pieces=pieces,
+        return asr.transcribe(long, whisper, decode=decoder.session(check), pieces=pieces,
                               on_progress=lambda done, total: done > bounds[1] and cancel.set())  # fmt: skip
 
     before = _calls()
-    out = _concurrently([cancelled_job] + [lambda c=c: asr.transcribe(c, wm, decode=decoder.session(lambda: None))
+    out = _concurrently([cancelled_job] + [lambda c=c: asr.transcribe(c, whisper, decode=decoder.session(lambda: None))
                                            for c in clips[1:]])  # fmt: skip
     decoder.stop()
     assert isinstance(out[0], _Stop), out[0]
@@ -119,19 +119,19 @@ def test_a_cancelled_job_leaves_the_queue_and_the_others_finish(wm, harvard):
     assert _calls() - before <= 6
 
 
-def test_a_job_whose_pieces_fail_the_decode_gets_the_error_alone(wm, harvard):
+def test_a_job_whose_pieces_fail_the_decode_gets_the_error_alone(whisper, harvard):
     clips = [read_wav(s.path) for s in harvard[:3]]
-    decoder = SharedDecoder(wm, batch_size=8, max_wait_seconds=2.0)
+    decoder = SharedDecoder(whisper, batch_size=8, max_wait_seconds=2.0)
 
     def poison():
         # an English-only model asked for German: decode_pieces refuses the request
-        request = asr.PieceRequest(clips[0], language="de")
+        request = decoding.PieceRequest(clips[0], language="de")
         return decoder.decode([request], None, lambda: None)
 
-    out = _concurrently([poison] + [lambda c=c: asr.transcribe(c, wm, decode=decoder.session(lambda: None))
+    out = _concurrently([poison] + [lambda c=c: asr.transcribe(c, whisper, decode=decoder.session(lambda: None))
                                     for c in clips[1:]])  # fmt: skip
     assert isinstance(out[0], errors.InvalidSpec), out[0]
     assert all(not isinstance(t, BaseException) and t.text.strip() for t in out[1:]), out
     # the decoder thread goes on serving
-    assert asr.transcribe(clips[0], wm, decode=decoder.session(lambda: None)).text.strip()
+    assert asr.transcribe(clips[0], whisper, decode=decoder.session(lambda: None)).text.strip()
     decoder.stop()

@@ -172,11 +172,11 @@ def _run(audio: np.ndarray, reference: list[Turn], uem: tuple[float, float], mod
 
 @pytest.fixture(scope="module")
 def runner_setup():
-    from ifw.runner import asr
+    from ifw.runner import models
     from ifw.runner.config import RunnerSettings
 
     settings = RunnerSettings(diarization_pipeline="packaged", default_model="tiny.en", device="cpu", cpu_threads=2)
-    return asr.load_model("tiny.en", settings), settings
+    return models.load_model("tiny.en", settings), settings
 
 
 @pytest.fixture(scope="module")

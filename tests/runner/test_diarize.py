@@ -95,10 +95,10 @@ def test_two_voices_give_two_speakers_at_the_right_times(dialogue, dialogue_turn
 
 def _asr_words(clip) -> Transcript:
     """The runner's own ASR with word timestamps (batched transformers Whisper, packaged tiny.en)."""
-    from ifw.runner import asr
+    from ifw.runner import asr, models
 
     settings = RunnerSettings(default_model="tiny.en", device="cpu", cpu_threads=2)
-    model = asr.load_model("tiny.en", settings)
+    model = models.load_model("tiny.en", settings)
     return asr.transcribe(clip.audio(), model, language="en", batch_size=8, timestamp="word")
 
 

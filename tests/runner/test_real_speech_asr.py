@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from ifw.runner import asr, vad
+from ifw.runner import asr, decoding, models, vad
 from ifw.runner.config import RunnerSettings
 from tests.runner.conftest import read_wav
 
@@ -20,17 +20,17 @@ SENTENCES_WER = {"tiny.en": 0.08, "base": 0.07}
 CONVERSATION_WER = {"tiny.en": 0.08, "base": 0.07}
 
 
-def model(name: str) -> asr.WhisperModel:
-    return asr.load_model(name, RunnerSettings(default_model=name, device="cpu", cpu_threads=2))
+def model(name: str) -> models.WhisperModel:
+    return models.load_model(name, RunnerSettings(default_model=name, device="cpu", cpu_threads=2))
 
 
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
 def test_each_harvard_sentence(harvard, wer, name):
-    wm = model(name)
+    whisper = model(name)
     texts, exact = [], 0
     for sentence in harvard:
         audio = read_wav(sentence.path)
-        t = asr.transcribe(audio, wm)
+        t = asr.transcribe(audio, whisper)
         texts.append(t.text)
         rate = wer(sentence.text, t.text)
         exact += rate == 0
@@ -39,7 +39,7 @@ def test_each_harvard_sentence(harvard, wer, name):
         assert t.text_seconds == pytest.approx(t.speech_seconds) and t.speech_seconds > 1.0
         # English, detected (base) or known (tiny.en), on every piece: one real file never flips
         assert t.language == "en" and {s.language for s in t.segments} == {"en"}
-        if wm.multilingual:
+        if whisper.multilingual:
             assert t.language_probability > 0.9, (sentence.path.name, t.language_probability)
     assert exact >= 8, texts
     assert wer(" ".join(s.text for s in harvard), " ".join(texts)) <= SENTENCES_WER[name], texts
@@ -47,9 +47,9 @@ def test_each_harvard_sentence(harvard, wer, name):
 
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
 def test_harvard_conversation_words_order_times_and_coverage(conversation, wer, name):
-    wm = model(name)
-    stats = asr.DecodeStats()
-    t = asr.transcribe(conversation.audio(), wm, batch_size=8, stats=stats)
+    whisper = model(name)
+    stats = decoding.DecodeStats()
+    t = asr.transcribe(conversation.audio(), whisper, batch_size=8, stats=stats)
     assert wer(conversation.text, t.text) <= CONVERSATION_WER[name], t.text
     # one segment per spoken sentence, in order, starting and ending within 1 s of it
     assert len(t.segments) == len(conversation.utterances), [(s.start, s.text) for s in t.segments]
@@ -74,11 +74,11 @@ def test_harvard_conversation_words_order_times_and_coverage(conversation, wer, 
 
 def test_short_sentence_pieces_keep_the_dominant_language(conversation, wer):
     """One piece per stretch of speech (spk2's sentences are under 2 s): no piece may switch language."""
-    wm = model("base")
+    whisper = model("base")
     audio = conversation.audio()
     pieces = [vad.Piece(a, b, ((a, b),)) for a, b in vad.speech_regions(audio)]
     assert len(pieces) >= 9  # the VAD joins two sentences 0.6 s apart
-    t = asr.transcribe(audio, wm, batch_size=10, pieces=pieces)
+    t = asr.transcribe(audio, whisper, batch_size=10, pieces=pieces)
     assert len(t.segments) >= len(pieces) and {s.language for s in t.segments} == {"en"}
     assert t.language == "en" and wer(conversation.text, t.text) <= 0.08, t.text
 
