@@ -1,11 +1,11 @@
 """Job mode: what the runner Pod does (`python -m ifw.runner job`).
 
-The contract with the operator (see DESIGN.md):
+The contract with the operator (the runner ↔ operator contract in README.md and ifw.core.contract):
 - read our own TranscriptionJob (IFW_JOB_NAMESPACE / IFW_JOB_NAME) and refuse
   it when its uid is not IFW_JOB_UID (the job was deleted and recreated);
-- run the pipeline on spec.audio.url, writing ONLY status.progress,
-  status.audio, status.speakers and status.result, through the /status
-  subresource with merge patches (the operator owns every other status field);
+- run the attempt (runner/execute.py), writing ONLY status.progress, status.audio,
+  status.speakers and status.result, through the /status subresource with merge
+  patches (the operator owns every other status field);
 - store the result, exit 0;
 - on failure write {"reason", "message"} to the termination log and exit 2
   (bad input: never retried) or 1 (transient: retried up to backoffLimit).
@@ -17,102 +17,75 @@ import logging
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
 from ifw.core import contract, kube, results
+from ifw.core.contract import Runtime
 from ifw.core.transcript import ProcessedBy
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
-from ifw.runner import errors
+from ifw.runner import errors, execute
 from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
 
 log = logging.getLogger(__name__)
 
 
-class JobStatus:
-    """Reads our TranscriptionJob and merge-patches the runner's part of its status."""
+class JobAttempt(execute.Attempt):
+    """The one attempt of a Job's pod: merge patches of its own job's status; a failure leaves
+    the pod as its termination message and exit code."""
 
-    def __init__(self, api: Any, namespace: str, name: str):
-        from kubernetes import client
+    runtime = Runtime.Job
 
-        self.objects = client.CustomObjectsApi(api)
-        self.namespace = namespace
-        self.name = name
+    def __init__(self, tjs: kube.TranscriptionJobs, settings: RunnerSettings):
+        self.tjs = tjs
+        self.settings = settings
+        self.namespace, self.name = settings.job_namespace, settings.job_name
+        self.exit_code = 0
 
     def read(self) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
-
+        """Our TranscriptionJob, checked to be the one the operator made this pod for."""
+        s = self.settings
+        missing = [RunnerSettings.env_var(field) for field in ("job_namespace", "job_name", "job_uid")
+                   if not getattr(s, field)]  # fmt: skip
+        if missing:
+            raise errors.InvalidSpec(f"job mode needs {', '.join(missing)} (set by the operator)")
+        where = f"TranscriptionJob {self.namespace}/{self.name}"
         try:
-            return self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name)
-        except ApiException as e:
-            if e.status == 404:
-                # Deleted (cancelled) before we started: nothing to do, and a retry cannot help.
-                raise errors.InvalidSpec(f"TranscriptionJob {self.namespace}/{self.name} does not exist") from e
-            raise errors.RunnerError(f"could not read TranscriptionJob {self.namespace}/{self.name}: {e.reason}") from e
-        except Exception as e:  # connection refused, TLS, timeouts: the apiserver may come back
-            raise errors.RunnerError(f"could not reach the Kubernetes API: {e}") from e
+            tj = self.tjs.get(self.namespace, self.name)
+        except Exception as error:  # refused, TLS, timeouts: the apiserver may come back
+            raise errors.RunnerError(f"could not read {where}: {kube.api_message(error)}") from error
+        if tj is None:  # deleted (cancelled) before we started: nothing to do, and a retry cannot help
+            raise errors.InvalidSpec(f"{where} does not exist")
+        uid = tj.get("metadata", {}).get("uid")
+        if uid != s.job_uid:
+            raise errors.InvalidSpec(f"{where} has uid {uid}, not {s.job_uid}: it was deleted and recreated; "
+                                     "this pod belongs to the old one")  # fmt: skip
+        return tj
 
-    def patch(self, status: dict[str, Any]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
+    def write(self, status: dict[str, Any]) -> None:
         try:
-            self.objects.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                {"status": status},
-                _content_type="application/merge-patch+json",
-            )
-        except ApiException as e:
-            raise errors.RunnerError(f"could not update the status of {self.namespace}/{self.name}: {e.reason}") from e
-        except Exception as e:
-            raise errors.RunnerError(f"could not reach the Kubernetes API: {e}") from e
+            self.tjs.patch_status(self.namespace, self.name, status)
+        except Exception as error:
+            message = f"could not update the status of {self.namespace}/{self.name}: {kube.api_message(error)}"
+            raise errors.RunnerError(message) from error
+
+    def fail(self, failure: contract.Failure) -> None:
+        errors.write_termination_message(failure)
+        self.exit_code = failure.exit_code
+
+    @property
+    def processed_by(self) -> ProcessedBy:
+        return ProcessedBy(pod=self.settings.pod_name, node=self.settings.node_name, runtime=self.runtime)
 
 
-def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultSettings | None = None) -> dict[str, Any]:
-    """Run our TranscriptionJob; returns the status the runner wrote at the end."""
+def run_job(settings: RunnerSettings, api: Any, result_settings: results.ResultSettings | None = None) -> int:
+    """Run our TranscriptionJob; returns the pod's exit code (0, 1 transient, 2 bad input)."""
     from kubernetes import client
 
-    from ifw.runner import pipeline
-
-    missing = [var for var, value in ((contract.ENV_JOB_NAMESPACE, settings.job_namespace),
-                                      (contract.ENV_JOB_NAME, settings.job_name),
-                                      (contract.ENV_JOB_UID, settings.job_uid)) if not value]  # fmt: skip
-    if missing:
-        raise errors.InvalidSpec(f"job mode needs {', '.join(missing)} (set by the operator)")
-    status = JobStatus(api, settings.job_namespace, settings.job_name)
-    job = status.read()
-    uid = job.get("metadata", {}).get("uid")
-    if uid != settings.job_uid:
-        raise errors.InvalidSpec(
-            f"TranscriptionJob {settings.job_namespace}/{settings.job_name} has uid {uid}, "
-            f"not {settings.job_uid}: it was deleted and recreated; this pod belongs to the old one"
-        )
+    attempt = JobAttempt(kube.TranscriptionJobs(api), settings)
     try:
-        spec = TranscriptionJobSpec.model_validate(job.get("spec") or {})
-    except ValidationError as e:
-        raise errors.InvalidSpec(f"invalid spec: {e}") from e
-
-    def report(body: dict[str, Any]) -> None:
-        # The duration is known once the audio is decoded: show it (kubectl's Duration column) from then on.
-        status.patch({"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
-
-    reporter = ProgressReporter(report, settings.progress_interval_seconds)
-    transcript = pipeline.run(spec, spec.audio.url, settings, on_progress=reporter,
-                              on_text=reporter.text if streams(job) else None)  # fmt: skip
-    reporter.flush()
-    transcript.processed_by = ProcessedBy(pod=settings.pod_name, node=settings.node_name, runtime="Job")
-
-    store = result_settings or results.ResultSettings()
-    # From here on the work is done: outages of the API or the store are waited out, not redone.
-    result = keep_trying(lambda: results.store_result(transcript, job, store, core_v1=client.CoreV1Api(api)),
-                         seconds=settings.result_write_retry_seconds, what="storing the result")  # fmt: skip
-    final = final_status(transcript, result, stream=streams(job))
-    keep_trying(lambda: status.patch(final), seconds=settings.result_write_retry_seconds,
-                what="writing the final status")  # fmt: skip
-    return final
+        tj = attempt.read()
+    except contract.Failure as failure:
+        attempt.fail(failure)
+        return attempt.exit_code
+    execute.run(tj, attempt, settings, result_settings or results.ResultSettings(), client.CoreV1Api(api))
+    return attempt.exit_code
 
 
 def main(settings: RunnerSettings | None = None) -> int:
@@ -123,19 +96,11 @@ def main(settings: RunnerSettings | None = None) -> int:
     try:
         settings = settings or get_settings()
         with kube.api_client(component="runner") as api:  # one client for the status and the result
-            final = run_job(settings, api)
-        log.info("done: %s", final["result"].get("ref"))
-        return 0
-    except contract.Failure as e:
-        error = e
-    except MemoryError as e:
-        error = errors.OutOfMemory(f"out of host memory: {e}")
-    except Exception as e:  # noqa: BLE001 - anything unforeseen is worth a retry
-        log.exception("unexpected failure")
-        error = errors.RunnerError(f"unexpected {type(e).__name__}: {e}")
-    log.error("%s: %s", error.reason, error.message)
-    errors.write_termination_message(error)
-    return error.exit_code
+            return run_job(settings, api)
+    except Exception as error:  # noqa: BLE001 - bad settings, no client: still a termination message
+        failure = execute.as_failure(error)
+        errors.write_termination_message(failure)
+        return failure.exit_code
 
 
 if __name__ == "__main__":

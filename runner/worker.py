@@ -33,80 +33,33 @@ Status shapes, the result store and the failure reasons are the same as in Job m
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 
 from ifw.core import contract, kube, results
+from ifw.core.contract import ExecutionState, Reason, Runtime
 from ifw.core.transcript import ProcessedBy
 from ifw.core.watch import Watcher
-from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION, TranscriptionJobSpec
-from ifw.runner import errors
+from ifw.runner import errors, execute
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.batching import SharedDecoder
-from ifw.runner.config import RunnerSettings, get_settings
-from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
+from ifw.runner.config import RunnerSettings, WorkerSettings, get_settings
+from ifw.runner.execute import Cancelled, HandBack
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ifw.crds.transcriptionjob import TranscriptionJobSpec
+    from ifw.runner.decoding import Decode
 
 log = logging.getLogger(__name__)
-
-JSON_PATCH = "application/json-patch+json"
-
-
-class WorkerSettings(BaseSettings):
-    """The pool worker's own settings (env prefix IFW_WORKER_); the runner's (IFW_*) apply too."""
-
-    model_config = SettingsConfigDict(env_prefix="IFW_WORKER_", extra="ignore")
-
-    name: str = Field(description="This worker's name (the pod's, from the downward API); its Lease's name.")
-    namespace: str = Field("default", description="Where the worker's Lease lives.")
-    pod_uid: str | None = Field(None, description="The pod's uid: the Lease is owned by the pod.")
-    node_name: str | None = Field(
-        None, validation_alias=AliasChoices("IFW_WORKER_NODE_NAME", "IFW_NODE_NAME"),
-        description="The node the pod runs on (on its Lease, and in each transcript's processed_by).",
-    )
-    watch_namespaces: list[str] = Field(
-        default_factory=list, description="Namespaces whose jobs it may be given; empty: every namespace."
-    )
-    capacity: int = Field(8, ge=1, description="Jobs run at once (their pieces share the model's batches).")
-    models: list[str] = Field(
-        default_factory=list, description="Models loaded at start and served; empty: the runner's default model."
-    )
-    lease_duration_seconds: int = Field(15, ge=2, description="How long the Lease holds without a renewal.")
-    renew_interval_seconds: float = Field(5.0, gt=0, description="How often the Lease is renewed.")
-    max_audio_seconds: float = Field(
-        3600.0, gt=0, description="Longer audio of a runtime-Auto job is handed back, to run in its own Job."
-    )
-    stall_seconds: float = Field(
-        300.0, gt=0, description="No job made progress this long although some are running: stop renewing."
-    )
-    drain_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long running jobs may take to finish.")
-    cross_job_batching: bool = Field(
-        True, description="Fill each generate() call with pieces of every running job (off: one job's per call)."
-    )
-    batch_size: int = Field(
-        24, ge=1, description="Pieces per generate() call across jobs (a job's own spec.batchSize is not used here)."
-    )
-    batch_wait_seconds: float = Field(
-        0.05, ge=0, description="How long a piece may wait for other jobs' pieces before a part-full batch starts."
-    )
-    health_port: int | None = Field(8081, description="GET /healthz (liveness) and /metrics; None: off.")
-
-
-class Cancelled(Exception):
-    """The job was deleted or assigned elsewhere while this worker ran it."""
-
-
-def _micro_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -134,7 +87,7 @@ class Worker:
         self.settings = settings
         self.runner = runner
         self.api = api
-        self.custom = client.CustomObjectsApi(api)
+        self.tjs = kube.TranscriptionJobs(api)
         self.core = client.CoreV1Api(api)
         self.leases = client.CoordinationV1Api(api)
         self.models = settings.models or [runner.default_model]
@@ -155,12 +108,12 @@ class Worker:
 
     def warm_up(self) -> None:
         """Load every served model (and the diarization pipeline) before taking any work."""
-        from ifw.runner import asr
+        from ifw.runner import models
 
         s = self.settings
         for name in self.models:
             if name not in self.decoders:
-                self.decoders[name] = SharedDecoder(asr.load_model(name, self.runner), batch_size=s.batch_size,
+                self.decoders[name] = SharedDecoder(models.load_model(name, self.runner), batch_size=s.batch_size,
                                                     max_wait_seconds=s.batch_wait_seconds,
                                                     cross_job=s.cross_job_batching)  # fmt: skip
         if self.runner.diarization_pipeline:
@@ -171,14 +124,10 @@ class Worker:
     def start(self) -> Worker:
         self.warm_up()
         self._write_lease(create=True)
-        namespaces = self.settings.watch_namespaces or [None]
+        namespaces: list[str | None] = [*self.settings.watch_namespaces] or [None]  # None: every namespace
         for namespace in namespaces:
-            if namespace is None:
-                list_fn = functools.partial(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-            else:
-                list_fn = functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
-            watcher = Watcher(list_fn, on_list=self._on_list, on_event=self._on_event,
-                              name=f"worker-watch-{namespace or 'all'}")  # fmt: skip
+            watcher = self.tjs.watcher(namespace, on_list=self._on_list, on_event=self._on_event,
+                                       name=f"worker-watch-{namespace or 'all'}")  # fmt: skip
             self._watchers.append(watcher.start())
         threading.Thread(target=self._renew_forever, name="worker-lease", daemon=True).start()
         log.info("pool worker %s serving %s, capacity %d", self.settings.name, self.models, self.settings.capacity)
@@ -196,7 +145,7 @@ class Worker:
             time.sleep(0.1)
         for run in list(self.runs.values()):
             run.cancel.set()
-            self._report(run, "HandedBack", reason="WorkerDraining",
+            self._report(run, ExecutionState.HandedBack, reason=Reason.WorkerDraining,
                          message=f"pool worker {self.settings.name} shut down before the job finished")  # fmt: skip
         self.stop()
 
@@ -230,7 +179,7 @@ class Worker:
         }
         if s.pod_uid:  # the Lease goes with its pod
             meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": s.name, "uid": s.pod_uid}]
-        now = _micro_now()
+        now = contract.now_string(micro=True)
         return {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -314,13 +263,13 @@ class Worker:
             # Its run died with the previous process: fail the attempt (it may be what killed that
             # process), so the operator retries it within spec.backoffLimit instead of waiting forever.
             log.warning("%s/%s: attempt %d was running when this worker restarted", *key, run.attempt)
-            self._report(run, "Failed", reason="WorkerRestarted", bad_input=False,
+            self._report(run, ExecutionState.Failed, reason=Reason.WorkerRestarted, bad_input=False,
                          message=f"pool worker {self.settings.name} restarted while it ran attempt {run.attempt}")
             return
         if self.draining.is_set() or len(self.runs) > self.settings.capacity:
             self._forget(run)
-            reason = "WorkerDraining" if self.draining.is_set() else "WorkerFull"
-            self._report(run, "HandedBack", reason=reason, message=f"pool worker {self.settings.name}: {reason}")
+            reason = Reason.WorkerDraining if self.draining.is_set() else Reason.WorkerFull
+            self._report(run, ExecutionState.HandedBack, reason=reason, message=f"pool worker {self.settings.name}: {reason}")
             return
         run.thread = threading.Thread(target=self._run_job, args=(run, tj), name=f"job-{meta['name']}", daemon=True)
         run.thread.start()
@@ -334,117 +283,104 @@ class Worker:
 
     def _run_job(self, run: Run, tj: dict[str, Any]) -> None:
         try:
-            self._report(run, "Running")
-            final = self._transcribe(run, tj)
-            keep_trying(lambda: self._patch(run, {**final, "execution": self._execution(run, "Succeeded")}),
-                        seconds=self.runner.result_write_retry_seconds, what="writing the final status")  # fmt: skip
-            log.info("%s/%s: done (attempt %d)", run.namespace, run.name, run.attempt)
-        except Cancelled:
-            log.info("%s/%s: cancelled", run.namespace, run.name)
-        except HandBack as back:
-            self._report(run, "HandedBack", reason=back.reason, message=back.message)
-        except contract.Failure as failure:
-            log.warning("%s/%s: %s: %s", run.namespace, run.name, failure.reason, failure.message)
-            self._report(run, "Failed", reason=failure.reason, message=failure.message,
-                         bad_input=failure.exit_code == contract.EXIT_BAD_INPUT)  # fmt: skip
-        except MemoryError as error:
-            self._report(run, "Failed", reason="OutOfMemory", message=f"out of host memory: {error}", bad_input=False)
-        except Exception as error:  # noqa: BLE001 - a poison job fails alone; the worker goes on
-            log.exception("%s/%s: unexpected failure", run.namespace, run.name)
-            self._report(run, "Failed", reason="RunnerFailed", message=f"unexpected {type(error).__name__}: {error}",
-                         bad_input=False)  # fmt: skip
+            attempt = PoolAttempt(self, run)
+            attempt.report(ExecutionState.Running)
+            execute.run(tj, attempt, self.runner, self.result_settings, self.core)
         finally:
             self._forget(run)
 
-    def _transcribe(self, run: Run, tj: dict[str, Any]) -> dict[str, Any]:
+    def _report(self, run: Run, state: ExecutionState, **fields: Any) -> None:
+        PoolAttempt(self, run).report(state, **fields)
+
+
+class PoolAttempt(execute.Attempt):
+    """One attempt a pool worker runs. Every write first tests that the job is still this worker's
+    attempt (an atomic JSON patch), so a worker that lost its job never overwrites the next one's;
+    the attempt's end is reported in status.execution for the operator to act on."""
+
+    runtime = Runtime.Pool
+
+    def __init__(self, worker: Worker, run: Run):
+        self.worker = worker
+        self.run = run
+
+    def check(self) -> None:
+        if self.run.cancel.is_set():
+            raise Cancelled()
+
+    def audio(self, spec: TranscriptionJobSpec, settings: RunnerSettings) -> str | np.ndarray:
         from ifw.runner import pipeline
 
-        try:
-            spec = TranscriptionJobSpec.model_validate(tj.get("spec") or {})
-        except ValidationError as error:
-            raise errors.InvalidSpec(f"invalid spec: {error}") from error
-        model = spec.model or self.runner.default_model
-        if model not in self.models:
-            raise HandBack("ModelNotServed", f"pool worker {self.settings.name} holds {self.models}, not {model!r}")
-
-        def check() -> None:
-            if run.cancel.is_set():
-                raise Cancelled()
-
-        def report(body: dict[str, Any]) -> None:
-            check()
-            run.last_progress = time.monotonic()
-            self._patch(run, {"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
-
-        reporter = ProgressReporter(report, self.runner.progress_interval_seconds)
-        audio = pipeline.load(spec.audio.url, self.runner)
-        check()
+        model = spec.model or settings.default_model
+        worker = self.worker.settings
+        if model not in self.worker.models:
+            raise HandBack(Reason.ModelNotServed, f"pool worker {worker.name} holds {self.worker.models}, not {model!r}")
+        audio = pipeline.load(spec.audio.url, settings)
+        self.check()
         duration = len(audio) / SAMPLE_RATE
-        if duration > self.settings.max_audio_seconds and spec.runtime != "Pool":
-            raise HandBack(contract.REASON_HANDED_BACK_TOO_LONG,
-                           f"{duration:.0f} s of audio is over the pool's {self.settings.max_audio_seconds:g} s")
-        run.last_progress = time.monotonic()
-        transcript = pipeline.run(spec, audio, self.runner, on_progress=reporter,
-                                  decode=self.decoders[model].session(check),
-                                  on_text=reporter.text if streams(tj) else None)  # fmt: skip
-        reporter.flush()
-        check()
-        transcript.processed_by = ProcessedBy(pod=self.settings.name, node=self.settings.node_name, runtime="Pool")
-        ref = keep_trying(lambda: results.store_result(transcript, tj, self.result_settings, core_v1=self.core),
-                          seconds=self.runner.result_write_retry_seconds, what="storing the result")  # fmt: skip
-        return final_status(transcript, ref, stream=streams(tj))
+        if duration > worker.max_audio_seconds and spec.runtime != Runtime.Pool:
+            raise HandBack(Reason.AudioTooLongForPool,
+                           f"{duration:.0f} s of audio is over the pool's {worker.max_audio_seconds:g} s")  # fmt: skip
+        self.run.last_progress = time.monotonic()
+        return audio
 
-    # ------------------------------------------------------------------ status writes
+    def decoder(self, spec: TranscriptionJobSpec) -> Decode | None:
+        return self.worker.decoders[spec.model or self.worker.runner.default_model].session(self.check)
 
-    def _execution(self, run: Run, state: str, **fields: Any) -> dict[str, Any]:
-        body = {"worker": self.settings.name, "attempt": run.attempt, "state": state}
+    @property
+    def processed_by(self) -> ProcessedBy:
+        return ProcessedBy(pod=self.worker.settings.name, node=self.worker.settings.node_name, runtime=self.runtime)
+
+    def write(self, status: dict[str, Any]) -> None:
+        self.check()
+        self.run.last_progress = time.monotonic()
+        self._patch(status)
+
+    def finish(self, final: dict[str, Any]) -> None:
+        self._patch({**final, "execution": self._execution(ExecutionState.Succeeded)})
+
+    def fail(self, failure: contract.Failure) -> None:
+        self.report(ExecutionState.Failed, reason=failure.reason, message=failure.message, bad_input=failure.bad_input)
+
+    def hand_back(self, back: HandBack) -> None:
+        self.report(ExecutionState.HandedBack, reason=back.reason, message=back.message)
+
+    def report(self, state: ExecutionState, **fields: Any) -> None:
+        """status.execution: best effort (the operator sees the Lease and re-assigns if need be)."""
+        try:
+            self._patch({"execution": self._execution(state, **fields)})
+        except Cancelled:
+            pass
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.warning("%s/%s: could not report %s: %s", *self.run.key, state, kube.api_message(error))
+
+    def _execution(self, state: ExecutionState, **fields: Any) -> dict[str, Any]:
+        run = self.run
+        body: dict[str, Any] = {"worker": self.worker.settings.name, "attempt": run.attempt, "state": state}
         now = contract.now_string()
-        body["startTime" if state == "Running" else "finishTime"] = now
+        if state == ExecutionState.Running:
+            body["startTime"] = run.started = now
+        else:
+            body["finishTime"] = now
+            if run.started:  # kept when a later report replaces the entry
+                body["startTime"] = run.started
         body.update({k if k != "bad_input" else "badInput": v for k, v in fields.items() if v is not None})
         return body
 
-    def _report(self, run: Run, state: str, **fields: Any) -> None:
-        try:
-            self._patch(run, {"execution": self._execution(run, state, **fields)})
-        except Cancelled:
-            pass
-        except Exception as error:  # noqa: BLE001 - the operator sees the Lease and re-assigns if need be
-            log.warning("%s/%s: could not report %s: %s", run.namespace, run.name, state, kube.api_message(error))
-
-    def _patch(self, run: Run, fields: dict[str, Any]) -> None:
+    def _patch(self, fields: dict[str, Any]) -> None:
         """Write status fields only while the job is still this worker's attempt (atomic test + add)."""
-        from kubernetes.client.exceptions import ApiException
-
-        execution = fields.get("execution")
-        if execution is not None:
-            if execution["state"] == "Running":
-                run.started = execution["startTime"]
-            elif run.started:
-                execution["startTime"] = run.started
-        ops: list[dict[str, Any]] = [
-            {"op": "test", "path": "/metadata/uid", "value": run.uid},
-            {"op": "test", "path": "/status/assignment/worker", "value": self.settings.name},
-            {"op": "test", "path": "/status/assignment/attempt", "value": run.attempt},
-        ]
-        ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+        run = self.run
+        tests = {"/metadata/uid": run.uid, "/status/assignment/worker": self.worker.settings.name,
+                 "/status/assignment/attempt": run.attempt}  # fmt: skip
+        ops = [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, run.namespace, PLURAL, run.name, ops, _content_type=JSON_PATCH
-            )
-        except ApiException as error:
-            if error.status in (404, 422):  # deleted, or a test failed: assigned elsewhere now
-                run.cancel.set()
-                raise Cancelled() from error
-            raise errors.RunnerError(f"could not update the status of {run.namespace}/{run.name}: {error.reason}") from error
-
-
-class HandBack(Exception):
-    """The worker gives the job back to the operator unrun (a Job or another worker takes it)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+            patched = self.worker.tjs.json_patch(run.namespace, run.name, kube.guarded(tests, ops), status=True)
+        except Exception as error:
+            message = f"could not update the status of {run.namespace}/{run.name}: {kube.api_message(error)}"
+            raise errors.RunnerError(message) from error
+        if patched is None:  # deleted, or a test failed: assigned elsewhere now
+            run.cancel.set()
+            raise Cancelled()
 
 
 def serve_health(worker: Worker, port: int) -> None:

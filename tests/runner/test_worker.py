@@ -16,8 +16,8 @@ import pytest
 
 from ifw.core import contract, results
 from ifw.crds.transcriptionjob import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from ifw.runner.config import RunnerSettings
-from ifw.runner.worker import Cancelled, Run, Worker, WorkerSettings
+from ifw.runner.config import RunnerSettings, WorkerSettings
+from ifw.runner.worker import Cancelled, PoolAttempt, Run, Worker
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -152,13 +152,14 @@ def test_a_write_for_an_attempt_that_is_no_longer_this_workers_is_refused(api, c
     stale = Worker(settings, RunnerSettings(default_model="tiny.en"), api)
     run = Run(namespace, tj["metadata"]["name"], tj["metadata"]["uid"], attempt=1)
     with pytest.raises(Cancelled):
-        stale._patch(run, {"progress": {"percent": 50.0}})
+        PoolAttempt(stale, run).write({"progress": {"percent": 50.0}})
     assert run.cancel.is_set()
     status = cluster.status(tj)
     assert "progress" not in status and status["assignment"]["worker"] == "another-worker"
     # The same worker's own attempt is written (the test is on worker *and* attempt).
     cluster.assign(tj, "stale-worker", attempt=1)
-    stale._patch(Run(namespace, tj["metadata"]["name"], tj["metadata"]["uid"], attempt=1), {"progress": {"percent": 5.0}})
+    own = Run(namespace, tj["metadata"]["name"], tj["metadata"]["uid"], attempt=1)
+    PoolAttempt(stale, own).write({"progress": {"percent": 5.0}})
     assert cluster.status(tj)["progress"]["percent"] == 5.0
 
 

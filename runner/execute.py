@@ -1,0 +1,154 @@
+"""One attempt at a TranscriptionJob, the same wherever it runs.
+
+    validate the spec -> [the runtime may refuse it] -> progress -> pipeline -> processed_by
+      -> store the result -> final status        (any failure -> one Failure, reported once)
+
+A runtime (a Job's pod, a pool worker, later a shard) implements ``Attempt``: how its status
+writes reach the job, how it learns it was cancelled, what it reports on failure. The steps
+themselves are written here once, so a fix or a new field reaches every runtime at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ifw.core import results
+from ifw.core.contract import Failure, Reason, Runtime
+from ifw.core.transcript import ProcessedBy
+from ifw.crds.transcriptionjob import TranscriptionJobSpec
+from ifw.runner import errors
+from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ifw.runner.config import RunnerSettings
+    from ifw.runner.decoding import Decode
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The job was deleted or given to another runner while this one ran it: stop, report nothing."""
+
+
+class HandBack(Exception):
+    """The runner gives the job back to the operator unrun (a Job or another worker takes it)."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Attempt(ABC):
+    """How one runtime runs an attempt: where its writes go and what it says when it ends."""
+
+    runtime: Runtime
+
+    @abstractmethod
+    def write(self, status: dict[str, Any]) -> None:
+        """Write the runner's part of the status (progress, audio, speakers, result); a failed
+        write raises a Failure (transient), a lost claim on the job raises Cancelled."""
+
+    @abstractmethod
+    def fail(self, failure: Failure) -> None:
+        """Report the attempt's failure (the operator retries it or not by its reason)."""
+
+    def hand_back(self, back: HandBack) -> None:
+        raise NotImplementedError(f"{self.runtime} runs every job it is given")
+
+    def finish(self, final: dict[str, Any]) -> None:
+        """The last write: the result is stored."""
+        self.write(final)
+
+    def check(self) -> None:
+        """Raise Cancelled when the job is no longer this attempt's (between pieces)."""
+
+    def audio(self, spec: TranscriptionJobSpec, settings: RunnerSettings) -> str | np.ndarray:
+        """What the pipeline decodes: the URL (it loads the model first, so a bad model fails before
+        the download), or audio this runtime already loaded to decide whether to take the job."""
+        return spec.audio.url
+
+    def decoder(self, spec: TranscriptionJobSpec) -> Decode | None:
+        """A shared decoder to hand the pieces to (a pool worker's batching across jobs); None: own."""
+        return None
+
+    @property
+    @abstractmethod
+    def processed_by(self) -> ProcessedBy: ...
+
+
+def parse_spec(tj: dict[str, Any]) -> TranscriptionJobSpec:
+    try:
+        return TranscriptionJobSpec.model_validate(tj.get("spec") or {})
+    except ValidationError as error:
+        raise errors.InvalidSpec(f"invalid spec: {error}") from error
+
+
+def as_failure(error: BaseException) -> Failure:
+    """Any exception as the Failure a runner reports: its own, out of memory, or unforeseen (retried)."""
+    if isinstance(error, Failure):
+        return error
+    if isinstance(error, MemoryError):
+        return errors.OutOfMemory(f"out of host memory: {error}")
+    log.error("unexpected failure", exc_info=error)
+    return errors.RunnerError(f"unexpected {type(error).__name__}: {error}")
+
+
+def transcribe(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, store: results.ResultSettings,
+               core_v1: Any) -> dict[str, Any]:  # fmt: skip
+    """The attempt's work, start to end; returns the final status written. Raises on failure."""
+    from ifw.runner import pipeline
+
+    spec = parse_spec(tj)
+    stream = streams(tj)
+
+    def report(body: dict[str, Any]) -> None:
+        attempt.check()
+        # The duration is known once the audio is decoded: show it (kubectl's Duration column) from then on.
+        attempt.write({"progress": body, "audio": {"durationSeconds": body["totalSeconds"]}})
+
+    reporter = ProgressReporter(report, settings.progress_interval_seconds)
+    source = attempt.audio(spec, settings)
+    transcript = pipeline.run(spec, source, settings, on_progress=reporter, decode=attempt.decoder(spec),
+                              on_text=reporter.text if stream else None)  # fmt: skip
+    reporter.flush()
+    attempt.check()
+    transcript.processed_by = attempt.processed_by
+    # From here on the work is done: outages of the API or the store are waited out, not redone.
+    ref = keep_trying(lambda: results.store_result(transcript, tj, store, core_v1=core_v1),
+                      seconds=settings.result_write_retry_seconds, what="storing the result")  # fmt: skip
+    final = final_status(transcript, ref, stream=stream)
+    keep_trying(lambda: attempt.finish(final), seconds=settings.result_write_retry_seconds,
+                what="writing the final status")  # fmt: skip
+    return final
+
+
+def run(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, store: results.ResultSettings,
+        core_v1: Any) -> dict[str, Any] | None:  # fmt: skip
+    """``transcribe``, with every way it can end reported through ``attempt``; the final status, or
+    None when the attempt ended otherwise (failed, handed back, cancelled)."""
+    meta = tj.get("metadata") or {}
+    where = f"{meta.get('namespace')}/{meta.get('name')}"
+    try:
+        final = transcribe(tj, attempt, settings, store, core_v1)
+    except Cancelled:
+        log.info("%s: cancelled", where)
+        return None
+    except HandBack as back:
+        log.info("%s: handed back (%s: %s)", where, back.reason, back.message)
+        attempt.hand_back(back)
+        return None
+    except Exception as error:  # noqa: BLE001 - every failure is reported, never raised past the attempt
+        failure = as_failure(error)
+        log.warning("%s: %s: %s", where, failure.reason, failure.message)
+        attempt.fail(failure)
+        return None
+    log.info("%s: done (%s)", where, final["result"].get("ref"))
+    return final
+
