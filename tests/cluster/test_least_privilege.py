@@ -28,11 +28,12 @@ import pytest
 from kubernetes import client, config
 
 from ifw.crds.transcriptionjob import GROUP, PLURAL, VERSION
-from ifw.local.control_plane import ControlPlane, covers, service_account_user
+from ifw.local.control_plane import ControlPlane, service_account_user
 from ifw.local.crd import install_crd
 from ifw.local.stack import LocalStack
 from ifw.operator.jobs import runner_account_name, runner_role_rules
 from tests.cluster.origin import Origin
+from tests.cluster.rbac_covers import covers
 from tests.helm.conftest import Helm, find_helm, one
 from tests.speaking import speak
 from tests.waiting import wait_for

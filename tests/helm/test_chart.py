@@ -24,6 +24,7 @@ from ifw.operator import rbac
 from ifw.operator.config import OperatorSettings
 from ifw.operator.jobs import runner_job
 from tests.helm.conftest import CHART, GPU_VALUES, ROOT, by_kind, one, pod_specs
+from tests.rbac_rules import allows
 
 K8S_VERSIONS = ["1.31.0", "1.35.0"]  # the oldest supported (podFailurePolicy GA) and a current one
 NOT_BUILT_IN = {"ServiceMonitor"}  # custom resources: no schema in kubernetes-validate
@@ -335,14 +336,14 @@ def test_gateway_role_is_least_privilege_in_each_namespace_it_serves(helm):
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "transcripts"]
     for role in roles:
         rules = role["rules"]
-        assert rbac.allows(rules, "create", "ifw.dev", "transcriptionjobs")
-        assert rbac.allows(rules, "watch", "ifw.dev", "transcriptionjobs")
-        assert rbac.allows(rules, "delete", "ifw.dev", "transcriptionjobs", "x")
-        assert rbac.allows(rules, "get", "", "secrets", "x-result")  # results
-        assert rbac.allows(rules, "patch", "", "secrets", "x-webhook")  # owner reference on header Secrets
-        assert not rbac.allows(rules, "patch", "ifw.dev", "transcriptionjobs/status", "x")
-        assert not rbac.allows(rules, "list", "", "secrets")  # never enumerate Secrets
-        assert not rbac.allows(rules, "create", "batch", "jobs")
+        assert allows(rules, "create", "ifw.dev", "transcriptionjobs")
+        assert allows(rules, "watch", "ifw.dev", "transcriptionjobs")
+        assert allows(rules, "delete", "ifw.dev", "transcriptionjobs", "x")
+        assert allows(rules, "get", "", "secrets", "x-result")  # results
+        assert allows(rules, "patch", "", "secrets", "x-webhook")  # owner reference on header Secrets
+        assert not allows(rules, "patch", "ifw.dev", "transcriptionjobs/status", "x")
+        assert not allows(rules, "list", "", "secrets")  # never enumerate Secrets
+        assert not allows(rules, "create", "batch", "jobs")
     assert not [r for r in by_kind(objects, "ClusterRole") if "gateway" in r["metadata"]["name"]]
 
 

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from ifw.core.results import ResultSettings
-from ifw.operator import rbac
 from ifw.operator.jobs import runner_job
 from tests.helm.conftest import CHART, GPU_VALUES, by_kind, one, pod_specs
 from tests.helm.test_chart import K8S_VERSIONS, MINIO, NS, RELEASE, container, load_operator_settings
+from tests.rbac_rules import allows
 
 POOL = ("--set", "pool.enabled=true", "--set-json", 'operator.watchNamespaces=["team-a"]')
 KEDA = (*POOL, "--set", "pool.autoscaling.enabled=true",
@@ -315,16 +315,16 @@ def test_the_workers_identity_is_least_privilege(helm):
     assert not [r for r in by_kind(objects, "ClusterRole") + by_kind(objects, "ClusterRoleBinding")
                 if "pool" in r["metadata"]["name"]]
     rules = served + leases
-    assert not rbac.allows(rules, "list", "", "secrets")  # never enumerate Secrets
-    assert not rbac.allows(rules, "patch", "ifw.dev", "transcriptionjobs", "x")  # spec and metadata are not its
-    assert not rbac.allows(rules, "create", "", "pods") and not rbac.allows(rules, "get", "coordination.k8s.io", "leases", "x")
+    assert not allows(rules, "list", "", "secrets")  # never enumerate Secrets
+    assert not allows(rules, "patch", "ifw.dev", "transcriptionjobs", "x")  # spec and metadata are not its
+    assert not allows(rules, "create", "", "pods") and not allows(rules, "get", "coordination.k8s.io", "leases", "x")
 
 
 def test_the_s3_store_needs_no_secret_access(helm):
     objects = helm.template(*POOL, *MINIO)
     for role in by_kind(objects, "Role"):
         if role["metadata"]["name"] == f"{RELEASE}-pool":
-            assert not rbac.allows(role["rules"], "get", "", "secrets", "x-result"), role["metadata"]["namespace"]
+            assert not allows(role["rules"], "get", "", "secrets", "x-result"), role["metadata"]["namespace"]
 
 
 def test_existing_account_without_rbac(helm):
@@ -343,7 +343,7 @@ def test_the_operator_watches_the_pools_namespace(helm, tmp_path, monkeypatch):
     operator_roles = {r["metadata"]["namespace"]: r["rules"] for r in by_kind(objects, "Role")
                       if r["metadata"]["name"] == f"{RELEASE}-operator"}
     assert set(operator_roles) == {"team-a", NS}
-    assert rbac.allows(operator_roles[NS], "watch", "coordination.k8s.io", "leases")
+    assert allows(operator_roles[NS], "watch", "coordination.k8s.io", "leases")
     hook = {r["metadata"]["namespace"] for r in by_kind(objects, "Role") if r["metadata"]["name"] == f"{RELEASE}-cleanup"}
     assert hook == {"team-a", NS}
     env = {e["name"]: e["value"] for e in container(objects, "Job", f"{RELEASE}-cleanup")["env"]}

@@ -18,6 +18,7 @@ from ifw.crds.transcriptionjob import GROUP, PLURAL
 from ifw.operator import rbac
 from ifw.operator.jobs import runner_role_rules
 from tests.operator.conftest import OperatorThread, Sim, operator_settings, wait_for
+from tests.rbac_rules import allows
 
 
 def test_runner_role_allows_only_its_own_job_status_and_result():
@@ -45,9 +46,9 @@ def test_runner_role_allows_only_its_own_job_status_and_result():
         ("get", "batch", "jobs", "job-a"),
     ]
     for verb, group, resource, name in ok:
-        assert rbac.allows(rules, verb, group, resource, name), (verb, resource, name)
+        assert allows(rules, verb, group, resource, name), (verb, resource, name)
     for verb, group, resource, name in refused:
-        assert not rbac.allows(rules, verb, group, resource, name), (verb, resource, name)
+        assert not allows(rules, verb, group, resource, name), (verb, resource, name)
 
 
 def test_operator_cluster_role_renders_and_escalation_is_covered():
@@ -57,9 +58,9 @@ def test_operator_cluster_role_renders_and_escalation_is_covered():
     for rule in runner_role_rules("x"):
         for verb in rule["verbs"]:
             for resource in rule["resources"]:
-                assert rbac.allows(role["rules"], verb, rule["apiGroups"][0], resource, "x-result"), (verb, resource)
-    assert not rbac.allows(role["rules"], "escalate", "rbac.authorization.k8s.io", "roles")
-    assert not rbac.allows(role["rules"], "bind", "rbac.authorization.k8s.io", "roles")
+                assert allows(role["rules"], verb, rule["apiGroups"][0], resource, "x-result"), (verb, resource)
+    assert not allows(role["rules"], "escalate", "rbac.authorization.k8s.io", "roles")
+    assert not allows(role["rules"], "bind", "rbac.authorization.k8s.io", "roles")
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_every_request_the_operator_makes_is_allowed_by_its_cluster_role(audited
                      ("delete", "transcriptionjobs"), ("deletecollection", "pods"), ("patch", "jobs"),
                      ("create", "events"), ("watch", "pods")]:
         assert expected in kinds, (expected, sorted(kinds))
-    denied = sorted({r for r in requests if not rbac.allows(rbac.CLUSTER_ROLE_RULES, *r)})
+    denied = sorted({r for r in requests if not allows(rbac.CLUSTER_ROLE_RULES, *r)})
     assert not denied, f"the ClusterRole misses: {denied}"
     # And nothing granted goes unused, except what is justified without being exercised here.
     justified = {
