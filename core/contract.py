@@ -39,6 +39,8 @@ ANNOTATION_WORKER_MODELS = f"{GROUP}/models"  # JSON list of the models the work
 ANNOTATION_WORKER_CAPACITY = f"{GROUP}/capacity"  # jobs it runs at once
 ANNOTATION_WORKER_DRAINING = f"{GROUP}/draining"  # "true": finishing its jobs, take no more
 ANNOTATION_WORKER_NODE = f"{GROUP}/node"  # the node the worker runs on
+# Jobs the worker holds now, stopping ones included: the operator assigns no more than it has room for.
+ANNOTATION_WORKER_RUNNING = f"{GROUP}/running"
 
 # ------------------------------------------------------------------ exit codes
 

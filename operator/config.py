@@ -185,6 +185,10 @@ class PoolSettings(_Section):
         0, ge=0, description="A runtime-Auto job that finds no ready worker for its model waits this long for "
         "one (a pool scaled to zero is starting) before it runs in its own Job. 0: a Job at once.",
     )
+    ack_seconds: float = Field(
+        30, ge=0, description="A worker that has not reported starting its assignment this long after it is "
+        "assigned (it missed it, or is stuck) loses it: the job is assigned again, preferably elsewhere. 0: never.",
+    )
 
 
 class OperatorSettings(BaseSettings):

@@ -551,7 +551,7 @@ class Controller:
         """A pool job: assign it to a worker, follow the worker's report, give it up or to a Job."""
         now = _now()
         workers = self.pool()
-        decision = pool.derive(tj, workers, now=now)
+        decision = pool.derive(tj, workers, now=now, ack_seconds=self.settings.pool.ack_seconds)
         outcome = decision.outcome
         assignment = dict(_assignment(tj))
         extra: dict[str, Any] = {"runtime": Runtime.Pool}

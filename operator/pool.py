@@ -22,6 +22,7 @@ from ifw.core.contract import (
     ANNOTATION_WORKER_DRAINING,
     ANNOTATION_WORKER_MODELS,
     ANNOTATION_WORKER_NODE,
+    ANNOTATION_WORKER_RUNNING,
     ExecutionState,
     Phase,
     Reason,
@@ -40,6 +41,11 @@ class PoolWorker:
     draining: bool
     expires: datetime
     node: str = ""
+    running: int = 0  # jobs the worker says it holds (stopping ones too) at its last renewal
+
+    def free_slots(self, assigned: int) -> int:
+        """Room for more: by the operator's count of its assignments or the worker's own, the larger."""
+        return self.capacity - max(assigned, self.running)
 
     def ready(self, now: datetime) -> bool:
         return not self.draining and now < self.expires
@@ -59,6 +65,7 @@ def worker_of(lease: Mapping[str, Any]) -> PoolWorker | None:
     try:
         models = tuple(json.loads(annotations.get(ANNOTATION_WORKER_MODELS) or "[]"))
         capacity = max(1, int(annotations.get(ANNOTATION_WORKER_CAPACITY) or 1))
+        running = max(0, int(annotations.get(ANNOTATION_WORKER_RUNNING) or 0))
     except (ValueError, TypeError):
         return None
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 15))
@@ -70,6 +77,7 @@ def worker_of(lease: Mapping[str, Any]) -> PoolWorker | None:
         draining=annotations.get(ANNOTATION_WORKER_DRAINING) == "true",
         expires=renewed + duration,
         node=annotations.get(ANNOTATION_WORKER_NODE) or "",
+        running=running,
     )
 
 
@@ -85,10 +93,10 @@ def serves(pool: Mapping[str, PoolWorker], model: str, now: datetime) -> bool:
 def choose(pool: Mapping[str, PoolWorker], load: Counter[str], model: str, now: datetime,
            avoid: str | None = None) -> PoolWorker | None:  # fmt: skip
     """The ready worker serving ``model`` with the most free slots (``avoid``: the one just lost)."""
-    fits = [w for w in pool.values() if w.ready(now) and model in w.models and load[w.name] < w.capacity]
+    fits = [w for w in pool.values() if w.ready(now) and model in w.models and w.free_slots(load[w.name]) > 0]
     if avoid is not None and len(fits) > 1:
         fits = [w for w in fits if w.name != avoid]
-    return max(fits, key=lambda w: (w.capacity - load[w.name], w.name), default=None)
+    return max(fits, key=lambda w: (w.free_slots(load[w.name]), w.name), default=None)
 
 
 def runtime(spec: Mapping[str, Any], pool: Mapping[str, PoolWorker], model: str, now: datetime) -> Runtime:
@@ -117,8 +125,12 @@ class Decision:
     avoid: str | None = None  # with "assign": prefer another worker than this one
 
 
-def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: datetime) -> Decision:
-    """The state of a non-terminal pool job, from its assignment, the worker's report and its Lease."""
+def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: datetime,
+           ack_seconds: float = 30.0) -> Decision:  # fmt: skip
+    """The state of a non-terminal pool job, from its assignment, the worker's report and its Lease.
+
+    ``ack_seconds``: how long a worker may take to report that it started an attempt before the
+    job is taken back and assigned again (a worker that missed the assignment never reports)."""
     spec, status = tj.get("spec") or {}, tj.get("status") or {}
     assignment = status.get("assignment") or {}
     worker_name, attempt = assignment.get("worker"), assignment.get("attempt") or 0
@@ -173,8 +185,18 @@ def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: dateti
         recheck = min(worker.expires, start + timedelta(seconds=deadline)) if deadline and start else worker.expires
         return Decision(Outcome(Phase.Running, "Running", f"pool worker {worker_name} is working on it",
                                 start_time=start or now, recheck_at=recheck))  # fmt: skip
+    assigned = parse_time(assignment.get("time"))
+    if assigned is not None and ack_seconds > 0:
+        ack_by = assigned + timedelta(seconds=ack_seconds)
+        if now >= ack_by:  # not started, never reported: costs no retry, prefers another worker
+            return Decision(Outcome(Phase.Pending, "NotAcknowledged",
+                                    f"pool worker {worker_name} did not start attempt {attempt} within {ack_seconds:g} s; "
+                                    "assigning it again"), "assign", avoid=worker_name)  # fmt: skip
+        recheck = min(worker.expires, ack_by)
+    else:
+        recheck = worker.expires
     return Decision(Outcome(Phase.Pending, "Assigned", f"assigned to pool worker {worker_name}, attempt {attempt}",
-                            recheck_at=worker.expires))  # fmt: skip
+                            recheck_at=recheck))  # fmt: skip
 
 
 def _waiting(attempt: int) -> Outcome:

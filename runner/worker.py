@@ -97,8 +97,12 @@ class Worker:
         # here" from a run that a previous process of this worker (same pod name after a container
         # restart) started and lost.
         self.started: dict[str, int] = {}
+        # (namespace, name) -> the newest event of a job whose previous attempt here is still stopping:
+        # the new attempt starts as soon as the old one has (no later event may come to start it).
+        self.superseded: dict[tuple[str, str], dict[str, Any]] = {}
         self.draining = threading.Event()
         self.stopped = threading.Event()
+        self._renew_now = threading.Event()
         self._lock = threading.Lock()  # guards runs
         # One decoder thread per model: the only user of the model, batching every job's pieces.
         self.decoders: dict[str, SharedDecoder] = {}
@@ -151,6 +155,7 @@ class Worker:
 
     def stop(self) -> None:
         self.stopped.set()
+        self._renew_now.set()
         for watcher in self._watchers:
             watcher.stop()
         for run in list(self.runs.values()):
@@ -175,6 +180,7 @@ class Worker:
                 contract.ANNOTATION_WORKER_CAPACITY: str(s.capacity),
                 contract.ANNOTATION_WORKER_DRAINING: "true" if self.draining.is_set() else "false",
                 contract.ANNOTATION_WORKER_NODE: s.node_name or "",
+                contract.ANNOTATION_WORKER_RUNNING: str(len(self.runs)),
             },
         }
         if s.pod_uid:  # the Lease goes with its pod
@@ -211,8 +217,16 @@ class Worker:
             return True
         return time.monotonic() - max(run.last_progress for run in runs) < self.settings.stall_seconds
 
+    def _write_lease_soon(self) -> None:
+        """Renew now rather than at the next interval: the running count on the Lease changed."""
+        self._renew_now.set()
+
     def _renew_forever(self) -> None:
-        while not self.stopped.wait(self.settings.renew_interval_seconds):
+        while not self.stopped.is_set():
+            self._renew_now.wait(self.settings.renew_interval_seconds)
+            self._renew_now.clear()
+            if self.stopped.is_set():
+                break
             if not self.healthy():
                 # Let the Lease lapse: the operator gives the jobs to another worker, and the
                 # liveness probe (same check) restarts this one.
@@ -246,6 +260,8 @@ class Worker:
                                     or assignment.get("attempt") != run.attempt or contract.is_terminal(tj)):
                 log.info("%s/%s: no longer this worker's attempt %d; stopping it", *key, run.attempt)
                 run.cancel.set()
+                if mine and kind != "DELETED" and not contract.is_terminal(tj):
+                    self.superseded[key] = tj  # a newer attempt for this worker: start it once this one stops
                 return
             if kind == "DELETED" or not mine or run is not None or contract.is_terminal(tj):
                 return
@@ -269,6 +285,8 @@ class Worker:
         if self.draining.is_set() or len(self.runs) > self.settings.capacity:
             self._forget(run)
             reason = Reason.WorkerDraining if self.draining.is_set() else Reason.WorkerFull
+            if reason == Reason.WorkerFull:
+                self._write_lease_soon()  # the operator learns how many it holds before it assigns again
             self._report(run, ExecutionState.HandedBack, reason=reason, message=f"pool worker {self.settings.name}: {reason}")
             return
         run.thread = threading.Thread(target=self._run_job, args=(run, tj), name=f"job-{meta['name']}", daemon=True)
@@ -278,6 +296,11 @@ class Worker:
         with self._lock:
             if self.runs.get(run.key) is run:
                 del self.runs[run.key]
+                if len(self.runs) + 1 >= self.settings.capacity:
+                    self._write_lease_soon()  # it was full: say there is room again
+            newer = self.superseded.pop(run.key, None)
+        if newer is not None and not self.stopped.is_set():
+            self._on_event("MODIFIED", newer)
 
     # ------------------------------------------------------------------ one job
 

@@ -158,7 +158,7 @@ def test_install_with_the_pool(helm, kube, namespace):
             "ifw_operator_pool_demand"
         config = yaml.safe_load(core.read_namespaced_config_map(f"{release}-ifw-operator", namespace)
                                 .data["operator.yaml"])
-        assert config["namespaces"] == [jobs_ns, namespace] and config["pool"] == {"wait_seconds": 0}
+        assert config["namespaces"] == [jobs_ns, namespace] and config["pool"] == {"wait_seconds": 0, "ack_seconds": 30}
         helm.run("uninstall", release, "-n", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)
         assert _read(apps.read_namespaced_deployment, pool, namespace) is None
         assert _read(rbac_api.read_namespaced_role, pool, jobs_ns) is None

@@ -12,12 +12,13 @@ from ifw.operator import pool
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
-def lease(name: str, *, models=("base",), capacity=4, draining=False, renewed=NOW, duration=15) -> dict:
+def lease(name: str, *, models=("base",), capacity=4, draining=False, renewed=NOW, duration=15, running=0) -> dict:
     return {
         "metadata": {"name": name, "namespace": "ifw", "annotations": {
             contract.ANNOTATION_WORKER_MODELS: json.dumps(list(models)),
             contract.ANNOTATION_WORKER_CAPACITY: str(capacity),
-            contract.ANNOTATION_WORKER_DRAINING: "true" if draining else "false"}},
+            contract.ANNOTATION_WORKER_DRAINING: "true" if draining else "false",
+            contract.ANNOTATION_WORKER_RUNNING: str(running)}},
         "spec": {"holderIdentity": name, "leaseDurationSeconds": duration,
                  "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
     }  # fmt: skip
@@ -122,3 +123,30 @@ def test_deadline_and_suspend_take_the_job_from_its_worker():
     held = pool.derive(tj({"suspend": True}, assignment={"worker": "w1", "attempt": 1}, execution=running), workers,
                        now=NOW)  # fmt: skip
     assert (held.outcome.phase, held.outcome.reason, held.action) == ("Queued", "Suspended", "unassign")
+
+
+def test_a_worker_that_says_it_is_full_gets_nothing_more():
+    # The operator's count drops when a job is cancelled; the worker still holds it until its run
+    # stops. Assigning by the operator's count alone made workers hand jobs back as WorkerFull.
+    workers = pool.workers([lease("w1", capacity=2, running=2), lease("w2", capacity=2, running=1)])
+    assert pool.choose(workers, Counter(), "base", NOW).name == "w2"
+    assert pool.choose(workers, Counter({"w2": 1}), "base", NOW).name == "w2"  # the one it holds is that job
+    assert pool.choose(workers, Counter({"w2": 2}), "base", NOW) is None
+    assert pool.workers([lease("w1", capacity=2)])["w1"].free_slots(1) == 1  # an old worker's Lease: its count
+
+
+def test_an_assignment_the_worker_never_starts_is_taken_back_without_costing_a_retry():
+    workers = pool.workers([lease("w1"), lease("w2")])
+    assigned = {"worker": "w1", "attempt": 3, "retries": 1, "time": contract.format_time(NOW)}
+    waiting = pool.derive(tj(assignment=assigned), workers, now=NOW + timedelta(seconds=10), ack_seconds=30)
+    assert waiting.action == "none" and waiting.outcome.reason == "Assigned"
+    assert waiting.outcome.recheck_at == NOW + timedelta(seconds=15)  # the Lease's expiry comes first here
+    renewed = pool.workers([lease("w1", renewed=NOW + timedelta(seconds=30)), lease("w2")])  # w1 is alive
+    late = pool.derive(tj(assignment=assigned), renewed, now=NOW + timedelta(seconds=31), ack_seconds=30)
+    assert (late.action, late.retry, late.avoid) == ("assign", False, "w1")
+    assert late.outcome.reason == "NotAcknowledged" and "did not start attempt 3" in late.outcome.message
+    # Started (the worker's Running report): the deadline no longer applies.
+    running = {"worker": "w1", "attempt": 3, "state": "Running", "startTime": contract.format_time(NOW)}
+    started = pool.derive(tj(assignment=assigned, execution=running), renewed, now=NOW + timedelta(seconds=31))
+    assert started.outcome.phase == "Running" and started.action == "none"
+    assert pool.derive(tj(assignment=assigned), renewed, now=NOW + timedelta(seconds=31), ack_seconds=0).action == "none"

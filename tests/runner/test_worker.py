@@ -228,3 +228,20 @@ def test_a_restarted_worker_fails_the_attempt_its_previous_process_was_running(a
                  "attempt 2 run (and failed: the URL is not allowlisted)")  # fmt: skip
     finally:
         restarted.stop()
+
+
+@pytest.mark.model
+def test_a_newer_attempt_for_the_same_worker_starts_once_the_old_one_stops(worker, cluster, audio_server):
+    """The operator may give a job back to the worker that holds it (a retry, a lost report): the
+    worker stops the old attempt and must then start the new one by itself — no later event comes."""
+    base, _, long = audio_server
+    tj = cluster.create(f"{base}/{long.path.name}", batchSize=1)  # one piece per call: boundaries come often
+    cluster.assign(tj, worker.settings.name, attempt=1)
+    wait_for(lambda: (cluster.status(tj).get("progress") or {}).get("processedSeconds"), 120, "attempt 1's progress")
+    lease = cluster.leases.read_namespaced_lease(worker.settings.name, cluster.ns)
+    assert lease.metadata.annotations[contract.ANNOTATION_WORKER_RUNNING] == "1"  # what it holds, for the operator
+
+    cluster.assign(tj, worker.settings.name, attempt=2)
+    done = wait_for(lambda: cluster.execution(tj, "Succeeded"), 240, "attempt 2 to run to the end")
+    assert done["attempt"] == 2 and done["worker"] == worker.settings.name
+    assert cluster.status(tj)["result"]["sha256"] and not worker.runs

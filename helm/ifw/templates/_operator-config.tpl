@@ -76,7 +76,7 @@ security from the same rendered settings and cannot disagree.
     "backoff_initial_seconds" $op.webhook.backoffInitialSeconds
     "backoff_max_seconds" $op.webhook.backoffMaxSeconds
     "allowlist" (default list $op.webhook.allowlist))
-  "pool" (dict "wait_seconds" .Values.pool.waitSeconds)
+  "pool" (dict "wait_seconds" .Values.pool.waitSeconds "ack_seconds" .Values.pool.ackSeconds)
   "gitops" (dict "labels" $op.gitops.labels "annotations" $op.gitops.annotations)
 }}
 {{- toJson (mustMergeOverwrite $config (deepCopy (default dict $op.extraConfig))) }}
