@@ -1,5 +1,5 @@
 # The two commands README.md promises. Both run the idempotent set-up first.
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-quick
 
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
@@ -20,8 +20,13 @@ test: setup
 	$(PY) -m pytest
 
 # Benchmarks print figures and ratios against a baseline measured in the same run.
+# bench.gateway holds 10,000 sync requests (targets: RSS <= 600 MB, p99 <= 200 ms).
 bench: setup
 	$(PY) -m bench.runner_cpu
 	$(PY) -m bench.control_plane --rate 30
 	$(PY) -m bench.gateway
 	$(PY) -m bench.pool --repeats 3 --clips 16 --skip-job-burst
+
+# Every benchmark's --quick form, as CI runs them (tests/bench/test_benchmarks_run.py): minutes.
+bench-quick: setup
+	$(PY) -m pytest -q tests/bench/test_benchmarks_run.py

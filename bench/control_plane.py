@@ -10,6 +10,7 @@ operator as its own process (``python -m ifw.operator``, as deployed):
    watch delivered it), the time until all N have Jobs, and the operator's RSS.
 
     .venv/bin/python -m bench.control_plane [--jobs 500] [--rate 0] [--threads 4]
+    .venv/bin/python -m bench.control_plane --quick      # 20 jobs: seconds (CI)
 
 Targets (2 cores): p50 <= 100 ms, p99 <= 500 ms, 500 jobs <= 30 s.
 """
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0, help="TranscriptionJobs per second (0: as fast as possible)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--wrap", default="", help="prefix for the operator command, e.g. 'py-spy record -o p.svg --'")
+    ap.add_argument("--quick", action="store_true", help="a CI-sized run: 20 jobs")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.jobs = 20
 
     from ifw.local.control_plane import ControlPlane
 
@@ -158,8 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                 "operator_rss_mib_peak": round(rss_peak / 1024, 1),
                 "operator_seen_to_job_ms_mean": round(in_operator_ms, 1),
                 "cpu_seconds": cpu,
+                "operator_cpu_ms_per_job": round(cpu["operator"] * 1000 / n, 2),
+                "apiserver_cpu_ms_per_job": round(cpu["apiserver"] * 1000 / n, 2),
                 "cpus": os.cpu_count(),
             }
+            # Each target's ratio (figure / target: <= 1 meets it); the 30 s is for 500 jobs, scaled.
+            for key, value, target in (("p50", figures["latency_ms_p50"], 100), ("p99", figures["latency_ms_p99"], 500),
+                                       ("all", figures["all_jobs_created_s"], 30 * n / 500)):  # fmt: skip
+                figures[f"ratio_{key}"] = round(value / target, 3)
         finally:
             operator.send_signal(signal.SIGTERM)
             try:
@@ -172,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in figures.items():
             print(f"{key:>26}: {value}")
-        ok = figures["latency_ms_p50"] <= 100 and figures["latency_ms_p99"] <= 500 and figures["all_jobs_created_s"] <= 30
-        print(f"{'targets (p50<=100ms, p99<=500ms, all<=30s)':>26}: {'met' if ok else 'NOT met'}")
+        ok = all(figures[f"ratio_{key}"] <= 1 for key in ("p50", "p99", "all"))
+        print(f"{'targets (p50<=100ms, p99<=500ms, all<=30s per 500)':>26}: {'met' if ok else 'NOT met'}")
     return 0
 
 

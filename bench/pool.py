@@ -1,6 +1,7 @@
 """Warm pool vs a runner per job vs a model already loaded in-process, on the local stack.
 
     python -m bench.pool [--model base] [--repeats 5] [--clips 50] [--skip-job-burst]
+    python -m bench.pool --quick    # tiny.en, 1 repeat, a burst of 2 in the pool only (CI)
 
 Real human speech (../shared/speech/harvard), joined with short pauses into a ~7.5 s clip
 and ~10 s clips. The same stack (real apiserver, operator, gateway; ifw.local.stack) runs in
@@ -26,6 +27,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,14 +155,18 @@ def run_mode(mode: str, model: str, short: Path, burst: list[Path], repeats: int
     return figures
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="base")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--clips", type=int, default=50)
     ap.add_argument("--skip-job-burst", action="store_true", help="Job mode's burst takes ~10 min on 2 cores")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--quick", action="store_true",
+                    help="a CI-sized run: tiny.en, 1 repeat, a burst of 2 clips in the pool only")
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.repeats, args.clips, args.skip_job_burst = "tiny.en", 1, 2, True
 
     work = Path(tempfile.mkdtemp(prefix="bench-pool-audio-"))
     short = clip(work, "short.wav", 7.5)
@@ -169,8 +175,9 @@ def main() -> None:
     figures: dict = {"model": args.model}
     figures["in_process"] = in_process(args.model, short, args.repeats)
     figures["pool"] = run_mode("pool", args.model, short, burst, args.repeats, {})
-    figures["pool_no_cross_batching"] = run_mode("pool-solo", args.model, short, burst, 0,
-                                                 {"IFW_WORKER_CROSS_JOB_BATCHING": "false"})  # fmt: skip
+    if not args.quick:
+        figures["pool_no_cross_batching"] = run_mode("pool-solo", args.model, short, burst, 0,
+                                                     {"IFW_WORKER_CROSS_JOB_BATCHING": "false"})  # fmt: skip
     figures["job"] = run_mode("job", args.model, short, [] if args.skip_job_burst else burst, args.repeats, {})
 
     med = {k: statistics.median(v) for k, v in (("in_process", figures["in_process"]),
@@ -182,7 +189,7 @@ def main() -> None:
     print(f"  target: pool <= 1.5x in-process: {'met' if med['pool'] <= 1.5 * med['in_process'] else 'NOT met'}")
     print(f"\n{args.clips} concurrent sync requests of 10 s clips:")
     for name in ("pool", "pool_no_cross_batching", "job"):
-        f = figures[name]
+        f = figures.get(name, {})
         if "burst_total_s" not in f:
             print(f"  {name:23s} (skipped)")
             continue
@@ -197,7 +204,12 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+    bad = {name: f["burst_codes"] for name, f in figures.items() if isinstance(f, dict) and f.get("burst_codes", [200]) != [200]}
+    if bad:
+        print(f"bursts answered other than 200: {bad}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,7 @@ whether prompting each piece with the previous piece's text (condition_on_previo
 
     .venv/bin/python bench/quality_asr.py [--models tiny.en,base] [--threads 2] [--batch-size 8]
                                           [--sets harvard,conversation,meeting] [--repeat 3] [--context] [--json out.json]
+    .venv/bin/python -m bench.quality_asr --quick   # tiny.en, ifw vs faster-whisper, the Harvard set, once (CI)
 """
 
 from __future__ import annotations
@@ -191,7 +192,10 @@ def main() -> None:
     p.add_argument("--context", action="store_true", help="also measure conditioning on the previous piece")
     p.add_argument("--skip-original-base", action="store_true", help="run the original's call on tiny.en only")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run: tiny.en, ifw vs faster-whisper, harvard, once")
     args = p.parse_args()
+    if args.quick:
+        args.models, args.systems, args.sets, args.repeat = "tiny.en", f"ifw,{BASELINE}", "harvard", 1
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     results = run(args)
     report(results, args)

@@ -8,6 +8,7 @@ per wall second), the speed ratio to the original's call, WER against what was
 spoken, and peak RSS.
 
     .venv/bin/python bench/runner_cpu.py [--model tiny.en|base] [--batch-size 8] [--threads 2] [--json out.json]
+    .venv/bin/python -m bench.runner_cpu --quick   # ~20 s of audio, ifw vs the original's call (CI)
 
 Systems:
 - ifw: ifw.runner.pipeline.run (ffmpeg decode, Silero VAD pieces, batched generate)
@@ -192,7 +193,11 @@ def main() -> None:
     p.add_argument("--child", choices=list(SYSTEMS), dest="system", help=argparse.SUPPRESS)
     p.add_argument("--audio", action="append", help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="runs per system; the fastest counts")
+    p.add_argument("--seconds", type=float, default=180.0, help="at least this much audio")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run: ~20 s of audio, ifw vs the original's call")
     args = p.parse_args()
+    if args.quick:
+        args.seconds, args.systems = 20.0, "ifw,original"
     if args.system:
         return child(args.system, args.audio, args.model, args.batch_size, args.repeat)
 
@@ -200,7 +205,7 @@ def main() -> None:
     from tests.runner.conftest import word_error_rate
 
     with tempfile.TemporaryDirectory(prefix="ifw-bench-") as tmp:
-        clip = make_audio(Path(tmp))
+        clip = make_audio(Path(tmp), args.seconds)
         speech_s = sum(u.end - u.start for u in clip.utterances)
         print(f"audio: {clip.duration:.1f} s ({speech_s:.1f} s speech, {len(clip.utterances)} sentences, 2 voices); "
               f"model {args.model}, batch {args.batch_size}, {args.threads} threads, {os.cpu_count()} CPUs")  # fmt: skip

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from ifw.core.languages import normalize_language
 from ifw.core.validators import MAX_URL_LENGTH, check_http_url, check_speaker_hints
 from ifw.crds.transcriptionjob import MAX_PROMPT_LENGTH, Task, Timestamp
-from ifw.gateway.taskids import MAX_TASK_ID, check_task_id
+from ifw.gateway.taskids import MAX_TASK_ID, check_task_id, refused_character
 
 # Webhook header names become Secret keys: both rules must hold.
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -36,6 +36,12 @@ CREDENTIALS_INSTEAD = {
 
 
 def check_url(value: str, field: str) -> str:
+    # Stored verbatim in the spec (and a webhook's is what the operator posts to): control and
+    # invisible characters (bidi, zero-width) would be fetched, logged and shown as they are.
+    if (c := refused_character(value.strip())) is not None:
+        raise ValueError(
+            f"{field} must not contain control or invisible characters (found U+{ord(c):04X}); percent-encode them"
+        )
     value = check_http_url(value.strip(), field)
     # user:pass@ would be stored in the spec and printed by HTTP clients' logs: refused, never echoed.
     if "@" in urlsplit(value).netloc:
@@ -69,8 +75,11 @@ class WebhookBody(BaseModel):
         for name, content in value.items():
             if len(name) > 253 or not HEADER_NAME.match(name):
                 raise ValueError(f"webhook.header name {name!r} must be letters, digits, '-', '_' or '.'")
-            if len(content) > 8192 or any(c in content for c in "\r\n\0"):
-                raise ValueError(f"webhook.header {name!r} value must be one line of at most 8192 characters")
+            if len(content) > 8192 or refused_character(content, allow="\t") is not None:
+                raise ValueError(
+                    f"webhook.header {name!r} value must be one line of at most 8192 characters, "
+                    "without control or invisible characters"
+                )
         return value
 
 

@@ -50,7 +50,7 @@ from ifw.gateway.errors import (
 )
 from ifw.gateway.kube import Kube, KubeError
 from ifw.gateway.models import TranscribeFields
-from ifw.gateway.taskids import annotations_for, object_name, task_id_of
+from ifw.gateway.taskids import annotations_for, is_object_name, is_own_name, object_name, task_id_of
 from ifw.gateway.uploads import Staged, Uploads
 from ifw.gateway.urlcheck import url_problem
 from ifw.gateway.watch import TjGone, TjWatch
@@ -366,6 +366,10 @@ class Service:
     async def get(self, namespace: str, task_id: str) -> dict[str, Any]:
         """The task's TranscriptionJob. Raises TaskNotFound."""
         tj = await self.kube.get_tj(namespace, object_name(task_id))
+        if tj is None and is_object_name(task_id) and not is_own_name(task_id):
+            # Made before such ids were hashed too (their object is named by the id itself): found
+            # until their TTL ends, so an upgrade loses no task.
+            tj = await self.kube.get_tj(namespace, task_id)
         # A name is shared by one id only: another id's object (or a kubectl one) is not this task.
         if tj is None or task_id_of(tj) != task_id:
             raise TaskNotFound()
