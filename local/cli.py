@@ -1,6 +1,7 @@
 """The `ifw` command: the local stack and its parts, and reading results.
 
     ifw local [--serve] [--audio FILE] [--model M] [--timestamp chunk|word] [--diarize]
+              [--allow-media-host HOST_OR_CIDR]... [--allow-webhook-host HOST_OR_CIDR]...
     ifw control-plane up [--kubeconfig-out PATH] | build
     ifw standin [--kubeconfig PATH]
     ifw result NAME [-n NAMESPACE] [--format json|text|srt|vtt|verbose_json]

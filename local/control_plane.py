@@ -76,13 +76,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies
-    (pytest killed by a timeout, a crashed CLI): no stray etcd/apiserver."""
+def _load_prctl():
+    """libc's prctl, looked up once here: a preexec_fn runs between fork and exec, where loading a
+    library (dlopen) in a process with threads may deadlock."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except Exception:
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies
+    (pytest killed by a timeout, a crashed CLI, a SIGKILLed `ifw local`): no stray children.
+
+    Linux sends it when the *thread* that forked the child ends, so call it only from a thread
+    that lives as long as the children should (the main thread; ifw local's supervisor)."""
+    if _PRCTL is None:
+        return
+    try:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
@@ -359,7 +378,7 @@ class ControlPlane:
             main = threading.current_thread() is threading.main_thread()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=self._tmp,
-                                    preexec_fn=_die_with_parent if main and sys.platform == "linux" else None)
+                                    preexec_fn=die_with_parent if main and sys.platform == "linux" else None)
         self._procs.append((name, proc, logf))
         self.pids.append(proc.pid)
         return proc

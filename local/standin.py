@@ -44,6 +44,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ifw.core import kube
 from ifw.core.contract import format_time, now_string
+from ifw.local.control_plane import die_with_parent
 
 log = logging.getLogger("ifw.local.standin")
 
@@ -244,8 +245,9 @@ class KubeletStandIn:
                    for part in [*(container.command or []), *(container.args or [])]]
         run.log_file = open(self.log_dir / f"{pod_name}.log", "wb")
         log.info("starting %s/%s: %s", run.namespace, pod_name, " ".join(command))
+        # The pod dies with the stand-in's thread (a SIGKILLed `ifw local` leaves no runner behind).
         run.process = subprocess.Popen(command, env=env, stdout=run.log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=die_with_parent)
         run.started = time.monotonic()
         self._set_pod_phase(run, "Running")
         status = {"active": 1, "startTime": format_time(job.status.start_time) or now_string()}

@@ -141,6 +141,7 @@ def test_with_a_state_dir_results_and_unfinished_jobs_survive_a_crash_of_the_who
 
 
 def _crash(stack: LocalStack, cp: ControlPlane) -> None:
+    stack.stop_supervising()  # the supervisor goes down with the machine too: nothing is restarted
     for process in stack.processes:
         process.kill()
     stack.node.stop()  # its runner processes (none in pool mode) go with the machine
