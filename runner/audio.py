@@ -7,17 +7,20 @@ operator turns into a condition:
   AudioFetchFailed (exit 2)       unreachable, DNS failure, 4xx, refused by the SSRF guard
   AudioFetchFailed (exit 1)       5xx, timeouts, connection dropped mid-body: worth a retry
   AudioTooLarge                   over settings.max_audio_bytes or settings.max_audio_seconds
-  InvalidAudio                    not audio, corrupt, no audio stream
+  InvalidAudio                    not audio, no audio stream, damaged with audio after the damage
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import numpy as np
@@ -148,67 +151,230 @@ def _save(response: httpx.Response, max_bytes: int, dest_dir: Path) -> Path:
 
 # --------------------------------------------------------------------- decode
 
+_SECOND = SAMPLE_RATE  # samples
+_GROW = 60 * _SECOND  # the buffer's first size and least step when the container states no length
+_TAIL = _SECOND  # audio after a decode error that still counts as "the end": a cut-off last packet
+_PROBE_PACKETS = 200  # packets read where the limit falls (4 s of Opus, 5 s of MP3)
+_STDERR_TAIL = 64 * 1024  # bytes of ffmpeg's stderr kept: a long damaged file logs a line per frame
 
-def _ffmpeg() -> str:
-    found = shutil.which("ffmpeg")
+
+@dataclass
+class DecodeReport:
+    """What one decode found (pass one to decode_audio to read it)."""
+
+    stated_seconds: float | None = None  # the length the container states; None where it states none
+    stated_is_estimate: bool = False  # ffprobe guessed it from the bitrate
+    samples_read: int = 0  # samples ffmpeg delivered, all passes together
+    decoded_seconds: float = 0.0
+    tail_error: str = ""  # ffmpeg's words where the decode stopped at an error at the very end
+
+    @property
+    def cut_short(self) -> bool:
+        """Noticeably shorter than its container says: a recording cut off (decoded as far as it goes)."""
+        if self.stated_seconds is None or self.stated_is_estimate or not self.decoded_seconds:
+            return False
+        return self.decoded_seconds < self.stated_seconds - max(1.0, 0.01 * self.stated_seconds)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
     if not found:
-        raise errors.RunnerError("ffmpeg is not installed in the runner image (apt-get install ffmpeg)")
+        raise errors.RunnerError(f"{name} is not installed in the runner image (apt-get install ffmpeg)")
     return found
 
 
-def _reason(stderr: str) -> str:
-    """ffmpeg's own words, minus the noise (addresses, repeated lines)."""
+def _hide_paths(text: str, path: Path) -> str:
+    """ffmpeg quotes its input by path: the user gets "the input", not the runner's work dir."""
+    for form in {str(path.absolute()), str(path)}:
+        text = text.replace(form, "the input")
+    return text.replace(f"{path.absolute().parent}/", "")
+
+
+def _reason(stderr: str, path: Path) -> str:
+    """ffmpeg's own words, minus the noise (addresses, repeated lines) and the input's path."""
     lines = []
-    for line in stderr.splitlines():
+    for line in _hide_paths(stderr, path).splitlines():
         line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\] ", "", line).strip()
         if line and "Last message repeated" not in line and line not in lines:
             lines.append(line)
     return "; ".join(lines[-4:]) or "no detail"
 
 
-def decode_audio(path: Path, settings: RunnerSettings) -> np.ndarray:
-    """Decode any audio (or video with audio) file to 16 kHz mono float32, in one ffmpeg pass.
+def _float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
 
-    -xerror makes ffmpeg fail on decode errors instead of skipping them, so a
-    truncated or damaged file is refused (InvalidAudio) rather than silently
-    transcribed in part. Only the local file protocol is allowed: a playlist
-    (HLS, concat) must not make ffmpeg fetch URLs behind the SSRF guard's back.
+
+def _probe(path: Path, limit_s: float, report: DecodeReport) -> bool:
+    """Fill in the length the container states; True when audio provably runs past `limit_s`.
+
+    The stated length can lie (a WAV or FLAC cut short still states its whole length), so
+    refusal rests on a packet that is there: ffprobe seeks to the limit and lists the packets
+    it finds. Any failure here only means no early answer; the decode has the last word.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise errors.InvalidAudio(f"audio file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise errors.InvalidAudio("the audio file is empty (0 bytes)")
-    max_samples = int(settings.max_audio_seconds * SAMPLE_RATE)
     cmd = [
-        _ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror",
+        _tool("ffprobe"), "-hide_banner", "-v", "warning", "-protocol_whitelist", "file",
+        "-select_streams", "a:0", "-read_intervals", f"{limit_s:.3f}%+#{_PROBE_PACKETS}",
+        "-show_entries", "stream=start_time,duration:format=duration:packet=pts_time",
+        "-of", "json", str(path),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+        info = json.loads(done.stdout or b"{}") if done.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError) as error:
+        log.debug("ffprobe gave no answer: %s", error)
+        return False
+    stream = (info.get("streams") or [{}])[0]
+    report.stated_seconds = _float(stream.get("duration")) or _float(info.get("format", {}).get("duration"))
+    report.stated_is_estimate = b"Estimating duration from bitrate" in done.stderr
+    start = _float(stream.get("start_time")) or 0.0
+    packets = (_float(p.get("pts_time")) for p in info.get("packets", []))
+    return any(t is not None and t - start > limit_s for t in packets)
+
+
+class _Samples:
+    """float32 samples read straight from ffmpeg's pipe into one array.
+
+    No bytes object of the whole stream and no copy at the end: the array grows in place
+    (realloc, which Linux does by remapping pages) and is trimmed to its length once done,
+    so a decode peaks at about its samples plus one step.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.array = np.empty(max(capacity, 1), dtype=np.float32)
+        self.nbytes = 0
+
+    def fill(self, pipe: BinaryIO, stop_after: int) -> bool:
+        """Read to EOF; True, at once, if more than `stop_after` samples come."""
+        stop_bytes = stop_after * 4
+        while self.nbytes <= stop_bytes:
+            if self.nbytes == self.array.nbytes:
+                size = self.array.size
+                # resize zero-fills what it adds: modest steps keep the unused tail small
+                self.array.resize(size + max(size // 8, _GROW), refcheck=False)
+            with memoryview(self.array).cast("B") as view:  # released before any resize
+                n = pipe.readinto(view[self.nbytes :])
+            if not n:
+                return False
+            self.nbytes += n
+        return True
+
+    @property
+    def count(self) -> int:
+        return self.nbytes // 4
+
+    def clear(self) -> None:
+        self.nbytes = 0
+
+    def take(self) -> np.ndarray:
+        array = self.array
+        self.release()
+        if array.size > self.count:
+            array.resize(self.count, refcheck=False)  # shrinks in place: no copy
+        return array
+
+    def release(self) -> None:
+        self.array = np.empty(0, dtype=np.float32)
+
+
+def _run_ffmpeg(
+    path: Path, strict: bool, samples: _Samples, stop_after: int, report: DecodeReport
+) -> tuple[int | None, str]:
+    """One ffmpeg pass into `samples`: (exit code, or None if stopped past `stop_after`; stderr)."""
+    cmd = [
+        _tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error", *(["-xerror"] if strict else []),
         "-protocol_whitelist", "file",
         "-i", str(path),
         "-map", "0:a:0", "-vn", "-sn", "-dn",
         "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-c:a", "pcm_f32le",
-        # Decode one second past the limit: enough to know it is over, no more.
-        "-t", f"{settings.max_audio_seconds + 1:.3f}",
+        "-t", f"{(stop_after + _SECOND) / SAMPLE_RATE:.3f}",  # past the stop, no further
         "pipe:1",
     ]  # fmt: skip
-    pcm = bytearray()
-    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err) as proc:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(_CHUNK):
-            pcm += chunk
-        code = proc.wait()
-        err.seek(0)
+    samples.clear()
+    with tempfile.TemporaryFile() as err:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0) as proc:
+            assert proc.stdout is not None
+            stopped = True  # an exception, too, leaves ffmpeg to be stopped
+            try:
+                stopped = samples.fill(proc.stdout, stop_after)  # type: ignore[arg-type]
+            finally:
+                if stopped:
+                    proc.kill()
+            code = proc.wait()
+        report.samples_read += samples.count
+        err.seek(max(0, err.seek(0, 2) - _STDERR_TAIL))
         stderr = err.read().decode(errors="replace")
+    return (None if stopped else code), stderr
+
+
+def decode_audio(path: Path, settings: RunnerSettings, report: DecodeReport | None = None) -> np.ndarray:
+    """Decode any audio (or video with audio) file to 16 kHz mono float32, as far as it goes.
+
+    One rule for every container: a file cut short is decoded up to the cut (a WAV streamed
+    with unknown sizes is just such a file); damage with more audio after it, or no audio at
+    all, is InvalidAudio (skipping damage would shift every later timestamp). A strict pass
+    (-xerror) stops at the first error; only when it does, a tolerant pass says whether audio
+    follows. The length limit is checked before any sample is held where the container
+    allows, and in any case as the samples come. Only the local file protocol is allowed: a
+    playlist (HLS, concat) must not make ffmpeg fetch URLs behind the SSRF guard's back.
+    """
+    path = Path(path)
+    report = report if report is not None else DecodeReport()
+    if not path.is_file():
+        raise errors.InvalidAudio(f"the audio file {path.name!r} does not exist")
+    if path.stat().st_size == 0:
+        raise errors.InvalidAudio("the audio file is empty (0 bytes)")
+    limit_s = settings.max_audio_seconds
+    max_samples = int(limit_s * SAMPLE_RATE)
+    if _probe(path, limit_s, report):
+        raise _too_long(limit_s, report)
+    stated = report.stated_seconds
+    expected = int(min(stated, limit_s) * SAMPLE_RATE) + _SECOND if stated else _GROW
+    samples = _Samples(expected)
+    try:
+        return _decode(path, samples, max_samples, limit_s, report)
+    finally:
+        samples.release()  # a failure's traceback keeps the frames alive: not the samples with them
+
+
+def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, report: DecodeReport) -> np.ndarray:
+    code, stderr = _run_ffmpeg(path, True, samples, max_samples, report)
+    if code is None:
+        raise _too_long(limit_s, report)
     if code != 0:
-        raise errors.InvalidAudio(f"cannot decode the audio: {_reason(stderr)}")
-    samples = np.frombuffer(pcm, dtype=np.float32)  # a writable view: bytearray is mutable
-    if samples.size == 0:
-        detail = f": {_reason(stderr)}" if stderr.strip() else ""
+        failed_at = samples.count
+        if failed_at == 0:
+            raise errors.InvalidAudio(f"cannot decode the audio: {_reason(stderr, path)}")
+        # Stopped at an error: decode again, past it, to see whether it was the end.
+        code, _ = _run_ffmpeg(path, False, samples, failed_at + _TAIL, report)
+        if code is None:
+            raise errors.InvalidAudio(
+                f"cannot decode the audio: it is damaged at {failed_at / SAMPLE_RATE:.1f} s and more audio "
+                f"follows (skipping the damage would shift every later timestamp): {_reason(stderr, path)}"
+            )
+        report.tail_error = _reason(stderr, path)
+    if samples.count == 0:
+        detail = f": {_reason(stderr, path)}" if stderr.strip() else ""
         raise errors.InvalidAudio(f"the file decoded to no audio samples{detail}")
-    if samples.size > max_samples:
-        raise errors.AudioTooLarge(
-            f"the audio is longer than the limit of {settings.max_audio_seconds:g} s (IFW_MAX_AUDIO_SECONDS)"
+    if samples.count > max_samples:
+        raise _too_long(limit_s, report)
+    report.decoded_seconds = samples.count / SAMPLE_RATE
+    if report.cut_short:
+        log.warning(
+            "the audio ends at %.1f s, before the %.1f s its container states (cut short?): decoded as far as it goes",
+            report.decoded_seconds,
+            report.stated_seconds,
         )
-    return samples
+    return samples.take()
+
+
+def _too_long(limit_s: float, report: DecodeReport) -> errors.AudioTooLarge:
+    said = report.stated_seconds
+    stated = f"; its container says {said:.0f} s" if said and said > limit_s else ""
+    return errors.AudioTooLarge(f"the audio is longer than the limit of {limit_s:g} s (IFW_MAX_AUDIO_SECONDS){stated}")
 
 
 def is_url(source: str) -> bool:

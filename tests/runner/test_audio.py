@@ -6,7 +6,10 @@ never retried; 1 = transient, retried).
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ifw.runner import audio as audio_module
 from ifw.runner import errors
-from ifw.runner.audio import SAMPLE_RATE, decode_audio, fetch_audio, load_audio
+from ifw.runner.audio import SAMPLE_RATE, DecodeReport, decode_audio, fetch_audio, load_audio
 from ifw.runner.config import RunnerSettings
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -301,13 +305,71 @@ def test_empty_file_is_invalid_audio(settings, tmp_path):
         decode_audio(tmp_path / "empty.wav", settings)
 
 
-@pytest.mark.parametrize("fmt, keep", [("wav", 30_000), ("ogg", 600)])
-def test_truncated_file_is_invalid_audio(clip, settings, tmp_path, fmt, keep):
-    full = clip.path if fmt == "wav" else _encode(clip.path, tmp_path / f"full.{fmt}", "-c:a", "libvorbis")
+_CUT_FORMATS = [
+    ("wav", ()),
+    ("flac", ()),
+    ("ogg", ("-c:a", "libvorbis")),
+    ("opus", ("-c:a", "libopus")),
+    ("mp3", ("-b:a", "64k")),
+]
+
+
+@pytest.mark.parametrize("fmt, args", _CUT_FORMATS)
+def test_a_file_cut_in_half_is_transcribed_as_far_as_it_goes(clip, settings, tmp_path, fmt, args):
+    # One rule for every container: what is there is decoded, exactly as in the whole file.
+    full = clip.path if fmt == "wav" else _encode(clip.path, tmp_path / f"full.{fmt}", *args)
     cut = tmp_path / f"cut.{fmt}"
-    cut.write_bytes(full.read_bytes()[:keep])
-    with pytest.raises(errors.InvalidAudio):
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    whole, report = decode_audio(full, settings), DecodeReport()
+    part = decode_audio(cut, settings, report)
+    assert 0.25 * len(whole) < len(part) < 0.75 * len(whole)
+    n = len(part) - SAMPLE_RATE // 10  # the last packet may be cut through
+    assert np.array_equal(part[:n], whole[:n])
+    if fmt in ("flac", "mp3"):  # their headers state the whole length (FLAC's STREAMINFO, MP3's Info frame)
+        assert report.cut_short and report.stated_seconds == pytest.approx(clip.duration, abs=0.1)
+
+
+def test_a_cut_wav_decodes_to_exactly_what_it_holds(clip, settings, tmp_path):
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(clip.path.read_bytes()[:30_000])  # the old contract refused this (InvalidAudio)
+    assert len(decode_audio(cut, settings)) == (30_000 - 44) // 2  # 16-bit mono after a 44-byte header
+
+
+@pytest.mark.parametrize(
+    "fmt, args, keep",
+    [("ogg", ("-c:a", "libvorbis"), 600), ("mp3", ("-b:a", "64k"), 200), ("m4a", ("-c:a", "aac"), None)],
+)
+def test_a_file_cut_before_any_audio_is_invalid_audio(clip, settings, tmp_path, fmt, args, keep):
+    # Ogg's headers alone, an MP3's first 200 bytes, an MP4 without its index (moov, at the end).
+    data = _encode(clip.path, tmp_path / f"full.{fmt}", *args).read_bytes()
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(data[: keep or len(data) // 2])
+    with pytest.raises(errors.InvalidAudio) as info:
         decode_audio(cut, settings)
+    assert info.value.exit_code == 2 and str(tmp_path) not in info.value.message
+
+
+def _unknown_length_wav(clip, tool: str) -> bytes:
+    """A WAV as a pipe gets it: the writer cannot seek back to fill in the sizes."""
+    if tool == "ffmpeg":
+        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(clip.path), "-f", "wav", "pipe:1"]
+        return subprocess.run(cmd, capture_output=True, check=True).stdout
+    raw = clip.path.read_bytes()[44:]  # sox reading raw samples from a pipe does not know the length either
+    cmd = ["sox", "-V1", "-t", "raw", "-r", "16000", "-e", "signed", "-b", "16", "-c", "1", "-", "-t", "wav", "-"]
+    return subprocess.run(cmd, input=raw, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("tool", ["ffmpeg", "sox"])
+def test_a_wav_of_unknown_length_decodes_whole(clip, settings, tmp_path, tool):
+    data = _unknown_length_wav(clip, tool)
+    stated = int.from_bytes(data[4:8], "little")
+    assert stated != len(data) - 8  # the RIFF size is a placeholder (0xFFFFFFFF, 0x7FFFF000, ...)
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(data)
+    audio = decode_audio(streamed, settings)
+    assert np.array_equal(audio, decode_audio(clip.path, settings))
+    assert len(audio) == round(clip.duration * SAMPLE_RATE)
 
 
 def test_corrupt_mp3_is_invalid_audio(clip, settings, tmp_path):
@@ -354,3 +416,103 @@ def test_load_audio_from_url_and_from_path(server, clip, settings, tmp_path):
     assert not list((tmp_path / "work").iterdir())  # the download is not kept once decoded
     with pytest.raises(errors.InvalidAudio, match="does not exist"):
         load_audio(tmp_path / "missing.wav", settings, tmp_path)
+
+
+# ---------------------------------------------------------------- length limit and memory
+
+HOURS_7 = 7 * 3600
+
+
+@pytest.fixture(scope="module")
+def seven_hours(tmp_path_factory) -> Path:
+    """7 h of silence as a ~10 MB Opus file: one minute encoded, then looped by stream copy (seconds)."""
+    work = tmp_path_factory.mktemp("long")
+    minute, long = work / "minute.opus", work / "silence.opus"
+    ff = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
+    subprocess.run([*ff, "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "60", "-c:a", "libopus",
+                    "-b:a", "3k", str(minute)], check=True)  # fmt: skip
+    subprocess.run(
+        [*ff, "-stream_loop", str(HOURS_7 // 60 - 1), "-i", str(minute), "-c", "copy", str(long)], check=True
+    )
+    return long
+
+
+def test_hours_over_the_limit_are_refused_before_any_sample_is_decoded(seven_hours, settings):
+    assert 5 * 1024**2 < seven_hours.stat().st_size < 15 * 1024**2
+    assert settings.max_audio_seconds == 6 * 3600  # the default
+    report = DecodeReport()
+    with pytest.raises(errors.AudioTooLarge, match="longer than the limit of 21600 s") as info:
+        decode_audio(seven_hours, settings, report)
+    assert info.value.reason == "AudioTooLarge" and info.value.exit_code == 2
+    assert report.samples_read == 0 and report.stated_seconds == pytest.approx(HOURS_7, abs=1)
+
+
+def test_the_limit_holds_while_decoding_where_the_container_cannot_tell(seven_hours, settings, monkeypatch):
+    monkeypatch.setattr(audio_module, "_probe", lambda *args: False)  # as if ffprobe found no length
+    settings.max_audio_seconds = 60
+    report = DecodeReport()
+    with pytest.raises(errors.AudioTooLarge, match="longer than the limit of 60 s"):
+        decode_audio(seven_hours, settings, report)
+    # stopped one pipe read past the limit, not at the end of the 7 hours
+    assert 60 * SAMPLE_RATE < report.samples_read < 62 * SAMPLE_RATE
+
+
+def test_refusing_seven_hours_costs_little_memory(seven_hours):
+    # Measured: ~57 MB peak for the whole process (the interpreter and imports); HEAD decoded
+    # 6 h to refuse it: 1.3 GB.
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from ifw.runner import audio, errors; from ifw.runner.config import RunnerSettings\n"
+        "try:\n    audio.decode_audio(Path(sys.argv[1]), RunnerSettings())\n"
+        "except errors.AudioTooLarge:\n    pass\n"
+        "else:\n    sys.exit('not refused')\n"
+        "print([l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(seven_hours)], capture_output=True, text=True, check=True)
+    assert int(done.stdout.strip()) < 150 * 1024  # KiB
+
+
+def test_fetched_audio_over_the_limit_says_so_without_the_work_dir(server, seven_hours, settings, tmp_path):
+    _Handler.files["silence.opus"] = seven_hours.read_bytes()
+    work = tmp_path / "work"
+    with pytest.raises(errors.AudioTooLarge) as info:
+        load_audio(f"{server}/file/silence.opus", settings, work)
+    assert str(work) not in info.value.message and "input.audio" not in info.value.message
+    assert not list(work.iterdir())
+
+
+def test_ffmpeg_messages_name_the_input_not_the_work_dir(server, settings, tmp_path):
+    _Handler.files["notes.mp3"] = b"this is not audio at all\n" * 50
+    work = tmp_path / "work"
+    with pytest.raises(errors.InvalidAudio, match="cannot decode the audio") as info:
+        load_audio(f"{server}/file/notes.mp3", settings, work)
+    message = info.value.termination_message()
+    assert "the input" in message and str(tmp_path) not in message and "input.audio" not in message
+
+
+class _Pipe(io.BytesIO):
+    """Hands out at most 64 KiB a read, as a pipe does."""
+
+    def readinto(self, buffer) -> int:
+        return super().readinto(memoryview(buffer)[: 64 * 1024])
+
+
+def test_samples_grow_in_place_and_are_trimmed():
+    data = np.arange(2_500_000, dtype=np.float32)  # past the first size and two steps
+    samples = audio_module._Samples(10)
+    assert samples.fill(_Pipe(data.tobytes()), stop_after=10**7) is False
+    out = samples.take()
+    assert np.array_equal(out, data) and out.flags.owndata and out.flags.writeable
+    samples = audio_module._Samples(10)
+    assert samples.fill(_Pipe(data.tobytes()), stop_after=1_000_000) is True  # stops one read past the limit
+    assert 1_000_000 < samples.count <= 1_000_000 + 16 * 1024
+
+
+def test_audio_memory_bench_runs_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "bench.audio_memory", "--quick", "--json", str(out)],
+                   cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True)  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["silence"]["outcome"] == figures["silence-x4"]["outcome"] == "AudioTooLarge"
+    assert figures["speech"]["outcome"] == "decoded 60 s"
+    assert figures["speech"]["peak_over_samples"] < 1.5  # about the samples themselves
