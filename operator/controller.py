@@ -37,6 +37,7 @@ from ifw.core.contract import (
     LABEL_JOB_UID,
     LABEL_KUEUE_QUEUE,
     TERMINAL_PHASES,
+    ConditionType,
     Phase,
     Reason,
     Runtime,
@@ -86,6 +87,16 @@ def _spec(tj: dict[str, Any]) -> dict[str, Any]:
 
 def _assignment(tj: dict[str, Any]) -> dict[str, Any]:
     return (tj.get("status") or {}).get("assignment") or {}
+
+
+def _waiting_for_worker_since(tj: dict[str, Any], now: datetime) -> datetime:
+    """When the job began waiting for a pool worker (its Queued condition's flip), else now."""
+    status = tj.get("status") or {}
+    if status.get("reason") == "WaitingForWorker":
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == ConditionType.Queued and cond.get("status") == "True":
+                return parse_time(cond.get("lastTransitionTime")) or now
+    return now
 
 
 def _kueue(tj: dict[str, Any]) -> bool:
@@ -555,7 +566,8 @@ class Controller:
         outcome = decision.outcome
         assignment = dict(_assignment(tj))
         extra: dict[str, Any] = {"runtime": Runtime.Pool}
-        if decision.action == "to_job":
+        action = decision.action
+        if action == "to_job":
             extra = {"runtime": Runtime.Job, "assignment": None}
         elif decision.action == "unassign":
             assignment.pop("worker", None)
@@ -567,14 +579,25 @@ class Controller:
             if _assignment(tj).get("worker"):
                 load[_assignment(tj)["worker"]] -= 1  # this job's own slot is free for its next attempt
             chosen = pool.choose(workers, load, self._model(tj), now, avoid=decision.avoid)
-            if chosen is None:
+            wait = self.settings.pool.wait_seconds
+            since = _waiting_for_worker_since(tj, now)
+            auto = (_spec(tj).get("runtime") or Runtime.Auto) == Runtime.Auto
+            if chosen is None and auto and not pool.serves(workers, self._model(tj), now) and now >= since + timedelta(
+                    seconds=wait):  # fmt: skip
+                # No worker for its model at all (they died, or never came back), not merely busy ones:
+                # an Auto job does not wait for ever, it runs in its own Job, as a new one would.
+                action, extra = "to_job", {"runtime": Runtime.Job, "assignment": None}
+                outcome = Outcome(Phase.Pending, "NoPoolWorker", f"no ready pool worker serves {self._model(tj)} "
+                                  f"(waited {wait:g} s); running it in its own Job", start_time=outcome.start_time)
+            elif chosen is None:
                 # Nobody free: wait (the attempt count and retries stay on the assignment).
                 assignment.pop("worker", None)
                 extra["assignment"] = {**assignment, "worker": None} if assignment else None
                 why = f"{outcome.message}; " if decision.retry or outcome.phase == "Pending" else ""
                 outcome = Outcome(Phase.Queued, "WaitingForWorker",
                                   f"{why}waiting for a pool worker serving {self._model(tj)} with a free slot",
-                                  start_time=outcome.start_time)  # fmt: skip
+                                  start_time=outcome.start_time,
+                                  recheck_at=since + timedelta(seconds=wait) if auto else None)  # fmt: skip
             else:
                 await self._create_pool_children(state, tj)
                 extra["assignment"] = {"worker": chosen.name, "attempt": assignment.get("attempt", 0) + 1,
@@ -586,11 +609,12 @@ class Controller:
                     outcome = Outcome(outcome.phase, outcome.reason,
                                       f"{outcome.message}: now pool worker {chosen.name}",
                                       start_time=outcome.start_time, recheck_at=chosen.expires)  # fmt: skip
+        metrics.pool_pass(tj, outcome, extra, now)  # assignment wait; assigned-not-running jobs
         tj = await self.write_status(state, tj, outcome, job_name=None, now=now, extra=extra)
         if outcome.terminal:
             await self._finished(state, tj)
             self._poke_pool_waiters()
-        elif decision.action == "to_job":
+        elif action == "to_job":
             self.poke(state.uid)  # the next pass takes the Job path
         elif outcome.recheck_at:
             self.poke_at(state.uid, outcome.recheck_at)
@@ -886,6 +910,7 @@ def _count_transition(tj: dict[str, Any], before: dict[str, Any], outcome: Outco
         metrics.FINISHED_TOTAL.labels(outcome.phase).inc()
         if outcome.phase == "Failed":
             metrics.FAILURES_TOTAL.labels(outcome.reason).inc()
+        metrics.observe_finished(outcome.phase, status)  # audio seconds, real-time factor
         started, done = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
         if started and done:
             metrics.RUN_DURATION_SECONDS.labels(outcome.phase).observe(max(0.0, (done - started).total_seconds()))

@@ -163,3 +163,20 @@ def test_auto_without_a_worker_waits_then_takes_a_job(run_operator, sim):
     job = sim.job_of(sim.tj("cold"), timeout=20)
     assert job["metadata"]["labels"]["ifw.dev/job-uid"] == sim.tj("cold")["metadata"]["uid"]
     wait_for(lambda: sim.status("cold").get("runtime") == "Job", 10, what="runtime Job")
+
+
+def test_an_auto_job_whose_only_worker_is_gone_runs_in_its_own_job(kube, run_operator, sim, workers, audio, tmp_path):
+    """The only worker for the model dies mid-job and never comes back: the job, decided Pool when
+    it started, does not wait for ever; after pool.wait_seconds it runs in its own Job."""
+    from ifw.local.standin import KubeletStandIn
+
+    run_operator(default_model="tiny.en", runner={"env": RUNNER_ENV}, pool={"wait_seconds": 2})
+    only = workers("only")
+    sim.create_tj("orphan", audio={"url": f"{audio}/long.wav"}, batchSize=1)
+    wait_for(lambda: (sim.status("orphan").get("progress") or {}).get("processedSeconds"), 120, what="progress")
+    die(only)
+    (tmp_path / "pods").mkdir()
+    with KubeletStandIn(kube.kubeconfig, log_dir=tmp_path / "pods"):
+        status = sim.wait_phase("orphan", "Succeeded", timeout=240)
+    assert status["runtime"] == "Job" and status["jobName"] and "assignment" not in status
+    assert transcript_of(sim, "orphan").text.strip()
