@@ -38,6 +38,14 @@ class RunnerSettings(EnvNamed):
         None, description="Folder of local checkpoints (<model_dir>/<name>/config.json) tried before the hub cache."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Whisper's weights and activations: auto is float16 on CUDA, float32 on CPU "
+        "(cpu_int8 applies to float32 only).",
+    )
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Whisper's attention; auto is sdpa (PyTorch's own flash kernels on sm80+ GPUs). "
+        "Proven at load by a forward pass: one that fails falls back flash_attention_2 -> sdpa -> eager.",
+    )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: the cores we may use.")
     cpu_int8: bool = Field(
         False,

@@ -45,11 +45,15 @@ class SpeakerTurn(BaseModel):
 
 
 class ProcessedBy(BaseModel):
-    """The machine that did the work (the original API reported fly_machine_id)."""
+    """The machine that did the work (the original API reported fly_machine_id), and how the model ran."""
 
     pod: str | None = None
     node: str | None = None
     runtime: Literal["Pool", "Job", "Local"] | None = None
+    # Absent in results stored before they were recorded.
+    device: str | None = Field(None, description="cuda or cpu.")
+    dtype: str | None = Field(None, description="float32, float16, bfloat16, or int8 (int8 Linear layers on CPU).")
+    attention: str | None = Field(None, description="The attention implementation: flash_attention_2, sdpa or eager.")
 
 
 class Transcript(BaseModel):

@@ -194,6 +194,9 @@ class ProcessedBy(BaseModel):
     pod: str | None = None
     node: str | None = None
     runtime: str | None = Field(None, description="Pool (a warm worker), Job (its own batch/v1 Job) or Local.")
+    device: str | None = Field(None, description="cpu, or the GPU the model ran on (cuda).")
+    dtype: str | None = Field(None, description="float32, float16, bfloat16, or int8 (CPU).")
+    attention: str | None = Field(None, description="flash_attention_2, sdpa or eager: what the model ran with.")
 
 
 class CompletedResponse(BaseModel):

@@ -5,6 +5,7 @@
                           [--diarize]
                           [--num-speakers N | --min-speakers N --max-speakers N]
                           [--format json|text|srt|vtt|verbose_json] [--output FILE]
+                          [--device auto|cpu|cuda] [--dtype auto|float32|float16|bfloat16]
     ifw-runner job        # inside the runner Pod: run the TranscriptionJob named by IFW_JOB_*
     ifw-runner serve      # a warm pool worker: hold the models, take assigned jobs (IFW_WORKER_*)
 
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=FORMATS, default="json", help="output format (default: json, the original API's shape)")
     t.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: IFW_DEVICE or auto")
+    t.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="default: IFW_DTYPE or auto (float16 on CUDA, float32 on CPU)")  # fmt: skip
     t.add_argument("--verbose", "-v", action="store_true", help="log what happens to stderr")
 
     sub.add_parser("job", help="run the TranscriptionJob named by IFW_JOB_NAMESPACE/IFW_JOB_NAME/IFW_JOB_UID")
@@ -91,7 +94,7 @@ def transcribe(args: argparse.Namespace) -> int:
     from ifw.runner import errors, pipeline
     from ifw.runner.config import RunnerSettings
 
-    overrides = {"device": args.device} if args.device else {}
+    overrides = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value}
     settings = RunnerSettings(**overrides)
     model = args.model or _default_model(settings)
     # The person at the keyboard picks any model; the allowed list guards the cluster.

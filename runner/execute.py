@@ -20,7 +20,7 @@ from ifw.core import results
 from ifw.core.contract import Failure, Reason, Runtime
 from ifw.core.transcript import ProcessedBy
 from ifw.crds.transcriptionjob import TranscriptionJobSpec
-from ifw.runner import errors
+from ifw.runner import errors, metrics
 from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
 
 if TYPE_CHECKING:
@@ -117,9 +117,12 @@ def transcribe(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, s
     source = attempt.audio(spec, settings)
     transcript = pipeline.run(spec, source, settings, on_progress=reporter, decode=attempt.decoder(spec),
                               on_text=reporter.text if stream else None)  # fmt: skip
+    metrics.observe_attempt()  # the GPU memory peak (runner/metrics.py)
     reporter.flush()
     attempt.check()
-    transcript.processed_by = attempt.processed_by
+    # Where it ran (the attempt: pod, node, runtime) beside how (the pipeline: device, dtype, attention).
+    made = transcript.processed_by or ProcessedBy()
+    transcript.processed_by = made.model_copy(update=attempt.processed_by.model_dump(exclude_none=True))
     # From here on the work is done: outages of the API or the store are waited out, not redone.
     ref = keep_trying(lambda: results.store_result(transcript, tj, store, core_v1=core_v1),
                       seconds=settings.result_write_retry_seconds, what="storing the result")  # fmt: skip

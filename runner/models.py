@@ -1,8 +1,12 @@
-"""The Whisper model: which device, where the weights come from, loading once per process.
+"""The Whisper model: which device, dtype and attention, where the weights come from, loading once per process.
 
-GPU runs fp16 with FlashAttention-2 when `flash_attn` is installed, else PyTorch SDPA; CPU
-runs fp32 on pinned threads (IFW_CPU_INT8=true: int8 Linear layers, faster). A loaded model's
-token-suppression steps are swapped for ones that keep their mask (see _keep_suppression_masks).
+IFW_DTYPE (auto: float16 on CUDA, float32 on CPU; IFW_CPU_INT8=true adds int8 Linear layers to
+float32 on CPU) and IFW_ATTENTION (auto: PyTorch SDPA; see the README's settings) choose how it
+runs. The attention is proven at load: one real forward pass (the encoder on a second of silence,
+one decoder step); one that fails falls back flash_attention_2 -> sdpa -> eager, saying why, so
+a broken CUDA extension fails the load, not every job. torch's threads are pinned to the pod's
+cores on every device. A loaded model's token-suppression steps are swapped for ones that keep
+their mask (see _keep_suppression_masks).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import importlib.util
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Gauge
 
 from ifw.runner import vad, weights
 from ifw.runner.errors import InvalidSpec, ModelHubUnavailable, ModelLoadFailed
@@ -26,6 +33,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The fallback order: a failing attention gives way to the next one.
+ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
+
+MODEL_INFO = Gauge("ifw_runner_model_info", "A loaded Whisper model and what it runs with (always 1).",
+                   ["model", "device", "dtype", "attention"])  # fmt: skip
+MODEL_LOAD_SECONDS = Gauge("ifw_runner_model_load_seconds",
+                           "Seconds the model took to load: weights, move to the device, attention proof.",
+                           ["model"])  # fmt: skip
+
 
 @dataclass
 class WhisperModel:
@@ -36,6 +52,12 @@ class WhisperModel:
     device: torch.device
     dtype: torch.dtype
     int8: bool = False  # Linear layers dynamically quantized (CPU)
+    attention: str = "sdpa"  # the attn_implementation proven to run at load
+
+    @property
+    def dtype_name(self) -> str:
+        """As reported (processed_by, metrics): float32, float16, bfloat16, or int8 (int8 Linear layers, fp32 rest)."""
+        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
 
     @property
     def multilingual(self) -> bool:
@@ -67,8 +89,20 @@ def select_device(settings: RunnerSettings) -> torch.device:
     return torch.device("cpu")
 
 
+def select_dtype(settings: RunnerSettings, device: torch.device) -> torch.dtype:
+    """IFW_DTYPE; auto: float16 on CUDA, float32 on CPU (fp16 matmuls are slow or missing there)."""
+    import torch
+
+    if settings.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.dtype)
+
+
 def pin_cpu_threads(settings: RunnerSettings) -> int:
-    """Use the cores this process may run on (or cpu_threads); more threads than cores thrash."""
+    """Use the cores this process may run on (or cpu_threads); more threads than cores thrash.
+
+    On a GPU pod too: its host-side work (features, the generate() loop) would else start one
+    thread per core of the node, not of the pod's CPU quota."""
     import torch
 
     threads = settings.cpu_threads or vad.usable_cpus()
@@ -128,26 +162,28 @@ _models_lock = threading.Lock()
 
 
 def load_model(name: str, settings: RunnerSettings) -> WhisperModel:
-    """Load (once per process) the Whisper model `name` on the configured device."""
+    """Load (once per process) the Whisper model `name` on the configured device, dtype and attention."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     device = select_device(settings)
+    dtype = select_dtype(settings, device)
     source = resolve_model(name, settings)
-    int8 = device.type == "cpu" and settings.cpu_int8
-    key = (source, str(device), int8)
+    int8 = device.type == "cpu" and settings.cpu_int8 and dtype == torch.float32
+    key = (source, str(device), str(dtype), int8, settings.attention)
     with _models_lock:
         if key in _models:
             return _models[key]
-        if device.type == "cuda":
-            dtype = torch.float16
-            attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-        else:
-            dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
-            attn = "sdpa"
-            pin_cpu_threads(settings)
+        if device.type == "cpu" and settings.cpu_int8 and not int8:
+            log.warning("IFW_CPU_INT8 applies to float32 only: %s runs in %s without int8 layers", name, settings.dtype)
+        threads = pin_cpu_threads(settings)
+        started = time.monotonic()
+        order = attention_order(settings.attention)
         try:
-            model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+            # Loaded with a torch-native attention; the requested one is switched on and proven below.
+            model = WhisperForConditionalGeneration.from_pretrained(
+                source, dtype=dtype, attn_implementation="eager" if order[0] == "eager" else "sdpa"
+            )
             processor = WhisperProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadFailed(f"could not load Whisper model {name!r} from {source}: {e}") from e
@@ -157,9 +193,98 @@ def load_model(name: str, settings: RunnerSettings) -> WhisperModel:
         if int8:
             model = _quantize_int8(model)
         _keep_suppression_masks(model)
-        log.info("loaded %s from %s on %s (%s%s, %s)", name, source, device, dtype, ", int8 Linear" if int8 else "", attn)
-        _models[key] = WhisperModel(name, source, model, processor, device, dtype, int8)
-        return _models[key]
+        whisper = WhisperModel(name, source, model, processor, device, dtype, int8)
+        whisper.attention = choose_attention(whisper, order)
+        seconds = time.monotonic() - started
+        MODEL_INFO.labels(name, device.type, whisper.dtype_name, whisper.attention).set(1)
+        MODEL_LOAD_SECONDS.labels(name).set(seconds)
+        log.info("loaded %s from %s in %.1f s: device %s, dtype %s, attention %s, %d torch threads",
+                 name, source, seconds, _describe_device(device), whisper.dtype_name, whisper.attention, threads)  # fmt: skip
+        _models[key] = whisper
+        return whisper
+
+
+def _describe_device(device: torch.device) -> str:
+    import torch
+
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda ({torch.cuda.get_device_name(device)}, sm{major}{minor})"
+
+
+def attention_order(requested: str) -> list[str]:
+    """The attentions to try, best first: the requested one and those after it in ATTENTIONS.
+
+    auto is SDPA on every device: on sm80+ GPUs PyTorch's SDPA runs its own FlashAttention-2
+    (or cuDNN) kernels for Whisper's unmasked fp16/bf16 attention, without the flash_attn
+    extension's ABI ties to one torch build (runner/README.md, Settings)."""
+    first = "sdpa" if requested == "auto" else requested
+    return list(ATTENTIONS[ATTENTIONS.index(first) :])
+
+
+def choose_attention(whisper: WhisperModel, order: list[str]) -> str:
+    """The first attention in `order` that runs this model here; ModelLoadFailed when none does."""
+    failures = []
+    for i, attention in enumerate(order):
+        why = _unfit(attention, whisper.device, whisper.dtype) or _prove(whisper, attention)
+        if why is None:
+            return attention
+        failures.append(f"{attention}: {why}")
+        then = f"falling back to {order[i + 1]}" if i + 1 < len(order) else "no attention left"
+        log.warning("%s: attention %s does not run here (%s); %s", whisper.name, attention, why, then)
+    raise ModelLoadFailed(f"Whisper model {whisper.name!r} runs with no attention implementation on "
+                          f"{whisper.device} in {whisper.dtype_name}: {'; '.join(failures)}")  # fmt: skip
+
+
+def _unfit(attention: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `attention` cannot run here, known without trying (FlashAttention-2's requirements); else None."""
+    import torch
+
+    if attention != "flash_attention_2":
+        return None
+    if device.type != "cuda":
+        return "FlashAttention-2 needs a CUDA device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention-2 needs float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"FlashAttention-2 needs compute capability 8.0 or newer (Ampere+), this GPU has {major}.{minor}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed"
+    return None
+
+
+def _prove(whisper: WhisperModel, attention: str) -> str | None:
+    """Why `attention` failed a real forward pass of this model; None when it ran."""
+    import torch
+
+    try:
+        _forward_with(whisper, attention)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # not the attention's fault: the load fails as it would without the proof (retried)
+    except Exception as e:  # noqa: BLE001 - a broken CUDA extension raises anything: RuntimeError, ImportError, OSError
+        message = " ".join(str(e).split())
+        return f"{type(e).__name__}: {message[:300]}"
+    return None
+
+
+def _forward_with(whisper: WhisperModel, attention: str) -> None:
+    """Switch the model to `attention`; run the encoder on a second of silence and one decoder step."""
+    import numpy as np
+    import torch
+
+    from ifw.runner.audio import SAMPLE_RATE
+
+    model = whisper.model
+    model.set_attn_implementation(attention)
+    features = whisper.processor.feature_extractor(np.zeros(SAMPLE_RATE, np.float32), sampling_rate=SAMPLE_RATE,
+                                                   return_tensors="pt").input_features  # fmt: skip
+    start = torch.tensor([[model.config.decoder_start_token_id]], device=whisper.device)
+    with torch.inference_mode():
+        logits = model(input_features=features.to(whisper.device, whisper.dtype), decoder_input_ids=start).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"the forward pass gave non-finite logits in {whisper.dtype_name}")
 
 
 def _keep_suppression_masks(model) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ifw.core.transcript import ProcessedBy
 from ifw.runner import asr, decoding, models
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.errors import InvalidAudio
@@ -96,5 +97,8 @@ def run(
         from ifw.runner.speakers import assign_speakers
 
         transcript = assign_speakers(transcript, turns)
+    # How the model ran; the runtime adds who ran it (execute.transcribe).
+    transcript.processed_by = ProcessedBy(device=whisper.device.type, dtype=whisper.dtype_name,
+                                          attention=whisper.attention)  # fmt: skip
     return transcript
 
