@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -23,8 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ifw.runner import alignment
 from ifw.runner.audio import SAMPLE_RATE
-from ifw.runner.errors import InvalidSpec, OutOfMemory
+from ifw.runner.errors import DeviceFailed, InvalidSpec, OutOfMemory
 from ifw.runner.models import WhisperModel, only_language
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,9 @@ class PieceResult:
     verdict: Verdict
     tokens: list[int]  # timestamp and text tokens as generated (no prompt, no end token)
     token_logprobs: list[float]  # log-probability of each token in `tokens`
-    token_times: list[float] | None  # word timestamps asked: end time of each token, s into the clip
+    # word timestamps asked and verdict ok: the alignment heads' attention over `tokens` (tokens x
+    # audio frames, float32); the piece's segments turn it into word times (alignment.token_times)
+    alignment: np.ndarray | None
     text: str
     language: str | None
     language_probability: float | None  # when the language was detected on this piece
@@ -158,7 +162,7 @@ class _State:
 class _Candidate:
     tokens: list[int]
     token_logprobs: list[float]
-    token_times: list[float] | None
+    alignment: np.ndarray | None  # see PieceResult.alignment
     text: str
     avg_logprob: float
     compression_ratio: float
@@ -214,7 +218,9 @@ def decode_pieces(
     checked; the pieces that failed are decoded again, together, at their next temperature
     (best_of samples each, their encoder output reused), until they pass or the
     temperatures run out. `on_done(indices, results)` gets the requests finished by each
-    call. CUDA out of memory halves the call and retries it (OutOfMemory at one piece).
+    call. CUDA out of memory halves the call and retries it (OutOfMemory at one piece), and
+    the halved size holds for later calls (BatchLimits); a CUDA error that breaks the context
+    is DeviceFailed (the process must restart).
     `stats`, when given, records each generate() call. Returns results in request order.
     """
     import torch
@@ -225,7 +231,6 @@ def decode_pieces(
     states = [_State(r, options.fallback_temperatures(r.temperature), language=r.language or only_language(whisper))
               for r in requests]  # fmt: skip
     results: list[PieceResult | None] = [None] * len(requests)
-    limit = max(1, batch_size)  # sequences per generate() call
     pending = list(range(len(requests)))
     while pending:
         retry: list[int] = []
@@ -240,6 +245,7 @@ def decode_pieces(
             rows = options.rows(temperature)
             pos = 0
             while pos < len(group):
+                limit = BATCH_LIMITS.rows(whisper, max(1, batch_size))  # sequences per call
                 idx = group[pos : pos + max(1, limit // rows)]
                 try:
                     candidates = _decode_chunk(whisper, [states[i] for i in idx], options)
@@ -247,10 +253,16 @@ def decode_pieces(
                     torch.cuda.empty_cache()
                     if len(idx) == 1:
                         raise OutOfMemory(f"GPU out of memory decoding a single 30 s piece: {e}") from e
-                    limit = max(1, len(idx) // 2) * rows
+                    BATCH_LIMITS.out_of_memory(whisper, max(1, len(idx) // 2) * rows)
                     stats.oom_halvings += 1
                     log.warning("CUDA out of memory: retrying with %d pieces per call", len(idx) // 2)
                     continue
+                except Exception as e:
+                    if device_failed(e):  # the CUDA context is gone: no later call on this process can work
+                        raise DeviceFailed(f"the GPU failed while decoding ({type(e).__name__}: {e}); "
+                                           "the process must restart") from e  # fmt: skip
+                    raise
+                BATCH_LIMITS.fitted(whisper, len(idx) * rows)
                 stats.record(len(idx), len(idx) * rows, temperature, retry=any(states[i].attempt for i in idx))
                 finished = []
                 for i, cand in zip(idx, candidates, strict=True):
@@ -275,6 +287,64 @@ def decode_pieces(
                     on_done(finished, [results[i] for i in finished])
         pending = retry
     return results  # type: ignore[return-value]
+
+
+class BatchLimits:
+    """The most sequences per generate() call that fit, learned per model, device and kind of decode.
+
+    An out-of-memory halves the call; the halved size is remembered, so the next call (the pool's
+    shared decoder makes one per round) does not run out of memory again. It grows back slowly:
+    after GROW_AFTER calls that fit at the limit, by a quarter, never past what was asked for.
+    (Word timestamps keep nothing per step any more: their alignment pass is sized on its own,
+    runner/alignment.py, so one limit serves both.)
+    """
+
+    GROW_AFTER = 32
+
+    def __init__(self) -> None:
+        self._limits: dict[tuple[Any, ...], list[int]] = {}  # key -> [limit, calls that fit at it]
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(whisper: WhisperModel) -> tuple[Any, ...]:
+        return (getattr(whisper, "source", whisper.name), str(getattr(whisper, "device", "")),
+                str(getattr(whisper, "dtype", "")))  # fmt: skip
+
+    def rows(self, whisper: WhisperModel, wanted: int) -> int:
+        with self._lock:
+            entry = self._limits.get(self._key(whisper))
+            return min(wanted, entry[0]) if entry else wanted
+
+    def out_of_memory(self, whisper: WhisperModel, rows: int) -> None:
+        with self._lock:
+            self._limits[self._key(whisper)] = [max(1, rows), 0]
+
+    def fitted(self, whisper: WhisperModel, rows: int) -> None:
+        with self._lock:
+            entry = self._limits.get(self._key(whisper))
+            if entry is None or rows < entry[0]:
+                return
+            entry[1] += 1
+            if entry[1] >= self.GROW_AFTER:
+                entry[0], entry[1] = entry[0] + max(1, entry[0] // 4), 0
+                log.info("batch limit for %s grows back to %d sequences per call", whisper.name, entry[0])
+
+
+BATCH_LIMITS = BatchLimits()
+
+# What a CUDA error that leaves the context unusable says (an out-of-memory is not one of them).
+_DEVICE_FAILURES = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "CUDNN_STATUS",
+                    "unspecified launch failure", "an illegal instruction")
+
+
+def device_failed(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in _DEVICE_FAILURES))
 
 
 def check_task_and_language(whisper: WhisperModel, task: str, language: str | None) -> None:
@@ -310,7 +380,7 @@ def _result(s: _State, cand: _Candidate, verdict: Verdict) -> PieceResult:
         verdict=verdict,
         tokens=cand.tokens,
         token_logprobs=cand.token_logprobs,
-        token_times=cand.token_times,
+        alignment=cand.alignment,
         text=cand.text,
         language=s.language,
         language_probability=s.language_probability,
@@ -383,30 +453,46 @@ def _decode_chunk(whisper: WhisperModel, states: Sequence[_State], options: Deco
         kwargs |= {"language": [s.language for s in states for _ in range(rows)], "task": request.task}
     if prompt:
         kwargs["prompt_ids"] = torch.tensor(prompt, device=whisper.device)
-    # which mel frames hold audio: the word timestamps' DTW stops at each clip's real end (and
-    # generate() wants a mask when its inputs are batched)
-    frames = torch.tensor([min(len(s.request.clip) // HOP_LENGTH, N_FRAMES) for s in states for _ in range(rows)])
+    # which mel frames hold audio (generate() wants a mask when its inputs are batched); word
+    # timestamps stop at each clip's real end too
+    mel_frames = [min(len(s.request.clip) // HOP_LENGTH, N_FRAMES) for s in states]
+    frames = torch.tensor([f for f in mel_frames for _ in range(rows)])
     kwargs["attention_mask"] = (torch.arange(N_FRAMES)[None, :] < frames[:, None]).long().to(whisper.device)
-    if request.word_timestamps:
-        kwargs["return_token_timestamps"] = True
-    attn = whisper.model.config._attn_implementation
-    try:
-        with torch.inference_mode(), _seeded(whisper.device, temperature > 0, options.sampling_seed):
-            out = whisper.model.generate(**kwargs)
-    finally:
-        whisper.model.config._attn_implementation = attn  # word timestamps switch the model to eager for good
+    # No return_token_timestamps: it keeps every step's cross-attention of every row (see ifw.runner.alignment).
+    with torch.inference_mode(), _seeded(whisper.device, temperature > 0, options.sampling_seed):
+        whisper.model.generate(**kwargs)
 
     prefix = recorder.prefix
     ids = recorder.ids[:, prefix:].tolist()
     logprobs = torch.stack(recorder.logprobs, dim=1).tolist()
-    times = out["token_timestamps"][:, prefix:].tolist() if request.word_timestamps else None
-    candidates = []
+    candidates, kept_rows = [], []
     for p in range(len(states)):
-        samples = [_candidate(whisper, ids[r], logprobs[r], times[r] if times else None, temperature, options)
+        samples = [_candidate(whisper, ids[r], logprobs[r], temperature, options)
                    for r in range(p * rows, (p + 1) * rows)]  # fmt: skip
-        passing = [c for c in samples if c.passes(options)] or samples
-        candidates.append(max(passing, key=lambda c: c.avg_logprob))
+        passing = [k for k, c in enumerate(samples) if c.passes(options)] or range(rows)
+        best = max(passing, key=lambda k: samples[k].avg_logprob)
+        candidates.append(samples[best])
+        kept_rows.append(p * rows + best)
+    if request.word_timestamps:
+        _align(whisper, states, candidates, recorder.ids[kept_rows, :prefix].tolist(), mel_frames, encoded, options)
     return candidates
+
+
+def _align(whisper: WhisperModel, states: Sequence[_State], candidates: list[_Candidate], starts: list[list[int]],
+           mel_frames: list[int], encoded, options: DecodeOptions) -> None:  # fmt: skip
+    """Word timestamps: the alignment heads' attention over each candidate that will be kept with
+    text (verdict ok; a retried, silent or failed one has no words), from one teacher-forced pass."""
+    ok = [p for p, c in enumerate(candidates) if _verdict(c, states[p].no_speech_prob, options) == "ok"]
+    if not ok:
+        return
+    rows = []
+    for p in ok:
+        c = candidates[p]
+        # generate() never feeds back its last token: an unended decode times all but its last
+        fed = c.tokens if c.ended else c.tokens[:-1]
+        rows.append((starts[p] + fed, len(starts[p]), mel_frames[p] // 2))
+    for p, matrix in zip(ok, alignment.matrices(whisper, encoded[ok], rows), strict=True):
+        candidates[p].alignment = matrix
 
 
 def _first_step(whisper: WhisperModel, states: Sequence[_State], encoded, prompt: list[int] | None) -> None:
@@ -440,7 +526,7 @@ def _first_step(whisper: WhisperModel, states: Sequence[_State], encoded, prompt
         s.no_speech_prob = float(p)
 
 
-def _candidate(whisper: WhisperModel, generated: list[int], logprobs: list[float], times, temperature,
+def _candidate(whisper: WhisperModel, generated: list[int], logprobs: list[float], temperature,
                options: DecodeOptions) -> _Candidate:  # fmt: skip
     eot = whisper.eot
     if eot in generated:
@@ -453,7 +539,7 @@ def _candidate(whisper: WhisperModel, generated: list[int], logprobs: list[float
     return _Candidate(
         tokens=tokens,
         token_logprobs=logprobs[: len(tokens)],
-        token_times=_aligned(times, len(tokens)) if times is not None else None,
+        alignment=None,  # _align, for the candidates kept with text
         text=text,
         avg_logprob=sum(scored) / max(1, len(scored)),
         compression_ratio=compression_ratio(text),
@@ -461,11 +547,6 @@ def _candidate(whisper: WhisperModel, generated: list[int], logprobs: list[float
         ended=ended,
         temperature=temperature,
     )
-
-
-def _aligned(times: list[float], n: int) -> list[float]:
-    times = times[:n]
-    return times + [times[-1] if times else 0.0] * (n - len(times))
 
 
 @contextmanager

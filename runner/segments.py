@@ -2,7 +2,8 @@
 
 A segment runs from one timestamp token to the next; times are snapped onto the piece's
 speech, kept monotonic, and made absolute (seconds into the file). Word times come from the
-token times that the cross-attention alignment heads gave (PieceResult.token_times).
+alignment heads' cross-attention over the piece's tokens (PieceResult.alignment): its DTW runs
+here, in the job's own thread, not on the decoder's (ifw.runner.alignment).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from ifw.core.languages import NO_SPACE_LANGUAGES, with_leading_space
 from ifw.core.transcript import Segment, Word
-from ifw.runner import vad
+from ifw.runner import alignment, vad
 from ifw.runner.decoding import PieceResult
 from ifw.runner.models import WhisperModel
 
@@ -49,6 +50,7 @@ def piece_segments(whisper: WhisperModel, piece: vad.Piece, result: PieceResult)
     if text:  # no closing timestamp: the piece ended mid-segment
         raw.append((start if start is not None else 0.0, None, text, pos))
 
+    token_times = alignment.token_times(result.alignment, len(result.tokens)) if result.alignment is not None else None
     scores = {
         "language": result.language,
         "temperature": result.temperature,
@@ -69,8 +71,8 @@ def piece_segments(whisper: WhisperModel, piece: vad.Piece, result: PieceResult)
         start = max(a - piece.start, floor)
         end = max(b - piece.start, start)
         words = None
-        if result.token_times is not None:
-            ends = [min(max(result.token_times[p], start), end) for p in positions]
+        if token_times is not None:
+            ends = [min(max(token_times[p], start), end) for p in positions]
             ends = list(np.maximum.accumulate(ends)) if ends else ends
             words = []
             for w_text, w_start, w_end, group in _words(whisper, toks, ends, start, result.language):
