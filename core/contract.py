@@ -108,6 +108,7 @@ class Reason(StrEnum):
     # What the runner reports for failures worth a retry.
     RunnerFailed = "RunnerFailed"
     OutOfMemory = "OutOfMemory"
+    DeviceFailed = "DeviceFailed"  # a CUDA error broke the process's context: the worker restarts
     ResultStoreFailed = "ResultStoreFailed"
     ResultNotFound = "ResultNotFound"
     # A pool worker's: a lost attempt, and the jobs it gives back unrun.

@@ -66,6 +66,12 @@ class OutOfMemory(RunnerError):
     reason = Reason.OutOfMemory
 
 
+class DeviceFailed(RunnerError):
+    """A CUDA error that leaves the context unusable: every later call on this process fails too."""
+
+    reason = Reason.DeviceFailed
+
+
 def write_termination_message(error: Failure, path: Path | None = None) -> None:
     """Best effort: outside a pod the file may not be writable."""
     target = path or Path(os.environ.get(ENV_TERMINATION_MESSAGE_PATH, TERMINATION_MESSAGE_PATH))

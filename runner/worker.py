@@ -103,6 +103,9 @@ class Worker:
         self.draining = threading.Event()
         self.stopped = threading.Event()
         self._renew_now = threading.Event()
+        # Set by SIGTERM, or by a device failure: main() then stops the worker and exits.
+        self.exit_requested = threading.Event()
+        self.device_failure: contract.Failure | None = None
         self._lock = threading.Lock()  # guards runs
         # One decoder thread per model: the only user of the model, batching every job's pieces.
         self.decoders: dict[str, SharedDecoder] = {}
@@ -152,6 +155,24 @@ class Worker:
             self._report(run, ExecutionState.HandedBack, reason=Reason.WorkerDraining,
                          message=f"pool worker {self.settings.name} shut down before the job finished")  # fmt: skip
         self.stop()
+
+    def device_failed(self, failure: contract.Failure, culprit: Run) -> None:
+        """A CUDA error broke this process's context: every later job here would fail too. Take no
+        more work, give the other running jobs back (the operator assigns them to other workers),
+        let the Lease go and exit, so that Kubernetes restarts the container (liveness fails
+        meanwhile). The job that met the error reports it as a failed attempt: it counts against
+        its backoffLimit, so a job that breaks every GPU it touches cannot go round for ever."""
+        with self._lock:
+            if self.device_failure is not None:
+                return
+            self.device_failure = failure
+        log.error("device failed, giving every job back and exiting: %s", failure.message)
+        self.draining.set()
+        for run in [run for run in list(self.runs.values()) if run is not culprit]:
+            run.cancel.set()
+            self._report(run, ExecutionState.HandedBack, reason=Reason.DeviceFailed,
+                         message=f"pool worker {self.settings.name}: {failure.message}")  # fmt: skip
+        self.exit_requested.set()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -211,7 +232,10 @@ class Worker:
                                             "spec": body["spec"]})  # fmt: skip
 
     def healthy(self) -> bool:
-        """False when jobs run but none has made progress for stall_seconds (a stuck device, a hang)."""
+        """False once the device failed, or when jobs run but none has made progress for
+        stall_seconds (a stuck device, a hang)."""
+        if self.device_failure is not None:
+            return False
         runs = list(self.runs.values())
         if not runs:
             return True
@@ -363,6 +387,10 @@ class PoolAttempt(execute.Attempt):
         self._patch({**final, "execution": self._execution(ExecutionState.Succeeded)})
 
     def fail(self, failure: contract.Failure) -> None:
+        if failure.reason == Reason.DeviceFailed:
+            self.worker.device_failed(failure, culprit=self.run)
+        if self.run.cancel.is_set():
+            return  # handed back already (the device failed during another job)
         self.report(ExecutionState.Failed, reason=failure.reason, message=failure.message, bad_input=failure.bad_input)
 
     def hand_back(self, back: HandBack) -> None:
@@ -445,13 +473,15 @@ def main(settings: WorkerSettings | None = None) -> int:
         log.error("bad worker settings: %s", error)
         return contract.EXIT_BAD_INPUT
     worker = Worker(settings, get_settings(), kube.api_client(component="runner-worker"))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: worker.exit_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.exit_requested.set())
     worker.start()
     if settings.health_port:
         serve_health(worker, settings.health_port)
-    stop.wait()
+    worker.exit_requested.wait()
+    if worker.device_failure is not None:
+        worker.stop()  # its jobs are handed back already
+        return contract.EXIT_TRANSIENT
     worker.drain()
     return 0
 
