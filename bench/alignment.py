@@ -61,44 +61,11 @@ def dtw_figures(rows: int, reference_rows: int) -> None:
 def _old_decode_chunk(whisper, states, options):
     """decoding._decode_chunk as it was: generate(return_token_timestamps=True) (the bench's "before")."""
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-    from transformers.modeling_outputs import BaseModelOutput
 
     from ifw.runner import decoding as d
 
     request, temperature = states[0].request, states[0].temperature
-    fresh = [s for s in states if s.encoded is None]
-    if fresh:
-        with torch.inference_mode():
-            enc = whisper.model.model.encoder(d._features(whisper, [s.request.clip for s in fresh])).last_hidden_state
-        for s, e in zip(fresh, enc, strict=True):
-            s.encoded = e
-    encoded = torch.stack([s.encoded for s in states])
-    prompt = d.prompt_ids(whisper, request.prompt)
-    first = [i for i, s in enumerate(states) if s.no_speech_prob is None]
-    if first:
-        d._first_step(whisper, [states[i] for i in first], encoded[first], prompt)
-    rows = options.rows(temperature)
-    recorder = d._TokenScores()
-    seen, picked = d._recorder_classes()
-    kwargs = {
-        "encoder_outputs": BaseModelOutput(last_hidden_state=encoded.repeat_interleave(rows, dim=0)),
-        "return_timestamps": True,
-        "force_unique_generate_call": True,
-        "max_new_tokens": options.token_budget(len(request.clip) / d.SAMPLE_RATE),
-        "logits_processor": LogitsProcessorList([seen(recorder)]),
-        "stopping_criteria": StoppingCriteriaList([picked(recorder)]),
-    }
-    if temperature > 0:
-        kwargs |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_beams": 1}
-    else:
-        kwargs |= {"do_sample": False, "num_beams": 1}
-    if whisper.multilingual:
-        kwargs |= {"language": [s.language for s in states for _ in range(rows)], "task": request.task}
-    if prompt:
-        kwargs["prompt_ids"] = torch.tensor(prompt, device=whisper.device)
-    frames = torch.tensor([min(len(s.request.clip) // d.HOP_LENGTH, d.N_FRAMES) for s in states for _ in range(rows)])
-    kwargs["attention_mask"] = (torch.arange(d.N_FRAMES)[None, :] < frames[:, None]).long().to(whisper.device)
+    kwargs, recorder, rows, _ = d.generate_inputs(whisper, states, options)
     if request.word_timestamps:
         kwargs["return_token_timestamps"] = True
     attn = whisper.model.config._attn_implementation

@@ -413,8 +413,10 @@ def _features(whisper: WhisperModel, clips: Sequence[np.ndarray]):
     return out.input_features.to(whisper.device, whisper.dtype)
 
 
-def _decode_chunk(whisper: WhisperModel, states: Sequence[_State], options: DecodeOptions) -> list[_Candidate]:
-    """One generate() call for compatible pieces (same task, prompt, word flag, temperature)."""
+def generate_inputs(whisper: WhisperModel, states: Sequence[_State],
+                    options: DecodeOptions) -> tuple[dict[str, Any], _TokenScores, int, list[int]]:  # fmt: skip
+    """What one generate() call for ``states`` takes (their encoder output, first step and language
+    included): its kwargs, the recorder of picked tokens, rows per piece, each piece's mel frames."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.modeling_outputs import BaseModelOutput
@@ -458,6 +460,15 @@ def _decode_chunk(whisper: WhisperModel, states: Sequence[_State], options: Deco
     mel_frames = [min(len(s.request.clip) // HOP_LENGTH, N_FRAMES) for s in states]
     frames = torch.tensor([f for f in mel_frames for _ in range(rows)])
     kwargs["attention_mask"] = (torch.arange(N_FRAMES)[None, :] < frames[:, None]).long().to(whisper.device)
+    return kwargs, recorder, rows, mel_frames
+
+
+def _decode_chunk(whisper: WhisperModel, states: Sequence[_State], options: DecodeOptions) -> list[_Candidate]:
+    """One generate() call for compatible pieces (same task, prompt, word flag, temperature)."""
+    import torch
+
+    request, temperature = states[0].request, states[0].temperature
+    kwargs, recorder, rows, mel_frames = generate_inputs(whisper, states, options)
     # No return_token_timestamps: it keeps every step's cross-attention of every row (see ifw.runner.alignment).
     with torch.inference_mode(), _seeded(whisper.device, temperature > 0, options.sampling_seed):
         whisper.model.generate(**kwargs)
@@ -474,6 +485,7 @@ def _decode_chunk(whisper: WhisperModel, states: Sequence[_State], options: Deco
         candidates.append(samples[best])
         kept_rows.append(p * rows + best)
     if request.word_timestamps:
+        encoded = torch.stack([s.encoded for s in states])  # kept on the states by generate_inputs
         _align(whisper, states, candidates, recorder.ids[kept_rows, :prefix].tolist(), mel_frames, encoded, options)
     return candidates
 
