@@ -209,7 +209,9 @@ def _exercise(stack: LocalStack, custom: client.CustomObjectsApi, origin: Origin
 
         # 4. sync, audio that is not there: the runner fails the job
         failed = http.post("/", json={"url": f"{base}/missing.wav", "managed_task_id": "missing-audio"})
-        assert failed.status_code != 200, failed.text
+        # a 4xx, or (a runner slower than the 30 s keep-alive on a loaded machine) a 200 already started
+        # with spaces whose JSON body is the error: both are the gateway's documented failed answers
+        assert failed.status_code != 200 or failed.json()["status"] == "error", failed.text
         status = http.get("/status/missing-audio").json()
         assert status["status"] == "error", status
     tj = custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
