@@ -101,13 +101,11 @@ class TranscriptionJobs:
 
     def list(self, namespace: str | None = None, **kwargs: Any) -> Any:
         """One namespace's jobs, or every namespace's (``None``); with ``watch=True`` the raw stream."""
+        fn, where = (self.custom.list_cluster_custom_object, ()) if namespace is None else \
+            (self.custom.list_namespaced_custom_object, (namespace,))
         if kwargs.get("watch"):  # a stream: the caller reads it line by line
-            if namespace is None:
-                return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-            return self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
-        if namespace is None:
-            return self._call(self.custom.list_cluster_custom_object, PLURAL, **kwargs)
-        return self._call(self.custom.list_namespaced_custom_object, namespace, PLURAL, **kwargs)
+            return fn(GROUP, VERSION, *where, PLURAL, **kwargs)
+        return self._call(fn, *where, PLURAL, **kwargs)
 
     def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call(self.custom.create_namespaced_custom_object, namespace, PLURAL, body)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from ifw.local.control_plane import ControlPlane
+from ifw.local.control_plane import ControlPlane, die_with_parent
 from ifw.local.stack import LocalStack, _free_port
 from tests.cluster.origin import Origin
 from tests.helm.test_dashboard import panel_queries
@@ -79,6 +79,7 @@ def test_a_real_prometheus_scraping_the_local_stack_returns_data_for_every_panel
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # a killed pytest leaves no Prometheus behind
             )
 
             def all_up() -> bool:
