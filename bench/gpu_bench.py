@@ -455,6 +455,18 @@ def append_row(path: Path, row: dict) -> None:
 _running: list[subprocess.Popen] = []
 
 
+def _die_with_parent():
+    """local/control_plane.py's preexec_fn (stdlib only, so loaded by path even where ifw's other
+    dependencies are missing): a child in its own session still ends when this process is SIGKILLed."""
+    spec = importlib.util.spec_from_file_location("_ifw_control_plane", ROOT / "local" / "control_plane.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.die_with_parent
+
+
+die_with_parent = _die_with_parent()
+
+
 def _kill(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -491,8 +503,10 @@ def run_group(group: Group, args, jsonl: Path, log: Path, deadline: float) -> No
             err.flush()
             start = err.tell()
             # its own process group: a timeout also ends what it started (torch.compile's workers)
+            # (and PR_SET_PDEATHSIG: a SIGKILLed parent cannot end it, so the kernel does)
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                                    stdout=err, stderr=err, env=child_env(), cwd=ROOT, start_new_session=True)  # fmt: skip
+                                    stdout=err, stderr=err, env=child_env(), cwd=ROOT, start_new_session=True,
+                                    preexec_fn=die_with_parent)  # fmt: skip
             _running.append(proc)
             try:
                 rc = proc.wait(timeout=timeout)
