@@ -126,11 +126,13 @@ class Decision:
 
 
 def derive(tj: Mapping[str, Any], pool: Mapping[str, PoolWorker], *, now: datetime,
-           ack_seconds: float = 30.0) -> Decision:  # fmt: skip
+           ack_seconds: float = 0.0) -> Decision:  # fmt: skip
     """The state of a non-terminal pool job, from its assignment, the worker's report and its Lease.
 
     ``ack_seconds``: how long a worker may take to report that it started an attempt before the
-    job is taken back and assigned again (a worker that missed the assignment never reports)."""
+    job is taken back and assigned again (a worker that missed the assignment never reports); 0, the
+    default, never takes it back. The operator passes its setting (PoolSettings.ack_seconds), the one
+    place its default is written."""
     spec, status = tj.get("spec") or {}, tj.get("status") or {}
     assignment = status.get("assignment") or {}
     worker_name, attempt = assignment.get("worker"), assignment.get("attempt") or 0
