@@ -348,14 +348,7 @@ def child(spec: dict) -> None:
     base["init_s"] = round(time.perf_counter() - t0, 3)
     base["params_m"] = round(sum(p.numel() for p in whisper.model.parameters()) / 1e6, 1)
     gc = whisper.model.generation_config
-    if group.cache != "dynamic":
-        gc.cache_implementation = "static"
-        gc.disable_compile = group.cache == "static"  # generate() compiles the forward itself on CUDA
-        if group.cache == "compile" and not cuda:
-            from transformers import CompileConfig
-
-            gc.compile_config = CompileConfig()
-            gc.compile_config._compile_all_devices = True
+    models.use_decoder_cache(whisper, group.cache)  # IFW_DECODER_CACHE's settings, as the runner applies them
     # Fixed work per piece: exactly `tokens` tokens, then the end token (forced: the weights are
     # random); guards that would reject it off, one temperature (no fallback decodes), no loop scan.
     gc.forced_eos_token_id = whisper.eot

@@ -11,7 +11,8 @@ spoken, and peak RSS.
     .venv/bin/python -m bench.runner_cpu --quick   # ~20 s of audio, ifw vs the original's call (CI)
 
 Systems:
-- ifw: ifw.runner.pipeline.run (ffmpeg decode, Silero VAD pieces, batched generate)
+- ifw: ifw.runner.pipeline.run (ffmpeg decode, Silero VAD pieces, batched generate); ifw-static:
+  the same with IFW_DECODER_CACHE=static (`--systems ifw,ifw-static` compares the two)
 - original: pipeline("automatic-speech-recognition", model=...)(file, chunk_length_s=30,
   batch_size=..., return_timestamps=True), as the Insanely Fast Whisper API calls it
 - faster-whisper: BatchedInferencePipeline on the packaged CTranslate2 files (int8, as on CPU),
@@ -23,6 +24,7 @@ bench/quality_asr.py reuses these systems on real speech.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -54,13 +56,14 @@ def make_audio(dest: Path, min_seconds: float = 180.0):
 # Each loader loads its model (timed as load) and returns transcribe(path) -> (text, segments, extra).
 
 
-def load_ifw(model: str, batch_size: int):
+def load_ifw(model: str, batch_size: int, decoder_cache: str | None = None):
     from ifw.crds.transcriptionjob import AudioSource, TranscriptionJobSpec
     from ifw.runner import decoding, models, pipeline, vad
     from ifw.runner.config import RunnerSettings
 
     # IFW_CPU_INT8, IFW_CONDITION_ON_PREVIOUS and the like come from the environment
-    settings = RunnerSettings(default_model=model, device="cpu", cpu_threads=int(os.environ["OMP_NUM_THREADS"]))
+    settings = RunnerSettings(default_model=model, device="cpu", cpu_threads=int(os.environ["OMP_NUM_THREADS"]),
+                              **({"decoder_cache": decoder_cache} if decoder_cache else {}))  # fmt: skip
     models.load_model(model, settings)
     vad._silero()
 
@@ -137,6 +140,8 @@ def load_faster_whisper_greedy(model: str, batch_size: int):
 
 SYSTEMS = {
     "ifw": load_ifw,
+    # IFW_DECODER_CACHE=static (compile is left to bench/gpu_bench.py: on CPU its warm-up takes minutes)
+    "ifw-static": functools.partial(load_ifw, decoder_cache="static"),
     "original": load_original,
     "faster-whisper": load_faster_whisper,
     "faster-whisper-greedy": load_faster_whisper_greedy,

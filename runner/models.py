@@ -53,6 +53,7 @@ class WhisperModel:
     dtype: torch.dtype
     int8: bool = False  # Linear layers dynamically quantized (CPU)
     attention: str = "sdpa"  # the attn_implementation proven to run at load
+    decoder_cache: str = "dynamic"  # RunnerSettings.decoder_cache, as set by use_decoder_cache
 
     @property
     def dtype_name(self) -> str:
@@ -170,7 +171,7 @@ def load_model(name: str, settings: RunnerSettings) -> WhisperModel:
     dtype = select_dtype(settings, device)
     source = resolve_model(name, settings)
     int8 = device.type == "cpu" and settings.cpu_int8 and dtype == torch.float32
-    key = (source, str(device), str(dtype), int8, settings.attention)
+    key = (source, str(device), str(dtype), int8, settings.attention, settings.decoder_cache)
     with _models_lock:
         if key in _models:
             return _models[key]
@@ -195,13 +196,35 @@ def load_model(name: str, settings: RunnerSettings) -> WhisperModel:
         _keep_suppression_masks(model)
         whisper = WhisperModel(name, source, model, processor, device, dtype, int8)
         whisper.attention = choose_attention(whisper, order)
+        use_decoder_cache(whisper, settings.decoder_cache)
         seconds = time.monotonic() - started
         MODEL_INFO.labels(name, device.type, whisper.dtype_name, whisper.attention).set(1)
         MODEL_LOAD_SECONDS.labels(name).set(seconds)
-        log.info("loaded %s from %s in %.1f s: device %s, dtype %s, attention %s, %d torch threads",
-                 name, source, seconds, _describe_device(device), whisper.dtype_name, whisper.attention, threads)  # fmt: skip
+        log.info("loaded %s from %s in %.1f s: device %s, dtype %s, attention %s, %s decoder cache, %d torch threads",
+                 name, source, seconds, _describe_device(device), whisper.dtype_name, whisper.attention,
+                 whisper.decoder_cache, threads)  # fmt: skip
         _models[key] = whisper
         return whisper
+
+
+def use_decoder_cache(whisper: WhisperModel, cache: str) -> None:
+    """Set the KV cache generate() decodes with (RunnerSettings.decoder_cache).
+
+    static: transformers allocates the cache once per generate() call at its token budget instead of
+    growing it every step; compile: also torch.compile the decoder step (generate() does it itself on
+    CUDA, and replays CUDA graphs; on CPU it has to be asked for). Each new batch shape compiles again."""
+    gc = whisper.model.generation_config
+    whisper.decoder_cache = cache
+    if cache == "dynamic":
+        gc.cache_implementation = None
+        return
+    gc.cache_implementation = "static"
+    gc.disable_compile = cache == "static"
+    if cache == "compile" and whisper.device.type != "cuda":
+        from transformers import CompileConfig
+
+        gc.compile_config = CompileConfig()
+        gc.compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
 
 
 def _describe_device(device: torch.device) -> str:

@@ -118,6 +118,19 @@ def test_only_the_pieces_that_fail_are_decoded_again(harvard, wer):
     assert wer(" ".join([sentence.text] * 3), repeated.text) <= 0.1, repeated.text
 
 
+@pytest.mark.model
+def test_sampled_fallbacks_decode_as_many_pieces_per_call_as_greedy_ones(harvard):
+    """best_of samples per piece do not shrink a fallback call to batch_size // best_of pieces: on a
+    GPU a decoder step costs nearly the same for batch_size rows as for five times as many."""
+    whisper = model("tiny.en")
+    once = read_wav(next(s for s in harvard if s.path.stem == "spk1_snt1").path)
+    looping = [np.concatenate([once] * 3)] * 3  # each fails the repetition check when greedy
+    stats = decoding.DecodeStats()
+    results = decoding.decode_pieces(whisper, [decoding.PieceRequest(c) for c in looping], batch_size=3, stats=stats)
+    assert stats.pieces[:2] == [3, 3] and stats.rows[:2] == [3, 3 * OPTIONS.best_of]
+    assert all(r.attempts >= 2 for r in results)
+
+
 def test_loop_detection_compression_and_temperatures():
     is_looping = functools.partial(decoding.is_looping, min_tokens=OPTIONS.loop_min_tokens)
     assert is_looping([7] * 20) and not is_looping([7] * 19)

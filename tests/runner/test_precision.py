@@ -73,6 +73,16 @@ def test_half_precision_on_real_speech_matches_float32(conversation, float32_run
     assert t.dropped_pieces == 0 and t.text_seconds == pytest.approx(ref.text_seconds, abs=0.1)
 
 
+def test_a_static_decoder_cache_decodes_real_speech_as_the_dynamic_one(conversation, float32_run):
+    """IFW_DECODER_CACHE=static: transformers' StaticCache in every generate() call, the same tokens."""
+    whisper = models.load_model("tiny.en", settings(decoder_cache="static"))
+    assert whisper.decoder_cache == "static" and whisper.model.generation_config.cache_implementation == "static"
+    t = asr.transcribe(conversation.audio(), whisper, batch_size=8)
+    assert [(s.start, s.end, s.text) for s in t.segments] == [(s.start, s.end, s.text) for s in float32_run.segments]
+    with pytest.raises(ValidationError, match="decoder_cache"):
+        settings(decoder_cache="paged")
+
+
 # ------------------------------------------------------------ (b) the attention, proven at load
 
 
