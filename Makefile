@@ -26,6 +26,7 @@ bench: setup
 	$(PY) -m bench.control_plane --rate 30
 	$(PY) -m bench.gateway
 	$(PY) -m bench.pool --repeats 3 --clips 16 --skip-job-burst
+	$(PY) -m bench.fanout --minutes 60 --shards 1,2,4
 
 # Every benchmark's --quick form, as CI runs them (tests/bench/test_benchmarks_run.py): minutes.
 bench-quick: setup

@@ -101,6 +101,7 @@ class Reason(StrEnum):
     # What the runner reports for input no retry can fix.
     AudioFetchFailed = "AudioFetchFailed", _BAD_INPUT  # a 5xx or a timeout of the host is retried (errors.py)
     InvalidAudio = "InvalidAudio", _BAD_INPUT
+    NotMultichannel = "NotMultichannel", _BAD_INPUT  # spec.multichannel on a mono file
     AudioTooLarge = "AudioTooLarge", _Meaning(bad_input=True, http_status=413)
     InvalidSpec = "InvalidSpec", _BAD_INPUT
     ModelLoadFailed = "ModelLoadFailed", _BAD_INPUT  # an unreachable hub is retried (errors.py)
@@ -119,6 +120,8 @@ class Reason(StrEnum):
     HandedBack = "HandedBack"
     ModelNotServed = "ModelNotServed", _Meaning(needs_own_job=True)
     AudioTooLongForPool = "AudioTooLongForPool", _Meaning(needs_own_job=True)
+    # spec.parallelism Auto and audio over the operator's threshold: run it again as shards (one Indexed Job).
+    ShardingRequired = "ShardingRequired", _Meaning(needs_own_job=True)
     # The operator's own verdicts.
     DeadlineExceeded = "DeadlineExceeded"
     StartupDeadlineExceeded = "StartupDeadlineExceeded"
@@ -127,6 +130,7 @@ class Reason(StrEnum):
     JobDeleted = "JobDeleted"
     JobCreateFailed = "JobCreateFailed"
     JobFailed = "JobFailed"
+    ShardMergeFailed = "ShardMergeFailed"  # a sharded job's partial results disagree (the operator's merge)
 
 
 def http_status_for_reason(reason: str | None) -> int:

@@ -6,7 +6,11 @@
   unchanged (leading spaces included), so "".join(chunk texts) rebuilds the text. When
   diarization ran, `speakers` has one entry per chunk (the original's
   group_by_speaker=False shape, so clients zip chunks with speakers) and `speaker_turns`
-  the merged turns.
+  the merged turns. With word chunks, `word_probabilities` has each word's probability, one
+  per chunk in chunk order (beside the chunks, not inside them: the chunk objects keep the
+  original's two keys, so no client that reads them can break).
+- verbose_json adds each segment's `language` and each word's `probability`; diarized_json
+  each segment's `language` (extension fields: OpenAI's SDK types keep unknown fields).
 - text, srt, vtt: plain text and subtitles (speaker names as a prefix / a <v> tag).
 - verbose_json, openai json, diarized_json: OpenAI's /v1/audio/transcriptions shapes.
 
@@ -68,16 +72,26 @@ def _units(transcript: Transcript) -> list[tuple[Segment | Word, str | None]]:
     return [(seg, seg.speaker) for seg in transcript.segments]
 
 
+def _channel(unit: Any) -> dict[str, int]:
+    """Multichannel jobs: {"channel": n} on the original's speaker entries (ifw's), else nothing."""
+    channel = getattr(unit, "channel", None)
+    return {} if channel is None else {"channel": channel}
+
+
 def to_original_json(transcript: Transcript) -> dict[str, Any]:
     """The original API's `output`."""
     units = _units(transcript)
     chunks = [{"timestamp": [_t(u.start), _t(u.end)], "text": u.text} for u, _ in units]
     output: dict[str, Any] = {"text": transcript.text, "chunks": chunks}
+    if transcript.timestamp == "word" and units:
+        # Beside the chunks, zipped with them as `speakers` is: the chunks stay as the original's.
+        output["word_probabilities"] = [getattr(u, "probability", None) for u, _ in units]
     if transcript.speakers is not None:
         # One entry per chunk, in chunk order: speaker is null only when diarization found no one at all.
-        output["speakers"] = [{"speaker": speaker, **chunk} for chunk, (_, speaker) in zip(chunks, units, strict=True)]
+        output["speakers"] = [{"speaker": speaker, **chunk} | _channel(unit)
+                              for chunk, (unit, speaker) in zip(chunks, units, strict=True)]  # fmt: skip
         output["speaker_turns"] = [
-            {"speaker": turn.speaker, "timestamp": [_t(turn.start), _t(turn.end)], "text": turn.text}
+            {"speaker": turn.speaker, "timestamp": [_t(turn.start), _t(turn.end)], "text": turn.text} | _channel(turn)
             for turn in transcript.speakers
         ]
     return output
@@ -131,6 +145,11 @@ def _avg_logprob(seg: Segment) -> float:
     return 0.0  # not measured: OpenAI's type, a neutral value
 
 
+def _language_name(code: str | None) -> str | None:
+    """OpenAI reports a language by name ("english"); unknown codes stay as they are."""
+    return WHISPER_LANGUAGES.get(code or "", code)
+
+
 def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
     """OpenAI's verbose_json, with the scores the runner stored for each segment; a score it
     did not store keeps OpenAI's type with a neutral value so strict clients still parse it."""
@@ -152,11 +171,15 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
         }
         if seg.speaker is not None:
             item["speaker"] = seg.speaker
+        if seg.language is not None:  # the piece's own language (code-switching): named as the top level's
+            item["language"] = _language_name(seg.language)
+        if seg.channel is not None:  # multichannel jobs: the audio channel it was said on
+            item["channel"] = seg.channel
         segments.append(item)
     out: dict[str, Any] = {
         "task": transcript.task,
         # OpenAI reports the language by name ("english"); keep unknown codes as they are.
-        "language": WHISPER_LANGUAGES.get(transcript.language or "", transcript.language),
+        "language": _language_name(transcript.language),
         "duration": _t(transcript.duration),
         "text": openai_text(transcript),
         "segments": segments,
@@ -166,7 +189,9 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
         out["words"] = [
             # OpenAI's words carry no leading space.
             {"word": w.text.strip(), "start": _t(w.start), "end": _t(w.end)}
+            | ({"probability": w.probability} if w.probability is not None else {})
             | ({"speaker": w.speaker} if w.speaker is not None else {})
+            | ({"channel": w.channel} if w.channel is not None else {})
             for w in words
         ]
     out["usage"] = usage(transcript)
@@ -176,24 +201,25 @@ def to_verbose_json(transcript: Transcript) -> dict[str, Any]:
 UNKNOWN_SPEAKER = "unknown"
 
 
-def _speaker_pieces(transcript: Transcript) -> list[tuple[float, float, str, str | None]]:
-    """(start, end, text, speaker) per segment; a segment whose words have several speakers
-    is cut where the speaker changes."""
+def _speaker_pieces(transcript: Transcript) -> list[tuple[float, float, str, str | None, str | None]]:
+    """(start, end, text, speaker, language) per segment; a segment whose words have several
+    speakers is cut where the speaker changes."""
     pieces = []
     for seg in transcript.segments:
         words = seg.words or []
         if not words or len({w.speaker or seg.speaker for w in words}) <= 1:
-            pieces.append((seg.start, seg.end, seg.text, seg.speaker or (words[0].speaker if words else None)))
+            pieces.append((seg.start, seg.end, seg.text, seg.speaker or (words[0].speaker if words else None),
+                           seg.language))  # fmt: skip
             continue
         run: list[Word] = []
         for word in words:
             if run and (word.speaker or seg.speaker) != (run[-1].speaker or seg.speaker):
                 pieces.append((run[0].start, run[-1].end, join_texts([w.text for w in run], transcript.language),
-                               run[0].speaker or seg.speaker))  # fmt: skip
+                               run[0].speaker or seg.speaker, seg.language))  # fmt: skip
                 run = []
             run.append(word)
         pieces.append((run[0].start, run[-1].end, join_texts([w.text for w in run], transcript.language),
-                       run[0].speaker or seg.speaker))  # fmt: skip
+                       run[0].speaker or seg.speaker, seg.language))  # fmt: skip
     return pieces
 
 
@@ -210,7 +236,8 @@ def to_diarized_segments(transcript: Transcript) -> list[dict[str, Any]]:
             "end": _t(end),
             "text": text,
         }
-        for i, (start, end, text, speaker) in enumerate(_speaker_pieces(transcript))
+        | ({"language": _language_name(language)} if language else {})
+        for i, (start, end, text, speaker, language) in enumerate(_speaker_pieces(transcript))
     ]
 
 

@@ -28,6 +28,20 @@ class RunnerSettings(EnvNamed):
     # --- where it runs (downward API), reported as the transcript's processed_by ---
     pod_name: str | None = None
     node_name: str | None = None
+    # --- a shard of a sharded job (spec.parallelism; set by the operator on its Indexed Job) ---
+    shard_count: int | None = Field(None, ge=1, description="Shards the job runs as; set: this pod runs one of them.")
+    shard_index: int | None = Field(
+        None, ge=0, validation_alias=AliasChoices("IFW_SHARD_INDEX", "JOB_COMPLETION_INDEX"),
+        description="Which shard: the Indexed Job's completion index (JOB_COMPLETION_INDEX, set by Kubernetes).",
+    )
+    # What spec.parallelism Auto means (the operator's sharding settings, rendered into the runner's env).
+    shard_auto_above_seconds: float = Field(
+        1800, gt=0, description="Auto: audio longer than this is handed back to run as shards."
+    )
+    shard_min_seconds: float = Field(
+        300, gt=30, description="Every shard gets at least this much audio (more than the 30 s searched for a cut)."
+    )
+    shard_max_count: int = Field(8, ge=1, le=64, description="Auto: at most this many shards.")
 
     # --- models ---
     default_model: str = Field(DEFAULT_MODEL, description="Used when spec.model is absent.")
@@ -45,6 +59,11 @@ class RunnerSettings(EnvNamed):
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         "auto", description="Whisper's attention; auto is sdpa (PyTorch's own flash kernels on sm80+ GPUs). "
         "Proven at load by a forward pass: one that fails falls back flash_attention_2 -> sdpa -> eager.",
+    )
+    decoder_cache: Literal["dynamic", "static", "compile"] = Field(
+        "dynamic", description="The decoder's KV cache: dynamic grows per step (transformers' default); static "
+        "is allocated once per call at the token budget; compile adds torch.compile of the decoder step "
+        "(CUDA graphs on a GPU), which pays a warm-up of minutes per new batch shape (bench/decoder_cache.py).",
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: the cores we may use.")
     cpu_int8: bool = Field(

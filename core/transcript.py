@@ -17,6 +17,7 @@ class Word(BaseModel):
     text: str  # as Whisper wrote it, leading space included (" Hello")
     speaker: str | None = None
     probability: float | None = Field(None, description="Mean token probability of the word, 0-1.")
+    channel: int | None = Field(None, ge=0, description="Multichannel jobs: the audio channel (0 = first) it was said on.")
 
 
 class Segment(BaseModel):
@@ -25,6 +26,7 @@ class Segment(BaseModel):
     text: str  # as Whisper wrote it, leading space included
     speaker: str | None = None
     words: list[Word] | None = Field(None, description="Present when word timestamps were asked for.")
+    channel: int | None = Field(None, ge=0, description="Multichannel jobs: the audio channel (0 = first) it was said on.")
     # Whisper's own quality measures of the decode that produced the segment (OpenAI verbose_json).
     language: str | None = Field(None, description="Language of the piece the segment came from.")
     tokens: list[int] | None = Field(None, description="Text token ids of the segment.")
@@ -42,6 +44,18 @@ class SpeakerTurn(BaseModel):
     start: float
     end: float
     text: str
+    channel: int | None = Field(None, ge=0, description="Multichannel jobs: the audio channel of the turn.")
+
+
+class ShardRunner(BaseModel):
+    """Who transcribed one shard of a sharded job (ifw.core.shards), and which stretch of the file."""
+
+    index: int
+    start: float
+    end: float
+    pod: str | None = None
+    node: str | None = None
+    runtime: Literal["Pool", "Job", "Local"] | None = None
 
 
 class ProcessedBy(BaseModel):
@@ -54,6 +68,8 @@ class ProcessedBy(BaseModel):
     device: str | None = Field(None, description="cuda or cpu.")
     dtype: str | None = Field(None, description="float32, float16, bfloat16, or int8 (int8 Linear layers on CPU).")
     attention: str | None = Field(None, description="The attention implementation: flash_attention_2, sdpa or eager.")
+    # Only on a sharded job's merged transcript: every runner and the stretch it did, in time order.
+    runners: list[ShardRunner] | None = Field(None, description="The runners of a sharded job, one per shard.")
 
 
 class Transcript(BaseModel):

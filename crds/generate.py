@@ -28,6 +28,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if "$ref" in node:
         target = defs[node.pop("$ref").rsplit("/", 1)[1]]
         node = {**target, **node}
+    if node.get("x-kubernetes-int-or-string"):
+        # int | "Auto": a structural schema allows no other branches here; the field's CEL rule bounds it.
+        node.pop("anyOf", None)
     if "anyOf" in node:
         variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
         if len(variants) != 1:
@@ -79,7 +82,8 @@ def model_schema(model: type[tj.BaseModel]) -> dict[str, Any]:
 def crd_manifest() -> dict[str, Any]:
     spec = model_schema(tj.TranscriptionJobSpec)
     spec["description"] = "What to transcribe and how. Immutable after creation except suspend and ttlSecondsAfterFinished."
-    spec["x-kubernetes-validations"] = _immutability_rules(spec)
+    # The spec's own rules (fields that exclude each other), then one immutability rule per field.
+    spec["x-kubernetes-validations"] = spec.get("x-kubernetes-validations", []) + _immutability_rules(spec)
     status = model_schema(tj.TranscriptionJobStatus)
     status["description"] = "What the operator and the runner observed. Written only through the status subresource."
     return {

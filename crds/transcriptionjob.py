@@ -12,10 +12,11 @@ tests send the same invalid manifests to both and expect both to refuse.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from ifw.core.languages import WHISPER_LANGUAGES
@@ -31,6 +32,17 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 MAX_PROGRESS_TEXT = 16384  # characters: status stays small, every watcher receives each write
 MAX_PROMPT_LENGTH = 2000  # characters; Whisper itself keeps the last 224 tokens of a prompt
+# Hotwords (key terms): Deepgram's keyterm takes up to 100; the runner keeps them whole before the
+# prompt, inside Whisper's 223-token prompt budget (the prompt gets what is left).
+MAX_HOTWORDS = 100
+MAX_HOTWORD_LENGTH = 100  # characters per term
+HOTWORD_SPECIAL = r"<\|[^|]*\|>"  # Whisper's special tokens (<|en|>) cannot be prompted
+# Voice activity detection (OpenAI's server_vad names), the bounds every entry point applies.
+VAD_DEFAULT_THRESHOLD = 0.5  # Silero's speech probability
+VAD_DEFAULT_PREFIX_PADDING_MS = 200  # kept before (and after) each stretch of speech
+VAD_DEFAULT_SILENCE_DURATION_MS = 500  # pauses shorter than this stay inside a stretch of speech
+VAD_MAX_PREFIX_PADDING_MS = 2000
+VAD_MAX_SILENCE_DURATION_MS = 10000
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 # A password in a URL would sit in the spec (readable by anyone who may read the job) and in logs.
 NO_CREDENTIALS_CEL = "!self.matches('^https?://[^/?#]*@')"
@@ -46,6 +58,12 @@ ResultFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 
 # Spec fields a user may change after creation; every other one is immutable.
 MUTABLE_SPEC_FIELDS = frozenset({"suspend", "ttlSecondsAfterFinished"})
+
+SHARDS_EXCLUDE = "parallelism above 1 cannot be combined with multichannel or diarization.knownSpeakers"
+MAX_SHARDS = 64  # spec.parallelism's upper bound: one Indexed Job's pods, one status map's keys
+PARALLELISM_AUTO = "Auto"
+# An int-or-string field: CEL sees its dynamic type (a structural schema cannot bound each branch).
+PARALLELISM_CEL = f"type(self) == string ? self == 'Auto' : (self >= 1 && self <= {MAX_SHARDS})"
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -90,6 +108,59 @@ class SecretReference(_Model):
     )
 
 
+# Known speakers (OpenAI's known_speaker_names[] / known_speaker_references[]; OpenAI takes up to 4).
+MAX_KNOWN_SPEAKERS = 8
+MAX_SPEAKER_NAME_LENGTH = 64
+# A known name may not look like a label the runner gives (SPEAKER_00, CHANNEL_0): it would be ambiguous.
+RESERVED_SPEAKER_NAME = r"^(SPEAKER|CHANNEL)_[0-9]+$"
+# Multichannel: each channel transcribed as its own speaker, at most this many channels.
+MAX_CHANNELS = 8
+
+
+def check_speaker_name(value: str, field: str) -> str:
+    """A name as transcripts show it: one line, no control characters, not a runner's own label."""
+    if value != value.strip() or not value:
+        raise ValueError(f"{field} must not be blank or start or end with whitespace")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field} must not contain control characters")
+    if re.match(RESERVED_SPEAKER_NAME, value):
+        raise ValueError(f"{field} {value!r} looks like a label the runner gives (SPEAKER_00, CHANNEL_0): choose another")
+    return value
+
+
+def check_known_speaker_names(names: list[str], field: str) -> None:
+    seen = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"{field}[{i}] {name!r} is given twice: each known speaker needs its own name")
+        seen.add(name)
+
+
+class KnownSpeaker(_Model):
+    """A person to recognise: their name, and a short clip of their voice (2-10 s of them speaking)."""
+
+    name: str = Field(
+        description="How the transcript names this person where a diarized speaker (or a channel) matches "
+        "the reference (e.g. agent, Alice). Not SPEAKER_NN or CHANNEL_N.",
+        min_length=1,
+        max_length=MAX_SPEAKER_NAME_LENGTH,
+        pattern=r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$",
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel("!self.matches('" + RESERVED_SPEAKER_NAME + "')",
+                 "must not look like a label the runner gives (SPEAKER_00, CHANNEL_0)"),
+        ]},  # fmt: skip
+    )
+    audio: AudioSource = Field(
+        description="The reference clip: 2-10 s of this person speaking, any format the main audio may have, "
+        "fetched like the main audio (http or https)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_speaker_name(value, "name")
+
+
 class Diarization(_Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -114,14 +185,62 @@ class Diarization(_Model):
     )
     min_speakers: int | None = Field(None, ge=1, le=64, description="Lower bound on the number of speakers.")
     max_speakers: int | None = Field(None, ge=1, le=64, description="Upper bound on the number of speakers.")
+    known_speakers: list[KnownSpeaker] | None = Field(
+        None,
+        max_length=MAX_KNOWN_SPEAKERS,
+        description="People to name in the transcript (OpenAI's known_speaker_names[] and "
+        "known_speaker_references[]): each found speaker (or, with multichannel, each channel) whose voice "
+        "matches a reference by the diarization's speaker embeddings takes its name; one name per speaker, "
+        "the closest match first, above a similarity threshold. Unmatched speakers keep SPEAKER_NN. Needs "
+        "enabled (or spec.multichannel).",
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel("self.all(a, self.exists_one(b, b.name == a.name))", "names must be unique"),
+        ]},  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _hints(self) -> Diarization:
+        if self.known_speakers:
+            check_known_speaker_names([k.name for k in self.known_speakers], "diarization.knownSpeakers")
         check_speaker_hints(
             self.num_speakers, self.min_speakers, self.max_speakers,
             names=("diarization.numSpeakers", "diarization.minSpeakers", "diarization.maxSpeakers"),
         )  # fmt: skip
         return self
+
+
+def check_hotwords(terms: list[str] | None, field: str) -> list[str] | None:
+    """Terms as Whisper can take them: no special tokens, no control characters, no blank term."""
+    if terms is None:
+        return None
+    for i, term in enumerate(terms):
+        if not term.strip():
+            raise ValueError(f"{field}[{i}] is blank")
+        if any(ord(c) < 32 or ord(c) == 127 for c in term):
+            raise ValueError(f"{field}[{i}] must not contain control characters")
+        if re.search(HOTWORD_SPECIAL, term):
+            raise ValueError(f"{field}[{i}] must not contain a Whisper special token such as <|en|>")
+    return terms
+
+
+Hotword = Annotated[str, StringConstraints(min_length=1, max_length=MAX_HOTWORD_LENGTH)]
+
+
+class Vad(_Model):
+    """How the audio is cut into pieces at pauses (OpenAI's server_vad settings, Silero's VAD)."""
+
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Speech probability above which a frame is speech (absent: "
+        f"{VAD_DEFAULT_THRESHOLD}); higher for noisy audio, lower for quiet speech.",
+    )
+    prefix_padding_ms: int | None = Field(
+        None, ge=0, le=VAD_MAX_PREFIX_PADDING_MS, description="Audio kept before and after each stretch of "
+        f"speech, in ms (absent: {VAD_DEFAULT_PREFIX_PADDING_MS}).",
+    )
+    silence_duration_ms: int | None = Field(
+        None, ge=0, le=VAD_MAX_SILENCE_DURATION_MS, description="Shortest pause that ends a stretch of speech, "
+        f"in ms (absent: {VAD_DEFAULT_SILENCE_DURATION_MS}); shorter pauses stay inside it. Lower for fast talkers.",
+    )
 
 
 class Webhook(_Model):
@@ -147,7 +266,32 @@ class Webhook(_Model):
 
 
 class TranscriptionJobSpec(_Model):
-    
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.multichannel) || !self.multichannel || !has(self.diarization) "
+                    "|| !has(self.diarization.enabled) || !self.diarization.enabled",
+                    "multichannel makes each channel a speaker: it cannot be combined with diarization.enabled",
+                    ".multichannel",
+                ),
+                _cel(
+                    "!has(self.parallelism) || type(self.parallelism) == string || self.parallelism <= 1 "
+                    "|| ((!has(self.multichannel) || !self.multichannel) "
+                    "&& (!has(self.diarization) || !has(self.diarization.knownSpeakers)))",
+                    SHARDS_EXCLUDE,
+                    ".parallelism",
+                ),
+                _cel(
+                    "!has(self.diarization) || !has(self.diarization.knownSpeakers) "
+                    "|| (has(self.diarization.enabled) && self.diarization.enabled) "
+                    "|| (has(self.multichannel) && self.multichannel)",
+                    "diarization.knownSpeakers needs diarization.enabled (or multichannel)",
+                    ".diarization",
+                ),
+            ]
+        }
+    )
 
     audio: AudioSource = Field(description="The audio to transcribe.")
     task: Task = Field("transcribe", description="transcribe keeps the spoken language; translate outputs English.")
@@ -185,10 +329,27 @@ class TranscriptionJobSpec(_Model):
         description="Sampling temperature of the first decode (absent: 0, greedy); pieces that fail "
         "Whisper's checks (repetition, low log-probability) are decoded again at higher temperatures, up to 1.",
     )
+    hotwords: list[Hotword] | None = Field(
+        None,
+        max_length=MAX_HOTWORDS,
+        description="Terms to prefer (names, jargon, spellings): placed before the prompt of every piece, "
+        "as faster-whisper's hotwords, and combinable with prompt.",
+        json_schema_extra={"x-kubernetes-validations": [
+            _cel("self.all(w, !w.matches('" + HOTWORD_SPECIAL.replace("\\", "\\\\") + "'))",
+                 "must not contain a Whisper special token such as <|en|>"),
+        ]},  # fmt: skip
+    )
+    vad: Vad | None = Field(None, description="Voice activity detection settings (absent: the defaults).")
     diarization: Diarization = Field(
         default_factory=Diarization,
         description="Speaker diarization settings.",
         json_schema_extra={"default": {}},
+    )
+    multichannel: bool = Field(
+        False,
+        description="Transcribe each audio channel on its own, the channel as the speaker (CHANNEL_0, ... or a "
+        "known speaker's name), merged in time order (AssemblyAI's and Deepgram's multichannel). The audio "
+        f"must have 2-{MAX_CHANNELS} channels: a mono file fails with NotMultichannel. Excludes diarization.enabled.",
     )
     webhook: Webhook | None = Field(None, description="Where to report completion, failure or cancellation.")
     suspend: bool = Field(
@@ -216,6 +377,46 @@ class TranscriptionJobSpec(_Model):
         max_length=63,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
     )
+    parallelism: int | Literal["Auto"] | None = Field(
+        None,
+        description="Shards of the audio transcribed at once, each by its own runner, merged into one "
+        "transcript: an integer 1-64, or Auto (shard only audio longer than the operator's threshold). "
+        "Absent: 1. More than 1 (or Auto on long audio) runs the job as one Indexed Job.",
+        json_schema_extra={"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [
+            _cel(PARALLELISM_CEL, "must be an integer from 1 to 64, or Auto"),
+        ]},  # fmt: skip
+    )
+
+    @field_validator("parallelism")
+    @classmethod
+    def _parallelism(cls, value: int | str | None, info: ValidationInfo) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= MAX_SHARDS:
+            raise ValueError(f"parallelism must be from 1 to {MAX_SHARDS}, or Auto")
+        # multichannel and diarization come before parallelism, so they are validated already
+        diarization = info.data.get("diarization")
+        if isinstance(value, int) and value > 1 and (
+                info.data.get("multichannel") or (diarization is not None and diarization.known_speakers)):
+            raise ValueError(SHARDS_EXCLUDE)
+        return value
+
+    @field_validator("hotwords")
+    @classmethod
+    def _hotwords(cls, value: list[str] | None) -> list[str] | None:
+        return check_hotwords(value, "hotwords")
+
+    @model_validator(mode="after")
+    def _channels_and_speakers(self) -> TranscriptionJobSpec:
+        if self.multichannel and self.diarization.enabled:
+            raise ValueError("multichannel makes each channel a speaker: it cannot be combined with diarization.enabled")
+        if self.diarization.known_speakers and not (self.diarization.enabled or self.multichannel):
+            raise ValueError("diarization.knownSpeakers needs diarization.enabled (or multichannel)")
+        return self
+
+    @property
+    def shardable(self) -> bool:
+        """Whether the audio may be cut into shards: channels and known names are decided over the whole
+        file (an Auto job with them always runs whole)."""
+        return not (self.multichannel or self.diarization.known_speakers)
 
     @field_validator("language")
     @classmethod
@@ -313,6 +514,38 @@ class Execution(_Model):
     finish_time: datetime | None = Field(None, description="When the attempt ended.")
 
 
+ShardState = Literal["Running", "Succeeded", "Failed", "Unused"]
+
+
+class ShardStatus(_Model):
+    """One shard's report, written by its runner (a merge patch of its own key only)."""
+
+    state: ShardState | None = Field(
+        None, description="Running; Succeeded (its partial result is stored); Failed; Unused (the audio was too "
+        "short for this many shards: nothing to do)."
+    )
+    processed_seconds: float | None = Field(None, ge=0, description="Seconds of its stretch transcribed so far.")
+    total_seconds: float | None = Field(None, ge=0, description="Seconds of audio in its stretch.")
+    start: float | None = Field(None, ge=0, description="Where its stretch starts, in seconds of the file.")
+    end: float | None = Field(None, ge=0, description="Where its stretch ends, in seconds of the file.")
+    pod: str | None = Field(None, description="The pod (or worker) that ran it.", max_length=253)
+    node: str | None = Field(None, description="The node it ran on.", max_length=253)
+    last_update_time: datetime | None = Field(None, description="When the shard last reported.")
+
+
+class Shards(_Model):
+    """How a sharded job is split and how far each shard got."""
+
+    count: int = Field(ge=1, le=MAX_SHARDS, description="How many shards the job runs as (the Indexed Job's completions).")
+    succeeded: int | None = Field(None, ge=0, description="Shards finished (written by the operator).")
+    items: dict[str, ShardStatus] = Field(
+        default_factory=dict,
+        description="Each shard's report, keyed by its index (\"0\", \"1\", ...): a map, so that the shards' "
+        "concurrent merge patches never overwrite each other.",
+        json_schema_extra={"maxProperties": MAX_SHARDS},
+    )
+
+
 class TranscriptionJobStatus(_Model):
     phase: Phase | None = Field(None, description="Summary of the conditions, for display.")
     conditions: list[Condition] = Field(
@@ -333,6 +566,10 @@ class TranscriptionJobStatus(_Model):
     progress: Progress | None = Field(None, description="Written by the runner while it works.")
     audio: AudioInfo | None = Field(None, description="Facts about the audio, written by the runner.")
     speakers: int | None = Field(None, ge=0, description="Speakers found by diarization.")
+    shards: Shards | None = Field(
+        None, description="A sharded job (spec.parallelism): the shard count, and each shard's progress. "
+        "status.progress is then the operator's sum over the shards."
+    )
     result: ResultRef | None = Field(None, description="Where the transcript is stored (never inline).")
     webhook: WebhookDelivery | None = Field(None, description="Webhook delivery state.")
     reason: str | None = Field(None, description="CamelCase reason of the current phase.", max_length=1024)
@@ -354,6 +591,7 @@ class TranscriptionJob(BaseModel):
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary of the conditions"},
     {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent done"},
+    {"name": "Shards", "type": "integer", "jsonPath": ".status.shards.count", "description": "Shards run in parallel"},
     {"name": "Language", "type": "string", "jsonPath": ".status.audio.language", "description": "Spoken language"},
     {"name": "Duration", "type": "number", "jsonPath": ".status.audio.durationSeconds", "description": "Audio seconds"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

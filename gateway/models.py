@@ -18,7 +18,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ifw.core.languages import normalize_language
 from ifw.core.validators import MAX_URL_LENGTH, check_http_url, check_speaker_hints
-from ifw.crds.transcriptionjob import MAX_PROMPT_LENGTH, Task, Timestamp
+from ifw.crds.transcriptionjob import (
+    MAX_CHANNELS,
+    MAX_HOTWORDS,
+    MAX_KNOWN_SPEAKERS,
+    MAX_PROMPT_LENGTH,
+    MAX_SHARDS,
+    MAX_SPEAKER_NAME_LENGTH,
+    SHARDS_EXCLUDE,
+    VAD_DEFAULT_PREFIX_PADDING_MS,
+    VAD_DEFAULT_SILENCE_DURATION_MS,
+    VAD_DEFAULT_THRESHOLD,
+    VAD_MAX_PREFIX_PADDING_MS,
+    VAD_MAX_SILENCE_DURATION_MS,
+    Hotword,
+    Task,
+    Timestamp,
+    check_hotwords,
+    check_known_speaker_names,
+    check_speaker_name,
+)
+from ifw.gateway.references import MAX_DATA_URL_LENGTH, check_reference
 from ifw.gateway.taskids import MAX_TASK_ID, check_task_id, refused_character
 
 # Webhook header names become Secret keys: both rules must hold.
@@ -83,6 +103,49 @@ class WebhookBody(BaseModel):
         return value
 
 
+class VadBody(BaseModel):
+    """Voice activity detection settings: OpenAI's server_vad names, the CRD's bounds (spec.vad)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        None, ge=0, le=1,
+        description=f"Speech probability above which audio is speech (default {VAD_DEFAULT_THRESHOLD}); "
+        "higher for noisy audio.",
+    )  # fmt: skip
+    prefix_padding_ms: int | None = Field(
+        None, ge=0, le=VAD_MAX_PREFIX_PADDING_MS,
+        description=f"Audio kept around each stretch of speech, ms (default {VAD_DEFAULT_PREFIX_PADDING_MS}).",
+    )  # fmt: skip
+    silence_duration_ms: int | None = Field(
+        None, ge=0, le=VAD_MAX_SILENCE_DURATION_MS,
+        description=f"Shortest pause that ends a stretch of speech, ms (default {VAD_DEFAULT_SILENCE_DURATION_MS}).",
+    )  # fmt: skip
+
+
+class KnownSpeakerBody(BaseModel):
+    """A person to name: their name and a 2-10 s clip of their voice (an http(s) URL, or a data URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=MAX_SPEAKER_NAME_LENGTH, description="How the transcript names them.")
+    url: str = Field(
+        max_length=MAX_DATA_URL_LENGTH,
+        description="Their reference clip (2-10 s of them speaking): an http(s) URL the runner fetches, or a "
+        "base64 data URL (data:audio/wav;base64,...) of at most 1 MiB, kept by the gateway for the runner.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_speaker_name(value, "name")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_reference(value, "url")
+
+
 class TranscribeFields(BaseModel):
     """Everything of POST / but the audio (a URL in JSON, a file in multipart)."""
 
@@ -121,6 +184,70 @@ class TranscribeFields(BaseModel):
     temperature: float | None = Field(
         None, ge=0, le=1, description="Sampling temperature of the first decode (absent: 0, greedy, then Whisper's fallback)."
     )
+    hotwords: list[Hotword] | None = Field(
+        None,
+        max_length=MAX_HOTWORDS,
+        description="Terms to prefer (names, jargon, spellings), placed before the prompt of every piece "
+        "(faster-whisper's hotwords); combinable with prompt.",
+    )
+    vad: VadBody | None = Field(None, description="Voice activity detection settings (where the audio is cut).")
+    multichannel: bool = Field(
+        False,
+        description="Transcribe each channel on its own, the channel as the speaker (CHANNEL_0, ... or a known "
+        "speaker's name), merged in time order (AssemblyAI's and Deepgram's multichannel). The audio must have "
+        f"2-{MAX_CHANNELS} channels. Excludes diarise_audio.",
+    )
+    known_speakers: list[KnownSpeakerBody] | None = Field(
+        None,
+        max_length=MAX_KNOWN_SPEAKERS,
+        description="People to name in the transcript (OpenAI's known_speaker_names[] / known_speaker_references[]): "
+        "a diarized speaker (or, with multichannel, a channel) whose voice matches a reference takes its name; "
+        "unmatched ones keep SPEAKER_NN. Needs diarise_audio (or multichannel).",
+    )
+
+    # int | str, checked below: a form sends "4", and one message names the field (not each union member)
+    parallelism: int | str | None = Field(
+        None,
+        description=f"ifw's field: shards of the audio transcribed at once by their own runners and merged "
+        f"(spec.parallelism): 1-{MAX_SHARDS}, or Auto (only audio longer than the operator's threshold). "
+        "Excludes multichannel and known_speakers.",
+    )
+
+    @field_validator("parallelism")
+    @classmethod
+    def _parallelism(cls, value: int | str | None, info: ValidationInfo) -> int | str | None:
+        # the same rules as the CRD's spec.parallelism; known_speakers and multichannel come before it
+        if isinstance(value, str) and value != "Auto":
+            if not value.isdecimal():
+                raise ValueError(f"parallelism must be an integer from 1 to {MAX_SHARDS}, or Auto")
+            value = int(value)
+        if isinstance(value, int) and not 1 <= value <= MAX_SHARDS:
+            raise ValueError(f"parallelism must be from 1 to {MAX_SHARDS}, or Auto")
+        if isinstance(value, int) and value > 1 and (info.data.get("multichannel") or info.data.get("known_speakers")):
+            raise ValueError(SHARDS_EXCLUDE.replace("diarization.knownSpeakers", "known_speakers"))
+        return value
+
+    @field_validator("multichannel")
+    @classmethod
+    def _multichannel(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("diarise_audio"):
+            raise ValueError("multichannel makes each channel a speaker: it cannot be combined with diarise_audio")
+        return value
+
+    @field_validator("known_speakers")
+    @classmethod
+    def _known_speakers(cls, value: list[KnownSpeakerBody] | None, info: ValidationInfo) -> list | None:
+        if not value:
+            return None
+        if not (info.data.get("diarise_audio") or info.data.get("multichannel")):
+            raise ValueError("known_speakers needs diarise_audio: true (or multichannel: true)")
+        check_known_speaker_names([k.name for k in value], "known_speakers")
+        return value
+
+    @field_validator("hotwords")
+    @classmethod
+    def _hotwords(cls, value: list[str] | None) -> list[str] | None:
+        return check_hotwords(value, "hotwords") or None
 
     @field_validator("language")
     @classmethod
@@ -185,6 +312,11 @@ class Output(BaseModel):
     )
     speaker_turns: list[SpeakerChunk] | None = Field(
         None, description="When diarized: the speaker turns, consecutive chunks of one speaker merged (ifw's addition)."
+    )
+    word_probabilities: list[float | None] | None = Field(
+        None,
+        description="With timestamp=word: each word's probability (0-1), one per chunk in chunk order (zip it with "
+        "chunks); beside the chunks so the chunks keep the original's keys (ifw's addition).",
     )
 
 

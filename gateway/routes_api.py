@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 from ifw.core import formats
 from ifw.core.contract import phase_of
 from ifw.core.redact import redact_opt
+from ifw.crds.transcriptionjob import MAX_HOTWORDS
 from ifw.gateway import results
 from ifw.gateway.deps import Namespace, ServiceDep, TaskId
 from ifw.gateway.errors import ERROR_RESPONSES, InvalidUrl, field_error, invalid
@@ -48,7 +49,8 @@ IGNORED_HEADER = "X-Ignored-Fields"
 MAX_IGNORED_LISTED = 20
 BODY_FIELDS = frozenset(TranscribeRequest.model_fields)
 WEBHOOK_FIELDS = frozenset(WebhookBody.model_fields)
-FORM_FIELDS = set(TranscribeRequest.model_fields) | {"file"}
+FORM_FIELDS = set(TranscribeRequest.model_fields) | {"file", "hotwords[]"}
+JSON_FORM_FIELDS = {"webhook": '{"url": "...", "header": {...}}', "vad": '{"threshold": 0.5, "silence_duration_ms": 500}'}
 POST_BODY = {
     "requestBody": {
         "required": True,
@@ -141,21 +143,29 @@ async def parse_submission(request: Request) -> Submission:
 
 
 async def _parse_form(request: Request) -> Submission:
-    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + 4, max_part_size=64 * 1024)
+    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + MAX_HOTWORDS + 4, max_part_size=64 * 1024)
     values: dict[str, Any] = {}
     for key, value in form.multi_items():
         if key not in FORM_FIELDS:
             raise field_error(key, "unknown field", "extra_forbidden")
-        if key != "file" and value != "":
+        if key in ("hotwords", "hotwords[]"):  # one part per term, repeated
+            values.setdefault("hotwords", []).append(value)
+        elif key != "file" and value != "":
             values[key] = value
     upload = form.get("file")
     if upload is not None and not isinstance(upload, UploadFile):
         raise field_error("file", "must be a file part (filename given)")
-    if "webhook" in values:
+    for name, example in JSON_FORM_FIELDS.items():
+        if name in values:
+            try:
+                values[name] = json.loads(values[name])
+            except ValueError:
+                raise field_error(name, f"must be JSON: {example}") from None
+    if "known_speakers" in values:  # as webhook: JSON text in a form
         try:
-            values["webhook"] = json.loads(values["webhook"])
+            values["known_speakers"] = json.loads(values["known_speakers"])
         except ValueError:
-            raise field_error("webhook", 'must be JSON: {"url": "...", "header": {...}}') from None
+            raise field_error("known_speakers", 'must be JSON: [{"name": "...", "url": "..."}]') from None
     url = values.pop("url", None)
     if (url is None) == (upload is None):
         raise field_error("file", "send either a file or a url")

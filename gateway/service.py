@@ -28,8 +28,10 @@ from ifw.crds.transcriptionjob import (
     KIND,
     AudioSource,
     Diarization,
+    KnownSpeaker,
     SecretReference,
     TranscriptionJobSpec,
+    Vad,
     Webhook,
 )
 from ifw.gateway import metrics, results
@@ -50,8 +52,9 @@ from ifw.gateway.errors import (
 )
 from ifw.gateway.kube import Kube, KubeError
 from ifw.gateway.models import TranscribeFields
+from ifw.gateway.references import channels_of, decode_data_url, is_data_url
 from ifw.gateway.taskids import annotations_for, is_object_name, is_own_name, object_name, task_id_of
-from ifw.gateway.uploads import Staged, Uploads
+from ifw.gateway.uploads import AUDIO, Staged, Uploads
 from ifw.gateway.urlcheck import url_problem
 from ifw.gateway.watch import TjGone, TjWatch
 
@@ -110,6 +113,13 @@ class Service:
             raise WebhookRequired()
         if req.diarise_audio and not self.settings.diarization_available:
             raise DiarizationUnavailable()
+        if req.known_speakers and not self.settings.diarization_available:  # the diarization's embeddings
+            raise DiarizationUnavailable("known_speakers")
+        for i, known in enumerate(req.known_speakers or []):
+            if not is_data_url(known.url) and (problem := url_problem(known.url, self.url_allowlist)):
+                raise field_error(f"known_speakers.{i}.url", f"known_speakers[{i}].url is not allowed: it {problem}")
+        if any(is_data_url(k.url) for k in req.known_speakers or []) and not self.uploads.enabled:
+            raise UploadsDisabled()
         allowed = self.settings.allowed_models
         if req.model and allowed and req.model not in allowed:
             raise field_error("model", f"model {req.model!r} is not offered here; offered: {', '.join(allowed)}")
@@ -119,8 +129,9 @@ class Service:
     # -------------------------------------------------------------- create
 
     def build_tj(
-        self, req: TranscribeFields, task_id: str, audio_url: str, secret: str | None, stream: bool = False
-    ) -> dict[str, Any]:
+        self, req: TranscribeFields, task_id: str, audio_url: str, secret: str | None, stream: bool = False,
+        reference_urls: list[str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         s = self.settings
         webhook = None
         if req.webhook is not None:
@@ -135,12 +146,20 @@ class Service:
             timestamp=req.timestamp,
             prompt=req.prompt or None,
             temperature=req.temperature,
+            hotwords=req.hotwords or None,
+            vad=Vad(**req.vad.model_dump(exclude_none=True)) if req.vad else None,
             diarization=Diarization(
                 enabled=req.diarise_audio,
                 num_speakers=req.num_speakers,
                 min_speakers=req.min_speakers,
                 max_speakers=req.max_speakers,
+                known_speakers=[
+                    KnownSpeaker(name=k.name, audio=AudioSource(url=url))
+                    for k, url in zip(req.known_speakers or [], reference_urls or [], strict=True)
+                ] or None,
             ),
+            multichannel=req.multichannel,
+            parallelism=req.parallelism,
             webhook=webhook,
             active_deadline_seconds=s.active_deadline_seconds,
             ttl_seconds_after_finished=s.ttl_seconds_after_finished,
@@ -179,6 +198,13 @@ class Service:
             if staged.size == 0:  # said now, not after a runner pod started for nothing
                 self.uploads.discard(staged)
                 raise field_error("file", "the file is empty (0 bytes)")
+            if req.multichannel and channels_of(staged.dir / AUDIO) == 1:  # WAV/FLAC say; the runner checks the rest
+                self.uploads.discard(staged)
+                raise field_error("multichannel", "the file has one channel (mono): multichannel needs one channel "
+                                  "per speaker (or leave it off; diarize splits one channel by speaker)")  # fmt: skip
+        for known in req.known_speakers or []:  # inline references: kept beside the upload
+            if is_data_url(known.url):
+                staged = await self.uploads.stage_reference(staged, decode_data_url(known.url, "url"))
         if self.draining:  # the body may have taken a while: a stopping gateway starts nothing
             if staged is not None:
                 self.uploads.discard(staged)
@@ -197,9 +223,12 @@ class Service:
         """Create the TranscriptionJob (and its webhook-headers Secret); undo everything on failure."""
         task_id = req.managed_task_id or str(uuid.uuid4())
         name = object_name(task_id)
-        if staged is not None:
+        if staged is not None and audio_url is None:
             audio_url = self.uploads.url_for(namespace, name, staged)
         assert audio_url is not None
+        inline = iter(staged.references if staged is not None else [])
+        reference_urls = [self.uploads.url_for(namespace, name, staged, next(inline)) if is_data_url(k.url) else k.url
+                          for k in req.known_speakers or []]  # fmt: skip
         secret = None
         tj: dict[str, Any] | None = None
         headers = req.webhook.header if req.webhook else {}
@@ -209,7 +238,8 @@ class Service:
                 secret = f"{name}-webhook-{secrets.token_hex(3)}"
                 labels = {contract.LABEL_CREATED_BY: contract.CREATED_BY_GATEWAY, contract.LABEL_TASK_ID: name}
                 await self.kube.create_secret(namespace, secret, headers, labels)
-            tj = await self._create_tj(namespace, task_id, self.build_tj(req, task_id, audio_url, secret, stream))
+            tj = await self._create_tj(namespace, task_id, self.build_tj(req, task_id, audio_url, secret, stream,
+                                                                           reference_urls))
             uid = tj["metadata"]["uid"]
             if secret:
                 await self.kube.own_secret(namespace, secret, tj)

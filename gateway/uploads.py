@@ -15,7 +15,7 @@ import logging
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,6 +33,8 @@ AUDIO = "audio"
 TOKEN = "token"
 UID = "uid"
 CHUNK = 1024 * 1024
+REFERENCE = "reference-"
+MAX_REFERENCES = 16
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Staged:
     token: str
     size: int
     filename: str
+    # Known speakers' inline reference clips, kept beside the audio: each served with its own token.
+    references: list[str] = field(default_factory=list)
 
 
 class Uploads:
@@ -76,9 +80,30 @@ class Uploads:
         metrics.UPLOAD_BYTES.inc(size)
         return Staged(folder, secrets.token_urlsafe(32), size, filename)
 
-    def url_for(self, namespace: str, name: str, staged: Staged) -> str:
+    def url_for(self, namespace: str, name: str, staged: Staged, token: str | None = None) -> str:
+        """The runner's URL of the upload (or, with `token`, of one of its reference clips)."""
         assert self.internal_url
-        return f"{self.internal_url}{UPLOADS_PATH}{namespace}/{name}/{staged.token}"  # the shape redact() knows
+        return f"{self.internal_url}{UPLOADS_PATH}{namespace}/{name}/{token or staged.token}"  # the shape redact() knows
+
+    async def stage_reference(self, staged: Staged | None, data: bytes) -> Staged:
+        """Keep a known speaker's reference clip (already decoded and bounded) with the task's upload;
+        a task whose audio is a URL gets a folder of its own (no audio file in it)."""
+        return await anyio.to_thread.run_sync(self._stage_reference, staged, data)
+
+    def _stage_reference(self, staged: Staged | None, data: bytes) -> Staged:
+        if staged is None:
+            staging = self.root / ".staging"
+            staging.mkdir(parents=True, exist_ok=True)
+            folder = staging / secrets.token_hex(16)
+            folder.mkdir(mode=0o700)
+            staged = Staged(folder, secrets.token_urlsafe(32), 0, "")
+        i = len(staged.references)
+        token = secrets.token_urlsafe(32)
+        (staged.dir / f"{REFERENCE}{i}").write_bytes(data)
+        (staged.dir / f"{REFERENCE}{i}.{TOKEN}").write_text(token)
+        staged.references.append(token)
+        metrics.UPLOAD_BYTES.inc(len(data))
+        return staged
 
     def commit(self, staged: Staged, namespace: str, name: str, uid: str) -> None:
         """The TranscriptionJob exists: move the upload where the serving route finds it."""
@@ -103,9 +128,16 @@ class Uploads:
             expected = (folder / TOKEN).read_text()
         except OSError:
             return None
-        if not hmac.compare_digest(expected.encode(), token.encode()):
-            return None
-        return folder / AUDIO
+        if hmac.compare_digest(expected.encode(), token.encode()):
+            return folder / AUDIO
+        for i in range(MAX_REFERENCES):  # a known speaker's reference clip: its own token
+            try:
+                expected = (folder / f"{REFERENCE}{i}.{TOKEN}").read_text()
+            except OSError:
+                return None
+            if hmac.compare_digest(expected.encode(), token.encode()):
+                return folder / f"{REFERENCE}{i}"
+        return None
 
     # ------------------------------------------------------------ cleanup
 

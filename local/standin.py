@@ -64,6 +64,21 @@ class _Run:
     done: bool = False
     log_file: object | None = None
     extra: dict = field(default_factory=dict)
+    slots: dict[int, _Slot] = field(default_factory=dict)  # an Indexed Job's indexes
+
+
+@dataclass
+class _Slot:
+    """One index of an Indexed Job: its current pod and process, and how its tries went."""
+
+    index: int
+    process: subprocess.Popen | None = None
+    pod_name: str | None = None
+    message_path: Path | None = None
+    log_file: object | None = None
+    failed: int = 0
+    done: bool = False  # succeeded
+    given_up: bool = False  # failed more often than backoffLimitPerIndex allows
 
 
 class KubeletStandIn:
@@ -155,6 +170,9 @@ class KubeletStandIn:
 
     def _sync_job(self, job: client.V1Job, run: _Run) -> None:
         spec = job.spec
+        if spec.completion_mode == "Indexed":
+            self._sync_indexed(job, run)
+            return
         if spec.suspend:
             if run.process:
                 self._kill(run)
@@ -215,39 +233,159 @@ class KubeletStandIn:
                 return True
         return False
 
+    # ------------------------------------------------------------ Indexed Jobs
+
+    def _sync_indexed(self, job: client.V1Job, run: _Run) -> None:
+        """As the Job controller runs an Indexed Job: one pod per index (JOB_COMPLETION_INDEX), a failed
+        index retried alone up to backoffLimitPerIndex, maxFailedIndexes and podFailurePolicy's FailJob
+        failing the whole Job (its other pods stopped and deleted), completedIndexes/failedIndexes in status."""
+        spec = job.spec
+        count = spec.completions or 1
+        per_index = spec.backoff_limit_per_index
+        if not run.slots:  # first seen (maybe by an earlier stand-in): what it finished stays finished
+            finished = _indexes((job.status.completed_indexes if job.status else None) or "")
+            run.slots = {i: _Slot(i, done=i in finished) for i in range(count)}
+        slots = [run.slots.setdefault(i, _Slot(i)) for i in range(count)]
+        if spec.suspend:
+            for slot in slots:
+                if slot.process:
+                    self._kill_slot(run, slot, phase="Failed", code=143, message="job suspended")
+            conditions = (job.status.conditions if job.status else None) or []
+            if not any(c.type == "Suspended" and c.status == "True" for c in conditions):
+                self._patch_job_status(job, {"active": 0, "conditions": [self._condition("Suspended", "JobSuspended")]})
+            return
+        if run.started and spec.active_deadline_seconds and time.monotonic() - run.started > spec.active_deadline_seconds:
+            self._stop_indexes(run, slots)
+            self._finish(job, run, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+            return
+        for slot in slots:
+            if slot.process is None or slot.done or slot.given_up:
+                continue
+            code = slot.process.poll()
+            if code is None:
+                continue
+            code = 128 - code if code < 0 else code  # killed by a signal: 128 + signal, as a runtime reports it
+            path = slot.message_path
+            message = path.read_text().strip() if path and path.exists() else ""
+            if slot.log_file:
+                slot.log_file.close()
+            slot.process = None
+            if code == 0:
+                self._set_pod_phase(run, "Succeeded", exit_code=0, reason="Completed", message=message,
+                                    pod_name=slot.pod_name)  # fmt: skip
+                slot.done = True
+                continue
+            self._set_pod_phase(run, "Failed", exit_code=code, reason="Error", message=message, pod_name=slot.pod_name)
+            slot.failed += 1
+            run.failed += 1
+            if self._fails_job_at_once(spec, code):
+                self._stop_indexes(run, slots)
+                self._finish(job, run, "Failed", "PodFailurePolicy", f"Container runner for pod {slot.pod_name} "
+                             f"failed with exit code {code} matching FailJob rule")  # fmt: skip
+                return
+            if per_index is not None and slot.failed > per_index:
+                slot.given_up = True
+        given_up = [s.index for s in slots if s.given_up]
+        if spec.max_failed_indexes is not None and len(given_up) > spec.max_failed_indexes:
+            self._stop_indexes(run, slots)
+            self._finish(job, run, "Failed", "MaxFailedIndexesExceeded", "Job has exceeded the specified maximal "
+                         "number of failed indexes")  # fmt: skip
+            return
+        if per_index is None and run.failed > (spec.backoff_limit if spec.backoff_limit is not None else 6):
+            self._stop_indexes(run, slots)
+            self._finish(job, run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            return
+        active = sum(1 for s in slots if s.process is not None)
+        for slot in slots:  # start (or retry) the indexes with work left, up to spec.parallelism at once
+            if slot.process is None and not slot.done and not slot.given_up and active < (spec.parallelism or 1):
+                self._start_slot(job, run, slot)
+                active += 1
+        if all(s.done for s in slots):
+            self._finish(job, run, "Complete", None, None, succeeded=count, completed=_ranges(range(count)))
+            return
+        if all(s.done or s.given_up for s in slots):
+            self._finish(job, run, "Failed", "FailedIndexes", "Job has failed indexes")
+            return
+        status = {"active": active, "succeeded": sum(s.done for s in slots), "failed": run.failed,
+                  "completedIndexes": _ranges(s.index for s in slots if s.done) or None,
+                  "failedIndexes": _ranges(given_up) if per_index is not None else None}  # fmt: skip
+        if not run.started:
+            run.started = time.monotonic()
+            status["startTime"] = format_time(job.status.start_time if job.status else None) or now_string()
+        if status != run.extra.get("status"):  # only what changed: every write wakes the operator
+            run.extra["status"] = status
+            self._patch_job_status(job, status)
+
+    def _start_slot(self, job: client.V1Job, run: _Run, slot: _Slot) -> None:
+        index = str(slot.index)
+        slot.pod_name, slot.message_path, slot.process, slot.log_file = self._spawn_pod(
+            job, run.namespace, f"{job.metadata.name[:46]}-{index}-{uuid.uuid4().hex[:5]}",
+            labels={"batch.kubernetes.io/job-completion-index": index},
+            annotations={"batch.kubernetes.io/job-completion-index": index,
+                         "batch.kubernetes.io/job-index-failure-count": str(slot.failed)},
+            env={"JOB_COMPLETION_INDEX": index},
+        )  # fmt: skip
+        self._set_pod_phase(run, "Running", pod_name=slot.pod_name)
+
+    def _kill_slot(self, run: _Run, slot: _Slot, *, phase: str, code: int, message: str) -> None:
+        self._kill(slot)  # type: ignore[arg-type]  (the same process fields)
+        self._set_pod_phase(run, phase, exit_code=code, reason="Error", message=message, pod_name=slot.pod_name)
+        slot.process = None
+
+    def _stop_indexes(self, run: _Run, slots: list[_Slot]) -> None:
+        """The Job failed: its other pods are stopped and deleted, as the Job controller deletes them
+        (they never become the failed pod whose message says why)."""
+        for slot in slots:
+            if slot.process is not None:
+                self._kill(slot)  # type: ignore[arg-type]
+                slot.process = None
+                try:
+                    self.core.delete_namespaced_pod(slot.pod_name, run.namespace, grace_period_seconds=0)
+                except ApiException as error:
+                    if error.status != 404:
+                        raise
+
     # ------------------------------------------------------------ pods
 
-    def _start_pod(self, job: client.V1Job, run: _Run) -> None:
+    def _spawn_pod(self, job: client.V1Job, namespace: str, pod_name: str, *, labels: dict | None = None,
+                   annotations: dict | None = None, env: dict | None = None):  # fmt: skip
+        """Create the Pod and start its container's command: (name, termination path, process, log)."""
         template = job.spec.template
         container = template.spec.containers[0]
-        pod_name = f"{job.metadata.name[:52]}-{uuid.uuid4().hex[:5]}"
-        labels = dict(template.metadata.labels or {}) if template.metadata else {}
-        labels.update({"batch.kubernetes.io/job-name": job.metadata.name, "job-name": job.metadata.name})
+        all_labels = dict(template.metadata.labels or {}) if template.metadata else {}
+        all_labels.update({"batch.kubernetes.io/job-name": job.metadata.name, "job-name": job.metadata.name,
+                           **(labels or {})})  # fmt: skip
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
                 "name": pod_name,
-                "namespace": run.namespace,
-                "labels": labels,
+                "namespace": namespace,
+                "labels": all_labels,
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name,
                                      "uid": job.metadata.uid, "controller": True, "blockOwnerDeletion": True}],
             },
             "spec": self.api.sanitize_for_serialization(template.spec),
         }
-        self.core.create_namespaced_pod(run.namespace, pod)
-        run.pod_name = pod_name
-        run.message_path = self.log_dir / f"{pod_name}.termination"
-        env = self._container_env(run.namespace, pod_name, container)
-        env.update(KUBECONFIG=self._pod_kubeconfig(run.namespace, template.spec),
-                   IFW_TERMINATION_MESSAGE_PATH=str(run.message_path))
+        if annotations:
+            pod["metadata"]["annotations"] = dict(annotations)
+        self.core.create_namespaced_pod(namespace, pod)
+        message_path = self.log_dir / f"{pod_name}.termination"
+        variables = self._container_env(namespace, pod_name, container)
+        variables.update(KUBECONFIG=self._pod_kubeconfig(namespace, template.spec),
+                         IFW_TERMINATION_MESSAGE_PATH=str(message_path), **(env or {}))
         command = [sys.executable if part in ("python", "python3") else part
                    for part in [*(container.command or []), *(container.args or [])]]
-        run.log_file = open(self.log_dir / f"{pod_name}.log", "wb")
-        log.info("starting %s/%s: %s", run.namespace, pod_name, " ".join(command))
+        log_file = open(self.log_dir / f"{pod_name}.log", "wb")
+        log.info("starting %s/%s: %s", namespace, pod_name, " ".join(command))
         # The pod dies with the stand-in's thread (a SIGKILLed `ifw local` leaves no runner behind).
-        run.process = subprocess.Popen(command, env=env, stdout=run.log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True, preexec_fn=die_with_parent)
+        process = subprocess.Popen(command, env=variables, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=die_with_parent)
+        return pod_name, message_path, process, log_file
+
+    def _start_pod(self, job: client.V1Job, run: _Run) -> None:
+        run.pod_name, run.message_path, run.process, run.log_file = self._spawn_pod(
+            job, run.namespace, f"{job.metadata.name[:52]}-{uuid.uuid4().hex[:5]}")
         run.started = time.monotonic()
         self._set_pod_phase(run, "Running")
         status = {"active": 1, "startTime": format_time(job.status.start_time) or now_string()}
@@ -321,12 +459,15 @@ class KubeletStandIn:
         return {"type": kind, "status": "True", "reason": reason, "message": message,
                 "lastProbeTime": now_string(), "lastTransitionTime": now_string()}
 
-    def _finish(self, job: client.V1Job, run: _Run, kind: str, reason: str | None, message: str | None) -> None:
+    def _finish(self, job: client.V1Job, run: _Run, kind: str, reason: str | None, message: str | None,
+                succeeded: int = 1, completed: str | None = None) -> None:  # fmt: skip
         run.done = True
         if kind == "Complete":
             conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached"),
                           self._condition("Complete", "CompletionsReached")]
-            patch = {"succeeded": 1, "active": 0, "completionTime": now_string(), "conditions": conditions}
+            patch = {"succeeded": succeeded, "active": 0, "completionTime": now_string(), "conditions": conditions}
+            if completed:
+                patch["completedIndexes"] = completed
         else:
             conditions = [self._condition("FailureTarget", reason, message), self._condition("Failed", reason, message)]
             patch = {"failed": max(run.failed, 1), "active": 0, "conditions": conditions}
@@ -340,7 +481,9 @@ class KubeletStandIn:
                 raise
 
     @staticmethod
-    def _kill(run: _Run) -> None:
+    def _kill(run: _Run | _Slot) -> None:
+        for slot in getattr(run, "slots", {}).values():
+            KubeletStandIn._kill(slot)
         if run.process and run.process.poll() is None:
             os.killpg(run.process.pid, signal.SIGTERM)
             try:
@@ -348,6 +491,25 @@ class KubeletStandIn:
             except subprocess.TimeoutExpired:
                 os.killpg(run.process.pid, signal.SIGKILL)
                 run.process.wait()
+
+
+def _ranges(indexes) -> str:
+    """Indexes as the Job controller writes completedIndexes: "0-2,5"."""
+    out: list[str] = []
+    for i in sorted(set(indexes)):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
+def _indexes(ranges: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, ranges.split(",")):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

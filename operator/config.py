@@ -35,6 +35,10 @@ are written verbatim in Kubernetes' own camelCase. Example::
       timeout_seconds: 10
       max_attempts: 5
       allowlist: [10.0.0.0/8]          # private receivers webhooks may reach (SSRF guard)
+    sharding:                          # spec.parallelism: what Auto means, the least audio per shard
+      auto_above_seconds: 1800
+      min_shard_seconds: 300
+      max_shards: 8
     gitops:                            # how a job kept in the cluster by Argo CD / Flux is recognised
       labels: [app.kubernetes.io/instance, kustomize.toolkit.fluxcd.io/name, helm.toolkit.fluxcd.io/name]
       annotations: [argocd.argoproj.io/tracking-id]
@@ -191,6 +195,25 @@ class PoolSettings(_Section):
     )
 
 
+class ShardingSettings(_Section):
+    """What spec.parallelism means: Auto's rule, and the least audio a shard gets.
+
+    The runner applies it (the operator renders it into the runner's env): an Auto job starts as one
+    runner, which hands the job back to run as shards only when its audio is longer than
+    ``auto_above_seconds`` — short audio never pays for sharding.
+    """
+
+    auto_above_seconds: float = Field(
+        1800, gt=0, description="Auto: shard audio longer than this (30 min); shorter audio runs as one runner."
+    )
+    min_shard_seconds: float = Field(
+        300, gt=30, description="Every shard gets at least this much audio (5 min; more than the 30 s searched "
+        "for a pause at each cut): fewer shards on shorter "
+        "audio, for Auto and for an explicit count alike (indexes beyond finish at once).",
+    )
+    max_shards: int = Field(8, ge=1, le=64, description="Auto: at most this many shards.")
+
+
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IFW_OPERATOR_", env_nested_delimiter="__", extra="forbid")
 
@@ -236,6 +259,7 @@ class OperatorSettings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     gitops: GitOpsSettings = Field(default_factory=GitOpsSettings)
+    sharding: ShardingSettings = Field(default_factory=ShardingSettings)
 
     @classmethod
     def settings_customise_sources(

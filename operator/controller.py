@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
@@ -47,8 +48,9 @@ from ifw.core.contract import (
     phase_of,
 )
 from ifw.core.kube import api_message, status_code
+from ifw.crds.transcriptionjob import PARALLELISM_AUTO
 from ifw.operator import jobs as manifests
-from ifw.operator import metrics, objectmeta, pool
+from ifw.operator import metrics, objectmeta, pool, sharding
 from ifw.operator.config import OperatorSettings
 from ifw.operator.jobstate import JobState
 from ifw.operator.kube import Kube
@@ -492,11 +494,40 @@ class Controller:
         job = self.job_for(state)
         if job is not None:
             self.queue.settle(state.uid)
+            if not manifests.is_sharded(job) and _spec(tj).get("parallelism") == PARALLELISM_AUTO:
+                tj = await self._handed_back(state, tj, job)
+                if manifests.shard_count(tj) > 1:
+                    return await self._reshard(state, tj, job)
         if job is None and not (tj.get("status") or {}).get("jobName"):
             return await self._not_started(state, tj)
         if job is not None and not _kueue(tj) and not job_finished(job):
             return await self._started(state, tj, job)
         return Observed(job)  # finished, Kueue's to suspend and resume, or deleted under us (derive says)
+
+    async def _handed_back(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+        """An Auto job's single runner finished: did it transcribe, or hand the job back to be sharded?
+
+        It writes status.shards.count before it exits, but the Job's event can come before the job's:
+        a finished Job without a result or a shard count is worth one fresh read before it is called done."""
+        status = tj.get("status") or {}
+        if not job_finished(job) or status.get("result") or status.get("shards"):
+            return tj
+        fresh = await self.kube.get_tj(tj["metadata"]["namespace"], tj["metadata"]["name"])
+        if fresh is None or fresh["metadata"]["uid"] != state.uid:
+            return tj
+        self._keep_newest(state, fresh)
+        return fresh
+
+    async def _reshard(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> Observed | None:
+        """The single runner handed the Auto job back (its audio is long): replace its Job with the
+        Indexed Job of the shards. It already holds its place (admitted, or Kueue's to admit again)."""
+        count = manifests.shard_count(tj)
+        meta = tj["metadata"]
+        log.info("%s/%s: its runner asked for %d shards; replacing Job %s with an Indexed Job", meta["namespace"],
+                 meta["name"], count, job["metadata"]["name"])
+        await self.stop_job(state, job)
+        new = await self.start(state, tj)
+        return Observed(new) if new is not None else None
 
     async def _not_started(self, state: JobState, tj: dict[str, Any]) -> Observed | None:
         """No Job yet: hold it while suspended, else queue it and start it once admitted."""
@@ -646,11 +677,46 @@ class Controller:
         if outcome.stop_job and observed.job is not None:
             await self.stop_job(state, observed.job)
         job_name = observed.job["metadata"]["name"] if observed.job else (tj.get("status") or {}).get("jobName")
-        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now, extra={"runtime": Runtime.Job})
+        extra: dict[str, Any] = {"runtime": Runtime.Job}
+        sharded = observed.job is not None and manifests.is_sharded(observed.job)
+        if sharded:
+            outcome, extra = await self._shards(state, tj, observed.job, outcome, extra)
+        tj = await self.write_status(state, tj, outcome, job_name=job_name, now=now, extra=extra)
         if outcome.terminal:
+            if sharded and outcome.phase == Phase.Succeeded:
+                # Merged and recorded: the partials have served (a failed job's go with its other Secrets).
+                await self.kube.delete_labelled("Secret", tj["metadata"]["namespace"],
+                                                sharding.partial_selector(state.uid))
             await self._finished(state, tj)
         elif outcome.recheck_at:
             self.poke_at(state.uid, outcome.recheck_at)
+
+    async def _shards(self, state: JobState, tj: dict[str, Any], job: dict[str, Any], outcome: Outcome,
+                      extra: dict[str, Any]) -> tuple[Outcome, dict[str, Any]]:  # fmt: skip
+        """A sharded job's own status: the shard count and how many finished, the progress summed over the
+        shards; once every index succeeded, the one merge and the runner's final fields."""
+        count = int((job.get("spec") or {}).get("completions") or manifests.shard_count(tj))
+        status = tj.get("status") or {}
+        if outcome.phase == Phase.Succeeded:
+            if status.get("result"):
+                return outcome, extra  # merged before (this status write failed after it): once is enough
+            try:
+                final = await self.kube._run(lambda: sharding.merge_and_store(tj, count, self.kube.core,
+                                                                              self.result_settings))
+            except (sharding.MergeFailed, results.ResultNotFound, results.ResultTooLarge) as failure:
+                failed = Outcome(Phase.Failed, failure.reason, failure.message, start_time=outcome.start_time,
+                                 completion_time=outcome.completion_time)
+                return failed, {**extra, "shards": {"count": count}}
+            return outcome, {**extra, **final}
+        shards_patch = sharding.shards_patch(tj, count)
+        if shards_patch:
+            extra["shards"] = shards_patch
+        progress = sharding.progress_patch(tj, count)
+        if progress:
+            extra["progress"] = progress
+        if outcome.phase == Phase.Running and outcome.reason == "Running":
+            outcome = replace(outcome, message=sharding.running_message(tj, count, self.pods_for(state.uid)))
+        return outcome, extra
 
     # ------------------------------------------------------------- Job writes
 
@@ -678,7 +744,7 @@ class Controller:
 
     async def _create_children(self, state: JobState, tj: dict[str, Any]) -> None:
         """The pod needs its ServiceAccount and the runner its Secret: all before the Job."""
-        children = manifests.children(tj)
+        children = manifests.children(tj, self.settings)
         created = await asyncio.gather(*(self.kube.create(obj) for obj in children))
         for obj, result in zip(children, created):
             if result is None:  # it existed: ours from before a restart, or a namesake's

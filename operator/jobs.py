@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ifw.core import contract, results
+from ifw.core import contract, results, shards
 from ifw.core.contract import (
     LABEL_KUEUE_QUEUE,
     RUNNER_CONTAINER,
@@ -31,18 +31,48 @@ from ifw.core.contract import (
 )
 from ifw.core.runner_settings import RunnerSettings
 from ifw.core.settings import field_ref
-from ifw.crds.transcriptionjob import GROUP, PLURAL
+from ifw.crds.transcriptionjob import GROUP, PARALLELISM_AUTO, PLURAL
 from ifw.operator.config import OperatorSettings
 
 # Env the operator always sets; runner.env from config cannot override these.
 RESERVED_ENV = frozenset(
-    {*map(RunnerSettings.env_var, ("job_namespace", "job_name", "job_uid", "work_dir", "default_model")),
-     "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "HOME", "TMPDIR"}
+    {*map(RunnerSettings.env_var, ("job_namespace", "job_name", "job_uid", "work_dir", "default_model",
+                                   "shard_count", "shard_index", "shard_auto_above_seconds", "shard_min_seconds",
+                                   "shard_max_count")),
+     "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "HOME", "TMPDIR", "JOB_COMPLETION_INDEX"}
 )
 
 
-def job_name(name: str, uid: str) -> str:
+def job_name(name: str, uid: str, sharded: bool = False) -> str:
+    """``<name>-<uid8>``; a sharded job's Indexed Job ``<name>-<uid8>-sh`` (a name of its own: an Auto job's
+    first, single runner handed it back, and that Job may still be going away). Short enough that
+    Kubernetes' pod hostname ``<job>-<index>`` stays within 63 characters."""
+    if sharded:
+        return f"{name[:46].rstrip('-.')}-{uid[:8]}-sh"
     return f"{name[:54].rstrip('-.')}-{uid[:8]}"
+
+
+def shard_count(tj: dict[str, Any]) -> int:
+    """How many shards the job runs as: spec.parallelism's number, or for Auto the count its first runner
+    asked for when it handed the job back (status.shards.count); 1 until then."""
+    wanted = (tj.get("spec") or {}).get("parallelism")
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        return max(1, wanted)
+    if wanted == PARALLELISM_AUTO:
+        return int((((tj.get("status") or {}).get("shards") or {}).get("count")) or 1)
+    return 1
+
+
+def is_sharded(job: dict[str, Any]) -> bool:
+    return (job.get("spec") or {}).get("completionMode") == "Indexed"
+
+
+def partial_secret(tj: dict[str, Any], index: int) -> dict[str, Any]:
+    """Shard ``index``'s empty partial-result Secret: made by the operator, so that the runner's Role needs
+    only get and patch on it by name (``create`` cannot be limited to names)."""
+    name = shards.partial_secret_name(tj["metadata"]["name"], index)
+    return {"apiVersion": "v1", "kind": "Secret", "type": shards.PARTIAL_SECRET_TYPE,
+            "metadata": child_metadata(tj, name, "partial")}  # fmt: skip
 
 
 def runner_account_name(name: str) -> str:
@@ -58,24 +88,34 @@ def runner_service_account(tj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def runner_role_rules(name: str) -> list[dict[str, Any]]:
-    """Least privilege: read this job, merge-patch this job's status, read and patch this job's result Secret."""
+def runner_role_rules(name: str, partials: int = 0) -> list[dict[str, Any]]:
+    """Least privilege: read this job, merge-patch this job's status, read and patch this job's result Secret
+    and, for a job that may run as shards, the shards' partial-result Secrets (``partials`` of them)."""
+    secrets = [results.secret_name(name), *(shards.partial_secret_name(name, i) for i in range(partials))]
     return [
         {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
         {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name], "verbs": ["patch"]},
         # get: the store checks the Secret is this job's before it patches the data in.
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [results.secret_name(name)],
-         "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get", "patch"]},
     ]
 
 
-def runner_role(tj: dict[str, Any]) -> dict[str, Any]:
+def max_partials(tj: dict[str, Any], settings: OperatorSettings | None = None) -> int:
+    """Partial-result Secrets the job's runners may write: its shard count; for Auto the most it can become
+    (the Role is made once, before the first runner decides)."""
+    if (tj.get("spec") or {}).get("parallelism") == PARALLELISM_AUTO:
+        return max((settings or OperatorSettings()).sharding.max_shards, shard_count(tj))
+    count = shard_count(tj)
+    return count if count > 1 else 0
+
+
+def runner_role(tj: dict[str, Any], settings: OperatorSettings | None = None) -> dict[str, Any]:
     name = tj["metadata"]["name"]
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": child_metadata(tj, runner_account_name(name), "runner"),
-        "rules": runner_role_rules(name),
+        "rules": runner_role_rules(name, max_partials(tj, settings)),
     }
 
 
@@ -103,7 +143,13 @@ def _runner_env(tj: dict[str, Any], settings: OperatorSettings) -> list[dict[str
         # Who did the work, for the result and the webhook (the original API's fly_machine_id).
         pod_name=field_ref("metadata.name"), node_name=field_ref("spec.nodeName"),
         default_model=settings.default_model, work_dir=pod.work_dir,
+        # What spec.parallelism Auto means: the runner decides on the audio it has (handing it back to be sharded).
+        shard_auto_above_seconds=settings.sharding.auto_above_seconds,
+        shard_min_seconds=settings.sharding.min_shard_seconds, shard_max_count=settings.sharding.max_shards,
     )
+    count = shard_count(tj)
+    if count > 1:  # a shard: its index is the Indexed Job's JOB_COMPLETION_INDEX, set by Kubernetes
+        env += RunnerSettings.k8s_env(shard_count=count)
     env += [
         # Read-only root FS: everything that writes goes to the scratch emptyDir at /tmp.
         {"name": "HOME", "value": "/tmp"},
@@ -216,6 +262,7 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
     template_meta: dict[str, Any] = {"labels": {**pod.labels, **child_labels(tj, "runner")}}
     if pod.annotations:
         template_meta["annotations"] = dict(pod.annotations)
+    count = shard_count(tj)
     job_spec: dict[str, Any] = {
         "parallelism": 1,
         "completions": 1,
@@ -224,6 +271,13 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
         "podFailurePolicy": json.loads(json.dumps(POD_FAILURE_POLICY)),  # a copy per Job
         "template": {"metadata": template_meta, "spec": _pod_spec(tj, settings)},
     }
+    if count > 1:
+        # One Indexed Job: Kueue admits all shards as one workload; a failed shard is retried alone
+        # (backoffLimitPerIndex), and any shard that runs out of retries fails the whole job
+        # (maxFailedIndexes 0) — a transcript with a hole is no result. Bad input still fails it at once.
+        del job_spec["backoffLimit"]  # per index instead (Kubernetes then caps the total at MaxInt32)
+        job_spec.update({"completionMode": "Indexed", "completions": count, "parallelism": count,
+                         "backoffLimitPerIndex": spec.get("backoffLimit", 2), "maxFailedIndexes": 0})  # fmt: skip
     if spec.get("activeDeadlineSeconds"):
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
 
@@ -231,7 +285,7 @@ def runner_job(tj: dict[str, Any], settings: OperatorSettings, *, suspend: bool 
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(name, uid),
+            "name": job_name(name, uid, sharded=count > 1),
             "namespace": namespace,
             "labels": job_labels,
             "ownerReferences": [owner_reference(tj)],
@@ -245,6 +299,10 @@ def pool_children(tj: dict[str, Any]) -> list[dict[str, Any]]:
     return [results.result_secret(tj)]
 
 
-def children(tj: dict[str, Any]) -> list[dict[str, Any]]:
-    """What must exist before the Job (its pod needs the account, the runner needs the Secret)."""
-    return [runner_service_account(tj), runner_role(tj), runner_role_binding(tj), results.result_secret(tj)]
+def children(tj: dict[str, Any], settings: OperatorSettings | None = None) -> list[dict[str, Any]]:
+    """What must exist before the Job (its pod needs the account, the runner needs the Secret; a sharded
+    job's runners their partial-result Secrets, and the operator the result Secret it merges into)."""
+    count = shard_count(tj)
+    partials = [partial_secret(tj, i) for i in range(count)] if count > 1 else []
+    return [runner_service_account(tj), runner_role(tj, settings), runner_role_binding(tj), results.result_secret(tj),
+            *partials]  # fmt: skip

@@ -100,10 +100,13 @@ def choose(pool: Mapping[str, PoolWorker], load: Counter[str], model: str, now: 
 
 
 def runtime(spec: Mapping[str, Any], pool: Mapping[str, PoolWorker], model: str, now: datetime) -> Runtime:
-    """Where a new job runs (Pool or Job): as its spec says; a Kueue queue needs a Job; Auto: the
-    pool if it serves the model."""
+    """Where a new job runs (Pool or Job): as its spec says; a Kueue queue or shards (spec.parallelism > 1)
+    need a Job; Auto: the pool if it serves the model."""
     wanted = spec.get("runtime") or Runtime.Auto
-    if spec.get("queueName") or wanted == Runtime.Job:
+    parallelism = spec.get("parallelism")
+    # Shards run as one Indexed Job (a pool worker runs a job whole; an Auto count is decided on the audio).
+    sharded = isinstance(parallelism, int) and not isinstance(parallelism, bool) and parallelism > 1
+    if spec.get("queueName") or wanted == Runtime.Job or sharded:
         return Runtime.Job
     if wanted == Runtime.Pool or serves(pool, model, now):
         return Runtime.Pool

@@ -192,15 +192,17 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str,
         return Reason.DeadlineExceeded, f"the job ran longer than activeDeadlineSeconds={limit} and was stopped"
     if cause and cause.reason == Reason.OutOfMemory:
         return Reason.OutOfMemory, OUT_OF_MEMORY
+    # A sharded job's Indexed Job: one index ran out of its backoffLimitPerIndex (maxFailedIndexes 0).
+    out_of_retries = job_reason in (Reason.BackoffLimitExceeded, "MaxFailedIndexesExceeded", "FailedIndexes")
     if runner_reason:
         message = runner_message or runner_reason
-        if job_reason == Reason.BackoffLimitExceeded:
+        if out_of_retries:
             message = f"{message} (gave up after {attempts} attempts)"
         return runner_reason, message
     detail = f"; last {_exit(term)}" if _exit(term) else ""
     if runner_message:
         detail += f": {runner_message}"
-    if job_reason == Reason.BackoffLimitExceeded:
+    if out_of_retries:
         return Reason.BackoffLimitExceeded, f"the runner failed {attempts} times, more than backoffLimit allows{detail}"
     if job_reason == "PodFailurePolicy":
         return Reason.RunnerFailed, f"the runner reported bad input{detail}"

@@ -2,15 +2,19 @@
 
     ifw-runner transcribe <file-or-url> [--model M] [--language L] [--task transcribe|translate]
                           [--batch-size N] [--timestamp chunk|word] [--prompt TEXT] [--temperature T]
-                          [--diarize]
+                          [--hotwords TERM ...] [--vad-threshold P] [--vad-prefix-padding-ms MS]
+                          [--vad-silence-duration-ms MS] [--diarize]
                           [--num-speakers N | --min-speakers N --max-speakers N]
-                          [--format json|text|srt|vtt|verbose_json] [--output FILE]
+                          [--shards N [--threads-per-shard T] [--min-shard-seconds S]]
+                          [--format json|text|srt|vtt|verbose_json|diarized_json] [--output FILE]
                           [--device auto|cpu|cuda] [--dtype auto|float32|float16|bfloat16]
     ifw-runner job        # inside the runner Pod: run the TranscriptionJob named by IFW_JOB_*
     ifw-runner serve      # a warm pool worker: hold the models, take assigned jobs (IFW_WORKER_*)
 
 `transcribe` runs the same pipeline as the Pod (ifw.runner.pipeline.run) and
-prints the result to stdout unless --output is given.
+prints the result to stdout unless --output is given. diarized_json is OpenAI's speaker
+segments (as the gateway's /v1 answers it) and turns on --diarize. When stderr is a
+terminal, a progress bar there shows the audio seconds done of the total and the speed.
 
 Default model: --model, else IFW_DEFAULT_MODEL when set, else (on CUDA, or
 when the hub cache holds it) the configured default (openai/whisper-large-v3),
@@ -21,6 +25,7 @@ language and can translate (the packaged "tiny.en" is ~2x faster, English only).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -46,11 +51,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", help="text every piece is conditioned on: names, spellings, vocabulary, style")
     t.add_argument("--temperature", type=float, help="of the first decode (default 0, greedy); failed pieces "
                    "are decoded again at +0.2 steps up to 1")  # fmt: skip
+    t.add_argument("--hotwords", nargs="+", action="extend", metavar="TERM",
+                   help="terms to prefer (names, jargon), placed before the prompt of every piece")  # fmt: skip
+    t.add_argument("--vad-threshold", type=float, metavar="P", help="speech probability above which audio is "
+                   "speech (default 0.5; higher for noisy audio)")  # fmt: skip
+    t.add_argument("--vad-prefix-padding-ms", type=int, metavar="MS", help="audio kept around each stretch of "
+                   "speech (default 200)")  # fmt: skip
+    t.add_argument("--vad-silence-duration-ms", type=int, metavar="MS", help="shortest pause that ends a stretch "
+                   "of speech (default 500; lower for fast talkers)")  # fmt: skip
     t.add_argument("--diarize", action="store_true", help="split by speaker (pyannote)")
     t.add_argument("--num-speakers", type=int)
     t.add_argument("--min-speakers", type=int)
     t.add_argument("--max-speakers", type=int)
-    t.add_argument("--format", choices=FORMATS, default="json", help="output format (default: json, the original API's shape)")
+    t.add_argument("--known-speaker", action="append", metavar="NAME=CLIP",
+                   help="name the speaker whose voice matches CLIP (a 2-10 s file or http(s) URL of them speaking); "
+                   "repeat for each person; implies --diarize unless --multichannel")  # fmt: skip
+    t.add_argument("--multichannel", action="store_true",
+                   help="transcribe each channel on its own, the channel as the speaker (CHANNEL_0, ...)")  # fmt: skip
+    t.add_argument("--shards", type=int, default=1, metavar="N", help="cut long audio at pauses into N shards, "
+                   "transcribe them as N processes here and merge them (default 1; short audio is not cut)")  # fmt: skip
+    t.add_argument("--threads-per-shard", type=int, default=1, metavar="T", help="CPU threads per shard (default 1)")
+    t.add_argument("--min-shard-seconds", type=float, metavar="S",
+                   help="audio each shard gets at least (default IFW_SHARD_MIN_SECONDS, 300)")  # fmt: skip
+    t.add_argument("--format", choices=[*FORMATS, "diarized_json"], default="json",
+                   help="output format (default: json, the original API's shape; diarized_json: OpenAI's speaker "
+                   "segments, with --diarize implied)")  # fmt: skip
     t.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: IFW_DEVICE or auto")
     t.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
@@ -116,10 +141,17 @@ def transcribe(args: argparse.Namespace) -> int:
                 "timestamp": args.timestamp,
                 "prompt": args.prompt,
                 "temperature": args.temperature,
+                "hotwords": args.hotwords,
+                "vad": {
+                    "threshold": args.vad_threshold,
+                    "prefixPaddingMs": args.vad_prefix_padding_ms,
+                    "silenceDurationMs": args.vad_silence_duration_ms,
+                },
+                "multichannel": args.multichannel,
                 "diarization": {
-                    "enabled": args.diarize or any(
-                        v is not None for v in (args.num_speakers, args.min_speakers, args.max_speakers)
-                    ),
+                    "enabled": args.diarize
+                    or (not args.multichannel and (args.format == "diarized_json" or bool(args.known_speaker)))
+                    or any(v is not None for v in (args.num_speakers, args.min_speakers, args.max_speakers)),
                     "numSpeakers": args.num_speakers,
                     "minSpeakers": args.min_speakers,
                     "maxSpeakers": args.max_speakers,
@@ -130,19 +162,31 @@ def transcribe(args: argparse.Namespace) -> int:
         for err in e.errors():
             print(f"error: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}", file=sys.stderr)
         return errors.EXIT_BAD_INPUT
+    try:  # local files are references too here (the CRD takes only http(s) URLs)
+        spec.diarization.known_speakers = _known_speakers(args.known_speaker or []) or None
+    except ValueError as e:
+        print(f"error: --known-speaker: {e}", file=sys.stderr)
+        return errors.EXIT_BAD_INPUT
 
-    def show_progress(processed: float, total: float) -> None:
-        if sys.stderr.isatty() and total > 0:
-            print(f"\r{100 * processed / total:5.1f}% of {total:.0f} s", end="", file=sys.stderr, flush=True)
+    from ifw.runner.progress import TerminalBar
 
+    bar = TerminalBar(sys.stderr) if sys.stderr.isatty() else None  # quiet when stderr is a file or a pipe
     try:
-        transcript = pipeline.run(spec, args.source, settings, on_progress=show_progress)
+        if args.shards != 1:
+            transcript = _sharded(spec, args, settings)
+        else:
+            transcript = pipeline.run(spec, args.source, settings, on_progress=bar)
     except errors.RunnerError as e:
+        if bar:
+            bar.close()
         print(f"error: {e.reason}: {e.message}", file=sys.stderr)
         return e.exit_code
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    body = formats.render(transcript, args.format)
+    if bar:
+        bar.close()
+    if args.format == "diarized_json":
+        body = json.dumps(formats.to_diarized_json(transcript), ensure_ascii=False)
+    else:
+        body = formats.render(transcript, args.format)
     if not body.endswith("\n"):
         body += "\n"
     if args.output:
@@ -150,6 +194,46 @@ def transcribe(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(body)
     return 0
+
+
+def _sharded(spec, args: argparse.Namespace, settings):
+    """--shards N: N child processes on this machine, one shard each, merged into one transcript."""
+    from ifw.core import shards
+    from ifw.runner import errors
+    from ifw.runner.shard import run_local
+
+    if args.shards < 1 or args.threads_per_shard < 1:
+        raise errors.InvalidSpec(f"--shards and --threads-per-shard must be at least 1, got {args.shards} and "
+                                 f"{args.threads_per_shard}")  # fmt: skip
+    minimum = args.min_shard_seconds if args.min_shard_seconds is not None else settings.shard_min_seconds
+    if minimum <= shards.CUT_WINDOW_SECONDS:
+        raise errors.InvalidSpec(f"--min-shard-seconds must be more than {shards.CUT_WINDOW_SECONDS:g}, got {minimum:g}")
+    partials = run_local(spec, args.source, args.shards, settings, threads=args.threads_per_shard,
+                         min_shard_seconds=minimum)  # fmt: skip
+    d = spec.diarization
+    return shards.merge(partials, num_speakers=d.num_speakers, min_speakers=d.min_speakers,
+                        max_speakers=d.max_speakers)  # fmt: skip
+
+
+def _known_speakers(items: list[str]) -> list:
+    from ifw.crds.transcriptionjob import (
+        MAX_KNOWN_SPEAKERS,
+        KnownSpeaker,
+        check_known_speaker_names,
+        check_speaker_name,
+    )
+
+    if len(items) > MAX_KNOWN_SPEAKERS:
+        raise ValueError(f"at most {MAX_KNOWN_SPEAKERS} known speakers")
+    known = []
+    for item in items:
+        name, sep, clip = item.partition("=")
+        if not sep or not clip:
+            raise ValueError(f"{item!r} must be NAME=CLIP (a file or http(s) URL)")
+        known.append(KnownSpeaker.model_construct(name=check_speaker_name(name, "name"),
+                                                  audio=AudioSource.model_construct(url=clip)))  # fmt: skip
+    check_known_speaker_names([k.name for k in known], "names")
+    return known
 
 
 def main(argv: list[str] | None = None) -> int:

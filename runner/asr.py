@@ -32,9 +32,15 @@ LANGUAGE_MIN_SPEECH_SECONDS = 2.0
 LANGUAGE_MIN_PROBABILITY = 0.5
 # A stretch of speech at least this long that no segment touches is decoded again on its own.
 RETRY_MIN_SECONDS = 1.0
+# Streaming: the first piece is cut at its first pause after this many seconds and decoded on its
+# own, so that the first text comes once a few seconds of audio are decoded, not after a whole
+# batch (24 pieces are 12 minutes of audio); the other pieces follow in time order.
+STREAM_FIRST_SECONDS = 8.0
 
 ProgressCallback = Callable[[float, float], None]  # (processed seconds, total seconds)
-TextCallback = Callable[[str], None]  # the text so far, in time order (it only grows)
+# The final text's beginning, as it grows: only text that no later pass can change (the final
+# text starts with every text passed), in time order.
+TextCallback = Callable[[str], None]
 
 
 def speech_of(piece: vad.Piece) -> tuple[tuple[float, float], ...]:
@@ -76,6 +82,8 @@ def transcribe(
     timestamp: str = "chunk",
     prompt: str | None = None,
     temperature: float = 0.0,
+    hotwords: Sequence[str] = (),
+    vad_options: vad.VadOptions | None = None,
     condition_on_previous: bool = False,
     on_progress: ProgressCallback | None = None,
     on_text: TextCallback | None = None,
@@ -89,19 +97,24 @@ def transcribe(
     conditions every piece; `condition_on_previous` adds the previous piece's text to it
     (the pieces are then decoded one after the other). `stats` collects the generate() calls;
     `decode` replaces this job's own decode_pieces calls (cross-job batching). `on_text` gets
-    the text so far each time the pieces from the start on have grown (for streaming clients;
-    the final text may still differ where later passes redo a piece).
+    the text so far each time it grows (streaming clients): the pieces from the start on whose
+    text is final, so that the final text starts with every text passed. Streaming decodes a
+    short first piece alone, then the others in time order (see STREAM_FIRST_SECONDS).
     """
     if decode is None:
         decode = functools.partial(_decode_alone, whisper, batch_size, stats)
     language = language or None
     decoding.check_task_and_language(whisper, task, language)
-    decoding.prompt_ids(whisper, prompt)  # a bad prompt fails before any decoding
+    joined = decoding.join_hotwords(hotwords)
+    decoding.prompt_ids(whisper, prompt, joined)  # a bad prompt fails before any decoding
     if pieces is None:
-        pieces = vad.split_audio(audio)
-    job = _Transcription(audio, whisper, pieces, task=task, prompt=prompt, temperature=temperature,
+        pieces = vad.split_audio(audio, options=vad_options)
+    if on_text is not None:
+        pieces = _short_first(pieces, STREAM_FIRST_SECONDS)
+    job = _Transcription(audio, whisper, pieces, task=task, prompt=prompt, hotwords=joined, temperature=temperature,
                          word_timestamps=timestamp == "word", on_progress=on_progress, on_text=on_text)  # fmt: skip
-    speech = [sum(b - a for a, b in speech_of(p)) for p in pieces]
+    speech = job.speech
+    job.settling = language is None and whisper.multilingual
     job.report_progress()
     if not pieces:
         return Transcript(text="", segments=[], task=task, timestamp=timestamp,
@@ -111,6 +124,8 @@ def transcribe(
     requests = [job.request(p, language or only_language(whisper)) for p in pieces]
     if condition_on_previous:
         results = _decode_in_order(decode, requests, job.on_done)
+    elif on_text is not None:
+        results = _decode_in_time_order(decode, requests, job.on_done, batch_size)
     else:
         results = decode(requests, job.on_done)
 
@@ -126,7 +141,8 @@ def transcribe(
 
     per_piece = [list(job.segments_of(i, r)) for i, r in enumerate(results)]
     dropped = job.decode_uncovered_speech(decode, results, per_piece)
-    segments = sorted((s for segs in per_piece for s in segs), key=lambda s: s.start)
+    # piece by piece, as the stream gave them (pieces do not overlap: the same as sorting them all)
+    segments = [s for segs in per_piece for s in sorted(segs, key=lambda s: s.start)]
     return Transcript(
         text="".join(s.text for s in segments),  # each carries its leading space
         segments=segments,
@@ -147,13 +163,14 @@ class _Transcription:
     and the progress and text reported so far."""
 
     def __init__(self, audio: np.ndarray, whisper: WhisperModel, pieces: list[vad.Piece], *, task: str,
-                 prompt: str | None, temperature: float, word_timestamps: bool,
+                 prompt: str | None, hotwords: str | None, temperature: float, word_timestamps: bool,
                  on_progress: ProgressCallback | None, on_text: TextCallback | None):  # fmt: skip
         self.audio = audio
         self.whisper = whisper
         self.pieces = pieces
         self.task = task
         self.prompt = prompt
+        self.hotwords = hotwords
         self.temperature = temperature
         self.word_timestamps = word_timestamps
         self.on_progress = on_progress
@@ -162,10 +179,13 @@ class _Transcription:
         self.processed = self.duration - sum(p.duration for p in pieces)  # silence counts as done
         self.decoded: dict[int, tuple[PieceResult, list[Segment]]] = {}  # piece -> its result and segments
         self.streamed = 0  # pieces[:streamed] are in the text so far
+        self.speech = [sum(b - a for a, b in speech_of(p)) for p in pieces]  # seconds of speech per piece
+        self.settling = False  # the file's language is settled after the first pass (settle_languages)
 
     def request(self, piece: vad.Piece, language: str | None) -> PieceRequest:
         clip = self.audio[int(piece.start * SAMPLE_RATE) : int(piece.end * SAMPLE_RATE)]
-        return PieceRequest(clip, self.task, language, self.prompt, self.temperature, self.word_timestamps)
+        return PieceRequest(clip, self.task, language, self.prompt, self.temperature, self.word_timestamps,
+                            hotwords=self.hotwords)  # fmt: skip
 
     def segments_of(self, i: int, result: PieceResult) -> list[Segment]:
         """A piece's segments, made once per result (streaming makes them as the pieces finish)."""
@@ -185,11 +205,36 @@ class _Transcription:
             for i, r in zip(done, finished, strict=True):
                 self.segments_of(i, r)
             before = self.streamed
-            while self.streamed in self.decoded:
+            while self.streamed in self.decoded and self.final(self.streamed):
                 self.streamed += 1
             if self.streamed > before:
                 self.on_text("".join(s.text for i in range(self.streamed) for s in self.decoded[i][1]))
         self.report_progress()
+
+    def final(self, i: int) -> bool:
+        """Whether decoded piece i's text is final: no stretch of its speech will be decoded again
+        (decode_uncovered_speech) and settling the language will not redo it (settle_languages)."""
+        result, segments = self.decoded[i]
+        if _retry_stretches(self.pieces[i], segments):
+            return False
+        return not self.settling or self._sure(i, result) or result.language == self._dominant()
+
+    def _sure(self, i: int, result: PieceResult) -> bool:
+        return (self.speech[i] >= LANGUAGE_MIN_SPEECH_SECONDS
+                and (result.language_probability or 0.0) >= LANGUAGE_MIN_PROBABILITY)  # fmt: skip
+
+    def _dominant(self) -> str | None:
+        """The language settle_languages will find, once no piece still to decode can change it
+        (the sure pieces' leader ahead by more than their speech); else None."""
+        weight: Counter[str] = Counter()
+        for i, (r, _) in self.decoded.items():
+            if r.verdict == "ok" and self._sure(i, r):
+                weight[r.language] += self.speech[i]
+        if not weight:
+            return None
+        (lead, most), *rest = weight.most_common(2) + [("", 0.0)]
+        to_come = sum(s for i, s in enumerate(self.speech) if i not in self.decoded)
+        return lead if most > rest[0][1] + to_come else None
 
     def decode_uncovered_speech(self, decode: Decode, results: list[PieceResult],
                                 per_piece: list[list[Segment]]) -> int:  # fmt: skip
@@ -198,12 +243,8 @@ class _Transcription:
         dropped = 0
         retries: list[tuple[int, vad.Piece]] = []
         for i, (piece, segs) in enumerate(zip(self.pieces, per_piece, strict=True)):
-            regions = speech_of(piece)
-            if segs:
-                gaps = [(a, b) for a, b in regions if b - a >= RETRY_MIN_SECONDS and not _touched(a, b, segs)]
-            elif len(regions) > 1:
-                gaps = list(regions)  # cut smaller: each stretch of speech alone
-            else:
+            gaps = _retry_stretches(piece, segs)
+            if gaps is None:
                 gaps = []
                 dropped += 1  # nothing smaller to try: given up (counted)
             retries += [(i, vad.Piece(a, b, ((a, b),))) for a, b in gaps]
@@ -221,6 +262,40 @@ def _decode_alone(whisper: WhisperModel, batch_size: int, stats: DecodeStats | N
                   requests: list[PieceRequest], on_done: OnDone | None) -> list[PieceResult]:  # fmt: skip
     """transcribe()'s decode when no shared decoder is given: this job's pieces on their own."""
     return decoding.decode_pieces(whisper, requests, batch_size=batch_size, on_done=on_done, stats=stats)
+
+
+def _retry_stretches(piece: vad.Piece, segments: Sequence[Segment]) -> list[tuple[float, float]] | None:
+    """The stretches of a piece's speech to decode again on their own: those no segment touches,
+    or each stretch when the piece has no text; None when nothing smaller is left to try."""
+    regions = speech_of(piece)
+    if segments:
+        return [(a, b) for a, b in regions if b - a >= RETRY_MIN_SECONDS and not _touched(a, b, segments)]
+    return list(regions) if len(regions) > 1 else None
+
+
+def _short_first(pieces: list[vad.Piece], seconds: float) -> list[vad.Piece]:
+    """The first piece cut at the first pause after `seconds` (when it has one), for streaming."""
+    if not pieces or not pieces[0].regions:
+        return pieces
+    first = pieces[0]
+    for k, (_, end) in enumerate(first.regions[:-1]):
+        if end - first.start >= seconds:
+            rest = first.regions[k + 1 :]
+            return [vad.Piece(first.start, end, first.regions[: k + 1]), vad.Piece(rest[0][0], first.end, rest),
+                    *pieces[1:]]  # fmt: skip
+    return pieces
+
+
+def _decode_in_time_order(decode: Decode, requests: list[PieceRequest], on_done: OnDone,
+                          batch_size: int) -> list[PieceResult]:  # fmt: skip
+    """Streaming: the first piece alone, then the others in time order, `batch_size` per call, so
+    that the text from the start on grows call by call (one call would finish them all at once)."""
+    results: list[PieceResult] = []
+    bounds = [0, 1, *range(1 + max(1, batch_size), len(requests), max(1, batch_size)), len(requests)]
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            results += decode(requests[a:b], lambda done, finished, a=a: on_done([a + i for i in done], finished))
+    return results
 
 
 def _decode_in_order(decode: Decode, requests: list[PieceRequest], on_done: OnDone) -> list[PieceResult]:

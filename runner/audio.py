@@ -167,6 +167,7 @@ class DecodeReport:
     samples_read: int = 0  # samples ffmpeg delivered, all passes together
     decoded_seconds: float = 0.0
     tail_error: str = ""  # ffmpeg's words where the decode stopped at an error at the very end
+    channels: int | None = None  # the audio stream's channels, as ffprobe states them
 
     @property
     def cut_short(self) -> bool:
@@ -218,7 +219,7 @@ def _probe(path: Path, limit_s: float, report: DecodeReport) -> bool:
     cmd = [
         _tool("ffprobe"), "-hide_banner", "-v", "warning", "-protocol_whitelist", "file",
         "-select_streams", "a:0", "-read_intervals", f"{limit_s:.3f}%+#{_PROBE_PACKETS}",
-        "-show_entries", "stream=start_time,duration:format=duration:packet=pts_time",
+        "-show_entries", "stream=start_time,duration,channels:format=duration:packet=pts_time",
         "-of", "json", str(path),
     ]  # fmt: skip
     try:
@@ -229,6 +230,7 @@ def _probe(path: Path, limit_s: float, report: DecodeReport) -> bool:
         return False
     stream = (info.get("streams") or [{}])[0]
     report.stated_seconds = _float(stream.get("duration")) or _float(info.get("format", {}).get("duration"))
+    report.channels = int(stream["channels"]) if str(stream.get("channels", "")).isdigit() else None
     report.stated_is_estimate = b"Estimating duration from bitrate" in done.stderr
     start = _float(stream.get("start_time")) or 0.0
     packets = (_float(p.get("pts_time")) for p in info.get("packets", []))
@@ -243,13 +245,15 @@ class _Samples:
     so a decode peaks at about its samples plus one step.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.array = np.empty(max(capacity, 1), dtype=np.float32)
+    def __init__(self, capacity: int, channels: int = 1) -> None:
+        # Multichannel: interleaved frames of `channels` samples; capacity and counts are in frames.
+        self.channels = channels
+        self.array = np.empty(max(capacity * channels, 1), dtype=np.float32)
         self.nbytes = 0
 
     def fill(self, pipe: BinaryIO, stop_after: int) -> bool:
         """Read to EOF; True, at once, if more than `stop_after` samples come."""
-        stop_bytes = stop_after * 4
+        stop_bytes = stop_after * 4 * self.channels
         while self.nbytes <= stop_bytes:
             if self.nbytes == self.array.nbytes:
                 size = self.array.size
@@ -264,7 +268,7 @@ class _Samples:
 
     @property
     def count(self) -> int:
-        return self.nbytes // 4
+        return self.nbytes // (4 * self.channels)
 
     def clear(self) -> None:
         self.nbytes = 0
@@ -273,7 +277,9 @@ class _Samples:
         array = self.array
         self.release()
         if array.size > self.count:
-            array.resize(self.count, refcheck=False)  # shrinks in place: no copy
+            array.resize(self.count * self.channels, refcheck=False)  # shrinks in place: no copy
+        if self.channels > 1:  # (channels, frames): a view, each channel's samples strided
+            return array[: self.count * self.channels].reshape(-1, self.channels).T
         return array
 
     def release(self) -> None:
@@ -281,15 +287,17 @@ class _Samples:
 
 
 def _run_ffmpeg(
-    path: Path, strict: bool, samples: _Samples, stop_after: int, report: DecodeReport
-) -> tuple[int | None, str]:
+    path: Path, strict: bool, samples: _Samples, stop_after: int, report: DecodeReport,
+    seek: tuple[float, float | None] = (0.0, None),
+) -> tuple[int | None, str]:  # fmt: skip
     """One ffmpeg pass into `samples`: (exit code, or None if stopped past `stop_after`; stderr)."""
     cmd = [
         _tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error", *(["-xerror"] if strict else []),
         "-protocol_whitelist", "file",
+        *_seek_args(seek),
         "-i", str(path),
         "-map", "0:a:0", "-vn", "-sn", "-dn",
-        "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-c:a", "pcm_f32le",
+        "-ac", str(samples.channels), "-ar", str(SAMPLE_RATE), "-f", "f32le", "-c:a", "pcm_f32le",
         "-t", f"{(stop_after + _SECOND) / SAMPLE_RATE:.3f}",  # past the stop, no further
         "pipe:1",
     ]  # fmt: skip
@@ -310,7 +318,17 @@ def _run_ffmpeg(
     return (None if stopped else code), stderr
 
 
-def decode_audio(path: Path, settings: RunnerSettings, report: DecodeReport | None = None) -> np.ndarray:
+def _seek_args(seek: tuple[float, float | None]) -> list[str]:
+    """ffmpeg input options for a stretch of the file (a shard's range): it seeks, and decodes only that.
+    Input seeking is sample-accurate when decoding: the same command always gives the same samples."""
+    start, length = seek
+    return [*(["-ss", f"{start:.6f}"] if start > 0 else []), *(["-t", f"{length:.6f}"] if length is not None else [])]
+
+
+def decode_audio(
+    path: Path, settings: RunnerSettings, report: DecodeReport | None = None, *,
+    start: float = 0.0, length: float | None = None, multichannel: bool = False,
+) -> np.ndarray:  # fmt: skip
     """Decode any audio (or video with audio) file to 16 kHz mono float32, as far as it goes.
 
     One rule for every container: a file cut short is decoded up to the cut (a WAV streamed
@@ -320,6 +338,10 @@ def decode_audio(path: Path, settings: RunnerSettings, report: DecodeReport | No
     follows. The length limit is checked before any sample is held where the container
     allows, and in any case as the samples come. Only the local file protocol is allowed: a
     playlist (HLS, concat) must not make ffmpeg fetch URLs behind the SSRF guard's back.
+    With ``start``/``length`` (seconds) only that stretch is decoded: a shard's range (ifw.runner.shard).
+    With ``multichannel`` each channel is kept (not mixed to mono): an array (channels, samples) of a file
+    with 2 to MAX_CHANNELS channels, the length limit counted over all channels together (the work and
+    the memory grow with both); a mono file raises NotMultichannel.
     """
     path = Path(path)
     report = report if report is not None else DecodeReport()
@@ -331,17 +353,31 @@ def decode_audio(path: Path, settings: RunnerSettings, report: DecodeReport | No
     max_samples = int(limit_s * SAMPLE_RATE)
     if _probe(path, limit_s, report):
         raise _too_long(limit_s, report)
+    channels = _channels(report) if multichannel else 1
+    if channels > 1:
+        limit_s /= channels
+        max_samples = int(limit_s * SAMPLE_RATE)
     stated = report.stated_seconds
+    if length is not None:  # a stretch: room for that much (and no more when the file states nothing)
+        stated = min(stated or length, length)
     expected = int(min(stated, limit_s) * SAMPLE_RATE) + _SECOND if stated else _GROW
-    samples = _Samples(expected)
+    samples = _Samples(expected, channels)
     try:
-        return _decode(path, samples, max_samples, limit_s, report)
+        return _decode(path, samples, max_samples, limit_s, report, (start, length))
+    except errors.AudioTooLarge as error:
+        if channels == 1:
+            raise
+        raise errors.AudioTooLarge(
+            f"the audio is longer than {limit_s:g} s: with {channels} channels transcribed one by one, the limit "
+            f"of {settings.max_audio_seconds:g} s (IFW_MAX_AUDIO_SECONDS) counts every channel"
+        ) from error
     finally:
         samples.release()  # a failure's traceback keeps the frames alive: not the samples with them
 
 
-def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, report: DecodeReport) -> np.ndarray:
-    code, stderr = _run_ffmpeg(path, True, samples, max_samples, report)
+def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, report: DecodeReport,
+            seek: tuple[float, float | None] = (0.0, None)) -> np.ndarray:  # fmt: skip
+    code, stderr = _run_ffmpeg(path, True, samples, max_samples, report, seek)
     if code is None:
         raise _too_long(limit_s, report)
     if code != 0:
@@ -349,10 +385,10 @@ def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, rep
         if failed_at == 0:
             raise errors.InvalidAudio(f"cannot decode the audio: {_reason(stderr, path)}")
         # Stopped at an error: decode again, past it, to see whether it was the end.
-        code, _ = _run_ffmpeg(path, False, samples, failed_at + _TAIL, report)
+        code, _ = _run_ffmpeg(path, False, samples, failed_at + _TAIL, report, seek)
         if code is None:
             raise errors.InvalidAudio(
-                f"cannot decode the audio: it is damaged at {failed_at / SAMPLE_RATE:.1f} s and more audio "
+                f"cannot decode the audio: it is damaged at {seek[0] + failed_at / SAMPLE_RATE:.1f} s and more audio "
                 f"follows (skipping the damage would shift every later timestamp): {_reason(stderr, path)}"
             )
         report.tail_error = _reason(stderr, path)
@@ -362,13 +398,30 @@ def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, rep
     if samples.count > max_samples:
         raise _too_long(limit_s, report)
     report.decoded_seconds = samples.count / SAMPLE_RATE
-    if report.cut_short:
+    if report.cut_short and seek == (0.0, None):  # a stretch is shorter than the file by design
         log.warning(
             "the audio ends at %.1f s, before the %.1f s its container states (cut short?): decoded as far as it goes",
             report.decoded_seconds,
             report.stated_seconds,
         )
     return samples.take()
+
+
+def _channels(report: DecodeReport) -> int:
+    """The channel count of a multichannel job's audio, or why it cannot be one."""
+    from ifw.crds.transcriptionjob import MAX_CHANNELS
+
+    n = report.channels
+    if n is None:
+        raise errors.InvalidAudio("multichannel: cannot tell how many channels the audio has (ffprobe states none)")
+    if n < 2:
+        raise errors.NotMultichannel(
+            "multichannel was asked for but the audio has one channel (mono): send the recording with one "
+            "channel per speaker, or leave multichannel off (diarization can split one channel by speaker)"
+        )
+    if n > MAX_CHANNELS:
+        raise errors.InvalidAudio(f"multichannel: the audio has {n} channels; at most {MAX_CHANNELS} are transcribed")
+    return n
 
 
 def _too_long(limit_s: float, report: DecodeReport) -> errors.AudioTooLarge:
@@ -381,7 +434,7 @@ def is_url(source: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source))
 
 
-def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path) -> np.ndarray:
+def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path, multichannel: bool = False) -> np.ndarray:
     """A URL (fetched through the guard) or a local file path, decoded once.
 
     The CLI and the Pod share this. Only http(s) URLs are fetched; other schemes
@@ -393,7 +446,7 @@ def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path) -> 
             raise errors.AudioFetchFailed(f"unsupported URL scheme in {text.split('://')[0]!r}: use http or https")
         path = fetch_audio(text, settings, Path(work_dir))
         try:
-            return decode_audio(path, settings)
+            return decode_audio(path, settings, multichannel=multichannel)
         finally:
             path.unlink(missing_ok=True)  # the decoded array is all we keep
-    return decode_audio(Path(text).expanduser(), settings)
+    return decode_audio(Path(text).expanduser(), settings, multichannel=multichannel)

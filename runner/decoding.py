@@ -91,6 +91,8 @@ class PieceRequest:
     prompt: str | None = None  # text the piece is conditioned on (spellings, names, style)
     temperature: float = 0.0  # of the first decode; 0 is greedy
     word_timestamps: bool = False
+    # terms placed before the prompt (faster-whisper's hotwords), joined: see prompt_ids
+    hotwords: str | None = None
 
 
 @dataclass
@@ -237,15 +239,18 @@ def decode_pieces(
         groups: dict[tuple, list[int]] = {}
         for i in pending:
             s = states[i]
-            groups.setdefault((s.request.task, s.request.prompt or "", s.request.word_timestamps, s.temperature),
-                              []).append(i)  # fmt: skip
+            groups.setdefault((s.request.task, s.request.prompt or "", s.request.hotwords or "",
+                               s.request.word_timestamps, s.temperature), []).append(i)  # fmt: skip
         for group in groups.values():
             group.sort(key=lambda i: -len(requests[i].clip))
             temperature = states[group[0]].temperature
             rows = options.rows(temperature)
             pos = 0
             while pos < len(group):
-                limit = BATCH_LIMITS.rows(whisper, max(1, batch_size))  # sequences per call
+                # batch_size pieces per call, sampled ones too (best_of rows each): a decoder step costs
+                # nearly the same for 24 rows as for 120 on a GPU, so a fallback of batch_size // best_of
+                # pieces per call would waste most of it. Memory decides the rest (BatchLimits, in rows).
+                limit = BATCH_LIMITS.rows(whisper, max(1, batch_size) * rows)  # sequences per call
                 idx = group[pos : pos + max(1, limit // rows)]
                 try:
                     candidates = _decode_chunk(whisper, [states[i] for i in idx], options)
@@ -357,15 +362,39 @@ def check_task_and_language(whisper: WhisperModel, task: str, language: str | No
         raise InvalidSpec(f"model {whisper.name!r} does not know language {language!r}")
 
 
-def prompt_ids(whisper: WhisperModel, prompt: str | None) -> list[int] | None:
-    """<|startofprev|> and the prompt's last MAX_PROMPT_TOKENS tokens (as OpenAI's initial_prompt)."""
-    if not prompt or not prompt.strip():
+def prompt_ids(whisper: WhisperModel, prompt: str | None, hotwords: str | None = None) -> list[int] | None:
+    """<|startofprev|>, the hotwords, then the prompt's last tokens, MAX_PROMPT_TOKENS in all.
+
+    The hotwords come first and are kept whole (they are bounded well inside the budget); the
+    prompt (and, conditioning on previous text, the piece before) gets the rest, its end kept as
+    OpenAI's initial_prompt is. faster-whisper places its hotwords the same way."""
+    hot = _text_ids(whisper, hotwords, "spec.hotwords")[:MAX_PROMPT_TOKENS]
+    text = _text_ids(whisper, prompt, "spec.prompt")
+    room = MAX_PROMPT_TOKENS - len(hot)
+    ids = hot + (text[-room:] if room > 0 and text else [])
+    if not ids:
         return None
+    return [_startofprev(whisper), *ids]
+
+
+def join_hotwords(terms: Sequence[str]) -> str | None:
+    """The terms as the text placed before the prompt: comma-separated, as a list of names reads."""
+    kept = [t.strip() for t in terms if t and t.strip()]
+    return ", ".join(kept) or None
+
+
+def _text_ids(whisper: WhisperModel, text: str | None, field: str) -> list[int]:
+    """The tokens of " text" (as Whisper's prompt spells it), without <|startofprev|>."""
+    if not text or not text.strip():
+        return []
     try:
-        ids = [int(t) for t in whisper.processor.get_prompt_ids(prompt)]
-    except ValueError as e:  # special tokens such as <|en|> written in the prompt
-        raise InvalidSpec(f"spec.prompt: {e}") from e
-    return ids[:1] + ids[1:][-MAX_PROMPT_TOKENS:]
+        return [int(t) for t in whisper.processor.get_prompt_ids(text)][1:]
+    except ValueError as e:  # special tokens such as <|en|> written in the text
+        raise InvalidSpec(f"{field}: {e}") from e
+
+
+def _startofprev(whisper: WhisperModel) -> int:
+    return int(whisper.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>"))
 
 
 def _verdict(cand: _Candidate, no_speech_prob: float | None, options: DecodeOptions) -> str:
@@ -430,7 +459,7 @@ def generate_inputs(whisper: WhisperModel, states: Sequence[_State],
         for s, e in zip(fresh, encoded, strict=True):
             s.encoded = e
     encoded = torch.stack([s.encoded for s in states])
-    prompt = prompt_ids(whisper, request.prompt)
+    prompt = prompt_ids(whisper, request.prompt, request.hotwords)
     first = [i for i, s in enumerate(states) if s.no_speech_prob is None]
     if first:
         _first_step(whisper, [states[i] for i in first], encoded[first], prompt)

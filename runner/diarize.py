@@ -57,6 +57,9 @@ class Diarization(NamedTuple):
 
     turns: list[Turn]  # pyannote's full output: people talking at once give overlapping turns
     exclusive: list[Turn]  # one speaker at a time (the likeliest), for giving words a speaker
+    # Each speaker's embedding centroid (what clustering found), for matching speakers across the
+    # shards of one file (ifw.core.shards.merge); None where the pipeline gives none.
+    centroids: dict[str, list[float]] | None = None
 
 
 def diarize(
@@ -119,7 +122,10 @@ def run_pipeline(
     # pyannote 4 returns DiarizeOutput; pipelines built with legacy=True return an Annotation.
     full = getattr(output, "speaker_diarization", output)
     exclusive = getattr(output, "exclusive_speaker_diarization", output)
-    return _relabel(_turns(full), _turns(exclusive))
+    # pyannote orders speaker_embeddings' rows as full.labels()
+    embeddings = getattr(output, "speaker_embeddings", None)
+    centroids = None if embeddings is None else dict(zip(map(str, full.labels()), embeddings, strict=False))
+    return _relabel(_turns(full), _turns(exclusive), centroids)
 
 
 def _turns(annotation) -> list[Turn]:
@@ -162,7 +168,7 @@ def _check_hints(num: int | None, lo: int | None, hi: int | None) -> None:
         raise errors.InvalidSpec(f"diarization.minSpeakers ({lo}) is greater than maxSpeakers ({hi})")
 
 
-def _relabel(full: list[Turn], exclusive: list[Turn]) -> Diarization:
+def _relabel(full: list[Turn], exclusive: list[Turn], centroids: dict | None = None) -> Diarization:
     """Sort turns and name speakers SPEAKER_00, SPEAKER_01, ... by first appearance in the
     exclusive turns (what transcripts show), then in the full ones (speakers heard only in
     overlap), so both views use the same names."""
@@ -173,7 +179,9 @@ def _relabel(full: list[Turn], exclusive: list[Turn]) -> Diarization:
     def rename(turns: list[Turn]) -> list[Turn]:
         return [(round(s, 3), round(e, 3), names[label]) for s, e, label in sorted(turns)]
 
-    return Diarization(rename(full), rename(exclusive))
+    if centroids is not None:
+        centroids = {names[k]: [float(x) for x in v] for k, v in centroids.items() if k in names}
+    return Diarization(rename(full), rename(exclusive), centroids)
 
 
 def _device(choice: str):

@@ -44,6 +44,12 @@ class InvalidAudio(RunnerError):
     reason = Reason.InvalidAudio
 
 
+class NotMultichannel(RunnerError):
+    """spec.multichannel on audio with a single channel."""
+
+    reason = Reason.NotMultichannel
+
+
 class AudioTooLarge(RunnerError):
     reason = Reason.AudioTooLarge
 

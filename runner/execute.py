@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ifw.core import results
-from ifw.core.contract import Failure, Reason, Runtime
+from ifw.core.contract import Failure, Reason, Runtime, now_string
 from ifw.core.transcript import ProcessedBy
-from ifw.crds.transcriptionjob import TranscriptionJobSpec
+from ifw.crds.transcriptionjob import PARALLELISM_AUTO, TranscriptionJobSpec
 from ifw.runner import errors, metrics
 from ifw.runner.progress import ProgressReporter, final_status, keep_trying, streams
 
@@ -37,12 +37,26 @@ class Cancelled(Exception):
 
 
 class HandBack(Exception):
-    """The runner gives the job back to the operator unrun (a Job or another worker takes it)."""
+    """The runner gives the job back to the operator unrun (a Job or another worker takes it; with
+    ``shards``, the Indexed Job of that many shards)."""
 
-    def __init__(self, reason: Reason, message: str):
+    def __init__(self, reason: Reason, message: str, shards: int | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.shards = shards
+
+
+def auto_shards(spec: TranscriptionJobSpec, settings: RunnerSettings, duration: float) -> int:
+    """How many shards an Auto job's audio asks for (1: run it here). Only audio longer than the operator's
+    threshold is sharded, into pieces of at least its shortest shard, at most its most shards."""
+    from ifw.core.shards import effective_count
+
+    if spec.parallelism != PARALLELISM_AUTO or settings.shard_count is not None or not spec.shardable:
+        return 1
+    if duration <= settings.shard_auto_above_seconds:
+        return 1
+    return effective_count(settings.shard_max_count, duration, settings.shard_min_seconds)
 
 
 class Attempt(ABC):
@@ -138,8 +152,10 @@ def run(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, store: r
     None when the attempt ended otherwise (failed, handed back, cancelled)."""
     meta = tj.get("metadata") or {}
     where = f"{meta.get('namespace')}/{meta.get('name')}"
+    # One shard of a sharded job does its stretch and stores a partial result; the operator merges.
+    work = transcribe_shard if settings.shard_count is not None else transcribe
     try:
-        final = transcribe(tj, attempt, settings, store, core_v1)
+        final = work(tj, attempt, settings, store, core_v1)
     except Cancelled:
         log.info("%s: cancelled", where)
         return None
@@ -152,6 +168,50 @@ def run(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, store: r
         log.warning("%s: %s: %s", where, failure.reason, failure.message)
         attempt.fail(failure)
         return None
-    log.info("%s: done (%s)", where, final["result"].get("ref"))
+    log.info("%s: done (%s)", where, (final.get("result") or {}).get("ref") or "partial result stored")
+    return final
+
+
+def shard_item(status: dict[str, Any], attempt: Attempt, settings: RunnerSettings) -> dict[str, Any]:
+    """This shard's entry of status.shards.items, merged into its own key only: the shards write at once."""
+    where = attempt.processed_by
+    item = {**status, "pod": where.pod, "node": where.node, "lastUpdateTime": now_string()}
+    return {"shards": {"items": {str(settings.shard_index): {k: v for k, v in item.items() if v is not None}}}}
+
+
+def transcribe_shard(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, store: results.ResultSettings,
+                     core_v1: Any) -> dict[str, Any]:  # fmt: skip
+    """One shard's work: its stretch of the audio, the partial result stored, its item of status.shards."""
+    from ifw.core import shards
+    from ifw.runner.shard import run_shard
+
+    spec = parse_spec(tj)
+    index, count = settings.shard_index, settings.shard_count
+    if index is None or not 0 <= index < count:
+        raise errors.InvalidSpec(f"shard index {index} is not one of 0..{count - 1} (JOB_COMPLETION_INDEX, set by "
+                                 "the Indexed Job)")  # fmt: skip
+
+    def report(body: dict[str, Any]) -> None:
+        attempt.check()
+        attempt.write(shard_item({"state": "Running", "processedSeconds": body["processedSeconds"],
+                                  "totalSeconds": body["totalSeconds"]}, attempt, settings))  # fmt: skip
+
+    reporter = ProgressReporter(report, settings.progress_interval_seconds)
+    partial = run_shard(spec, spec.audio.url, index, count, settings, on_progress=reporter)
+    metrics.observe_attempt()
+    reporter.flush()
+    attempt.check()
+    made = partial.transcript.processed_by or ProcessedBy()
+    partial.transcript.processed_by = made.model_copy(update=attempt.processed_by.model_dump(exclude_none=True))
+    keep_trying(lambda: shards.store_partial(core_v1, tj, partial), seconds=settings.result_write_retry_seconds,
+                what="storing the partial result")  # fmt: skip
+    length = round(max(partial.end - partial.start, 0.0), 2)
+    item = {"state": "Unused" if partial.unused else "Succeeded", "processedSeconds": length, "totalSeconds": length,
+            "start": round(partial.start, 3), "end": round(partial.end, 3)}  # fmt: skip
+    final = shard_item(item, attempt, settings)
+    if partial.duration:
+        final["audio"] = {"durationSeconds": round(partial.duration, 3)}  # the same from every shard
+    keep_trying(lambda: attempt.finish(final), seconds=settings.result_write_retry_seconds,
+                what="writing the shard's status")  # fmt: skip
     return final
 

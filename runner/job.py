@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ifw.core import contract, kube, results
-from ifw.core.contract import Runtime
+from ifw.core.contract import Reason, Runtime
 from ifw.core.transcript import ProcessedBy
+from ifw.crds.transcriptionjob import PARALLELISM_AUTO, TranscriptionJobSpec
 from ifw.runner import errors, execute
 from ifw.runner.config import RunnerSettings, get_settings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,36 @@ class JobAttempt(execute.Attempt):
     def fail(self, failure: contract.Failure) -> None:
         errors.write_termination_message(failure)
         self.exit_code = failure.exit_code
+        if self.settings.shard_count is not None:  # for kubectl: the Job retries this index (or fails the job)
+            try:
+                self.write(execute.shard_item({"state": "Failed"}, self, self.settings))
+            except Exception as error:  # noqa: BLE001 - the termination message is what counts
+                log.warning("could not report the shard's failure: %s", error)
+
+    def audio(self, spec: TranscriptionJobSpec, settings: RunnerSettings) -> str | np.ndarray:
+        """spec.parallelism Auto: the audio is loaded first, to decide on its length whether this runner
+        transcribes it (it keeps what it loaded) or hands the job back to run as shards."""
+        if spec.parallelism != PARALLELISM_AUTO or settings.shard_count is not None or not spec.shardable:
+            return spec.audio.url
+        from ifw.runner import pipeline
+        from ifw.runner.audio import SAMPLE_RATE
+
+        audio = pipeline.load(spec.audio.url, settings)
+        duration = len(audio) / SAMPLE_RATE
+        count = execute.auto_shards(spec, settings, duration)
+        if count > 1:
+            raise execute.HandBack(Reason.ShardingRequired, f"{duration:.0f} s of audio is over the "
+                                   f"{settings.shard_auto_above_seconds:g} s that Auto runs whole: {count} shards",
+                                   shards=count)  # fmt: skip
+        return audio
+
+    def hand_back(self, back: execute.HandBack) -> None:
+        """Auto on long audio: status.shards.count tells the operator to run the job as that many shards;
+        the pod then ends well (exit 0, no retry spent) and the operator replaces its Job."""
+        try:
+            self.write({"shards": {"count": back.shards}})
+        except contract.Failure as failure:
+            self.fail(failure)  # transient: the Job runs this pod again, which decides again
 
     @property
     def processed_by(self) -> ProcessedBy:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ifw.core.transcript import ProcessedBy
-from ifw.runner import asr, decoding, models
+from ifw.runner import asr, decoding, models, vad
 from ifw.runner.audio import SAMPLE_RATE
 from ifw.runner.errors import InvalidAudio
 
@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load(source: str | Path | np.ndarray, settings: RunnerSettings) -> np.ndarray:
-    """The audio as 16 kHz mono float32: decoded from a URL or a file, or taken as given."""
+def load(source: str | Path | np.ndarray, settings: RunnerSettings, multichannel: bool = False) -> np.ndarray:
+    """The audio as 16 kHz mono float32: decoded from a URL or a file, or taken as given.
+    multichannel: (channels, samples) instead, each channel kept (ifw.runner.channels)."""
+    if multichannel:
+        from ifw.runner import channels
+
+        return channels.load(source, settings)
     if isinstance(source, np.ndarray):
         if source.ndim != 1:
             raise InvalidAudio(f"expected mono audio (a 1-D array), got shape {source.shape}")
@@ -62,6 +67,10 @@ def run(
     models.check_model_allowed(model_name, settings)
     # Load the model before the (possibly long) download: a bad model fails fast.
     whisper = models.load_model(model_name, settings)
+    if spec.multichannel:  # each channel through this same pipeline, as its own speaker
+        from ifw.runner import channels
+
+        return channels.run(spec, source, settings, on_progress=on_progress, stats=stats, decode=decode)
 
     samples = load(source, settings)
     duration = len(samples) / SAMPLE_RATE
@@ -73,9 +82,16 @@ def run(
         from ifw.runner import diarize
 
         d = spec.diarization
+        references = []
+        if d.known_speakers:  # fetched first: a bad reference fails before the diarization runs
+            from ifw.runner import known_speakers
+
+            references = known_speakers.load_references(d.known_speakers, settings, "diarization.knownSpeakers")
         turns = diarize.diarize(
             samples, settings, num_speakers=d.num_speakers, min_speakers=d.min_speakers, max_speakers=d.max_speakers
         )
+        if references:  # the speakers whose voice matches a reference take its name
+            turns = known_speakers.rename(turns, known_speakers.name_speakers(samples, turns, references, settings))
         log.info("diarization: %d turns, %d speakers", len(turns), len({t[2] for t in turns}))
 
     transcript = asr.transcribe(
@@ -84,9 +100,12 @@ def run(
         task=spec.task,
         language=spec.language or None,
         batch_size=spec.batch_size,
-        timestamp=spec.timestamp,
+        # with speakers, word times split chunks where the speaker changes (dropped after: speakers.py)
+        timestamp="word" if turns is not None else spec.timestamp,
         prompt=spec.prompt,
         temperature=spec.temperature or 0.0,
+        hotwords=spec.hotwords or (),
+        vad_options=vad.VadOptions.from_spec(spec.vad),
         condition_on_previous=settings.condition_on_previous,
         on_progress=on_progress,
         stats=stats,
@@ -96,7 +115,7 @@ def run(
     if turns is not None:
         from ifw.runner.speakers import assign_speakers
 
-        transcript = assign_speakers(transcript, turns)
+        transcript = assign_speakers(transcript, turns, timestamp=spec.timestamp)
     # How the model ran; the runtime adds who ran it (execute.transcribe).
     transcript.processed_by = ProcessedBy(device=whisper.device.type, dtype=whisper.dtype_name,
                                           attention=whisper.attention)  # fmt: skip

@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ifw.core.contract import ANNOTATION_STREAM, Failure, now_string
+from ifw.core.contract import ANNOTATION_STREAM, Failure
+from ifw.core.progress import final_status, progress_body
 from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
+
+__all__ = ["ProgressReporter", "TerminalBar", "final_status", "keep_trying", "progress_body", "streams"]
 
 log = logging.getLogger(__name__)
 
@@ -40,50 +43,16 @@ def keep_trying(write: Callable[[], Any], *, seconds: float, what: str) -> Any:
     return retrying(write)
 
 
-def final_status(transcript: Any, result: dict[str, Any], stream: bool = False) -> dict[str, Any]:
-    """The runner's last status write, the same from a Job's pod and from a pool worker
-    (a streaming job's progress.text ends as the whole text, within the size cap)."""
-    progress = progress_body(transcript.duration, transcript.duration)
-    if stream:
-        progress["text"] = transcript.text[:MAX_PROGRESS_TEXT]
-    final: dict[str, Any] = {
-        "progress": progress,
-        "audio": {
-            "durationSeconds": transcript.duration,
-            "language": transcript.language,
-            "languageProbability": transcript.language_probability,
-            # nothing dropped silently: speech found, speech with text, stretches given up
-            "speechSeconds": transcript.speech_seconds,
-            "textSeconds": transcript.text_seconds,
-            "droppedPieces": transcript.dropped_pieces,
-        },
-        "result": result,
-    }
-    if transcript.speakers is not None:
-        final["speakers"] = len({turn.speaker for turn in transcript.speakers})
-    return final
-
-
 def streams(tj: dict[str, Any]) -> bool:
     """The job asked for its text as it grows (the gateway's stream=true sets the annotation)."""
     return ((tj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STREAM) == "true"
 
 
-def progress_body(processed: float, total: float) -> dict[str, Any]:
-    """status.progress as the CRD spells it."""
-    processed = min(max(processed, 0.0), total) if total > 0 else 0.0
-    return {
-        "percent": round(100.0 * processed / total, 1) if total > 0 else 0.0,
-        "processedSeconds": round(processed, 2),
-        "totalSeconds": round(total, 2),
-        "lastUpdateTime": now_string(),
-    }
-
-
 class ProgressReporter:
     """Callable as an asr.ProgressCallback; sends at most one report per `interval` seconds.
 
-    The first report and the final one (processed == total) always go out. A
+    The first report, the first with text (a streaming client's first words should not wait for
+    the interval) and the final one (processed == total) always go out. A
     failing sink is logged, never raised: progress is not worth failing a job.
     """
 
@@ -94,6 +63,7 @@ class ProgressReporter:
         self._last_sent: float | None = None
         self._pending: tuple[float, float] | None = None
         self._text: str | None = None
+        self._text_sent = False
         self.sent: list[dict[str, Any]] = []  # what went out, for logs and tests
 
     def text(self, so_far: str) -> None:
@@ -103,7 +73,8 @@ class ProgressReporter:
     def __call__(self, processed: float, total: float) -> None:
         now = self.clock()
         final = total > 0 and processed >= total
-        if self._last_sent is None or final or now - self._last_sent >= self.interval:
+        first_text = self._text is not None and not self._text_sent
+        if self._last_sent is None or final or first_text or now - self._last_sent >= self.interval:
             self._send(processed, total, now)
         else:
             self._pending = (processed, total)
@@ -119,8 +90,44 @@ class ProgressReporter:
         body = progress_body(processed, total)
         if self._text is not None:
             body["text"] = self._text
+            self._text_sent = True
         try:
             self.sink(body)
             self.sent.append(body)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             log.warning("progress report failed: %s", e)
+
+
+class TerminalBar:
+    """The command line's progress bar, for a terminal: audio seconds done of the total and the
+    speed (audio seconds per wall-clock second, × real time), redrawn in place at most `every`
+    seconds apart (and at the end). `close()` ends its line."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: Any, every: float = 0.1, clock: Callable[[], float] = time.monotonic):
+        self.stream = stream
+        self.every = every
+        self.clock = clock
+        self.started = clock()
+        self._drawn: float | None = None
+        self._shown = False
+
+    def __call__(self, processed: float, total: float) -> None:
+        now = self.clock()
+        if total <= 0 or (self._drawn is not None and now - self._drawn < self.every and processed < total):
+            return
+        self._drawn = now
+        done = min(max(processed, 0.0), total)
+        filled = int(self.WIDTH * done / total)
+        elapsed = now - self.started
+        speed = f"{done / elapsed:5.1f}× real time" if elapsed > 0 and done > 0 else " " * 16
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {done:7.1f} / {total:.1f} s of audio  {speed}")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -11,6 +11,12 @@ chunk) mixes two people. Where people talk at once, a word goes to the speaker
 who overlaps it most, and on a tie to the one whose turns around it are
 longest (the main speaker, not the "mm-hm"). Without word timestamps the
 segment is the unit.
+
+Chunk timestamps with diarization: the pipeline computes word times anyway (they
+cost one small alignment pass) and asks for timestamp="chunk" here: segments are
+split at speaker changes as above, then their words are dropped, so the output
+keeps the original API's chunk shape while no chunk (and no srt/vtt cue) names
+two people.
 """
 
 from __future__ import annotations
@@ -69,17 +75,19 @@ class _TurnIndex:
         return min(candidates)[1]
 
 
-def assign_speakers(transcript: Transcript, turns: Sequence[Turn]) -> Transcript:
+def assign_speakers(transcript: Transcript, turns: Sequence[Turn], timestamp: str | None = None) -> Transcript:
     """A copy of ``transcript`` with speakers on its words/segments and ``speakers`` filled in.
 
     ``turns`` are ``(start, end, speaker)`` from diarization, in any order. No turns
     (no speech found) gives ``speakers == []`` and leaves everything unassigned.
+    ``timestamp="chunk"``: the transcript was made with word times only for this; its segments
+    are split by them, then the words are dropped (a chunk-level transcript comes back).
     """
     out = transcript.model_copy(deep=True)
     index = _TurnIndex(turns)
     if not index.turns:
         out.speakers = []
-        return out
+        return _chunk_level(out) if timestamp == "chunk" else out
 
     by_words = any(seg.words for seg in out.segments)
     segments: list[Segment] = []
@@ -97,7 +105,15 @@ def assign_speakers(transcript: Transcript, turns: Sequence[Turn]) -> Transcript
     for seg in out.segments:
         units.extend(seg.words if by_words and seg.words else [seg])
     out.speakers = _merge(units, join=_joiner(out))
-    return out
+    return _chunk_level(out) if timestamp == "chunk" else out
+
+
+def _chunk_level(transcript: Transcript) -> Transcript:
+    """The transcript as chunk timestamps give it: no words (they were only computed to split by speaker)."""
+    transcript.timestamp = "chunk"
+    for seg in transcript.segments:
+        seg.words = None
+    return transcript
 
 
 def _split_by_speaker(seg: Segment, language: str | None) -> list[Segment]:

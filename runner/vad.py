@@ -19,9 +19,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ifw.crds.transcriptionjob import (
+    VAD_DEFAULT_PREFIX_PADDING_MS,
+    VAD_DEFAULT_SILENCE_DURATION_MS,
+    VAD_DEFAULT_THRESHOLD,
+)
 from ifw.runner.audio import SAMPLE_RATE
 
 MAX_PIECE_SECONDS = 30.0  # Whisper's window
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Silero's settings (spec.vad; OpenAI's server_vad names): the bounds are the CRD's."""
+
+    threshold: float = VAD_DEFAULT_THRESHOLD
+    prefix_padding_ms: int = VAD_DEFAULT_PREFIX_PADDING_MS
+    silence_duration_ms: int = VAD_DEFAULT_SILENCE_DURATION_MS
+
+    @classmethod
+    def from_spec(cls, vad) -> VadOptions:
+        """spec.vad (any field may be absent) as options; absent fields keep the defaults."""
+        if vad is None:
+            return cls()
+        given = {k: getattr(vad, k) for k in ("threshold", "prefix_padding_ms", "silence_duration_ms")}
+        return cls(**{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -115,7 +137,9 @@ def speech_regions(
         return _regions(audio, 0, len(audio), kwargs)
     # Each stretch also reads one window past its end, so it sees every region
     # that starts inside it to the region's real end.
-    cuts = [round(i * len(audio) / n) for i in range(n + 1)]
+    # The cuts sit on Silero's 512-sample frame grid: each stretch sees the frames one pass would
+    # (and a shard of a long file, which starts on that grid too, the frames the unsharded run sees).
+    cuts = [round(i * len(audio) / n / 512) * 512 for i in range(n)] + [len(audio)]
     overlap = int(max_region_s * SAMPLE_RATE)
     stretches = [(cuts[i], min(cuts[i + 1] + overlap, len(audio))) for i in range(n)]
     with ThreadPoolExecutor(n, thread_name_prefix="vad") as pool:
@@ -189,6 +213,10 @@ def _at_most(regions: list[tuple[float, float]], limit: float):
         yield start, end
 
 
-def split_audio(audio: np.ndarray, max_piece_s: float = MAX_PIECE_SECONDS) -> list[Piece]:
+def split_audio(audio: np.ndarray, max_piece_s: float = MAX_PIECE_SECONDS, *,
+                options: VadOptions | None = None) -> list[Piece]:  # fmt: skip
     """The ≤max_piece_s pieces of the audio that hold speech, in time order (none for silence)."""
-    return plan_pieces(speech_regions(audio, max_region_s=max_piece_s), max_piece_s)
+    o = options or VadOptions()
+    regions = speech_regions(audio, threshold=o.threshold, min_silence_s=o.silence_duration_ms / 1000,
+                             pad_s=o.prefix_padding_ms / 1000, max_region_s=max_piece_s)  # fmt: skip
+    return plan_pieces(regions, max_piece_s)

@@ -362,9 +362,9 @@ class PoolAttempt(execute.Attempt):
         worker = self.worker.settings
         if model not in self.worker.models:
             raise HandBack(Reason.ModelNotServed, f"pool worker {worker.name} holds {self.worker.models}, not {model!r}")
-        audio = pipeline.load(spec.audio.url, settings)
+        audio = pipeline.load(spec.audio.url, settings, multichannel=spec.multichannel)
         self.check()
-        duration = len(audio) / SAMPLE_RATE
+        duration = audio.shape[-1] / SAMPLE_RATE  # (channels, samples) for a multichannel job
         if duration > worker.max_audio_seconds and spec.runtime != Runtime.Pool:
             raise HandBack(Reason.AudioTooLongForPool,
                            f"{duration:.0f} s of audio is over the pool's {worker.max_audio_seconds:g} s")  # fmt: skip

@@ -60,6 +60,16 @@ BENCHMARKS = {
         [pytest.mark.model],
         [r"\| Harvard conversation \| [\d.]+ \|", r"First call in the process"],
     ),
+    "fanout": (
+        [pytest.mark.model],
+        [
+            r"\| 1 \| 1 \| [\d.]+ \| 1.00 \| 1.00 \| 1 \|",
+            r"\| 2 \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 2 \|",
+            r"serial fraction [\d.]+",
+            r"Amdahl: 1 h of audio on 8 GPUs: speed-up [\d.]+x",
+            r"plot: \S+\.png",
+        ],
+    ),
 }
 
 

@@ -165,3 +165,46 @@ def test_a_pod_lost_with_the_machine_is_failed_by_the_next_stand_in_and_the_job_
         assert "restarted" in terminated.message
         pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
         assert sorted(p.status.phase for p in pods) == ["Failed", "Succeeded"]
+
+
+# Index 1 fails on its first try (transient), then succeeds: retried alone; index 2 may be told to fail with bad input.
+INDEXED = (
+    "import os, sys; i = os.environ['JOB_COMPLETION_INDEX']; flag = os.path.join(os.environ['FLAGS'], i); "
+    "first = not os.path.exists(flag); open(flag, 'w').close(); "
+    "sys.exit(2 if i == os.environ.get('BAD') else 1 if i == '1' and first else 0)"
+)
+
+
+def indexed_body(tmp_path, bad: str = "") -> dict:
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"ix-{uuid.uuid4().hex[:6]}"},
+        "spec": {
+            "completionMode": "Indexed", "completions": 3, "parallelism": 3, "backoffLimitPerIndex": 1,
+            "maxFailedIndexes": 0,
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]},
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                "name": "runner", "image": "local", "command": ["python", "-c", INDEXED],
+                "env": [{"name": "FLAGS", "value": str(tmp_path)}, {"name": "BAD", "value": bad}],
+            }]}},
+        },
+    }  # fmt: skip
+
+
+def test_an_indexed_job_runs_each_index_and_retries_a_failed_one_alone(kube, namespace, node, tmp_path):
+    with kube.api_client() as api:
+        batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+        name = batch.create_namespaced_job(namespace, indexed_body(tmp_path)).metadata.name
+        job = finished(batch, namespace, name)
+        assert [c.reason for c in job.status.conditions if c.type == "Complete"] == ["CompletionsReached"]
+        assert (job.status.succeeded, job.status.completed_indexes, job.status.failed) == (3, "0-2", 1)
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        by_index = sorted(p.metadata.labels["batch.kubernetes.io/job-completion-index"] for p in pods)
+        assert by_index == ["0", "1", "1", "2"]  # index 1 twice: its retry, and no other index again
+
+
+def test_an_indexed_job_fails_at_once_on_bad_input_and_stops_its_other_pods(kube, namespace, node, tmp_path):
+    with kube.api_client() as api:
+        batch = client.BatchV1Api(api)
+        name = batch.create_namespaced_job(namespace, indexed_body(tmp_path, bad="2")).metadata.name
+        job = finished(batch, namespace, name)
+        assert [c.reason for c in job.status.conditions if c.type == "Failed"] == ["PodFailurePolicy"]

@@ -84,6 +84,12 @@ INVALID = [
     ("negative ttl", {"ttlSecondsAfterFinished": -5}, "spec.ttlSecondsAfterFinished", "ttlSecondsAfterFinished"),
     ("bad queue name", {"queueName": "Not A Queue"}, "spec.queueName", "queueName"),
     ("path-like model", {"model": "../../etc/passwd"}, "spec.model", "model"),
+    ("parallelism 0", {"parallelism": 0}, "spec.parallelism", "parallelism"),
+    ("parallelism 65", {"parallelism": 65}, "spec.parallelism", "parallelism"),
+    ("parallelism not Auto", {"parallelism": "auto"}, "spec.parallelism", "parallelism"),
+    ("shards of channels", {"parallelism": 2, "multichannel": True}, "spec.parallelism", "parallelism"),
+    ("shards with known speakers", {"parallelism": 3, "diarization": {"enabled": True, "knownSpeakers": [
+        {"name": "Alice", "audio": {"url": URL}}]}}, "spec.parallelism", "parallelism"),
 ]
 
 
@@ -130,6 +136,7 @@ def test_defaults_are_applied_on_create(api, namespace):
         "batchSize": 64,
         "timestamp": "chunk",
         "diarization": {"enabled": False},
+        "multichannel": False,
         "suspend": False,
         "backoffLimit": 2,
     }
@@ -152,9 +159,12 @@ def test_valid_full_manifest_is_accepted(api, namespace):
         backoffLimit=0,
         ttlSecondsAfterFinished=0,
         queueName="gpu-queue",
+        parallelism=64,
     )
     created = create(api, namespace, body)
     assert tj.TranscriptionJobSpec.model_validate(created["spec"]).diarization.max_speakers == 2
+    auto = create(api, namespace, manifest("auto", parallelism="Auto"))
+    assert tj.TranscriptionJobSpec.model_validate(auto["spec"]).parallelism == "Auto"
 
 
 @pytest.mark.parametrize(
@@ -167,6 +177,7 @@ def test_valid_full_manifest_is_accepted(api, namespace):
         ("spec.diarization", lambda s: s["diarization"].update(enabled=True)),
         ("spec.webhook", lambda s: s.update(webhook={"url": URL})),
         ("spec.queueName", lambda s: s.update(queueName="other")),
+        ("spec.parallelism", lambda s: s.update(parallelism=4)),
     ],
 )
 def test_spec_is_immutable(api, namespace, field, change):
@@ -237,12 +248,13 @@ def test_kubectl_get_prints_the_columns(kube, api, namespace):
     api.patch_namespaced_custom_object_status(
         tj.GROUP, tj.VERSION, namespace, tj.PLURAL, "columns",
         {"status": {"phase": "Running", "progress": {"percent": 37.5}, "audio": {"language": "en", "durationSeconds": 92.4},
-                    "reason": "PodRunning", "model": "openai/whisper-large-v3", "jobName": "columns-runner"}},
+                    "reason": "PodRunning", "model": "openai/whisper-large-v3", "jobName": "columns-runner",
+                    "shards": {"count": 3, "items": {"0": {"state": "Running", "processedSeconds": 4.5}}}}},
     )
     table = kubectl(kube, "get", "tj", "-n", namespace)
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LANGUAGE", "DURATION", "AGE"]
-    assert row.split()[:5] == ["columns", "Running", "37.5", "en", "92.4"]
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "SHARDS", "LANGUAGE", "DURATION", "AGE"]
+    assert row.split()[:6] == ["columns", "Running", "37.5", "3", "en", "92.4"]
 
     wide = kubectl(kube, "get", "transcriptionjobs.ifw.dev", "-n", namespace, "-o", "wide").splitlines()
     assert wide[0].split()[-5:] == ["REASON", "MODEL", "RUNTIME", "WORKER", "JOB"]

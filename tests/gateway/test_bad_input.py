@@ -35,6 +35,10 @@ import pytest
 from tests.gateway.conftest import Driver, Server, free_port
 from tests.speaking import speak
 
+# A mono 16 kHz PCM WAV header (fmt chunk: 1 channel), no samples: the gateway reads the channel count.
+MONO_WAV_HEADER = (b"RIFF" + (36).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little") + bytes([1, 0, 1, 0])
+                   + (16000).to_bytes(4, "little") + (32000).to_bytes(4, "little") + bytes([2, 0, 16, 0]) + b"data"
+                   + bytes(4))  # fmt: skip
 pytestmark = pytest.mark.cluster
 
 KEY = "catalogue-key"
@@ -151,6 +155,13 @@ REST_CASES = [
     j("webhook-header-many", "webhook.header with 33 entries", 422, "webhook.header", url=URL,
       webhook={"url": HOOK, "header": {f"X-{i}": "v" for i in range(33)}}),
     j("async-no-webhook", "is_async without webhook", 400, "Webhook", url=URL, is_async=True),
+    j("hotwords-many", "hotwords: 101 terms", 422, "hotwords", url=URL, hotwords=["w"] * 101),
+    j("hotwords-long", "hotwords: a term of 101 characters", 422, "hotwords.0", url=URL, hotwords=["x" * 101]),
+    j("hotwords-string", 'hotwords: "kopf" (not a list)', 422, "hotwords", url=URL, hotwords="kopf"),
+    j("vad-threshold", "vad.threshold: 1.5", 422, "vad.threshold", url=URL, vad={"threshold": 1.5}),
+    j("vad-padding", "vad.prefix_padding_ms: 5000", 422, "vad.prefix_padding_ms", url=URL,
+      vad={"prefix_padding_ms": 5000}),
+    j("vad-unknown", "vad.min_speech_ms (unknown)", 422, "vad.min_speech_ms", url=URL, vad={"min_speech_ms": 5}),
     j("async-type", 'is_async: "maybe"', 422, "is_async", url=URL, is_async="maybe"),
     # ---------------------------------------------------------------- POST / bodies
     Rest("body-not-json", "body: {not json", 422, "body", content=b"{not json",
@@ -172,6 +183,7 @@ REST_CASES = [
     form("form-unknown-field", "an unknown field diarize_audio", 422, "diarize_audio", files={"file": WAV},
          diarize_audio="true"),
     form("form-webhook-text", "webhook: not JSON", 422, "webhook", files={"file": WAV}, webhook="https://x"),
+    form("form-vad-text", "vad: not JSON", 422, "vad", files={"file": WAV}, vad="0.5"),
     form("form-batch-text", 'batch_size: "x"', 422, "batch_size", files={"file": WAV}, batch_size="x"),
     form("form-file-as-text", "file sent as a text field", 422, "file", file="not a file part"),
     form("form-too-large", "a 70 KB upload (limit 64 KiB)", 413, "body",
@@ -185,10 +197,22 @@ REST_CASES = [
     oa("oa-temperature-type", 'temperature: "hot"', 422, "temperature", temperature="hot"),
     oa("oa-words-json", "timestamp_granularities[]=word with json", 422, "timestamp_granularities[]",
        **{"timestamp_granularities[]": "word"}),
-    oa("oa-unknown-field", "known_speaker_names[] (not supported)", 422, "known_speaker_names[]",
+    oa("oa-unknown-field", "speaker_labels (not supported)", 422, "speaker_labels", speaker_labels="true"),
+    oa("oa-known-name-alone", "known_speaker_names[] without its reference", 422, "known_speaker_references[]",
        **{"known_speaker_names[]": "alice"}),
-    oa("oa-chunking-object", "chunking_strategy: server_vad object", 422, "chunking_strategy",
-       chunking_strategy='{"type": "server_vad"}'),
+    oa("oa-multichannel-mono", "multichannel=true on a mono WAV", 422, "multichannel", multichannel="true",
+       files={"file": ("a.wav", MONO_WAV_HEADER, "audio/wav")}),
+    oa("oa-chunking-threshold", "chunking_strategy: server_vad threshold 2", 422, "chunking_strategy.threshold",
+       chunking_strategy='{"type": "server_vad", "threshold": 2}'),
+    oa("oa-chunking-type", 'chunking_strategy: type "semantic_vad"', 422, "chunking_strategy.type",
+       chunking_strategy='{"type": "semantic_vad"}'),
+    oa("oa-chunking-text", 'chunking_strategy: "fast" (neither auto nor JSON)', 422, "chunking_strategy",
+       chunking_strategy="fast"),
+    oa("oa-chunking-form", "chunking_strategy[silence_duration_ms]=-5 (the SDK's encoding)", 422,
+       "chunking_strategy.silence_duration_ms",
+       **{"chunking_strategy[type]": "server_vad", "chunking_strategy[silence_duration_ms]": "-5"}),
+    oa("oa-hotword-special", "hotwords[]=<|en|> (a Whisper special token)", 422, "hotwords",
+       **{"hotwords[]": "<|en|>"}),
     oa("oa-model", 'model: "gpt-9" (not offered)', 422, "model", model="gpt-9"),
     oa("oa-stream-srt", "stream=true with srt", 422, "stream", stream="true", response_format="srt"),
     oa("oa-logprobs-text", "include[]=logprobs with text", 422, "include[]", response_format="text",

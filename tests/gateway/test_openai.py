@@ -262,9 +262,10 @@ def test_models_lists_what_the_server_allows(gateway_factory, driver, wav):
     ("kwargs", "param"),
     [
         ({"language": "klingon"}, "language"),
-        ({"known_speaker_names": ["agent"]}, "known_speaker_names[]"),
-        ({"chunking_strategy": {"type": "server_vad", "threshold": 0.4}}, "chunking_strategy"),
-        ({"extra_body": {"hotwords": "kopf"}}, "hotwords"),
+        ({"known_speaker_names": ["agent"]}, "known_speaker_references[]"),  # a name needs its reference
+        ({"chunking_strategy": {"type": "server_vad", "threshold": 1.4}}, "chunking_strategy.threshold"),
+        ({"chunking_strategy": {"type": "server_vad", "prefix_padding_ms": 3000}}, "chunking_strategy.prefix_padding_ms"),
+        ({"extra_body": {"hotwords": ["x" * 101]}}, "hotwords.0"),
         ({"include": ["logprobs"], "response_format": "verbose_json"}, "include[]"),
         ({"timestamp_granularities": ["word"]}, "timestamp_granularities[]"),
         ({"temperature": 1.5}, "temperature"),

@@ -249,7 +249,8 @@ def test_a_pool_worker_gets_what_a_runner_job_gets(helm, tmp_path, monkeypatch, 
     jc, pc = job["containers"][0], pool["containers"][0]
 
     def env(c: dict, own: str) -> dict[str, dict]:
-        return {e["name"]: e for e in c["env"] if not e["name"].startswith(own)}
+        # IFW_SHARD_*: what Auto sharding means, for a Job's runner; a pool worker runs every job whole
+        return {e["name"]: e for e in c["env"] if not e["name"].startswith((own, "IFW_SHARD_"))}
 
     assert env(pc, "IFW_WORKER_") == env(jc, "IFW_JOB_")
     assert pc.get("envFrom") == jc.get("envFrom")

@@ -34,6 +34,7 @@ def sample(speech):
 def test_transcribe_prints_the_original_json_shape(sample, wer):
     p = cli("transcribe", str(sample.path), "--model", "tiny.en")
     assert p.returncode == 0, p.stderr
+    assert "real time" not in p.stderr and "\r" not in p.stderr, p.stderr  # stderr is a pipe: no progress bar
     out = json.loads(p.stdout)
     assert set(out) >= {"text", "chunks"}
     assert wer(sample.text, out["text"]) <= 0.2, out["text"]
@@ -99,6 +100,55 @@ def test_prompt_spells_a_name_as_given(speech):
     p = cli("transcribe", str(clip.path), "--model", "tiny.en", "--format", "text", "--prompt", "Siobhan Kowalczyk")
     assert p.returncode == 0, p.stderr
     assert "Siobhan Kowalczyk before Thursday" in p.stdout, p.stdout
+
+
+@pytest.mark.model
+def test_diarized_json_with_a_progress_bar_on_a_terminal(conversation, wer):
+    """The real two-speaker Harvard conversation, stderr on a pseudo-terminal: OpenAI's diarized_json
+    on stdout (diarization implied), and on stderr a bar redrawn in place up to the whole duration."""
+    import pty
+    import re
+    import threading
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IFW_")}
+    env.update(OMP_NUM_THREADS="2", IFW_CPU_THREADS="2", IFW_DEVICE="cpu", HF_HUB_OFFLINE="1")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "ifw.runner", "transcribe", str(conversation.path), "--model",
+                          "tiny.en", "--format", "diarized_json"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=slave, stdin=subprocess.DEVNULL)  # fmt: skip
+    os.close(slave)
+    terminal = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end closed
+                return
+            if not chunk:
+                return
+            terminal.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    stdout, _ = p.communicate(timeout=600)
+    reader.join(10)
+    os.close(master)
+    shown = terminal.decode(errors="replace")
+    assert p.returncode == 0, shown
+    out = json.loads(stdout)
+    assert out["task"] == "transcribe" and out["duration"] == pytest.approx(conversation.duration, abs=0.05)
+    assert wer(conversation.text, out["text"]) <= 0.15, out["text"]
+    speakers = [s["speaker"] for s in out["segments"]]
+    assert len(set(speakers)) == 2 and all(s["type"] == "transcript.text.segment" for s in out["segments"])
+    assert sum(a != b for a, b in zip(speakers, speakers[1:])) >= 8, speakers  # ten sentences, taking turns
+    draws = re.findall(r"\r\[([#.]+)\] +([\d.]+) / ([\d.]+) s of audio +(?:([\d.]+)× real time)?", shown)
+    assert len(draws) >= 2, shown
+    total = float(draws[-1][2])
+    assert total == pytest.approx(conversation.duration, abs=0.1)
+    assert float(draws[-1][1]) == total and set(draws[-1][0]) == {"#"} and float(draws[-1][3]) > 0, draws[-1]
+    assert [float(d[1]) for d in draws] == sorted(float(d[1]) for d in draws)  # it only goes forward
+    assert shown.rstrip("\r\n").endswith("real time"), shown[-200:]
 
 
 def test_bad_input_exits_2_with_the_reason(tmp_path, sample):

@@ -128,6 +128,31 @@ def test_words_split_a_segment_that_spans_two_speakers():
     assert out.text == " Are you ready? Yes I am."  # the transcript's text is untouched
 
 
+def test_chunk_timestamps_are_split_by_the_words_then_come_back_without_them():
+    """With diarization the pipeline decodes word times even for chunk timestamps: the chunk is cut
+    where the speaker changes, and the output keeps the original's shape (chunks: timestamp, text)."""
+    from ifw.core import formats
+
+    seg = Segment(start=0.0, end=4.0, text=" Are you ready? Yes I am.", words=_words(
+        (0.0, 0.4, " Are"), (0.4, 0.7, " you"), (0.7, 1.5, " ready?"), (2.0, 2.5, " Yes"), (2.5, 2.8, " I"),
+        (2.8, 3.2, " am.")))  # fmt: skip
+    made = _transcript(seg).model_copy(update={"timestamp": "word"})
+    turns = [(0.0, 1.6, "SPEAKER_00"), (1.9, 3.4, "SPEAKER_01")]
+    out = assign_speakers(made, turns, timestamp="chunk")
+    assert out.timestamp == "chunk" and all(s.words is None for s in out.segments)
+    original = formats.to_original_json(out)
+    assert original["chunks"] == [{"timestamp": [0.0, 1.5], "text": " Are you ready?"},
+                                  {"timestamp": [2.0, 4.0], "text": " Yes I am."}]  # fmt: skip
+    assert [s["speaker"] for s in original["speakers"]] == ["SPEAKER_00", "SPEAKER_01"]
+    assert formats.to_srt(out).count("SPEAKER_0") == 2  # one person per cue
+    # without words to go by (the old chunk path), the whole chunk went to one of them
+    whole = assign_speakers(made.model_copy(update={"segments": [seg.model_copy(update={"words": None})]}), turns,
+                            timestamp="chunk")  # fmt: skip
+    assert len(whole.segments) == 1
+    # no turns at all: still chunk-level, unassigned
+    assert assign_speakers(made, [], timestamp="chunk").segments[0].words is None
+
+
 def test_split_keeps_one_speaker_segments_whole_and_joins_stripped_words():
     segs = [
         Segment(start=0.0, end=2.0, text="Hello there.", tokens=[7],

@@ -78,6 +78,7 @@ security from the same rendered settings and cannot disagree.
     "allowlist" (default list $op.webhook.allowlist))
   "pool" (dict "wait_seconds" .Values.pool.waitSeconds "ack_seconds" .Values.pool.ackSeconds)
   "gitops" (dict "labels" $op.gitops.labels "annotations" $op.gitops.annotations)
+  "sharding" (dict "auto_above_seconds" $op.sharding.autoAboveSeconds "min_shard_seconds" $op.sharding.minShardSeconds "max_shards" $op.sharding.maxShards)
 }}
 {{- toJson (mustMergeOverwrite $config (deepCopy (default dict $op.extraConfig))) }}
 {{- end }}
