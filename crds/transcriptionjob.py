@@ -21,6 +21,13 @@ from pydantic.alias_generators import to_camel
 
 from ifw.core.languages import WHISPER_LANGUAGES
 from ifw.core.validators import MAX_URL_LENGTH, URL_PATTERN, check_http_url, check_speaker_hints
+from ifw.crds.vad_defaults import (  # noqa: F401 - re-exported: the gateway reads them here
+    VAD_DEFAULT_PREFIX_PADDING_MS,
+    VAD_DEFAULT_SILENCE_DURATION_MS,
+    VAD_DEFAULT_THRESHOLD,
+    VAD_MAX_PREFIX_PADDING_MS,
+    VAD_MAX_SILENCE_DURATION_MS,
+)
 
 GROUP = "ifw.dev"
 VERSION = "v1alpha1"
@@ -38,11 +45,6 @@ MAX_HOTWORDS = 100
 MAX_HOTWORD_LENGTH = 100  # characters per term
 HOTWORD_SPECIAL = r"<\|[^|]*\|>"  # Whisper's special tokens (<|en|>) cannot be prompted
 # Voice activity detection (OpenAI's server_vad names), the bounds every entry point applies.
-VAD_DEFAULT_THRESHOLD = 0.5  # Silero's speech probability
-VAD_DEFAULT_PREFIX_PADDING_MS = 200  # kept before (and after) each stretch of speech
-VAD_DEFAULT_SILENCE_DURATION_MS = 500  # pauses shorter than this stay inside a stretch of speech
-VAD_MAX_PREFIX_PADDING_MS = 2000
-VAD_MAX_SILENCE_DURATION_MS = 10000
 URL_CEL = "self.matches('" + URL_PATTERN.replace("\\", "\\\\") + "')"
 # A password in a URL would sit in the spec (readable by anyone who may read the job) and in logs.
 NO_CREDENTIALS_CEL = "!self.matches('^https?://[^/?#]*@')"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ifw.crds.transcriptionjob import (
+from ifw.crds.vad_defaults import (
     VAD_DEFAULT_PREFIX_PADDING_MS,
     VAD_DEFAULT_SILENCE_DURATION_MS,
     VAD_DEFAULT_THRESHOLD,
