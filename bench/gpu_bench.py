@@ -449,9 +449,9 @@ _running: list[subprocess.Popen] = []
 
 
 def _die_with_parent():
-    """local/control_plane.py's preexec_fn (stdlib only, so loaded by path even where ifw's other
+    """ifw.core.processes' preexec_fn (stdlib only, so loaded by path even where ifw's other
     dependencies are missing): a child in its own session still ends when this process is SIGKILLed."""
-    spec = importlib.util.spec_from_file_location("_ifw_control_plane", ROOT / "local" / "control_plane.py")
+    spec = importlib.util.spec_from_file_location("_ifw_processes", ROOT / "core" / "processes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.die_with_parent

@@ -7,5 +7,6 @@
 - ``results``: result storage (Secret, S3) and its own settings;
 - ``netguard``: the SSRF-guarded HTTP transport for every request made on a user's behalf;
 - ``kube``: the one Kubernetes client factory;
+- ``processes``: child processes that die with their parent (PR_SET_PDEATHSIG);
 - ``languages``, ``validators``: shared data and checks.
 """

@@ -53,6 +53,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ifw.core.processes import die_with_parent
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / ".ci" / "build-apiserver.sh"
 
@@ -74,36 +76,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _load_prctl():
-    """libc's prctl, looked up once here: a preexec_fn runs between fork and exec, where loading a
-    library (dlopen) in a process with threads may deadlock."""
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except Exception:
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies
-    (pytest killed by a timeout, a crashed CLI, a SIGKILLed `ifw local`): no stray children.
-
-    Linux sends it when the *thread* that forked the child ends, so call it only from a thread
-    that lives as long as the children should (the main thread; ifw local's supervisor)."""
-    if _PRCTL is None:
-        return
-    try:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ Progress is reported in seconds of the file: channel c of n at t seconds is (c *
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,11 +45,9 @@ def load(source: str | Path | np.ndarray, settings: RunnerSettings) -> np.ndarra
             raise errors.NotMultichannel(f"multichannel expects (channels, samples) audio, got shape {source.shape}")
         audio = source
     else:
-        from ifw.runner import audio as audio_io
+        from ifw.runner.pipeline import decode_source
 
-        settings.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=settings.work_dir) as work:
-            audio = audio_io.load_audio(source, settings, Path(work), multichannel=True)
+        audio = decode_source(source, settings, multichannel=True)
     if audio.shape[0] < 2:
         raise errors.NotMultichannel("multichannel was asked for but the audio has one channel (mono)")
     return np.stack([np.ascontiguousarray(row, dtype=np.float32) for row in audio])

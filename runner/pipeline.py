@@ -41,11 +41,16 @@ def load(source: str | Path | np.ndarray, settings: RunnerSettings, multichannel
         if source.ndim != 1:
             raise InvalidAudio(f"expected mono audio (a 1-D array), got shape {source.shape}")
         return np.ascontiguousarray(source, dtype=np.float32)
+    return decode_source(source, settings)
+
+
+def decode_source(source: str | Path, settings: RunnerSettings, *, multichannel: bool = False) -> np.ndarray:
+    """A URL or a file decoded in a scratch folder under settings.work_dir, removed afterwards."""
     from ifw.runner import audio
 
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as work:
-        return audio.load_audio(source, settings, Path(work))
+        return audio.load_audio(source, settings, Path(work), multichannel=multichannel)
 
 
 def run(

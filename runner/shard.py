@@ -264,7 +264,10 @@ def run_local(
     context = multiprocessing.get_context("spawn")
     spec_json = spec.model_dump_json(by_alias=True, exclude_none=True, exclude={"audio"})
     settings_json = settings.model_dump_json(exclude={"hf_token", "shard_index", "shard_count"})
-    with ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
+    from ifw.core.processes import die_with_parent
+
+    # PR_SET_PDEATHSIG in each worker: a shard still decoding ends with a killed CLI, not running on
+    with ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=die_with_parent) as pool:
         futures = [pool.submit(_child, spec_json, str(source), i, count, settings_json, threads, min_shard_seconds)
                    for i in range(count)]  # fmt: skip
         return [PartialResult.model_validate_json(f.result()) for f in futures]

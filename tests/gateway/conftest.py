@@ -345,3 +345,28 @@ def pytest_terminal_summary(terminalreporter, config):
     write("|---|---|---|---|")
     for surface, sent, case, outcome in rows:
         write(f"| {surface} | {sent} | `{case}` | {outcome.replace('|', '/')} |")
+
+
+# The fixtures most HTTP test modules share. `gw` and `client` take the admin key from the module's KEY.
+
+
+@pytest.fixture
+def pool():
+    """Threads for requests that wait on the job the test then plays the runner of."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as p:
+        yield p
+
+
+@pytest.fixture
+def gw(gateway_factory, request):
+    return gateway_factory(uploads=True, admin_key=request.module.KEY, diarization_available=True)
+
+
+@pytest.fixture
+def client(gw, request):
+    """The official OpenAI SDK pointed at the gateway."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=request.module.KEY, max_retries=0, timeout=30)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -31,12 +30,6 @@ EXPECTED_OUTPUT = {
     ],
 }
 PROCESSED_BY = {"pod": "tj-talk-runner-x7k2p", "node": "gpu-node-3", "runtime": "Job"}
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(4) as p:
-        yield p
 
 
 def test_sync_request_waits_for_the_task_and_returns_the_original_shape(gateway, http, driver, pool):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import pytest
@@ -34,12 +33,6 @@ KEY = "the-admin-key-0123456789"
 SYNC_KEYS = {"output", "status", "task_id"}
 ASYNC_ANSWER = {"detail": "Task is being processed in the background", "status": "processing"}
 CHUNK_KEYS = {"timestamp", "text"}
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(4) as p:
-        yield p
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ test_openai's refusals, tests/crds for the apiserver).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
 import pytest
 
@@ -23,24 +21,6 @@ KEY = "figures-key"
 URL = "https://audio.example.com/talk.mp3"
 VAD = {"threshold": 0.6, "prefix_padding_ms": 100, "silence_duration_ms": 300}
 SPEC_VAD = {"threshold": 0.6, "prefixPaddingMs": 100, "silenceDurationMs": 300}
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(2) as p:
-        yield p
-
-
-@pytest.fixture
-def gw(gateway_factory):
-    return gateway_factory(uploads=True, admin_key=KEY, diarization_available=True)
-
-
-@pytest.fixture
-def client(gw):
-    import openai
-
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 def finish(driver, result) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import wave
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -26,24 +25,6 @@ pytestmark = pytest.mark.cluster
 KEY = "speakers-key"
 URL = "https://audio.example.com/call.wav"
 ALICE_URL = "https://audio.example.com/alice.wav"
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(2) as p:
-        yield p
-
-
-@pytest.fixture
-def gw(gateway_factory):
-    return gateway_factory(uploads=True, admin_key=KEY, diarization_available=True)
-
-
-@pytest.fixture
-def client(gw):
-    import openai
-
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 def wav_bytes(channels: int, seconds: float = 2.5) -> bytes:

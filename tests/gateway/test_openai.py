@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -22,24 +21,6 @@ pytestmark = pytest.mark.cluster
 
 KEY = "openai-compatible-key"
 TEXT = transcript().text.strip()  # OpenAI's top-level text has no leading space (its segments keep theirs)
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(2) as p:
-        yield p
-
-
-@pytest.fixture
-def gw(gateway_factory):
-    return gateway_factory(uploads=True, admin_key=KEY, diarization_available=True)
-
-
-@pytest.fixture
-def client(gw):
-    import openai
-
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 def fetch_as_runner(tj: dict) -> httpx.Response:

@@ -4,8 +4,6 @@ the combinations a sharded job cannot honour get a 422 naming the field, and cre
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
 import pytest
 
@@ -15,17 +13,6 @@ pytestmark = pytest.mark.cluster
 
 KEY = "shards-key"
 URL = "https://audio.example.com/meeting.mp3"
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(2) as p:
-        yield p
-
-
-@pytest.fixture
-def gw(gateway_factory):
-    return gateway_factory(uploads=True, admin_key=KEY, diarization_available=True)
 
 
 def finish(driver) -> dict:
@@ -51,11 +38,7 @@ def test_multipart_takes_it_as_text(gw, driver, pool, wav):
         assert pending.result(timeout=15).status_code == 200
 
 
-def test_openai_extra_body_takes_it(gw, driver, pool, wav):
-    import openai
-
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
-
+def test_openai_extra_body_takes_it(client, driver, pool, wav):
     def ask():
         with wav.open("rb") as f:
             return client.audio.transcriptions.create(model="whisper-1", file=f, extra_body={"parallelism": "Auto"})

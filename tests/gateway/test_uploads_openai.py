@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,12 +15,6 @@ import pytest
 from tests.gateway.conftest import transcript
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(2) as p:
-        yield p
 
 
 def fetch_as_runner(tj: dict) -> httpx.Response:
