@@ -40,6 +40,11 @@ def final_status(transcript: Any, result: dict[str, Any], stream: bool = False) 
             "speechSeconds": transcript.speech_seconds,
             "textSeconds": transcript.text_seconds,
             "droppedPieces": transcript.dropped_pieces,
+            # a file cut short: transcribed as far as it goes (durationSeconds), and said so; None clears
+            # what an earlier attempt wrote
+            "cutShort": True if transcript.cut_short else None,
+            "statedSeconds": transcript.stated_duration,
+            "note": transcript.audio_note,
         },
         "result": result,
     }

@@ -184,6 +184,8 @@ def merge(
         text_seconds=_sum(p.transcript.text_seconds for p in used),
         dropped_pieces=sum(p.transcript.dropped_pieces for p in used),
         processed_by=_processed_by(used),
+        # the last shard decodes to the end of the file: whether it was cut short is its to say
+        **used[-1].transcript.model_dump(include={"cut_short", "stated_duration", "audio_note"}),
     )
     return transcript
 

@@ -87,4 +87,11 @@ class Transcript(BaseModel):
     speech_seconds: float | None = Field(None, description="Seconds of speech the VAD detected.")
     text_seconds: float | None = Field(None, description="Seconds of detected speech covered by segments.")
     dropped_pieces: int = Field(0, ge=0, description="Pieces with speech that produced no text after retries.")
+    # A file cut short (an interrupted upload, a recording cut off) is transcribed as far as it goes,
+    # and says so: `duration` is how far that is (ifw.runner.audio.DecodeReport).
+    cut_short: bool = Field(
+        False, description="The audio ends before its container says it does: transcribed as far as it goes."
+    )
+    stated_duration: float | None = Field(None, ge=0, description="With cut_short: the seconds the container states.")
+    audio_note: str | None = Field(None, description="With cut_short: why, in words.")
     processed_by: ProcessedBy | None = Field(None, description="Which pod on which node transcribed it.")

@@ -465,6 +465,12 @@ class AudioInfo(_Model):
     dropped_pieces: int | None = Field(
         None, ge=0, description="Pieces with speech that gave no text after every retry (0: nothing dropped)."
     )
+    cut_short: bool | None = Field(
+        None, description="The audio ends before its container says it does (a file cut off): it was transcribed "
+        "as far as it goes (durationSeconds). Damage with audio after it fails the job (InvalidAudio) instead."
+    )
+    stated_seconds: float | None = Field(None, ge=0, description="With cutShort: the length the container states.")
+    note: str | None = Field(None, max_length=1024, description="With cutShort: why, in words.")
 
 
 class ResultRef(_Model):

@@ -8,6 +8,11 @@ operator turns into a condition:
   AudioFetchFailed (exit 1)       5xx, timeouts, connection dropped mid-body: worth a retry
   AudioTooLarge                   over settings.max_audio_bytes or settings.max_audio_seconds
   InvalidAudio                    not audio, no audio stream, damaged with audio after the damage
+
+One rule for damaged input, whatever the container (decode_audio): a file cut short is decoded as
+far as it goes and the report says so (DecodeReport.cut_short, .note; the transcript and the job's
+status carry it); damage with audio after it is InvalidAudio naming where, because skipping it
+would move every later word earlier.
 """
 
 from __future__ import annotations
@@ -156,6 +161,13 @@ _GROW = 60 * _SECOND  # the buffer's first size and least step when the containe
 _TAIL = _SECOND  # audio after a decode error that still counts as "the end": a cut-off last packet
 _PROBE_PACKETS = 200  # packets read where the limit falls (4 s of Opus, 5 s of MP3)
 _STDERR_TAIL = 64 * 1024  # bytes of ffmpeg's stderr kept: a long damaged file logs a line per frame
+# Seconds a whole file's decode may differ from the length its container states: codec delay and
+# padding (measured up to 0.17 s: MP3 at 8 kHz; 0.1 s at 16 kHz; AAC, Opus, Vorbis, FLAC under 0.05 s).
+# Less time than this lost to damage goes unnoticed; more is a file cut short, or a hole (InvalidAudio).
+_SLACK = 0.25
+_GAP = 0.1  # a jump of the container's timestamps this long is where the damage lies (InvalidAudio names it)
+_WAV_PLACEHOLDER = 0x7FFF_F000  # a WAV data size this large is a pipe's "unknown" (ffmpeg 0xFFFFFFFF, sox 0x7FFFF000)
+_NOTE_MAX = 1024  # characters of DecodeReport.note (the CRD's status.audio.note)
 
 
 @dataclass
@@ -168,13 +180,49 @@ class DecodeReport:
     decoded_seconds: float = 0.0
     tail_error: str = ""  # ffmpeg's words where the decode stopped at an error at the very end
     channels: int | None = None  # the audio stream's channels, as ffprobe states them
+    stream_start: float = 0.0  # the audio stream's first timestamp (its clock's zero), as ffprobe states it
+    unfinished: bool = False  # the container shows it was cut off where it states no length (Ogg: no last page)
+    start: float = 0.0  # the stretch decoded (seconds on the file's clock): a shard's range
+    length: float | None = None  # None: to the end of the file
+
+    @property
+    def to_the_end(self) -> bool:
+        return self.length is None
+
+    @property
+    def ends_early(self) -> bool:
+        """Shorter than its container says (by more than codec delay and padding): a file cut off."""
+        if self.stated_seconds is None or self.stated_is_estimate or not self.decoded_seconds:
+            return False
+        end = self.stated_seconds if self.length is None else min(self.stated_seconds, self.start + self.length)
+        return self.start + self.decoded_seconds < end - _SLACK
 
     @property
     def cut_short(self) -> bool:
-        """Noticeably shorter than its container says: a recording cut off (decoded as far as it goes)."""
-        if self.stated_seconds is None or self.stated_is_estimate or not self.decoded_seconds:
-            return False
-        return self.decoded_seconds < self.stated_seconds - max(1.0, 0.01 * self.stated_seconds)
+        """Decoded only as far as it goes: shorter than its container says, or an Ogg stream without its
+        last page. An error at the very end alone is not: a WAV from a pipe ends in a partial packet, and
+        where a file states no length (that WAV, an MP3 without its Info frame) a cut is not to be seen."""
+        return self.ends_early or (self.unfinished and self.to_the_end)
+
+    @property
+    def note(self) -> str:
+        """Why cut_short, in words ("" when it is not)."""
+        if not self.cut_short:
+            return ""
+        end = self.start + self.decoded_seconds
+        if self.ends_early:
+            why = f"the audio ends at {end:.1f} s, before the {self.stated_seconds:.1f} s its container states"
+        else:
+            why = f"the audio ends at {end:.1f} s without the Ogg stream's last page (the file was cut off)"
+        detail = f" (the decoder: {self.tail_error})" if self.tail_error else ""
+        return f"{why}: transcribed as far as it goes{detail}"[:_NOTE_MAX]
+
+    def transcript_fields(self) -> dict[str, object]:
+        """What the transcript says of it (ifw.core.transcript.Transcript): nothing for audio decoded whole."""
+        if not self.cut_short:
+            return {}
+        stated = round(self.stated_seconds, 3) if self.ends_early and self.stated_seconds is not None else None
+        return {"cut_short": True, "stated_duration": stated, "audio_note": self.note}
 
 
 def _tool(name: str) -> str:
@@ -232,9 +280,136 @@ def _probe(path: Path, limit_s: float, report: DecodeReport) -> bool:
     report.stated_seconds = _float(stream.get("duration")) or _float(info.get("format", {}).get("duration"))
     report.channels = int(stream["channels"]) if str(stream.get("channels", "")).isdigit() else None
     report.stated_is_estimate = b"Estimating duration from bitrate" in done.stderr
-    start = _float(stream.get("start_time")) or 0.0
+    start = report.stream_start = _float(stream.get("start_time")) or 0.0
     packets = (_float(p.get("pts_time")) for p in info.get("packets", []))
     return any(t is not None and t - start > limit_s for t in packets)
+
+
+def _wav_stated_seconds(path: Path) -> float | None:
+    """The length a PCM WAV's header states (its data chunk's size); None where it states none.
+
+    ffprobe reports the length of the bytes that are there for a WAV cut short (as an estimate), so
+    a cut WAV looked whole. A WAV written to a pipe states a placeholder size: that is no length.
+    """
+    with path.open("rb") as f:
+        head = f.read(64 * 1024)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, rate, align = 12, 0, 0
+    while pos + 8 <= len(head):
+        tag, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if tag == b"fmt ":
+            fmt = head[pos + 8 : pos + 24]
+            if len(fmt) < 16 or int.from_bytes(fmt[:2], "little") not in (1, 3, 0xFFFE):  # PCM, float, extensible
+                return None
+            rate, align = int.from_bytes(fmt[4:8], "little"), int.from_bytes(fmt[12:14], "little")
+        elif tag == b"data":
+            if not rate or not align or size == 0 or size >= _WAV_PLACEHOLDER:
+                return None
+            return size // align / rate
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _ogg_unfinished(path: Path) -> bool:
+    """An Ogg file whose last page is cut through or lacks end-of-stream (RFC 3533): cut off.
+
+    Ogg states its length by its last page's timestamp, so a cut Ogg file states the cut length:
+    only the missing end-of-stream flag tells it was cut.
+    """
+    with path.open("rb") as f:
+        if f.read(4) != b"OggS":
+            return False
+        size = f.seek(0, 2)
+        f.seek(max(0, size - 2 * 65_307))  # two pages at most (27 + 255 + 255 * 255 bytes each)
+        tail = f.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0:
+        header = tail[at : at + 27]
+        if len(header) == 27 and header[4] == 0:  # stream structure version 0
+            table = tail[at + 27 : at + 27 + header[26]]
+            end = at + 27 + len(table) + sum(table)
+            if len(table) < header[26] or end > len(tail):
+                return True  # the last page is cut through
+            if end == len(tail):
+                return not header[5] & 0x04  # end-of-stream flag
+        at = tail.rfind(b"OggS", 0, at)
+    return False
+
+
+def _clock_end(path: Path, after: float, seconds: float) -> float | None:
+    """Where the audio stream's packets from `after` (its clock, seconds) on end, reading `seconds` of them."""
+    cmd = [
+        _tool("ffprobe"), "-hide_banner", "-v", "error", "-protocol_whitelist", "file", "-select_streams", "a:0",
+        "-read_intervals", f"{max(after, 0.0):.3f}%+{seconds:.3f}",
+        "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0", str(path),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.debug("ffprobe gave no answer: %s", error)
+        return None
+    ends = [a + (b or 0.0) for a, b in map(_packet, done.stdout.decode(errors="replace").splitlines()) if a is not None]
+    return max(ends) if ends else None
+
+
+def _packet(line: str) -> tuple[float | None, float | None]:
+    pts, _, duration = line.partition(",")
+    return _float(pts), _float(duration.split(",")[0])
+
+
+def _first_gap(path: Path, after: float, min_gap: float) -> tuple[float, float] | None:
+    """(where, how long) on the stream's clock: the first jump of its packets' timestamps over
+    `min_gap` seconds from `after` on; None where there is none. Reads packets (no decoding) and stops there."""
+    cmd = [
+        _tool("ffprobe"), "-hide_banner", "-v", "quiet", "-protocol_whitelist", "file", "-select_streams", "a:0",
+        *(["-read_intervals", f"{after:.3f}%"] if after > 0 else []),
+        "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0", str(path),
+    ]  # fmt: skip
+    end = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                pts, duration = _packet(line)
+                if pts is None:  # a packet the demuxer could not place: the next one says where the clock is
+                    continue
+                if end is not None and pts - end > min_gap:
+                    return end, pts - end
+                end = pts + (duration or 0.0)
+        finally:
+            proc.kill()
+    return None
+
+
+def _check_clock(path: Path, report: DecodeReport) -> None:
+    """InvalidAudio where the decode lost time before the end: damage the decoder passed over with no error.
+
+    FLAC, Ogg and Matroska decoders drop a damaged frame, page or cluster and go on, so every later
+    sample comes early. Such a file decodes to less than its container states; so does one cut
+    short. The container's own clock tells them apart: the timestamps of its last packets end where
+    the samples end in a file cut short, and run on past them in a file with a hole.
+    """
+    if not report.ends_early:
+        return
+    end = report.start + report.decoded_seconds  # seconds on the file's clock
+    stop = None if report.length is None else report.start + report.length
+    clock = _clock_end(path, report.stream_start + end - 1.0, 5.0 + 2 * _SLACK)
+    if clock is None:
+        return
+    clock -= report.stream_start
+    if stop is not None:
+        clock = min(clock, stop)
+    if clock <= end + _SLACK:
+        return  # cut short: decoded as far as it goes
+    lost = clock - end
+    gap = _first_gap(path, report.stream_start + report.start, _GAP)
+    where = (f"at {gap[0] - report.stream_start:.1f} s ({gap[1]:.1f} s of it lost)" if gap
+             else f"before {clock:.1f} s ({lost:.1f} s of it lost)")  # fmt: skip
+    raise errors.InvalidAudio(
+        f"cannot decode the audio: it is damaged {where} and more audio follows (skipping the damage would shift "
+        f"every later timestamp: the decoder gave {end:.1f} s where the container's timestamps run to {clock:.1f} s)"
+    )
 
 
 class _Samples:
@@ -331,11 +506,14 @@ def decode_audio(
 ) -> np.ndarray:  # fmt: skip
     """Decode any audio (or video with audio) file to 16 kHz mono float32, as far as it goes.
 
-    One rule for every container: a file cut short is decoded up to the cut (a WAV streamed
-    with unknown sizes is just such a file); damage with more audio after it, or no audio at
-    all, is InvalidAudio (skipping damage would shift every later timestamp). A strict pass
-    (-xerror) stops at the first error; only when it does, a tolerant pass says whether audio
-    follows. The length limit is checked before any sample is held where the container
+    One rule for every container: a file cut short is decoded up to the cut, and ``report`` says
+    so (cut_short, note: shorter than the container states, an Ogg stream without its last page,
+    or stopped at an error at the very end); a WAV streamed with unknown sizes states no length and
+    decodes whole, unflagged. Damage with more audio after it, or no audio at all, is InvalidAudio
+    naming where (skipping damage would shift every later timestamp). A strict pass (-xerror) stops
+    at the first error; only when it does, a tolerant pass says whether audio follows. Damage a
+    decoder drops with no error (FLAC, Ogg, Matroska) shows as time lost: the decode ends before the
+    container's stated length while the container's timestamps run on (_check_clock). The length limit is checked before any sample is held where the container
     allows, and in any case as the samples come. Only the local file protocol is allowed: a
     playlist (HLS, concat) must not make ffmpeg fetch URLs behind the SSRF guard's back.
     With ``start``/``length`` (seconds) only that stretch is decoded: a shard's range (ifw.runner.shard).
@@ -353,6 +531,11 @@ def decode_audio(
     max_samples = int(limit_s * SAMPLE_RATE)
     if _probe(path, limit_s, report):
         raise _too_long(limit_s, report)
+    wav_seconds = _wav_stated_seconds(path)
+    if wav_seconds is not None:  # the header's length, not what ffprobe estimates from the bytes there
+        report.stated_seconds, report.stated_is_estimate = wav_seconds, False
+    report.unfinished = _ogg_unfinished(path)
+    report.start, report.length = start, length
     channels = _channels(report) if multichannel else 1
     if channels > 1:
         limit_s /= channels
@@ -398,12 +581,9 @@ def _decode(path: Path, samples: _Samples, max_samples: int, limit_s: float, rep
     if samples.count > max_samples:
         raise _too_long(limit_s, report)
     report.decoded_seconds = samples.count / SAMPLE_RATE
-    if report.cut_short and seek == (0.0, None):  # a stretch is shorter than the file by design
-        log.warning(
-            "the audio ends at %.1f s, before the %.1f s its container states (cut short?): decoded as far as it goes",
-            report.decoded_seconds,
-            report.stated_seconds,
-        )
+    _check_clock(path, report)
+    if report.cut_short and report.to_the_end:
+        log.warning("%s", report.note)
     return samples.take()
 
 
@@ -434,8 +614,9 @@ def is_url(source: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source))
 
 
-def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path, multichannel: bool = False) -> np.ndarray:
-    """A URL (fetched through the guard) or a local file path, decoded once.
+def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path, multichannel: bool = False,
+               report: DecodeReport | None = None) -> np.ndarray:  # fmt: skip
+    """A URL (fetched through the guard) or a local file path, decoded once (``report``: what the decode found).
 
     The CLI and the Pod share this. Only http(s) URLs are fetched; other schemes
     (file://, ftp://, ...) are refused rather than guessed at.
@@ -446,7 +627,7 @@ def load_audio(source: str | Path, settings: RunnerSettings, work_dir: Path, mul
             raise errors.AudioFetchFailed(f"unsupported URL scheme in {text.split('://')[0]!r}: use http or https")
         path = fetch_audio(text, settings, Path(work_dir))
         try:
-            return decode_audio(path, settings, multichannel=multichannel)
+            return decode_audio(path, settings, report, multichannel=multichannel)
         finally:
             path.unlink(missing_ok=True)  # the decoded array is all we keep
-    return decode_audio(Path(text).expanduser(), settings, multichannel=multichannel)
+    return decode_audio(Path(text).expanduser(), settings, report, multichannel=multichannel)

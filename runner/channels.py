@@ -38,7 +38,7 @@ def label(channel: int) -> str:
     return f"CHANNEL_{channel}"
 
 
-def load(source: str | Path | np.ndarray, settings: RunnerSettings) -> np.ndarray:
+def load(source: str | Path | np.ndarray, settings: RunnerSettings, report=None) -> np.ndarray:
     """The channels as (channels, samples) float32 at 16 kHz, each row contiguous."""
     if isinstance(source, np.ndarray):
         if source.ndim != 2:
@@ -47,7 +47,7 @@ def load(source: str | Path | np.ndarray, settings: RunnerSettings) -> np.ndarra
     else:
         from ifw.runner.pipeline import decode_source
 
-        audio = decode_source(source, settings, multichannel=True)
+        audio = decode_source(source, settings, multichannel=True, report=report)
     if audio.shape[0] < 2:
         raise errors.NotMultichannel("multichannel was asked for but the audio has one channel (mono)")
     return np.stack([np.ascontiguousarray(row, dtype=np.float32) for row in audio])
@@ -60,11 +60,13 @@ def run(
     on_progress: asr.ProgressCallback | None = None,
     stats: decoding.DecodeStats | None = None,
     decode: decoding.Decode | None = None,
+    report=None,
 ) -> Transcript:
-    """Transcribe each channel of `source` as `spec` asks, and merge them (see the module)."""
+    """Transcribe each channel of `source` as `spec` asks, and merge them (see the module);
+    `report`: what decoding `source` found (ifw.runner.audio.DecodeReport), when it is decoded here."""
     from ifw.runner import known_speakers, pipeline
 
-    audio = load(source, settings)
+    audio = load(source, settings, report)
     n, frames = audio.shape
     duration = frames / SAMPLE_RATE
     known = spec.diarization.known_speakers or []

@@ -10,6 +10,7 @@ themselves are written here once, so a fix or a new field reaches every runtime 
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from ifw.runner.progress import ProgressReporter, final_status, keep_trying, str
 if TYPE_CHECKING:
     import numpy as np
 
+    from ifw.runner.audio import DecodeReport
     from ifw.runner.config import RunnerSettings
     from ifw.runner.decoding import Decode
 
@@ -85,8 +87,16 @@ class Attempt(ABC):
 
     def audio(self, spec: TranscriptionJobSpec, settings: RunnerSettings) -> str | np.ndarray:
         """What the pipeline decodes: the URL (it loads the model first, so a bad model fails before
-        the download), or audio this runtime already loaded to decide whether to take the job."""
+        the download), or audio this runtime already loaded to decide whether to take the job (loaded
+        with ``report=self.decode_report``, so that a file cut short still says so)."""
         return spec.audio.url
+
+    @functools.cached_property
+    def decode_report(self) -> DecodeReport:
+        """What decoding this attempt's audio found (a file cut short): the transcript and status say it."""
+        from ifw.runner.audio import DecodeReport
+
+        return DecodeReport()
 
     def decoder(self, spec: TranscriptionJobSpec) -> Decode | None:
         """A shared decoder to hand the pieces to (a pool worker's batching across jobs); None: own."""
@@ -130,7 +140,7 @@ def transcribe(tj: dict[str, Any], attempt: Attempt, settings: RunnerSettings, s
     reporter = ProgressReporter(report, settings.progress_interval_seconds)
     source = attempt.audio(spec, settings)
     transcript = pipeline.run(spec, source, settings, on_progress=reporter, decode=attempt.decoder(spec),
-                              on_text=reporter.text if stream else None)  # fmt: skip
+                              on_text=reporter.text if stream else None, report=attempt.decode_report)  # fmt: skip
     metrics.observe_attempt()  # the GPU memory peak (runner/metrics.py)
     reporter.flush()
     attempt.check()

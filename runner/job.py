@@ -86,7 +86,7 @@ class JobAttempt(execute.Attempt):
         from ifw.runner import pipeline
         from ifw.runner.audio import SAMPLE_RATE
 
-        audio = pipeline.load(spec.audio.url, settings)
+        audio = pipeline.load(spec.audio.url, settings, report=self.decode_report)
         duration = len(audio) / SAMPLE_RATE
         count = execute.auto_shards(spec, settings, duration)
         if count > 1:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ifw.core.transcript import ProcessedBy
 from ifw.runner import asr, decoding, models, vad
-from ifw.runner.audio import SAMPLE_RATE
+from ifw.runner.audio import SAMPLE_RATE, DecodeReport
 from ifw.runner.errors import InvalidAudio
 
 if TYPE_CHECKING:
@@ -30,27 +30,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load(source: str | Path | np.ndarray, settings: RunnerSettings, multichannel: bool = False) -> np.ndarray:
+def load(source: str | Path | np.ndarray, settings: RunnerSettings, multichannel: bool = False,
+         report: DecodeReport | None = None) -> np.ndarray:  # fmt: skip
     """The audio as 16 kHz mono float32: decoded from a URL or a file, or taken as given.
-    multichannel: (channels, samples) instead, each channel kept (ifw.runner.channels)."""
+    multichannel: (channels, samples) instead, each channel kept (ifw.runner.channels).
+    report: what the decode found (a file cut short), when it is decoded here."""
     if multichannel:
         from ifw.runner import channels
 
-        return channels.load(source, settings)
+        return channels.load(source, settings, report)
     if isinstance(source, np.ndarray):
         if source.ndim != 1:
             raise InvalidAudio(f"expected mono audio (a 1-D array), got shape {source.shape}")
         return np.ascontiguousarray(source, dtype=np.float32)
-    return decode_source(source, settings)
+    return decode_source(source, settings, report=report)
 
 
-def decode_source(source: str | Path, settings: RunnerSettings, *, multichannel: bool = False) -> np.ndarray:
+def decode_source(source: str | Path, settings: RunnerSettings, *, multichannel: bool = False,
+                  report: DecodeReport | None = None) -> np.ndarray:  # fmt: skip
     """A URL or a file decoded in a scratch folder under settings.work_dir, removed afterwards."""
     from ifw.runner import audio
 
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as work:
-        return audio.load_audio(source, settings, Path(work), multichannel=multichannel)
+        return audio.load_audio(source, settings, Path(work), multichannel=multichannel, report=report)
 
 
 def run(
@@ -61,13 +64,17 @@ def run(
     stats: decoding.DecodeStats | None = None,
     decode: decoding.Decode | None = None,
     on_text: asr.TextCallback | None = None,
+    report: DecodeReport | None = None,
 ) -> Transcript:
     """Transcribe `source` as `spec` asks (spec.audio.url is not read: the caller passes the audio).
 
     `stats`, when given, collects what the decode engine did (generate() calls, pieces per call);
     `decode` hands the pieces to a shared decoder instead (a pool worker's cross-job batching);
-    `on_text` gets the text so far as it grows (streaming jobs).
+    `on_text` gets the text so far as it grows (streaming jobs);
+    `report` is what decoding `source` found: filled here when it is decoded here, else the one the
+    caller filled when it decoded it; a file cut short says so in the transcript (cut_short, audio_note).
     """
+    report = report if report is not None else DecodeReport()
     model_name = spec.model or settings.default_model
     models.check_model_allowed(model_name, settings)
     # Load the model before the (possibly long) download: a bad model fails fast.
@@ -75,9 +82,11 @@ def run(
     if spec.multichannel:  # each channel through this same pipeline, as its own speaker
         from ifw.runner import channels
 
-        return channels.run(spec, source, settings, on_progress=on_progress, stats=stats, decode=decode)
+        merged = channels.run(spec, source, settings, on_progress=on_progress, stats=stats, decode=decode,
+                              report=report)  # fmt: skip
+        return merged.model_copy(update=report.transcript_fields())
 
-    samples = load(source, settings)
+    samples = load(source, settings, report=report)
     duration = len(samples) / SAMPLE_RATE
     if on_progress:
         on_progress(0.0, duration)
@@ -124,5 +133,5 @@ def run(
     # How the model ran; the runtime adds who ran it (execute.transcribe).
     transcript.processed_by = ProcessedBy(device=whisper.device.type, dtype=whisper.dtype_name,
                                           attention=whisper.attention)  # fmt: skip
-    return transcript
+    return transcript.model_copy(update=report.transcript_fields())
 

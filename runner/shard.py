@@ -81,10 +81,14 @@ def run_shard(
             start = 0.0 if index == 0 else find_cut(path, settings, lo)
             end = None if index == n - 1 else find_cut(path, settings, hi)
         with clock("decode"):
-            samples = audio.decode_audio(path, settings, start=start, length=None if end is None else end - start)
+            report = audio.DecodeReport()  # the last shard's says whether the file was cut short
+            samples = audio.decode_audio(path, settings, report, start=start,
+                                         length=None if end is None else end - start)  # fmt: skip
     log.info("shard %d of %d: %.2f-%.2f s (nominal %.2f-%.2f s)", index, n, start, end or -1, lo, hi)
     partial = transcribe_range(spec, samples, start, settings, on_progress, on_text, timings)
-    return partial.model_copy(update={"index": index, "count": count, "duration": round(length or partial.end, 3)})
+    noted = partial.transcript.model_copy(update=report.transcript_fields())  # a file cut short says so
+    return partial.model_copy(update={"index": index, "count": count, "duration": round(length or partial.end, 3),
+                                      "transcript": noted})  # fmt: skip
 
 
 def file_length(path: Path, settings: RunnerSettings) -> float | None:

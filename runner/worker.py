@@ -362,7 +362,7 @@ class PoolAttempt(execute.Attempt):
         worker = self.worker.settings
         if model not in self.worker.models:
             raise HandBack(Reason.ModelNotServed, f"pool worker {worker.name} holds {self.worker.models}, not {model!r}")
-        audio = pipeline.load(spec.audio.url, settings, multichannel=spec.multichannel)
+        audio = pipeline.load(spec.audio.url, settings, multichannel=spec.multichannel, report=self.decode_report)
         self.check()
         duration = audio.shape[-1] / SAMPLE_RATE  # (channels, samples) for a multichannel job
         if duration > worker.max_audio_seconds and spec.runtime != Runtime.Pool:

@@ -271,3 +271,36 @@ def test_an_apiserver_outage_after_the_transcription_is_waited_out_not_redone(sp
         assert transcript.text.lower().count("friday") == long.text.lower().count("friday"), transcript.text
         assert wer(long.text, transcript.text) <= 0.5, transcript.text
         assert status["progress"]["percent"] == 100.0 and not message.exists()
+
+
+@pytest.mark.model
+def test_a_file_cut_short_is_transcribed_as_far_as_it_goes_and_says_so(kube, objects, namespace, conversation,
+                                                                       tmp_path, wer):  # fmt: skip
+    """Real speech as FLAC, its second half missing (an interrupted upload): the job succeeds with what is
+    there, and the status and the stored transcript say the file was cut short (runner/README.md)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    whole = served / "whole.flac"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(conversation.path), str(whole)], check=True)
+    data = whole.read_bytes()
+    (served / "cut.flac").write_bytes(data[: len(data) * 6 // 10])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    try:
+        job = create_job(objects, namespace, f"http://127.0.0.1:{origin.server_port}/cut.flac")
+        code, message, stderr = run_runner(kube, job, tmp_path)
+    finally:
+        origin.shutdown()
+    assert code == 0 and message is None, stderr
+    audio = read(objects, job)["status"]["audio"]
+    assert audio["cutShort"] is True
+    assert audio["statedSeconds"] == pytest.approx(conversation.duration, abs=0.05)
+    assert 0.5 * conversation.duration < audio["durationSeconds"] < 0.65 * conversation.duration
+    assert f"before the {conversation.duration:.1f} s its container states" in audio["note"]
+    transcript = results.load_result(read(objects, job)["status"]["result"], namespace,
+                                     job_uid=job["metadata"]["uid"], core_v1=objects[1])  # fmt: skip
+    assert transcript.cut_short and transcript.stated_duration == audio["statedSeconds"]
+    assert transcript.duration == audio["durationSeconds"] and transcript.audio_note == audio["note"]
+    heard = [u for u in conversation.utterances if u.end < audio["durationSeconds"] - 0.5]
+    assert wer(" ".join(u.text for u in heard), transcript.text) <= 0.35, transcript.text
