@@ -1,4 +1,5 @@
-"""Memory and time of the runner's audio decode (runner/audio.py), each case in its own process.
+"""Memory and time of the runner's audio decode (runner/audio.py) and VAD (runner/vad.py), each case in
+its own process.
 
 Cases:
 - silence: hours of silence as a small Opus file (7 h, ~10 MB), over the length limit (6 h):
@@ -6,14 +7,18 @@ Cases:
 - silence-x4: four of them at once, in threads (one worker, four jobs)
 - speech: an hour of real speech (../shared/speech, joined and looped) as an MP3: decoded,
   it is 3.84 MB a minute of float32 at 16 kHz; the decode should cost about that, not a multiple
+- speech+vad: the same hour decoded, then cut into pieces by the VAD (vad.split_audio, its model
+  loaded then, as a process's first job loads it): the peak of the two stages together should stay
+  under about twice the samples (issue 19); the VAD's own part is reported too
 
 Reported per case: the outcome, wall seconds, the peak RSS of the decode above the process's RSS
 before it (VmHWM, reset first), that peak over the decoded samples' size, and the RSS left
-once the result is dropped.
+once the result is dropped; for speech+vad also the VAD's peak above the RSS it started from.
 
-    .venv/bin/python -m bench.audio_memory [--quick] [--module PATH] [--json out.json]
+    .venv/bin/python -m bench.audio_memory [--quick] [--module PATH] [--vad-module PATH] [--json out.json]
 
---module decodes with another copy of audio.py, for a before/after comparison:
+--module decodes with another copy of audio.py, --vad-module runs another copy of vad.py, for a
+before/after comparison:
     git show HEAD:runner/audio.py > /tmp/audio_head.py
     .venv/bin/python -m bench.audio_memory --module /tmp/audio_head.py
 --quick scales every case down 60× (7 min of silence against a 6 min limit, 1 min of speech):
@@ -72,19 +77,31 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def child(module_path: str | None, path: Path, limit_s: float, jobs: int) -> dict:
-    """Runs in its own process: decode `path` `jobs` times at once, measure."""
+def _load(name: str, module_path: str):
+    spec = importlib.util.spec_from_file_location(name, module_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def child(module_path: str | None, path: Path, limit_s: float, jobs: int, vad_module: str | None = None,
+          with_vad: bool = False) -> dict:  # fmt: skip
+    """Runs in its own process: decode `path` `jobs` times at once (then cut each into pieces), measure."""
     import gc
 
     from ifw.runner import errors
     from ifw.runner.config import RunnerSettings
 
     if module_path:
-        spec = importlib.util.spec_from_file_location("audio_under_test", module_path)
-        audio = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(audio)
+        audio = _load("audio_under_test", module_path)
     else:
         from ifw.runner import audio
+    if with_vad:  # imported here (as the runner imports it); its model loads in the measured stage
+        if vad_module:
+            vad = _load("vad_under_test", vad_module)
+        else:
+            from ifw.runner import vad
     settings = RunnerSettings(max_audio_seconds=limit_s)
     outcomes: list[str] = [""] * jobs
     results: list = [None] * jobs
@@ -105,8 +122,17 @@ def child(module_path: str | None, path: Path, limit_s: float, jobs: int) -> dic
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM")
+    vad_figures = {}
+    if with_vad:
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: from here, the VAD's peak
+        vad_before = _status_kib("VmRSS")
+        pieces = [len(vad.split_audio(r)) for r in results if r is not None]
+        vad_peak = _status_kib("VmHWM")
+        peak = max(peak, vad_peak)
+        vad_figures = {"pieces": sum(pieces), "vad_mib": round((vad_peak - vad_before) / 1024, 1)}
+    seconds = time.perf_counter() - started
     samples = sum(len(r) for r in results if r is not None)
     results.clear()
     gc.collect()
@@ -117,15 +143,16 @@ def child(module_path: str | None, path: Path, limit_s: float, jobs: int) -> dic
         "samples_mib": round(samples * 4 / 1024**2, 1),
         "peak_over_samples": round((peak - before) / 1024 / (samples * 4 / 1024**2), 2) if samples else None,
         "left_mib": round((_status_kib("VmRSS") - before) / 1024, 1),
+        **vad_figures,
     }
 
 
-def run(quick: bool, module: str | None, work: Path) -> dict[str, dict]:
+def run(quick: bool, module: str | None, work: Path, vad_module: str | None = None) -> dict[str, dict]:
     scale = 60.0 if quick else 1.0
     limit = 6 * HOUR / scale
     silence = make_silence(work / "silence.opus", 7 * HOUR / scale)
     speech = make_speech(work / "speech.mp3", HOUR / scale)
-    cases = {"silence": (silence, 1), "silence-x4": (silence, 4), "speech": (speech, 1)}
+    cases = {"silence": (silence, 1), "silence-x4": (silence, 4), "speech": (speech, 1), "speech+vad": (speech, 1)}
     report = {}
     for name, (path, jobs) in cases.items():
         cmd = [
@@ -141,6 +168,8 @@ def run(quick: bool, module: str | None, work: Path) -> dict[str, dict]:
         ]
         if module:
             cmd += ["--module", module]
+        if name.endswith("+vad"):
+            cmd += ["--vad"] + (["--vad-module", vad_module] if vad_module else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         report[name] = json.loads(done.stdout.splitlines()[-1])
         report[name]["file_mib"] = round(path.stat().st_size / 1024**2, 1)
@@ -151,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every case 60x shorter (CI)")
     p.add_argument("--module", help="decode with this copy of audio.py instead of ifw.runner.audio")
+    p.add_argument("--vad-module", help="cut into pieces with this copy of vad.py instead of ifw.runner.vad")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     p.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--vad", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.module, args.child, args.limit, args.jobs)))
+        print(json.dumps(child(args.module, args.child, args.limit, args.jobs, args.vad_module, args.vad)))
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="ifw-audio-bench-") as work:
-        report = run(args.quick, args.module, Path(work))
+        report = run(args.quick, args.module, Path(work), args.vad_module)
     print(
         f"{'case':<11} {'file':>8} {'outcome':<22} {'seconds':>8} {'peak':>9} {'samples':>9} {'peak/samples':>12} {'left':>8}"
     )
@@ -169,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = "" if r["peak_over_samples"] is None else f"{r['peak_over_samples']:.2f}"
         print(f"{name:<11} {r['file_mib']:>6.1f}MB {r['outcome']:<22} {r['seconds']:>8.2f} {r['peak_mib']:>7.1f}MB "
               f"{r['samples_mib']:>7.1f}MB {ratio:>12} {r['left_mib']:>6.1f}MB")  # fmt: skip
+    both = report["speech+vad"]
+    print(f"decode + VAD ({both['pieces']} pieces): peak {both['peak_mib']:.1f} MB = {both['peak_over_samples']:.2f} x "
+          f"the samples (target: about 2 or less; the VAD's part {both['vad_mib']:.1f} MB, its model included)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -6,6 +6,15 @@ its timestamps are right, and lets all pieces be decoded as one batch — how
 the fastest batched Whisper systems work. The VAD is Silero (its weights ship
 inside the `silero-vad` wheel); the ONNX build runs ~2x faster on CPU than the
 TorchScript one, so it is used when onnxruntime is installed.
+
+The ONNX model is run here with onnxruntime and numpy alone, not through the
+silero_vad package: importing that imports torch (~190 MB of RSS, for a process
+that may hold nothing else) and sets torch's threads to 1 for the whole process.
+The frames, the model's state between them and the rules that turn frame
+probabilities into regions are Silero's own (get_speech_timestamps), so the
+regions are the same; tests/runner/test_vad_memory.py holds them to that. The
+audio is read a frame at a time (no copy of it, whatever its dtype), and a
+frame's probability is kept as one float32.
 """
 
 from __future__ import annotations
@@ -77,16 +86,42 @@ class Piece:
 
 
 _local = threading.local()
+_load_lock = threading.Lock()
+_onnx_session = None
 # Below this, one thread does the whole audio; above, each thread takes a stretch at least this long.
 MIN_STRETCH_SECONDS = 120.0
+FRAME = 512  # Silero's frame at 16 kHz
+CONTEXT = 64  # the samples before a frame that Silero's model sees with it
+
+
+def _model_file(name: str) -> str:
+    """A file of the silero_vad wheel's data folder, found without importing the package (torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("silero_vad is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "data" / name)
 
 
 def _silero():
-    """One Silero model per thread: the model carries state from frame to frame."""
+    """The VAD model: one ONNX session for the process (its state is passed in and out, so threads
+    share it), or, without onnxruntime, one TorchScript model per thread (it keeps its state)."""
+    global _onnx_session
+    if importlib.util.find_spec("onnxruntime") is not None:
+        with _load_lock:
+            if _onnx_session is None:
+                import onnxruntime
+
+                opts = onnxruntime.SessionOptions()  # as silero_vad's OnnxWrapper builds it
+                opts.inter_op_num_threads = 1
+                opts.intra_op_num_threads = 1
+                _onnx_session = onnxruntime.InferenceSession(
+                    _model_file("silero_vad.onnx"), providers=["CPUExecutionProvider"], sess_options=opts
+                )
+            return _onnx_session
     if not hasattr(_local, "model"):
         from silero_vad import load_silero_vad
 
-        _local.model = load_silero_vad(onnx=importlib.util.find_spec("onnxruntime") is not None)
+        _local.model = load_silero_vad(onnx=False)
     return _local.model
 
 
@@ -123,7 +158,9 @@ def speech_regions(
     """
     if audio.size == 0:
         return []
-    audio = np.ascontiguousarray(audio, dtype=np.float32)
+    audio = np.asarray(audio)  # read a frame at a time as float32 (_frame_probs): no copy here
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio (a 1-D array), got shape {audio.shape}")
     kwargs = {
         "threshold": threshold,
         "min_silence_duration_ms": int(min_silence_s * 1000),
@@ -139,7 +176,7 @@ def speech_regions(
     # that starts inside it to the region's real end.
     # The cuts sit on Silero's 512-sample frame grid: each stretch sees the frames one pass would
     # (and a shard of a long file, which starts on that grid too, the frames the unsharded run sees).
-    cuts = [round(i * len(audio) / n / 512) * 512 for i in range(n)] + [len(audio)]
+    cuts = [round(i * len(audio) / n / FRAME) * FRAME for i in range(n)] + [len(audio)]
     overlap = int(max_region_s * SAMPLE_RATE)
     stretches = [(cuts[i], min(cuts[i + 1] + overlap, len(audio))) for i in range(n)]
     with ThreadPoolExecutor(n, thread_name_prefix="vad") as pool:
@@ -156,13 +193,122 @@ def speech_regions(
 
 
 def _regions(audio: np.ndarray, a: int, b: int, kwargs: dict) -> list[tuple[float, float]]:
-    import torch
-    from silero_vad import get_speech_timestamps
+    """The speech regions of audio[a:b], in absolute seconds."""
+    model = _silero()
+    if model is _onnx_session:
+        stamps = _speech_stamps(_frame_probs(model, audio, a, b), b - a, **kwargs)
+    else:  # TorchScript (no onnxruntime): silero_vad's own loop
+        import torch
+        from silero_vad import get_speech_timestamps
 
-    stamps = get_speech_timestamps(
-        torch.from_numpy(audio[a:b]), _silero(), sampling_rate=SAMPLE_RATE, **kwargs
-    )
-    return [((a + s["start"]) / SAMPLE_RATE, (a + s["end"]) / SAMPLE_RATE) for s in stamps]
+        chunk = torch.from_numpy(np.ascontiguousarray(audio[a:b], dtype=np.float32))
+        stamps = [(s["start"], s["end"]) for s in get_speech_timestamps(chunk, model, sampling_rate=SAMPLE_RATE,
+                                                                         **kwargs)]  # fmt: skip
+    return [((a + start) / SAMPLE_RATE, (a + end) / SAMPLE_RATE) for start, end in stamps]
+
+
+def _frame_probs(session, audio: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Silero's speech probability of each 512-sample frame of audio[a:b] (the last one zero-padded).
+
+    As silero_vad's OnnxWrapper runs it from a reset state: each frame goes in after the 64 samples
+    before it (zeros before the first), the model's state carries from frame to frame.
+    """
+    frames = -(-(b - a) // FRAME)
+    probs = np.empty(frames, np.float32)
+    window = np.zeros((1, CONTEXT + FRAME), np.float32)
+    feed = {"input": window, "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(SAMPLE_RATE, np.int64)}
+    for i in range(frames):
+        start = a + i * FRAME
+        frame = audio[start : min(start + FRAME, b)]
+        window[0, CONTEXT : CONTEXT + len(frame)] = frame  # cast to float32 here, a frame at a time
+        if len(frame) < FRAME:
+            window[0, CONTEXT + len(frame) :] = 0.0
+        out, feed["state"] = session.run(None, feed)
+        probs[i] = out[0, 0]
+        window[0, :CONTEXT] = window[0, FRAME:]  # the next frame's context: this frame's last samples
+    return probs
+
+
+def _speech_stamps(
+    probs: np.ndarray,
+    length: int,
+    *,
+    threshold: float,
+    min_silence_duration_ms: int,
+    speech_pad_ms: int,
+    max_speech_duration_s: float,
+    min_speech_duration_ms: int = 250,
+    min_silence_at_max_speech: int = 98,
+) -> list[tuple[int, int]]:
+    """Speech (start, end) in samples of a stretch `length` samples long, from its frames' probabilities.
+
+    silero_vad's get_speech_timestamps rules (16 kHz, its defaults otherwise; a speech run over
+    the maximum is cut at its longest pause), which the regions must match exactly: a frame is
+    speech from `threshold` up, silence below threshold - 0.15, compared in float64 as Silero
+    compares its Python floats; a region closes after min_silence of silence, is dropped under
+    min_speech, and is padded by speech_pad, or by half the pause where two are closer.
+    """
+    rate = SAMPLE_RATE
+    min_speech = rate * min_speech_duration_ms / 1000
+    pad = rate * speech_pad_ms / 1000
+    max_speech = rate * max_speech_duration_s - FRAME - 2 * pad
+    min_silence = rate * min_silence_duration_ms / 1000
+    min_pause_at_max = rate * min_silence_at_max_speech / 1000
+    p = probs.astype(np.float64)
+    is_speech = (p >= threshold).tolist()
+    is_silence = (p < max(threshold - 0.15, 0.01)).tolist()
+    del p
+
+    spans: list[list[int]] = []
+    start = None  # the open region's start (in speech) or None
+    silence_from = 0  # where the current silence inside the region began (0: none)
+    pauses: list[tuple[int, int]] = []  # (where, how long) of the pauses inside the open region
+    for i, speech in enumerate(is_speech):
+        at = i * FRAME
+        if speech and silence_from:  # speech again after a silence: remember the pause
+            if at - silence_from > min_pause_at_max:
+                pauses.append((silence_from, at - silence_from))
+            silence_from = 0
+        if speech and start is None:
+            start = at
+            continue
+        if start is not None and at - start > max_speech:
+            if pauses:  # cut at the longest pause (the first of the longest)
+                end, length_of_pause = max(pauses, key=lambda x: x[1])
+                spans.append([start, end])
+                resume = end + length_of_pause
+                start = resume if resume < end + at else None
+                silence_from, pauses = 0, []
+            else:  # no pause: cut here
+                spans.append([start, at])
+                start, silence_from, pauses = None, 0, []
+                continue
+        if is_silence[i] and start is not None:
+            if not silence_from:
+                silence_from = at
+            if at - silence_from < min_silence:
+                continue
+            if silence_from - start > min_speech:
+                spans.append([start, silence_from])
+            start, silence_from, pauses = None, 0, []
+    if start is not None and length - start > min_speech:
+        spans.append([start, length])
+
+    for k, span in enumerate(spans):
+        if k == 0:
+            span[0] = int(max(0, span[0] - pad))
+        if k < len(spans) - 1:
+            after = spans[k + 1]
+            gap = after[0] - span[1]
+            if gap < 2 * pad:  # two regions closer than their padding meet halfway
+                span[1] += int(gap // 2)
+                after[0] = int(max(0, after[0] - gap // 2))
+            else:
+                span[1] = int(min(length, span[1] + pad))
+                after[0] = int(max(0, after[0] - pad))
+        else:
+            span[1] = int(min(length, span[1] + pad))
+    return [(s, e) for s, e in spans]
 
 
 # A piece is cut at the longest pause once it is at least this full: long pauses are where
