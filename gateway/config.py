@@ -37,8 +37,9 @@ class GatewaySettings(EnvNamed):
     kube_timeout_seconds: float = Field(
         10.0,
         gt=0,
-        description="Longest a request waits for one Kubernetes API call; then 503 \"the Kubernetes API is "
-        "unavailable\" (an unreachable apiserver or a stalled etcd must not hold requests for a minute).",
+        description="Longest one Kubernetes API call waits for a free connection (a burst queues), and then "
+        "for its answer; then 503 \"the Kubernetes API is unavailable\" (an unreachable apiserver or a "
+        "stalled etcd must not hold requests for a minute).",
     )
     readiness_timeout_seconds: float = Field(
         3.0, gt=0, description="Longest /readyz waits for the apiserver (below the probe's timeoutSeconds)."

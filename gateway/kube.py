@@ -2,9 +2,10 @@
 
 The client is synchronous; every call runs in a bounded thread pool whose size
 matches the HTTP connection pool, so a burst of requests queues here instead
-of opening unbounded connections to the apiserver. Every call is answered within
-a deadline (kube_timeout_seconds): an apiserver that hangs (etcd stalled) is a
-KubeUnavailable after that long, not after the apiserver's own minute.
+of opening unbounded connections to the apiserver. Each call has a deadline
+(kube_timeout_seconds) for getting a thread and another for its answer: an apiserver
+that hangs (etcd stalled) is a KubeUnavailable after that long, not after the
+apiserver's own minute.
 """
 
 from __future__ import annotations
@@ -51,18 +52,29 @@ class Kube:
         self.tjs = TranscriptionJobs(api_client, request_timeout=timeout)
         self.core = client.CoreV1Api(api_client)
         self.timeout = timeout
-        self._limiter = anyio.CapacityLimiter(threads)
+        # Admission (a burst queues here) and the threads that run the calls, apart: a call's
+        # deadline starts when it is sent, not when it began to wait. A call that waited 9.9 s
+        # for a thread and was then abandoned 0.1 s after sending could still create the object
+        # while its client was told 503 (a burst of 10,000 sync requests did exactly that).
+        self._admission = anyio.Semaphore(threads)
+        self._threads = anyio.CapacityLimiter(threads)
 
     async def call(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """fn(*args, **kwargs) in a worker thread, answered within `timeout` seconds (default:
-        the gateway's kube timeout), waiting for a free thread included."""
+        """fn(*args, **kwargs) in a worker thread: at most `timeout` seconds (default: the gateway's
+        kube timeout) waiting for a free thread, during which nothing has been sent (safe to
+        retry), then at most as long again for the answer."""
         limit = timeout or self.timeout
         try:
             with anyio.fail_after(limit):
+                await self._admission.acquire()
+        except TimeoutError:
+            raise KubeUnavailable(f"no free connection to the kube-apiserver within {limit:g} s (overloaded)") from None
+        try:
+            with anyio.fail_after(limit):
                 # abandon_on_cancel: the answer does not wait for a stuck thread; the thread's own
-                # request timeout (api() below) ends it soon after.
+                # request timeout (api() below) ends it soon after, and holds its thread till then.
                 return await anyio.to_thread.run_sync(
-                    functools.partial(fn, *args, **kwargs), limiter=self._limiter, abandon_on_cancel=True
+                    functools.partial(fn, *args, **kwargs), limiter=self._threads, abandon_on_cancel=True
                 )
         except TimeoutError:
             raise KubeUnavailable(f"no answer from the kube-apiserver within {limit:g} s") from None
@@ -74,6 +86,8 @@ class Kube:
             if type(exc).__module__.startswith("urllib3"):
                 raise KubeUnavailable(f"kube-apiserver unreachable: {exc}") from exc
             raise
+        finally:
+            self._admission.release()
 
     async def api(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """A kubernetes client API method through call(), its HTTP request bounded by the same deadline."""

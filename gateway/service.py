@@ -65,8 +65,7 @@ log = logging.getLogger("ifw.gateway")
 class Created:
     namespace: str
     name: str  # the TranscriptionJob's
-    uid: str
-    tj: dict[str, Any]
+    uid: str  # the object itself is not kept here: the watch holds its current state
     task_id: str  # the client's (managed_task_id or a uuid4)
 
     @property
@@ -251,7 +250,7 @@ class Service:
         self.watch.created(tj)
         metrics.TJS_CREATED.labels(mode).inc()
         log.info("created task %s as %s/%s (%s)", task_id, namespace, name, mode, extra={"task_id": task_id})
-        return Created(namespace, name, uid, tj, task_id)
+        return Created(namespace, name, uid, task_id)
 
     async def _create_tj(self, namespace: str, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
