@@ -21,6 +21,10 @@ import uuid
 
 import pytest
 
+# As ifw.runner does, before anything here loads torch: the tests run torch in this process and in
+# runner subprocesses at once, and spinning OpenMP threads on 2 busy cores stall each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _point_kubernetes_client_at(path: str) -> None:
     # The kubernetes client reads KUBECONFIG when it is imported; if something
