@@ -2,8 +2,9 @@
 
 The audio is cut at silences into ≤30 s pieces (ifw.runner.vad) and decoded by the decode
 engine (ifw.runner.decoding; the model: ifw.runner.models). `transcribe` adds the job's
-rules: language per piece (a short or unsure piece takes the file's dominant language), a
-speech stretch without text decoded again on its own, and coverage figures so that nothing
+rules: language per piece (a short or unsure piece takes the file's dominant language, decoded
+again from the encoder output its first decode kept), a speech stretch without text decoded again
+on its own (a new, shorter clip: encoded anew), and coverage figures so that nothing
 is dropped silently. Segments and word times: ifw.runner.segments.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -20,7 +22,7 @@ import numpy as np
 from ifw.core.transcript import Segment, Transcript
 from ifw.runner import decoding, vad
 from ifw.runner.audio import SAMPLE_RATE
-from ifw.runner.decoding import Decode, DecodeStats, OnDone, PieceRequest, PieceResult
+from ifw.runner.decoding import Decode, DecodeStats, Encoding, OnDone, PieceRequest, PieceResult
 from ifw.runner.models import WhisperModel, only_language
 from ifw.runner.segments import piece_segments, round_time
 
@@ -121,7 +123,9 @@ def transcribe(
                           language=language or only_language(whisper), duration=round_time(job.duration),
                           model=whisper.name, speech_seconds=0.0, text_seconds=0.0)  # fmt: skip
 
-    requests = [job.request(p, language or only_language(whisper)) for p in pieces]
+    # settling: the pieces it may decode again keep their encoder output on their result until then
+    requests = [job.request(p, language or only_language(whisper), keep_encoding_below=job.keep_below(i))
+                for i, p in enumerate(pieces)]  # fmt: skip
     if condition_on_previous:
         results = _decode_in_order(decode, requests, job.on_done)
     elif on_text is not None:
@@ -130,13 +134,16 @@ def transcribe(
         results = decode(requests, job.on_done)
 
     probability = None
-    if language is None and whisper.multilingual:
+    if job.settling:
         language, probability, redo = settle_languages(speech, results)
+        kept = _take_encodings(results)  # no result holds device memory past settling
         if redo:
             log.info("%d short or unsure pieces decoded again in the dominant language %s", len(redo), language)
-            again = decode([job.request(pieces[i], language) for i in redo], None)
+            # from the first pass's encoder output (a decode seam that drops it encodes them again)
+            again = decode([job.request(pieces[i], language, encoding=kept[i]) for i in redo], None)
             for i, r in zip(redo, again, strict=True):
                 results[i] = r
+        del kept
     language = language or only_language(whisper)
 
     per_piece = [list(job.segments_of(i, r)) for i, r in enumerate(results)]
@@ -182,10 +189,20 @@ class _Transcription:
         self.speech = [sum(b - a for a, b in speech_of(p)) for p in pieces]  # seconds of speech per piece
         self.settling = False  # the file's language is settled after the first pass (settle_languages)
 
-    def request(self, piece: vad.Piece, language: str | None) -> PieceRequest:
+    def request(self, piece: vad.Piece, language: str | None, *, keep_encoding_below: float = 0.0,
+                encoding: Encoding | None = None) -> PieceRequest:  # fmt: skip
         clip = self.audio[int(piece.start * SAMPLE_RATE) : int(piece.end * SAMPLE_RATE)]
         return PieceRequest(clip, self.task, language, self.prompt, self.temperature, self.word_timestamps,
-                            hotwords=self.hotwords)  # fmt: skip
+                            hotwords=self.hotwords, keep_encoding_below=keep_encoding_below,
+                            encoding=encoding)  # fmt: skip
+
+    def keep_below(self, i: int) -> float:
+        """Piece i's PieceRequest.keep_encoding_below: while settling, the pieces settle_languages
+        may decode again keep their encoder output: a short one whatever its language's probability,
+        any other one when that probability is under LANGUAGE_MIN_PROBABILITY (see _sure)."""
+        if not self.settling:
+            return 0.0
+        return math.inf if self.speech[i] < LANGUAGE_MIN_SPEECH_SECONDS else LANGUAGE_MIN_PROBABILITY
 
     def segments_of(self, i: int, result: PieceResult) -> list[Segment]:
         """A piece's segments, made once per result (streaming makes them as the pieces finish)."""
@@ -262,6 +279,14 @@ def _decode_alone(whisper: WhisperModel, batch_size: int, stats: DecodeStats | N
                   requests: list[PieceRequest], on_done: OnDone | None) -> list[PieceResult]:  # fmt: skip
     """transcribe()'s decode when no shared decoder is given: this job's pieces on their own."""
     return decoding.decode_pieces(whisper, requests, batch_size=batch_size, on_done=on_done, stats=stats)
+
+
+def _take_encodings(results: Sequence[PieceResult]) -> list[Encoding | None]:
+    """Each result's kept Encoding (see _Transcription.keep_below), taken off the result."""
+    kept = [r.encoding for r in results]
+    for r in results:
+        r.encoding = None
+    return kept
 
 
 def _retry_stretches(piece: vad.Piece, segments: Sequence[Segment]) -> list[tuple[float, float]] | None:

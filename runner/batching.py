@@ -16,6 +16,11 @@ full batches on one warm GPU instead of 24 pods each loading the model.
 - **Poison**: when a round with several jobs fails, each of them is decoded again on its own,
   so only the job whose pieces fail gets the error; the decoder thread goes on.
 - ``cross_job=False`` decodes one job's pieces per round (the A/B switch of bench/pool.py).
+- **Requests pass as they are**: a job's redo of a piece in its file's dominant language carries
+  the encoder output its first decode kept (``PieceRequest.encoding``), and decode_pieces skips
+  features and encoder for it while batching it with other jobs' fresh pieces; a piece that asks
+  to keep it gets it on its result, as when the job decodes alone. (A fresh piece of a failed
+  round, decoded again on its own below, is encoded again: the round's encoder outputs went with it.)
 """
 
 from __future__ import annotations

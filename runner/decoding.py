@@ -93,6 +93,29 @@ class PieceRequest:
     word_timestamps: bool = False
     # terms placed before the prompt (faster-whisper's hotwords), joined: see prompt_ids
     hotwords: str | None = None
+    # Keep this clip's Encoding on its result when the language detected on it is less likely than
+    # this (math.inf: whenever detected; 0: never), for a later decode of the same clip in another
+    # language (ifw.runner.asr keeps the pieces that settling the file's language may decode again).
+    keep_encoding_below: float = 0.0
+    # What an earlier decode of this very clip computed (its result's encoding): no features, no encoder.
+    encoding: Encoding | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """What decoding a clip computed that does not depend on the language it is decoded in: its
+    encoder output, its no-speech probability (after `prompt`) and the language detected on it.
+
+    A later decode of the same clip starts from it (asr's dominant-language redo): it skips the
+    log-mel features and the encoder, and the first decoder step when the prompt is the same.
+    On the model's device: ~3.8 MB for large-v3 in fp16, so it is kept only where asked for
+    (PieceRequest.keep_encoding_below) and dropped by whoever asked once it is of no more use."""
+
+    hidden: Any  # encoder output, 1500 x d, on the model's device, in its dtype
+    prompt: tuple[int, ...] | None  # the prompt_ids the no-speech probability was measured after
+    no_speech_prob: float
+    language: str | None  # detected on the clip (None: the request gave it)
+    language_probability: float | None
 
 
 @dataclass
@@ -114,6 +137,8 @@ class PieceResult:
     compression_ratio: float
     no_speech_prob: float
     attempts: int  # decodes tried (temperatures)
+    # asked for (PieceRequest.keep_encoding_below): what the next decode of this clip may start from
+    encoding: Encoding | None = None
 
 
 @dataclass
@@ -219,8 +244,10 @@ def decode_pieces(
     first; their languages may differ (None: detected on each piece). Every decode is
     checked; the pieces that failed are decoded again, together, at their next temperature
     (best_of samples each, their encoder output reused), until they pass or the
-    temperatures run out. `on_done(indices, results)` gets the requests finished by each
-    call. CUDA out of memory halves the call and retries it (OutOfMemory at one piece), and
+    temperatures run out. A request that carries an `encoding` (an earlier decode of the same
+    clip) skips the features and the encoder, and batches with the others as usual; one that
+    asks (keep_encoding_below) gets its Encoding back on its result. `on_done(indices, results)`
+    gets the requests finished by each call. CUDA out of memory halves the call and retries it (OutOfMemory at one piece), and
     the halved size holds for later calls (BatchLimits); a CUDA error that breaks the context
     is DeviceFailed (the process must restart).
     `stats`, when given, records each generate() call. Returns results in request order.
@@ -230,8 +257,7 @@ def decode_pieces(
     for r in requests:
         check_task_and_language(whisper, r.task, r.language)
     stats = stats if stats is not None else DecodeStats()
-    states = [_State(r, options.fallback_temperatures(r.temperature), language=r.language or only_language(whisper))
-              for r in requests]  # fmt: skip
+    states = [_start(whisper, r, options) for r in requests]
     results: list[PieceResult | None] = [None] * len(requests)
     pending = list(range(len(requests)))
     while pending:
@@ -285,6 +311,7 @@ def decode_pieces(
                         # "but I'm sorry, but I'm sorry ..." for speech in another language).
                         cand, verdict = s.best, "failed"
                     results[i] = _result(s, cand, verdict)
+                    results[i].encoding = _kept(whisper, s)
                     s.encoded = None
                     finished.append(i)
                 pos += len(idx)
@@ -292,6 +319,39 @@ def decode_pieces(
                     on_done(finished, [results[i] for i in finished])
         pending = retry
     return results  # type: ignore[return-value]
+
+
+def _start(whisper: WhisperModel, request: PieceRequest, options: DecodeOptions) -> _State:
+    """A request's state before its first decode: from its Encoding, when it has one, the encoder
+    output, the detected language (when it is to be detected) and, after the same prompt, the
+    no-speech probability (the first decoder step is then skipped as well)."""
+    s = _State(request, options.fallback_temperatures(request.temperature),
+               language=request.language or only_language(whisper))  # fmt: skip
+    known = request.encoding
+    if known is not None:
+        s.encoded = known.hidden
+        if s.language is None and known.language is not None:
+            s.language, s.language_probability = known.language, known.language_probability
+        if s.language is not None and known.prompt == _prompt_key(whisper, request):
+            s.no_speech_prob = known.no_speech_prob
+    return s
+
+
+def _kept(whisper: WhisperModel, s: _State) -> Encoding | None:
+    """The finished piece's Encoding when its request asked for it (see keep_encoding_below)."""
+    r = s.request
+    if (r.language is not None or s.language_probability is None or s.encoded is None
+            or s.no_speech_prob is None or s.language_probability >= r.keep_encoding_below):  # fmt: skip
+        return None
+    hidden = s.encoded
+    if hidden.untyped_storage().nbytes() > hidden.nbytes:  # a row of the batch's output: keep only the row
+        hidden = hidden.clone()
+    return Encoding(hidden, _prompt_key(whisper, r), s.no_speech_prob, s.language, s.language_probability)
+
+
+def _prompt_key(whisper: WhisperModel, request: PieceRequest) -> tuple[int, ...] | None:
+    ids = prompt_ids(whisper, request.prompt, request.hotwords)
+    return tuple(ids) if ids else None
 
 
 class BatchLimits:
