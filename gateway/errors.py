@@ -302,9 +302,25 @@ def early_response(path: str, exc: ApiError) -> JSONResponse:
     return respond(path, exc.status_code, exc.body(), exc.headers)
 
 
+PART_TOO_LARGE = "Part exceeded maximum size"  # Starlette's words for a form field over the route's limit
+
+
+def too_large_part(path: str) -> RequestValidationError:
+    """A form field longer than the route allows. Starlette does not say which field; the only
+    long ones are inline reference clips, so the message names them and their limit."""
+    from ifw.gateway.references import MAX_REFERENCE_BYTES
+
+    field = "known_speaker_references[]" if path.startswith(OPENAI_PREFIX) else "a form field"
+    return field_error(field, f"a form field is too long: {field} entries may hold at most "
+                       f"{MAX_REFERENCE_BYTES} bytes of audio (2-10 s of speech) as a data URL; other "
+                       "fields are short text", "too_long")  # fmt: skip
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)  # every ApiError; unknown routes, wrong methods
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if not isinstance(exc, ApiError) and str(exc.detail).startswith(PART_TOO_LARGE):
+            return await _validation(request, too_large_part(request.url.path))
         body = exc.body() if isinstance(exc, ApiError) else {"detail": exc.detail}
         return respond(request.url.path, exc.status_code, body, exc.headers)
 

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from ifw.core import formats
 from ifw.core.contract import phase_of
 from ifw.core.redact import redact_opt
-from ifw.crds.transcriptionjob import MAX_HOTWORDS
+from ifw.crds.transcriptionjob import MAX_HOTWORDS, MAX_KNOWN_SPEAKERS
 from ifw.gateway import results
 from ifw.gateway.deps import Namespace, ServiceDep, TaskId
 from ifw.gateway.errors import ERROR_RESPONSES, InvalidUrl, field_error, invalid
@@ -40,6 +40,7 @@ from ifw.gateway.models import (
     WebhookState,
 )
 from ifw.gateway.pushing import json_answer
+from ifw.gateway.references import MAX_DATA_URL_LENGTH
 from ifw.gateway.service import Created, Service
 
 log = logging.getLogger("ifw.gateway")
@@ -50,6 +51,8 @@ MAX_IGNORED_LISTED = 20
 BODY_FIELDS = frozenset(TranscribeRequest.model_fields)
 WEBHOOK_FIELDS = frozenset(WebhookBody.model_fields)
 FORM_FIELDS = set(TranscribeRequest.model_fields) | {"file", "hotwords[]"}
+MAX_FORM_PART = 64 * 1024  # characters of a text field; known_speakers may carry inline clips:
+MAX_KNOWN_SPEAKERS_PART = MAX_KNOWN_SPEAKERS * (MAX_DATA_URL_LENGTH + 1024)  # clips, names and JSON
 JSON_FORM_FIELDS = {"webhook": '{"url": "...", "header": {...}}', "vad": '{"threshold": 0.5, "silence_duration_ms": 500}'}
 POST_BODY = {
     "requestBody": {
@@ -143,11 +146,14 @@ async def parse_submission(request: Request) -> Submission:
 
 
 async def _parse_form(request: Request) -> Submission:
-    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + MAX_HOTWORDS + 4, max_part_size=64 * 1024)
+    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS) + MAX_HOTWORDS + 4,
+                              max_part_size=MAX_KNOWN_SPEAKERS_PART)  # fmt: skip
     values: dict[str, Any] = {}
     for key, value in form.multi_items():
         if key not in FORM_FIELDS:
             raise field_error(key, "unknown field", "extra_forbidden")
+        if isinstance(value, str) and key != "known_speakers" and len(value) > MAX_FORM_PART:
+            raise field_error(key, f"longer than {MAX_FORM_PART} characters", "too_long")
         if key in ("hotwords", "hotwords[]"):  # one part per term, repeated
             values.setdefault("hotwords", []).append(value)
         elif key != "file" and value != "":

@@ -64,11 +64,15 @@ from ifw.gateway.models import (
 )
 from ifw.gateway.models import TranscribeFields as Fields
 from ifw.gateway.pushing import SSE_KEEPALIVE, PushedResponse, json_answer, sse
-from ifw.gateway.references import is_data_url
+from ifw.gateway.references import MAX_DATA_URL_LENGTH, is_data_url
 from ifw.gateway.service import Created, Service
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+# Form fields (not files) may be as long as an inline reference clip, with room to spare so that one
+# somewhat over the limit gets the 422 naming known_speaker_references[] (references.py), not
+# Starlette's default 1 MiB part limit and its 400 naming nothing; beyond this: errors.too_large_part.
+MAX_FORM_PART_BYTES = 2 * MAX_DATA_URL_LENGTH
+router = APIRouter(prefix="/v1", tags=["openai"], form_limits={"max_part_size": MAX_FORM_PART_BYTES})
 
 Granularity = Literal["word", "segment"]
 TranscriptionFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]

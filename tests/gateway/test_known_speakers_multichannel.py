@@ -204,15 +204,45 @@ def test_sdk_refusals_name_the_field(client, driver, tmp_path, kwargs, param):
     assert driver.tjs() == []
 
 
-def test_sdk_reference_over_the_form_part_limit_is_a_400(client, driver, tmp_path):
+def test_sdk_reference_over_starlettes_default_part_size_is_taken(client, driver, pool, tmp_path):
+    """A clip of 0.9 MB (1.2 MB as a data URL) is within ifw's limit for a reference; Starlette's
+    default form part limit (1 MiB) used to refuse it with a 400 that named no field."""
+    audio = tmp_path / "mono.wav"
+    audio.write_bytes(wav_bytes(1))
+    clip = wav_bytes(1, seconds=28.0)  # 896 KB of 16-bit mono at 16 kHz
+    big = "data:audio/wav;base64," + base64.b64encode(clip).decode()
+    assert 1024 * 1024 < len(big)
+    pending = pool.submit(client.audio.transcriptions.create, file=audio.open("rb"), model="whisper-1",
+                          response_format="diarized_json", known_speaker_names=["a"],
+                          known_speaker_references=[big])  # fmt: skip
+    tj = driver.wait_tj()
+    (known,) = tj["spec"]["diarization"]["knownSpeakers"]
+    assert httpx.get(known["audio"]["url"], timeout=10).content == clip
+    driver.succeed(tj["metadata"]["name"], named(["a", "SPEAKER_01"]))
+    assert [s.speaker for s in pending.result(timeout=15).segments] == ["a", "SPEAKER_01"]
+
+
+@pytest.mark.parametrize(("decoded_bytes", "says"), [(2_000_000, "at most"), (4_000_000, "too long")])
+def test_sdk_reference_over_the_limit_is_a_422_naming_the_field(client, driver, tmp_path, decoded_bytes, says):
+    """Over ifw's limit: named by ifw's check (2 MB), or, past the form's part limit too (4 MB), by the
+    gateway in place of Starlette's anonymous 400."""
     import openai
 
     audio = tmp_path / "mono.wav"
     audio.write_bytes(wav_bytes(1))
-    huge = "data:audio/wav;base64," + "A" * 1_200_000  # over the 1 MiB a form field may hold
-    with pytest.raises(openai.BadRequestError, match="maximum size"):
+    huge = "data:audio/wav;base64," + base64.b64encode(bytes(decoded_bytes)).decode()
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
         client.audio.transcriptions.create(file=audio.open("rb"), model="whisper-1", known_speaker_names=["a"],
                                            known_speaker_references=[huge])  # fmt: skip
+    assert refused.value.body["param"] == "known_speaker_references[]", refused.value.body
+    assert says in refused.value.body["message"], refused.value.body
+    assert driver.tjs() == []
+
+
+def test_rest_multipart_text_field_over_64k_names_it(gw, driver):
+    with httpx.Client(base_url=gw.url, headers={"x-admin-api-key": KEY}, timeout=30) as http:
+        answer = http.post("/", data={"prompt": "word " * 20_000}, files={"file": ("a.wav", wav_bytes(1))})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "prompt"], answer.text
     assert driver.tjs() == []
 
 
