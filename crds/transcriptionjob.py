@@ -539,6 +539,14 @@ class ShardStatus(_Model):
     pod: str | None = Field(None, description="The pod (or worker) that ran it.", max_length=253)
     node: str | None = Field(None, description="The node it ran on.", max_length=253)
     last_update_time: datetime | None = Field(None, description="When the shard last reported.")
+    text: str | None = Field(
+        None, max_length=MAX_PROGRESS_TEXT, description="A streaming job (annotation ifw.dev/stream): its "
+        "stretch's text so far, at most the progress text's size cap divided by the shard count. The operator "
+        "shows the shards' texts in shard order in status.progress.text, each once the shards before it finished."
+    )
+    text_cut: bool | None = Field(
+        None, description="Its stretch's text is longer than text: the shards after it are not shown before the merge."
+    )
 
 
 class Shards(_Model):

@@ -159,6 +159,10 @@ class Controller:
         state = self._state(body["metadata"]["uid"])
         if event_type == "DELETED":
             state.tj, state.tombstone = None, body
+        elif state.tj is not None and _rv(body) is not None and _rv(body) == _rv(state.tj):
+            # The echo of the operator's own write: the pass that wrote it holds this very version
+            # (or the delivery that wrote it pokes when it ends). Another pass would find nothing to do.
+            return
         elif _newer(body, state.tj):
             state.tj = body
             if state.first_seen is None:
@@ -205,6 +209,8 @@ class Controller:
 
     def observe_job(self, event_type: str | None, job: dict[str, Any]) -> None:
         self.note_job(event_type, job)
+        if manifests.is_sharded(job):
+            self._admit_waiting()  # a shard that succeeded frees its slot before the whole Job ends
         self.poke(job["metadata"]["labels"][LABEL_JOB_UID])
 
     def observe_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
@@ -361,16 +367,22 @@ class Controller:
             return
         # Counting the active Jobs walks them all: skip it when nothing is capped.
         uncapped = self.queue.max_total is None and self.queue.max_per_namespace is None
-        for uid in self.queue.admit({} if uncapped else self.active(), time.monotonic()):
+        active = {} if uncapped else self.active()
+        for uid in self.queue.admit(active, time.monotonic(), self._slots(active)):
             if uid != current:
                 self.poke(uid)
+
+    def _slots(self, active: dict[str, str]) -> dict[str, int]:
+        """uid -> the runner pods each active job runs at once: a sharded job counts as its shards."""
+        return {uid: sharding.job_slots(self.job_for(self.states[uid])) for uid in active if uid in self.states}
 
     def _enqueue(self, state: JobState, tj: dict[str, Any]) -> None:
         meta = tj["metadata"]
         # The revision first seen, not the current one: the operator's own writes move that.
         revision = state.order if state.order is not None else objectmeta.queue_order(tj)
+        # A sharded job waits for room for all of its shards (an Auto job: once its runner asked for them).
         self.queue.enqueue(meta["uid"], meta["namespace"], meta.get("creationTimestamp") or "", revision,
-                           time.monotonic())
+                           time.monotonic(), slots=manifests.shard_count(tj))  # fmt: skip
 
     def _settling(self, uid: str) -> bool:
         """A job not admitted only because it (or an older one) is settling: come back then, write nothing."""
@@ -382,7 +394,9 @@ class Controller:
         return True
 
     def _over_cap(self, tj: dict[str, Any]) -> tuple[str, str]:
-        return "ConcurrencyLimit", self.queue.describe(self.active(), tj["metadata"]["namespace"])
+        active = self.active()
+        return "ConcurrencyLimit", self.queue.describe(active, tj["metadata"]["namespace"], self._slots(active),
+                                                       tj["metadata"]["uid"])  # fmt: skip
 
     # -------------------------------------------------------------- reconcile
 
@@ -411,13 +425,10 @@ class Controller:
         s3 = self.result_settings.result_store == "s3" or ref.get("store") == "s3"
         return s3 or (bool(_spec(tj).get("webhook")) and not is_terminal(tj))
 
-    async def _sync_metadata(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
-        """Put the finalizer on (or take it off) as the job needs; the queue order before it first waits."""
-        annotations = {}
-        capped = self.queue.max_total is not None or self.queue.max_per_namespace is not None
-        if capped and state.order is not None and not is_terminal(tj) and not _kueue(tj) \
-                and not (tj.get("status") or {}).get("jobName") and self.job_for(state) is None:
-            annotations[objectmeta.ANNOTATION_QUEUE_ORDER] = str(state.order)
+    async def _sync_metadata(self, state: JobState, tj: dict[str, Any],
+                             annotations: dict[str, str] | None = None) -> dict[str, Any] | None:  # fmt: skip
+        """Put the finalizer on (or take it off) as the job needs, and set ``annotations``."""
+        annotations = annotations or {}
         needed = self._needs_finalizer(tj)
         if objectmeta.metadata_patch(tj, finalizer=needed, annotations=annotations) is None:
             return tj
@@ -520,14 +531,23 @@ class Controller:
 
     async def _reshard(self, state: JobState, tj: dict[str, Any], job: dict[str, Any]) -> Observed | None:
         """The single runner handed the Auto job back (its audio is long): replace its Job with the
-        Indexed Job of the shards. It already holds its place (admitted, or Kueue's to admit again)."""
+        Indexed Job of the shards. Under a cap the shards need room for all of them: the job is queued
+        again in its old place (creation order) and, when there is no room yet, its Indexed Job is
+        created suspended and resumed once admitted, like any suspended Job. Kueue admits its own."""
         count = manifests.shard_count(tj)
         meta = tj["metadata"]
         log.info("%s/%s: its runner asked for %d shards; replacing Job %s with an Indexed Job", meta["namespace"],
                  meta["name"], count, job["metadata"]["name"])
         await self.stop_job(state, job)
-        new = await self.start(state, tj)
-        return Observed(new) if new is not None else None
+        wait = False
+        if not _kueue(tj) and (self.queue.max_total is not None or self.queue.max_per_namespace is not None):
+            self._enqueue(state, tj)
+            self._admit_waiting(current=state.uid)
+            wait = not self.queue.is_reserved(state.uid)  # it stays in line; _started resumes it
+        new = await self.start(state, tj, suspend=wait)
+        if new is None:
+            return None
+        return Observed(new, self._over_cap(tj)) if wait else Observed(new)
 
     async def _not_started(self, state: JobState, tj: dict[str, Any]) -> Observed | None:
         """No Job yet: hold it while suspended, else queue it and start it once admitted."""
@@ -720,9 +740,10 @@ class Controller:
 
     # ------------------------------------------------------------- Job writes
 
-    async def start(self, state: JobState, tj: dict[str, Any]) -> dict[str, Any] | None:
-        """Create the runner's account, role, binding and result Secret, then its Job. None: failed for good."""
-        manifest = manifests.runner_job(tj, self.settings, suspend=_kueue(tj))
+    async def start(self, state: JobState, tj: dict[str, Any], suspend: bool = False) -> dict[str, Any] | None:
+        """Create the runner's account, role, binding and result Secret, then its Job. None: failed for good.
+        ``suspend``: create it suspended (not admitted yet: it waits its turn in ``_started``)."""
+        manifest = manifests.runner_job(tj, self.settings, suspend=_kueue(tj) or suspend)
         try:
             async with self._starting:
                 await self._create_children(state, tj)
@@ -739,7 +760,8 @@ class Controller:
         elif state.first_seen is not None:
             metrics.JOB_CREATE_SECONDS.observe(time.monotonic() - state.first_seen)
         self._wrote_job(state, job)
-        self.queue.settle(state.uid)
+        if not suspend:
+            self.queue.settle(state.uid)
         return job
 
     async def _create_children(self, state: JobState, tj: dict[str, Any]) -> None:
@@ -788,6 +810,17 @@ class Controller:
 
     # ----------------------------------------------------------------- status
 
+    def _order_to_keep(self, state: JobState, tj: dict[str, Any], outcome: Outcome,
+                       job_name: str | None) -> dict[str, str]:  # fmt: skip
+        """The queue-order annotation, when this status write would move the resourceVersion of a job
+        that may still have to wait its turn under a cap (objectmeta.py). A job started at once never
+        waits: its first status write names its Job, and it is spared the metadata write."""
+        capped = self.queue.max_total is not None or self.queue.max_per_namespace is not None
+        if not capped or state.order is None or outcome.terminal or is_terminal(tj) or _kueue(tj) \
+                or job_name or (tj.get("status") or {}).get("jobName") or self.job_for(state) is not None:
+            return {}
+        return {objectmeta.ANNOTATION_QUEUE_ORDER: str(state.order)}
+
     async def write_status(
         self, state: JobState, tj: dict[str, Any], outcome: Outcome, *, job_name: str | None, now: datetime,
         extra: dict[str, Any] | None = None,
@@ -799,6 +832,12 @@ class Controller:
         patch.update({key: value for key, value in (extra or {}).items() if status.get(key) != value})
         if not patch:
             return tj
+        order = self._order_to_keep(state, tj, outcome, job_name)
+        if order:
+            updated = await self._sync_metadata(state, tj, order)
+            if updated is None:
+                return tj  # deleted meanwhile: its events follow
+            tj = updated
         before = tj.get("status") or {}
         updated = await self.kube.patch_tj_status(meta["namespace"], meta["name"], patch)
         self._keep_newest(state, updated)

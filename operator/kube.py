@@ -45,8 +45,9 @@ class Kube:
     async def _call(self, fn, *args, _pool: ThreadPoolExecutor | None = None, **kwargs) -> Any:
         kwargs.setdefault("_preload_content", False)
         kwargs.setdefault("_request_timeout", (10, 60))  # (connect, read): a dead connection never hangs a job
-        response = await self._run(lambda: fn(*args, **kwargs), pool=_pool)
-        data = response.data
+        # The body is read (and the connection handed back to the pool) in the worker thread, not on
+        # the event loop.
+        data = await self._run(lambda: fn(*args, **kwargs).data, pool=_pool)
         return json.loads(data) if data else None
 
     async def _run(self, fn: Callable[[], Any], pool: ThreadPoolExecutor | None = None) -> Any:

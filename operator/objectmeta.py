@@ -7,8 +7,9 @@ entries alone:
   an S3 result (an S3 object has no owner reference, so nothing else deletes it) or a webhook
   (an unfinished job that is deleted owes its receiver a ``cancelled`` webhook). A finished job
   with only a webhook loses it again: nothing is owed after its deletion.
-- the annotation ``ifw.dev/queue-order``, under a concurrency cap, before the job is first
-  queued: the resourceVersion at which the operator first saw it. creationTimestamp has
+- the annotation ``ifw.dev/queue-order``, under a concurrency cap, just before the operator's
+  first status write on a job that has no Job yet (one started at once never needs it): the
+  resourceVersion at which the operator first saw it. creationTimestamp has
   one-second resolution, so jobs created in the same second are ordered by that revision; the
   operator's own status writes change the resourceVersion, so without the annotation a restarted
   operator would order them by its last status write instead of their creation.

@@ -3,7 +3,8 @@
 Each shard (one index of the job's Indexed Job, ``runner/job.py``) reports in its own key of
 ``status.shards.items`` and stores a partial result in its own Secret (``ifw.core.shards``).
 The operator owns ``status.shards.count`` and ``.succeeded`` and, for a sharded job,
-``status.progress`` (the sum over the shards). When the Indexed Job is Complete it merges the
+``status.progress`` (the sum over the shards; for a streaming job its text too, ``streamed_text``).
+When the Indexed Job is Complete it merges the
 partials once (``merge_and_store``: blocking, run in the API thread pool), stores the one result
 as a runner would, and writes the same final status a runner writes (ifw.core.progress), in the
 same patch as Succeeded; the partial Secrets are deleted after that.
@@ -19,8 +20,23 @@ from ifw.core import results, shards
 from ifw.core.contract import ANNOTATION_STREAM, LABEL_COMPONENT, LABEL_JOB_UID, Failure, Reason, now_string
 from ifw.core.progress import final_status
 from ifw.core.transcript import ProcessedBy
+from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
 
 DONE_STATES = ("Succeeded", "Unused")
+
+
+def job_slots(job: dict[str, Any] | None) -> int:
+    """How many runner pods a runner Job may run at once, i.e. what it counts against the admission caps
+    (operator/queue.py): any Job but an Indexed Job of shards one; that one its ``parallelism``, less the
+    shards that succeeded (their GPUs are free before the whole Job ends; a failed index retried runs in
+    place of its own earlier pod)."""
+    spec = (job or {}).get("spec") or {}
+    if spec.get("completionMode") != "Indexed":
+        return 1
+    parallelism = max(1, int(spec.get("parallelism") or 1))
+    remaining = int(spec.get("completions") or parallelism) - int(((job or {}).get("status") or {}).get("succeeded")
+                                                                   or 0)  # fmt: skip
+    return max(1, min(parallelism, remaining))
 
 
 def _shards(tj: dict[str, Any]) -> dict[str, Any]:
@@ -41,25 +57,61 @@ def shards_patch(tj: dict[str, Any], count: int) -> dict[str, Any] | None:
     return patch or None
 
 
+def streams(tj: dict[str, Any]) -> bool:
+    """The job's client streams its text (the gateway's stream=true sets the annotation)."""
+    return ((tj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STREAM) == "true"
+
+
+def streamed_text(tj: dict[str, Any], count: int) -> str:
+    """A streaming job's text so far: the shards' texts in shard order, each only once every shard
+    before it finished, so that it only ever grows at its end, and the merged text starts with it.
+
+    Shard ``i``'s text (its item's ``text``, written by its runner) follows only a finished shard
+    ``i-1`` whose whole text is there: a running shard's text may still grow, and a text cut to the
+    shard's share of the size cap (``textCut``) is not the start of what follows it. An Unused shard
+    adds nothing. Capped at the CRD's MAX_PROGRESS_TEXT, as a runner caps its own."""
+    reported = items(tj)
+    parts: list[str] = []
+    for index in range(count):
+        item = reported.get(str(index))
+        if item is None:
+            break
+        if item.get("state") == "Unused":
+            continue
+        parts.append(item.get("text") or "")
+        if item.get("state") != "Succeeded" or item.get("textCut") or "text" not in item:
+            break  # what follows may not come after this text yet (or ever, before the merge)
+    return "".join(parts)[:MAX_PROGRESS_TEXT]
+
+
 def progress_patch(tj: dict[str, Any], count: int) -> dict[str, Any] | None:
     """status.progress as the sum over the shards (None: unchanged, so no write wakes every watcher).
 
     The total is the file's length (status.audio.durationSeconds, which every shard writes alike),
-    or the shards' own totals once all of them have reported."""
+    or the shards' own totals once all of them have reported. A streaming job's text
+    (``streamed_text``) is written only where it extends the text shown: a delta is never taken back
+    (a retried shard starting over is not news until it passed what was shown)."""
     status = tj.get("status") or {}
     reported = items(tj)
     if not reported:
         return None
+    current = status.get("progress") or {}
+    text = None
+    if streams(tj):
+        grown, shown = streamed_text(tj, count), current.get("text") or ""
+        if len(grown) > len(shown) and grown.startswith(shown):
+            text = grown
     processed = sum(float(item.get("processedSeconds") or 0.0) for item in reported.values())
     total = (status.get("audio") or {}).get("durationSeconds")
     if not total and len(reported) >= count:
         total = sum(float(item.get("totalSeconds") or 0.0) for item in reported.values())
     if not total:
-        return None
+        return {"text": text, "lastUpdateTime": now_string()} if text else None
     processed = min(processed, total)
     body = {"percent": round(100.0 * processed / total, 1), "processedSeconds": round(processed, 2),
             "totalSeconds": round(total, 2)}  # fmt: skip
-    current = status.get("progress") or {}
+    if text:
+        body["text"] = text
     if all(current.get(key) == value for key, value in body.items()):
         return None
     return {**body, "lastUpdateTime": now_string()}
@@ -98,8 +150,7 @@ def merge_and_store(tj: dict[str, Any], count: int, core_v1: Any, store: results
     if transcript.processed_by is None:
         transcript.processed_by = ProcessedBy(runtime="Job")
     ref = results.store_result(transcript, tj, store, core_v1=core_v1)
-    streamed = ((tj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STREAM) == "true"
-    final = final_status(transcript, ref, stream=streamed)
+    final = final_status(transcript, ref, stream=streams(tj))
     final["shards"] = {"count": count, "succeeded": count}
     return final
 

@@ -193,7 +193,7 @@ def transcribe_shard(tj: dict[str, Any], attempt: Attempt, settings: RunnerSetti
                      core_v1: Any) -> dict[str, Any]:  # fmt: skip
     """One shard's work: its stretch of the audio, the partial result stored, its item of status.shards."""
     from ifw.core import shards
-    from ifw.runner.shard import run_shard
+    from ifw.runner.shard import partial_text, run_shard, text_fields
 
     spec = parse_spec(tj)
     index, count = settings.shard_index, settings.shard_count
@@ -201,13 +201,20 @@ def transcribe_shard(tj: dict[str, Any], attempt: Attempt, settings: RunnerSetti
         raise errors.InvalidSpec(f"shard index {index} is not one of 0..{count - 1} (JOB_COMPLETION_INDEX, set by "
                                  "the Indexed Job)")  # fmt: skip
 
+    stream = streams(tj)
+    written: dict[str, str] = {}  # the text last written: unchanged, it is not sent again
+
     def report(body: dict[str, Any]) -> None:
         attempt.check()
-        attempt.write(shard_item({"state": "Running", "processedSeconds": body["processedSeconds"],
-                                  "totalSeconds": body["totalSeconds"]}, attempt, settings))  # fmt: skip
+        item = {"state": "Running", "processedSeconds": body["processedSeconds"], "totalSeconds": body["totalSeconds"]}
+        if "text" in body and body["text"] != written.get("text"):
+            item.update(text_fields(body["text"], count))  # a streaming job: the operator shows it in order
+            written["text"] = body["text"]
+        attempt.write(shard_item(item, attempt, settings))
 
     reporter = ProgressReporter(report, settings.progress_interval_seconds)
-    partial = run_shard(spec, spec.audio.url, index, count, settings, on_progress=reporter)
+    partial = run_shard(spec, spec.audio.url, index, count, settings, on_progress=reporter,
+                        on_text=reporter.text if stream else None)  # fmt: skip
     metrics.observe_attempt()
     reporter.flush()
     attempt.check()
@@ -218,6 +225,8 @@ def transcribe_shard(tj: dict[str, Any], attempt: Attempt, settings: RunnerSetti
     length = round(max(partial.end - partial.start, 0.0), 2)
     item = {"state": "Unused" if partial.unused else "Succeeded", "processedSeconds": length, "totalSeconds": length,
             "start": round(partial.start, 3), "end": round(partial.end, 3)}  # fmt: skip
+    if stream:
+        item.update(text_fields(partial_text(partial), count))
     final = shard_item(item, attempt, settings)
     if partial.duration:
         final["audio"] = {"durationSeconds": round(partial.duration, 3)}  # the same from every shard

@@ -91,6 +91,22 @@ def run_shard(
                                       "transcript": noted})  # fmt: skip
 
 
+def text_fields(text: str, count: int) -> dict[str, object]:
+    """A streaming job's shard text for its item of status.shards.items: at most MAX_PROGRESS_TEXT / count
+    characters, so the shards' texts together stay within one progress text; ``textCut`` says there is more
+    (the operator then shows none of the shards after it before the merge: its text would not be the start
+    of theirs). False, not absent, when whole: a merge patch would keep a retried attempt's old True."""
+    from ifw.crds.transcriptionjob import MAX_PROGRESS_TEXT
+
+    budget = max(1, MAX_PROGRESS_TEXT // max(1, count))
+    return {"text": text[:budget], "textCut": len(text) > budget}
+
+
+def partial_text(partial: PartialResult) -> str:
+    """The shard's text as the merge puts it into the job's text: its segments' texts, in order."""
+    return "".join(s.text for s in sorted(partial.transcript.segments, key=lambda s: (s.start, s.end)))
+
+
 def file_length(path: Path, settings: RunnerSettings) -> float | None:
     """The length the container states, when it is exact; None otherwise. Too long is AudioTooLarge."""
     report = audio.DecodeReport()

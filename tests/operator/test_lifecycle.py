@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tests.operator.conftest import wait_for, wait_reconciled
@@ -166,3 +168,47 @@ def test_events_record_each_transition(run_operator, sim):
     got = wait_for(lambda: (lambda e: e if ("Warning", "InvalidAudio") in e else None)(events()), 15,
                    what="the failure event")
     assert ("Normal", "Running") in got
+
+
+def _count_writes(op) -> list[tuple[str, str]]:
+    """Record (method, resource) of every write the operator's own client sends (kopf writes nothing)."""
+    api = op.controller.kube.api
+    request, writes = api.request, []
+
+    def counting(method, url, *args, **kwargs):
+        if method != "GET":
+            path = url.split("?")[0].rstrip("/").split("/")
+            at = path.index("namespaces") + 2  # .../namespaces/<ns>/<resource>[/<name>[/status]]
+            writes.append((method, path[at] + ("/status" if path[-1] == "status" else "")))
+        return request(method, url, *args, **kwargs)
+
+    api.request = counting
+    return writes
+
+
+def test_a_job_started_at_once_costs_one_write_per_object_and_status_change(run_operator, sim):
+    # Under a cap far from full: admitted at once, so no queue-order annotation (it orders waiting jobs).
+    op = run_operator(max_active_jobs=100)
+    writes = _count_writes(op)
+    tj = sim.create_tj("frugal")
+    job = sim.job_of(tj)
+    sim.wait_phase("frugal", "Pending")
+    wait_reconciled(op, tj["metadata"]["uid"])
+    # Its four runner objects and the Job, one status patch (Pending with jobName), the Event of it.
+    # Before: one more, a metadata patch for the queue-order annotation.
+    expected = {("POST", kind): 1 for kind in ("serviceaccounts", "roles", "rolebindings", "secrets", "jobs", "events")}
+    wait_for(lambda: ("POST", "events") in writes, 10, what="the Pending event")
+    assert Counter(writes) == {**expected, ("PATCH", "transcriptionjobs/status"): 1}, writes
+
+    pod = sim.create_pod(job)
+    sim.pod_running(pod)
+    sim.wait_phase("frugal", "Running")
+    sim.pod_terminated(pod, 0, reason="Completed")
+    sim.set_job_condition(job, "Complete", "CompletionsReached")
+    sim.wait_phase("frugal", "Succeeded")
+    wait_reconciled(op, tj["metadata"]["uid"])
+    later = Counter(writes[7:])
+    # One patch per state seen on the way: PodStarting, Running, RunnerFinished, Succeeded (the first
+    # and third only when the pod or the Job is seen in between, as here), and no metadata write.
+    assert 2 <= later[("PATCH", "transcriptionjobs/status")] <= 4, writes
+    assert set(later) <= {("PATCH", "transcriptionjobs/status"), ("POST", "events")}, writes
