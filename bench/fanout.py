@@ -7,9 +7,10 @@ CPU thread each by default, then ifw.core.shards.merge), 1 shard included, so al
 process start and model load. Reports per shard count: wall time, speed-up over 1 shard,
 efficiency against the ideal (speed-up / shards), and the serial part that bounds the speed-up on
 a big cluster: the time before the first shard starts decoding (process start, model load, the
-probe of the file's length, the VAD at its cuts) and the merge. From the serial fraction of the
-1-shard run it prints what Amdahl's law predicts for 1 h of audio on 8 GPUs, and it writes a PNG
-of speed-up against shards with the ideal line.
+probe of the file's length, the VAD at its cuts) and the merge; and where the sharded words
+differ from the unsharded ones (each differing word counted at the cut nearest to it). From the
+serial fraction of the 1-shard run it prints what Amdahl's law predicts for 1 h of audio on 8 GPUs,
+and it writes a PNG of speed-up against shards with the ideal line.
 
     .venv/bin/python -m bench.fanout [--minutes 60] [--shards 1,2,4] [--model tiny.en|base] [--png out.png]
     .venv/bin/python -m bench.fanout --quick   # ~2.5 min of audio, 1 and 2 shards (CI)
@@ -71,9 +72,38 @@ def run(path: Path, count: int, args) -> dict:
         "shard_wall_s": [p.timings["finished_at"] - p.timings["started_at"] for p in used],
         "cuts": [p.start for p in used[1:]],
         "text": transcript.text,
+        "segments": [(seg.start, seg.end, seg.text) for seg in transcript.segments],
         "speech_seconds": transcript.speech_seconds,
         "text_seconds": transcript.text_seconds,
     }
+
+
+def words_differing_by_cut(one: dict, sharded: dict) -> list[tuple[float, int]]:
+    """Where the sharded words differ from the unsharded ones: (cut, words) for each cut, each edit
+    of the WER's alignment (a substitution, insertion or deletion of a run of words: its longer
+    side) counted at the cut nearest to it. A word's time is its place in its segment, spread evenly."""
+    import jiwer
+
+    from tests.runner.conftest import normalize_text
+
+    def timed(segments):
+        out = []
+        for start, end, text in segments:
+            words = normalize_text(text).split()
+            out += [(w, start + (end - start) * (k + 0.5) / len(words)) for k, w in enumerate(words)]
+        return out
+
+    a, b = timed(one["segments"]), timed(sharded["segments"])
+    counts = {cut: 0 for cut in sharded["cuts"]}
+    if not counts or not a or not b:
+        return sorted(counts.items())
+    out = jiwer.process_words(" ".join(w for w, _ in a), " ".join(w for w, _ in b))
+    for chunk in out.alignments[0]:
+        if chunk.type != "equal":
+            i, j, k, m = chunk.ref_start_idx, chunk.ref_end_idx, chunk.hyp_start_idx, chunk.hyp_end_idx
+            at = a[i][1] if i < len(a) else b[min(k, len(b) - 1)][1]
+            counts[min(counts, key=lambda cut: abs(cut - at))] += max(j - i, m - k)
+    return sorted(counts.items())
 
 
 def plot(results: list[dict], serial_fraction: float, out: Path, title: str) -> None:
@@ -145,6 +175,8 @@ def main() -> None:
         r["speedup"] = one["wall_s"] / r["wall_s"]
         r["efficiency"] = r["speedup"] / r["shards"]
         r["wer_vs_1"] = jiwer.wer(normalize_text(one["text"]), normalize_text(r["text"])) if one["text"] else 0.0
+    for r in results[1:]:
+        r["differing_words_by_cut"] = words_differing_by_cut(one, r)
     # The serial part of one run: what every shard pays before decoding, and the merge.
     serial_s = one["before_decoding_s"] + one["merge_s"]
     fraction = serial_s / one["wall_s"]
@@ -155,6 +187,9 @@ def main() -> None:
     for r in results:
         print(f"| {r['shards']} | {r['used']} | {r['wall_s']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} "
               f"| {r['shards']} | {r['before_decoding_s']:.1f} | {r['merge_s']:.3f} | {r['wer_vs_1']:.4f} |")  # fmt: skip
+    for r in results[1:]:
+        where = ", ".join(f"{cut:.1f} s: {n}" for cut, n in r["differing_words_by_cut"])
+        print(f"{r['shards']} shards: words differing from 1 shard, by nearest cut: {where or 'no cut'}")
     print(f"\nserial part (1 shard): {one['before_decoding_s']:.1f} s before decoding (process start "
           f"{one['spawn_s']:.1f} s, model load {one['load_s']:.1f} s, probe and cuts {one['cut_s']:.2f} s) + merge "
           f"{one['merge_s']:.3f} s = {serial_s:.1f} s of {one['wall_s']:.1f} s: serial fraction {fraction:.4f}")  # fmt: skip

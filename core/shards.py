@@ -48,7 +48,12 @@ CUT_WINDOW_SECONDS = 30.0
 # splits regions only at longer silences, so a cut there would split one region of an unsharded run.
 MIN_CUT_PAUSE_SECONDS = 0.1
 # Cuts and boundaries sit on the VAD's frame grid (512 samples at 16 kHz): a shard's VAD then
-# sees the same frames as an unsharded run's, and finds the same speech edges.
+# sees the same frames as an unsharded run's, and finds the same speech edges. The VAD's stretches
+# (its model's state starts afresh at each) lie on the file's clock, every 120 s
+# (ifw.runner.vad.MIN_STRETCH_SECONDS), so a shard tells the VAD where its range starts
+# (vad.file_clock): from its first such point on, its speech regions and pieces are the unsharded
+# run's. Before it the shard's VAD starts cold at the cut, where the unsharded run's carries the
+# state of the minutes before, and may differ in a region or two.
 GRID_SECONDS = 512 / 16000
 # Below this much audio per shard the fixed costs (model load, fetch, the cut's VAD) outweigh
 # the gain: short audio never pays for sharding.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ifw.core import shards
 from ifw.core.shards import PartialResult
 from ifw.core.transcript import Transcript
-from ifw.runner import audio, errors
+from ifw.runner import audio, errors, vad
 from ifw.runner.audio import SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ def transcribe_range(
     # assign_speakers can cut a chunk where the speaker changes and then drop the words again.
     asr_only = spec.model_copy(update={"diarization": spec.diarization.model_copy(update={"enabled": False}),
                                        "timestamp": "word" if found is not None else spec.timestamp})  # fmt: skip
-    with clock("transcribe"):
+    # The VAD's stretches and forced piece ends lie on the file's clock, as in the unsharded run.
+    with clock("transcribe"), vad.file_clock(start):
         transcript = pipeline.run(asr_only, samples, settings, on_progress=on_progress, on_text=on_text)
     speaker_seconds: dict[str, float] = defaultdict(float)
     if found is not None:

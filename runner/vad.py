@@ -20,9 +20,12 @@ frame's probability is kept as one float32.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +89,18 @@ class Piece:
 
 
 _local = threading.local()
+# Where the audio the VAD is given begins on its file's clock (file_clock): 0 but in a shard.
+_clock: ContextVar[float] = ContextVar("ifw_vad_file_clock", default=0.0)
 _load_lock = threading.Lock()
 _onnx_session = None
-# Below this, one thread does the whole audio; above, each thread takes a stretch at least this long.
+# The VAD's stretches (run in threads, the model's state fresh at each): one every this many
+# seconds of the file's clock (3750 frames), whatever the CPU count.
 MIN_STRETCH_SECONDS = 120.0
+# Each stretch's model first hears this much of the audio before it (as one pass would have),
+# so that its state at the stretch's start is close to one pass's: Silero's state carries for
+# minutes, and a cold start differs in about two regions of dense speech per stretch, a warmed
+# one in about one (bench on 8 min of AMI meetings). Costs as much as the old stretches' overlap.
+WARM_UP_SECONDS = 30.0
 FRAME = 512  # Silero's frame at 16 kHz
 CONTEXT = 64  # the samples before a frame that Silero's model sees with it
 
@@ -145,6 +156,7 @@ def speech_regions(
     pad_s: float = 0.2,
     max_region_s: float = MAX_PIECE_SECONDS,
     workers: int | None = None,
+    start: float | None = None,
 ) -> list[tuple[float, float]]:
     """Where someone speaks, in seconds. Regions longer than max_region_s are split at their longest pause.
 
@@ -154,7 +166,14 @@ def speech_regions(
 
     Silero runs frame by frame on one core (~150x real time), which would
     dominate a GPU pod's time on long audio; long audio is therefore cut into
-    one stretch per usable core, run in threads (onnxruntime releases the GIL).
+    stretches run in threads (onnxruntime releases the GIL). The stretches lie on a fixed grid
+    of the file's clock (every MIN_STRETCH_SECONDS from the file's start; ``start`` is where
+    ``audio`` begins on it, by default ``file_clock``'s), not one per core: the model's state
+    starts afresh at each grid point whatever the number of threads, so the regions do not
+    depend on the CPU count, and a shard that starts elsewhere finds the file's own frame
+    probabilities from its first grid point on. The probabilities of all stretches are then
+    turned into regions in one pass, as for unbroken audio: a region across a grid point is
+    one region.
     """
     if audio.size == 0:
         return []
@@ -168,43 +187,70 @@ def speech_regions(
         # leave room for the padding on both sides
         "max_speech_duration_s": max_region_s - 2 * pad_s,
     }
-    seconds = len(audio) / SAMPLE_RATE
-    n = max(1, min(workers or usable_cpus(), int(seconds // MIN_STRETCH_SECONDS)))
-    if n == 1:
-        return _regions(audio, 0, len(audio), kwargs)
-    # Each stretch also reads one window past its end, so it sees every region
-    # that starts inside it to the region's real end.
-    # The cuts sit on Silero's 512-sample frame grid: each stretch sees the frames one pass would
-    # (and a shard of a long file, which starts on that grid too, the frames the unsharded run sees).
-    cuts = [round(i * len(audio) / n / FRAME) * FRAME for i in range(n)] + [len(audio)]
-    overlap = int(max_region_s * SAMPLE_RATE)
-    stretches = [(cuts[i], min(cuts[i + 1] + overlap, len(audio))) for i in range(n)]
-    with ThreadPoolExecutor(n, thread_name_prefix="vad") as pool:
-        parts = list(pool.map(lambda b: _regions(audio, b[0], b[1], kwargs), stretches))
-    regions: list[tuple[float, float]] = []
-    for i, part in enumerate(parts):
-        own_end = cuts[i + 1] / SAMPLE_RATE
-        for start, end in part:
-            # a region belongs to the stretch it starts in; a later stretch's view of
-            # a region already taken (it starts inside it) is dropped
-            if start < own_end and (not regions or start >= regions[-1][1]):
-                regions.append((start, end))
-    return regions
+    bounds = stretch_bounds(len(audio), _clock.get() if start is None else start)
+    stretches = list(zip(bounds, bounds[1:]))
+    threads = max(1, min(workers or usable_cpus(), len(stretches)))
+    if threads == 1:
+        parts = [_stretch_probs(audio, a, b) for a, b in stretches]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="vad") as pool:
+            parts = list(pool.map(lambda s: _stretch_probs(audio, *s), stretches))
+    probs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    stamps = _speech_stamps(probs, len(audio), **kwargs)
+    return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in stamps]
 
 
-def _regions(audio: np.ndarray, a: int, b: int, kwargs: dict) -> list[tuple[float, float]]:
-    """The speech regions of audio[a:b], in absolute seconds."""
+def stretch_bounds(length: int, start: float = 0.0) -> list[int]:
+    """Where the VAD's stretches of ``length`` samples of audio that begin ``start`` seconds into
+    the file begin (sample offsets into the audio), and its end: the audio's start and every
+    multiple of MIN_STRETCH_SECONDS on the file's clock after it, on the audio's frame grid."""
+    step = round(MIN_STRETCH_SECONDS * SAMPLE_RATE / FRAME) * FRAME
+    offset = round(start * SAMPLE_RATE)
+    bounds = [0]
+    point = (offset // step + 1) * step  # the first grid point after the audio's start
+    while point - offset < length:
+        at = round((point - offset) / FRAME) * FRAME
+        if bounds[-1] < at < length:
+            bounds.append(at)
+        point += step
+    return bounds + [length]
+
+
+@contextmanager
+def file_clock(start: float):
+    """Within this block the VAD's audio begins ``start`` seconds into its file (a shard's range):
+    its stretches then lie on the file's grid, as in an unsharded run."""
+    token = _clock.set(float(start))
+    try:
+        yield
+    finally:
+        _clock.reset(token)
+
+
+def _stretch_probs(audio: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The frame probabilities of audio[a:b]: the model's state starts afresh WARM_UP_SECONDS
+    before a (where the audio has them), and the frames before a only warm it up."""
+    warm = min(a, round(WARM_UP_SECONDS * SAMPLE_RATE / FRAME) * FRAME)
     model = _silero()
     if model is _onnx_session:
-        stamps = _speech_stamps(_frame_probs(model, audio, a, b), b - a, **kwargs)
-    else:  # TorchScript (no onnxruntime): silero_vad's own loop
-        import torch
-        from silero_vad import get_speech_timestamps
+        return _frame_probs(model, audio, a - warm, b)[warm // FRAME :]
+    return _torch_frame_probs(model, audio, a - warm, b)[warm // FRAME :]
 
-        chunk = torch.from_numpy(np.ascontiguousarray(audio[a:b], dtype=np.float32))
-        stamps = [(s["start"], s["end"]) for s in get_speech_timestamps(chunk, model, sampling_rate=SAMPLE_RATE,
-                                                                         **kwargs)]  # fmt: skip
-    return [((a + start) / SAMPLE_RATE, (a + end) / SAMPLE_RATE) for start, end in stamps]
+
+def _torch_frame_probs(model, audio: np.ndarray, a: int, b: int) -> np.ndarray:
+    """As _frame_probs, with the TorchScript model (no onnxruntime): silero_vad's own loop."""
+    import torch
+
+    model.reset_states()
+    frames = -(-(b - a) // FRAME)
+    probs = np.empty(frames, np.float32)
+    for i in range(frames):
+        start = a + i * FRAME
+        frame = np.zeros(FRAME, np.float32)
+        chunk = audio[start : min(start + FRAME, b)]
+        frame[: len(chunk)] = chunk
+        probs[i] = model(torch.from_numpy(frame), SAMPLE_RATE).item()
+    return probs
 
 
 def _frame_probs(session, audio: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -360,9 +406,53 @@ def _at_most(regions: list[tuple[float, float]], limit: float):
 
 
 def split_audio(audio: np.ndarray, max_piece_s: float = MAX_PIECE_SECONDS, *,
-                options: VadOptions | None = None) -> list[Piece]:  # fmt: skip
-    """The ≤max_piece_s pieces of the audio that hold speech, in time order (none for silence)."""
+                options: VadOptions | None = None, start: float | None = None) -> list[Piece]:  # fmt: skip
+    """The ≤max_piece_s pieces of the audio that hold speech, in time order (none for silence).
+
+    ``start``: where the audio begins on its file's clock (by default ``file_clock``'s). After each
+    point of the VAD's stretch grid a piece always ends, at the longest pause in the
+    CUT_WINDOW_SECONDS after it: the pieces from there on are the same whatever came before, so a
+    shard's pieces are the unsharded run's from its first grid point on (Whisper decodes the same
+    windows, and hears the same words), not shifted to its own start for the whole shard.
+    """
     o = options or VadOptions()
+    start = _clock.get() if start is None else start
     regions = speech_regions(audio, threshold=o.threshold, min_silence_s=o.silence_duration_ms / 1000,
-                             pad_s=o.prefix_padding_ms / 1000, max_region_s=max_piece_s)  # fmt: skip
-    return plan_pieces(regions, max_piece_s)
+                             pad_s=o.prefix_padding_ms / 1000, max_region_s=max_piece_s, start=start)  # fmt: skip
+    step = round(MIN_STRETCH_SECONDS * SAMPLE_RATE / FRAME) * FRAME / SAMPLE_RATE
+    duration = len(audio) / SAMPLE_RATE
+    # the grid points whose window reaches into the audio, on the audio's clock: a shard that starts
+    # inside a point's window finds the unsharded run's cut there too when it is the pause it starts in
+    first = math.floor((start - FORCED_CUT_WINDOW_SECONDS) / step) + 1
+    points = [k * step - start for k in range(max(1, first), math.ceil((start + duration) / step))]
+    groups = _split_at_points(regions, points, duration)
+    return [piece for part in groups for piece in plan_pieces(part, max_piece_s)]
+
+
+# Where a piece must end after each stretch grid point: the longest pause within this window
+# (the shards' CUT_WINDOW_SECONDS, ifw.core.shards).
+FORCED_CUT_WINDOW_SECONDS = 30.0
+
+
+def _split_at_points(regions: list[tuple[float, float]], points: list[float],
+                     duration: float) -> list[list[tuple[float, float]]]:  # fmt: skip
+    """The regions in groups, split after each point at the longest pause (the first of equals)
+    that reaches into the FORCED_CUT_WINDOW_SECONDS after it. The silence before the first region
+    and after the last count as pauses (the audio's ends: a shard's cuts), as in
+    ifw.core.shards.cut_point; there, or with speech throughout the window, nothing is split."""
+    cuts = []
+    for point in points:
+        best, longest = None, -1.0
+        for k in range(len(regions) + 1):
+            end = regions[k - 1][1] if k else 0.0
+            after = regions[k][0] if k < len(regions) else duration
+            if after <= point:
+                continue
+            if end >= point + FORCED_CUT_WINDOW_SECONDS:
+                break
+            if after - end > longest:
+                best, longest = k, after - end
+        if best is not None and 0 < best < len(regions):
+            cuts.append(best)
+    bounds = [0, *sorted(set(cuts)), len(regions)]
+    return [regions[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]

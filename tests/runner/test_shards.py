@@ -99,8 +99,9 @@ def test_each_nominal_cut_lies_in_meeting_speech_and_moves_to_a_pause(long_speec
 
 
 def test_a_shard_finds_the_same_speech_as_the_unsharded_run_in_its_range(long_speech, setup):
-    # What makes the words match: the VAD sees the same frames (cuts on its 512-sample grid) and so
-    # finds the same speech, whatever the audio's length and however many threads split it.
+    # What makes the words match: the VAD sees the same frames (cuts on its 512-sample grid), its
+    # stretches lie on the file's clock (the shard says where its audio starts), and so it finds
+    # the same speech, whatever the audio's length and however many threads run it.
     from ifw.runner import audio, vad
     from ifw.runner.shard import find_cut
 
@@ -110,7 +111,8 @@ def test_a_shard_finds_the_same_speech_as_the_unsharded_run_in_its_range(long_sp
     start, end = find_cut(long_speech.path, settings, lo), find_cut(long_speech.path, settings, hi)
     samples = audio.decode_audio(long_speech.path, settings, start=start, length=end - start)
     for workers in (1, 2):
-        mine = [(round(start + a, 3), round(start + b, 3)) for a, b in vad.speech_regions(samples, workers=workers)]
+        regions = vad.speech_regions(samples, workers=workers, start=start)
+        mine = [(round(start + a, 3), round(start + b, 3)) for a, b in regions]
         assert mine == [(round(a, 3), round(b, 3)) for a, b in full if start <= a < end], workers
 
 
