@@ -17,6 +17,8 @@ import re
 import struct
 from pathlib import Path
 
+from ifw.core.riff import wave_chunks
+
 # Decoded bytes of one inline reference: 2-10 s of speech; 1 MiB holds 10 s of 16-bit mono WAV up
 # to 48 kHz (960 KB) and any compressed format. (OpenAI's form fields have the same order of size.)
 MAX_REFERENCE_BYTES = 1024 * 1024
@@ -70,12 +72,9 @@ def channels_of(path: Path) -> int | None:
     except OSError:
         return None
     if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        pos = 12
-        while pos + 8 <= len(head):
-            chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
-            if chunk == b"fmt " and pos + 12 <= len(head):
-                return struct.unpack("<H", head[pos + 10 : pos + 12])[0] or None
-            pos += 8 + size + (size & 1)
+        for tag, body, _ in wave_chunks(head):
+            if tag == b"fmt " and body + 4 <= len(head):
+                return struct.unpack("<H", head[body + 2 : body + 4])[0] or None
         return None
     if head[:4] == b"fLaC" and len(head) >= 8 + 34 and head[4] & 0x7F == 0:  # STREAMINFO comes first
         return ((head[8 + 12] >> 1) & 0x07) + 1

@@ -32,6 +32,7 @@ import numpy as np
 
 from ifw.core.netguard import DestinationNotAllowed, guarded_client
 from ifw.core.redact import UPLOADS_PATH, redact
+from ifw.core.riff import wave_chunks
 from ifw.runner import errors
 from ifw.runner.config import RunnerSettings
 
@@ -293,13 +294,12 @@ def _wav_stated_seconds(path: Path) -> float | None:
     """
     with path.open("rb") as f:
         head = f.read(64 * 1024)
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+    if head[:4] != b"RIFF":  # RF64 states its sizes elsewhere (ds64): left to ffprobe
         return None
-    pos, rate, align = 12, 0, 0
-    while pos + 8 <= len(head):
-        tag, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+    rate, align = 0, 0
+    for tag, body, size in wave_chunks(head):
         if tag == b"fmt ":
-            fmt = head[pos + 8 : pos + 24]
+            fmt = head[body : body + 16]
             if len(fmt) < 16 or int.from_bytes(fmt[:2], "little") not in (1, 3, 0xFFFE):  # PCM, float, extensible
                 return None
             rate, align = int.from_bytes(fmt[4:8], "little"), int.from_bytes(fmt[12:14], "little")
@@ -307,7 +307,6 @@ def _wav_stated_seconds(path: Path) -> float | None:
             if not rate or not align or size == 0 or size >= _WAV_PLACEHOLDER:
                 return None
             return size // align / rate
-        pos += 8 + size + (size & 1)
     return None
 
 
@@ -339,11 +338,7 @@ def _ogg_unfinished(path: Path) -> bool:
 
 def _clock_end(path: Path, after: float, seconds: float) -> float | None:
     """Where the audio stream's packets from `after` (its clock, seconds) on end, reading `seconds` of them."""
-    cmd = [
-        _tool("ffprobe"), "-hide_banner", "-v", "error", "-protocol_whitelist", "file", "-select_streams", "a:0",
-        "-read_intervals", f"{max(after, 0.0):.3f}%+{seconds:.3f}",
-        "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0", str(path),
-    ]  # fmt: skip
+    cmd = _packets_cmd(path, f"{max(after, 0.0):.3f}%+{seconds:.3f}")
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -351,6 +346,16 @@ def _clock_end(path: Path, after: float, seconds: float) -> float | None:
         return None
     ends = [a + (b or 0.0) for a, b in map(_packet, done.stdout.decode(errors="replace").splitlines()) if a is not None]
     return max(ends) if ends else None
+
+
+def _packets_cmd(path: Path, interval: str | None) -> list[str]:
+    """ffprobe listing the audio stream's packets as "pts_time,duration_time" lines (no decoding),
+    those of `interval` (ffprobe's -read_intervals syntax) or all."""
+    return [
+        _tool("ffprobe"), "-hide_banner", "-v", "quiet", "-protocol_whitelist", "file", "-select_streams", "a:0",
+        *(["-read_intervals", interval] if interval else []),
+        "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0", str(path),
+    ]  # fmt: skip
 
 
 def _packet(line: str) -> tuple[float | None, float | None]:
@@ -361,11 +366,7 @@ def _packet(line: str) -> tuple[float | None, float | None]:
 def _first_gap(path: Path, after: float, min_gap: float) -> tuple[float, float] | None:
     """(where, how long) on the stream's clock: the first jump of its packets' timestamps over
     `min_gap` seconds from `after` on; None where there is none. Reads packets (no decoding) and stops there."""
-    cmd = [
-        _tool("ffprobe"), "-hide_banner", "-v", "quiet", "-protocol_whitelist", "file", "-select_streams", "a:0",
-        *(["-read_intervals", f"{after:.3f}%"] if after > 0 else []),
-        "-show_entries", "packet=pts_time,duration_time", "-of", "csv=p=0", str(path),
-    ]  # fmt: skip
+    cmd = _packets_cmd(path, f"{after:.3f}%" if after > 0 else None)
     end = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
         assert proc.stdout is not None
