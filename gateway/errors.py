@@ -310,7 +310,7 @@ def too_large_part(path: str) -> RequestValidationError:
     long ones are inline reference clips, so the message names them and their limit."""
     from ifw.gateway.references import MAX_REFERENCE_BYTES
 
-    field = "known_speaker_references[]" if path.startswith(OPENAI_PREFIX) else "a form field"
+    field = "known_speaker_references[]" if path.startswith(OPENAI_PREFIX) else "known_speakers"
     return field_error(field, f"a form field is too long: {field} entries may hold at most "
                        f"{MAX_REFERENCE_BYTES} bytes of audio (2-10 s of speech) as a data URL; other "
                        "fields are short text", "too_long")  # fmt: skip

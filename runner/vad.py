@@ -4,8 +4,8 @@ Whisper sees 30 s windows. Cutting the audio at pauses (instead of fixed,
 overlapping 30 s strides) skips silence, gives every piece whole sentences so
 its timestamps are right, and lets all pieces be decoded as one batch — how
 the fastest batched Whisper systems work. The VAD is Silero (its weights ship
-inside the `silero-vad` wheel); the ONNX build runs ~2x faster on CPU than the
-TorchScript one, so it is used when onnxruntime is installed.
+inside the `silero-vad` wheel); its ONNX build runs ~2x faster on CPU than the
+TorchScript one.
 
 The ONNX model is run here with onnxruntime and numpy alone, not through the
 silero_vad package: importing that imports torch (~190 MB of RSS, for a process
@@ -88,7 +88,6 @@ class Piece:
         return start, max(start, end)
 
 
-_local = threading.local()
 # Where the audio the VAD is given begins on its file's clock (file_clock): 0 but in a shard.
 _clock: ContextVar[float] = ContextVar("ifw_vad_file_clock", default=0.0)
 _load_lock = threading.Lock()
@@ -115,25 +114,19 @@ def _model_file(name: str) -> str:
 
 def _silero():
     """The VAD model: one ONNX session for the process (its state is passed in and out, so threads
-    share it), or, without onnxruntime, one TorchScript model per thread (it keeps its state)."""
+    share it). onnxruntime is a pinned dependency of the runner."""
     global _onnx_session
-    if importlib.util.find_spec("onnxruntime") is not None:
-        with _load_lock:
-            if _onnx_session is None:
-                import onnxruntime
+    with _load_lock:
+        if _onnx_session is None:
+            import onnxruntime
 
-                opts = onnxruntime.SessionOptions()  # as silero_vad's OnnxWrapper builds it
-                opts.inter_op_num_threads = 1
-                opts.intra_op_num_threads = 1
-                _onnx_session = onnxruntime.InferenceSession(
-                    _model_file("silero_vad.onnx"), providers=["CPUExecutionProvider"], sess_options=opts
-                )
-            return _onnx_session
-    if not hasattr(_local, "model"):
-        from silero_vad import load_silero_vad
-
-        _local.model = load_silero_vad(onnx=False)
-    return _local.model
+            opts = onnxruntime.SessionOptions()  # as silero_vad's OnnxWrapper builds it
+            opts.inter_op_num_threads = 1
+            opts.intra_op_num_threads = 1
+            _onnx_session = onnxruntime.InferenceSession(
+                _model_file("silero_vad.onnx"), providers=["CPUExecutionProvider"], sess_options=opts
+            )
+        return _onnx_session
 
 
 def usable_cpus() -> int:
@@ -231,26 +224,7 @@ def _stretch_probs(audio: np.ndarray, a: int, b: int) -> np.ndarray:
     """The frame probabilities of audio[a:b]: the model's state starts afresh WARM_UP_SECONDS
     before a (where the audio has them), and the frames before a only warm it up."""
     warm = min(a, round(WARM_UP_SECONDS * SAMPLE_RATE / FRAME) * FRAME)
-    model = _silero()
-    if model is _onnx_session:
-        return _frame_probs(model, audio, a - warm, b)[warm // FRAME :]
-    return _torch_frame_probs(model, audio, a - warm, b)[warm // FRAME :]
-
-
-def _torch_frame_probs(model, audio: np.ndarray, a: int, b: int) -> np.ndarray:
-    """As _frame_probs, with the TorchScript model (no onnxruntime): silero_vad's own loop."""
-    import torch
-
-    model.reset_states()
-    frames = -(-(b - a) // FRAME)
-    probs = np.empty(frames, np.float32)
-    for i in range(frames):
-        start = a + i * FRAME
-        frame = np.zeros(FRAME, np.float32)
-        chunk = audio[start : min(start + FRAME, b)]
-        frame[: len(chunk)] = chunk
-        probs[i] = model(torch.from_numpy(frame), SAMPLE_RATE).item()
-    return probs
+    return _frame_probs(_silero(), audio, a - warm, b)[warm // FRAME :]
 
 
 def _frame_probs(session, audio: np.ndarray, a: int, b: int) -> np.ndarray:
